@@ -1,0 +1,63 @@
+"""``mskdex metrics``: per-structure volume (cm^3) and mass (g) from CT + labels."""
+
+from __future__ import annotations
+
+from .common import (add_ct_args, add_density_args, add_force, add_structure_args, density_from_args,
+                     load_case, split_names)
+
+
+def add_parser(sub, name: str):
+    p = sub.add_parser(name, help="per-structure volume and (lean) mass from a CT and its labels",
+                       description="Per-structure volume_cm3 (all voxels of the label) and mass_g "
+                       "(muscles: lean mass, HU in the lean window; bones/other: total mass).")
+    add_ct_args(p)
+    add_structure_args(p)
+    add_density_args(p)
+    p.add_argument("--json", dest="json_out", default=None, help="write results as JSON to this file")
+    p.add_argument("--csv", dest="csv_out", default=None, help="write results as CSV to this file")
+    p.add_argument("--all", action="store_true",
+                   help="include structures of kind 'other' (organs ...); default: muscles and bones")
+    add_force(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def metrics_report(args):
+    """(report dict, rows) for the chosen structures."""
+    from ..metrics import structure_metrics
+
+    ct, labels = load_case(args)
+    density = density_from_args(args)
+    kinds = args.kind or (None if args.all or args.structures else ["muscle", "bone"])
+    chosen = labels.select(split_names(args.structures), kinds)
+    rows = [m.to_dict() for m in structure_metrics(ct, labels, chosen, density)]
+    report = {
+        "structures": rows,
+        "settings": {"density": density.to_dict(), "table": labels.table.name,
+                     "table_detection": None if labels.match is None else
+                     {"confidence": labels.match.confidence, "scores": labels.match.scores},
+                     "labels": labels.notes},
+        "ct": ct.grid_description(),
+    }
+    return report, rows
+
+
+def run(args) -> int:
+    from ..io.outputs import check_new, write_json, write_text
+
+    for out in (args.json_out, args.csv_out):
+        if out:
+            check_new(out, args.force)
+    report, rows = metrics_report(args)
+    if args.json_out:
+        write_json(args.json_out, report, args.force)
+    if args.csv_out:
+        cols = ["name", "label", "kind", "side", "voxels", "volume_cm3", "mass_g", "lean_volume_cm3", "mean_hu"]
+        lines = [",".join(cols)] + [",".join(str(r[c]) for c in cols) for r in rows]
+        write_text(args.csv_out, "\n".join(lines) + "\n", args.force)
+    if not args.json_out and not args.csv_out:
+        print(f"structure table: {report['settings']['table']}")
+        print(f"{'structure':<28}{'kind':<8}{'volume_cm3':>12}{'mass_g':>12}{'mean_HU':>10}")
+        for r in rows:
+            print(f"{r['name']:<28}{r['kind']:<8}{r['volume_cm3']:>12.2f}{r['mass_g']:>12.2f}{r['mean_hu']:>10.1f}")
+    return 0

@@ -1,0 +1,29 @@
+"""User-facing errors: one line, naming the file and the problem.
+
+Every error a user can cause (missing file, wrong format, mismatched grids, empty label,
+unknown structure ...) is raised as :class:`UserError`. The command line prints its message
+on one line and exits with code 2; the Slicer module shows it in a message box.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class UserError(Exception):
+    """An error caused by the user's input, reported without a traceback."""
+
+    def __init__(self, message: str, path: str | Path | None = None):
+        text = " ".join(str(message).split())  # always one line
+        if path is not None:
+            text = f"{path}: {text}"
+        super().__init__(text)
+        self.path = None if path is None else str(path)
+
+
+def require_file(path: str | Path, what: str = "file") -> Path:
+    """Return ``path`` as a Path, or raise UserError when it does not exist."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{what} not found", p)
+    return p

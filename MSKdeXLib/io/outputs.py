@@ -1,0 +1,86 @@
+"""Writing outputs safely: never overwrite unless asked, write to a temporary name then rename."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from ..errors import UserError
+
+
+def check_new(path: str | Path, force: bool = False) -> Path:
+    """``path`` as a Path; UserError when it exists and ``force`` is false."""
+    p = Path(path)
+    if p.exists() and not force:
+        raise UserError("output exists; pass --force to overwrite it", p)
+    return p
+
+
+def prepare_out_dir(path: str | Path, force: bool = False, expected: tuple[str, ...] = ()) -> Path:
+    """Create an output folder. An existing non-empty folder is refused unless ``force``;
+    with ``expected`` names, only those files count as clashes."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UserError("output path exists and is not a folder", p)
+    if p.exists() and not force:
+        clashes = [n for n in expected if (p / n).exists()] if expected else list(p.iterdir())
+        if clashes:
+            raise UserError(f"output folder is not empty ({Path(str(clashes[0])).name} exists); "
+                            "pass --force to overwrite", p)
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+@contextmanager
+def atomic_path(path: str | Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it onto ``path``.
+
+    The temporary name keeps the full suffix (e.g. '.nii.gz') so writers choose the format.
+    """
+    final = check_new(path, force)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(final.suffixes) or ".tmp"
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name.split('.')[0]}.", suffix=suffix, dir=final.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, final)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_text(path: str | Path, text: str, force: bool = False) -> Path:
+    with atomic_path(path, force) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_json(path: str | Path, data: Any, force: bool = False) -> Path:
+    return write_text(path, json.dumps(data, indent=2, default=_json_default) + "\n", force)
+
+
+def _json_default(obj):
+    import numpy as np
+
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def write_volume(path: str | Path, volume, force: bool = False) -> Path:
+    """Write a :class:`~MSKdeXLib.image.Volume` (NIfTI / NRRD / MHA by suffix), atomically."""
+    import SimpleITK as sitk
+
+    with atomic_path(path, force) as tmp:
+        sitk.WriteImage(volume.to_sitk(), str(tmp), useCompression=True)
+    return Path(path)

