@@ -1,0 +1,830 @@
+"""MSKdeX: per-muscle lean mass and volume from a plain hip radiograph (3D Slicer module).
+
+Module (metadata, sample data), Widget (GUI only, bound to Resources/UI/MSKdeX.ui through the
+parameter node), Logic (delegates to MSKdeXLib; long work runs as ``mskdex`` subprocesses with
+JSON-lines progress through MSKdeXLib.jobs) and the self-test. Nothing heavy (torch, the
+core's numerical modules) is imported at module load: only inside the functions that need it.
+"""
+
+import logging
+import os
+import pathlib
+import sys
+from typing import Annotated, Optional, Union
+
+import ctk
+import qt
+import slicer
+import vtk
+from slicer import (vtkMRMLLabelMapVolumeNode, vtkMRMLLinearTransformNode, vtkMRMLMarkupsFiducialNode,
+                    vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTableNode)
+from slicer.i18n import tr as _
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
+                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.util import VTKObservationMixin
+
+
+def _add_library_path() -> str:
+    """Put the folder holding MSKdeXLib on sys.path: next to this file (CMake build, where the
+    package is copied beside the module) or one level up (source checkout)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for folder in (here, os.path.dirname(here)):
+        if os.path.isfile(os.path.join(folder, "MSKdeXLib", "__init__.py")):
+            if folder not in sys.path:
+                sys.path.insert(0, folder)
+            return folder
+    raise ImportError(f"MSKdeXLib not found next to {here} or in its parent folder")
+
+
+LIBRARY_PARENT = _add_library_path()
+
+#: sample data (DESIGN.md section 5): TotalSegmentator test files, Apache-2.0
+_TS = "https://raw.githubusercontent.com/wasserth/TotalSegmentator"
+SAMPLE_CT_URL = f"{_TS}/0e65a448d557382b1e925276212b3bec7f5aff83/tests/reference_files/example_ct.nii.gz"
+SAMPLE_CT_SHA256 = "dbd3ae6d614d1d7ef3a46925c30c70038ed52da6b37fdd6afdc7b9b71387e3e1"
+SAMPLE_LABELS_URL = f"{_TS}/5de6e4dcf702d525e0b2813683575b2c9e998aee/tests/reference_files/example_seg.nii.gz"
+SAMPLE_LABELS_SHA256 = "ca2adb3a99f02b178a10fbfe1abedc3cff68b0becf8c8bc662deb7b6eaf74a90"
+
+CITATION = (
+    "Gu Y, Otake Y, Uemura K, Takao M, Soufi M, Hiasa Y, Talbot H, Okada S, Sugano N, Sato Y. "
+    "MSKdeX: Musculoskeletal (MSK) decomposition from an X-ray image for fine-grained estimation "
+    "of lean muscle mass and muscle volume. MICCAI 2023. arXiv:2305.19920.")
+TOTALSEG_CITATION = ("Wasserthal J, et al. TotalSegmentator: robust segmentation of 104 anatomical "
+                     "structures in CT images. Radiology: Artificial Intelligence 2023.")
+
+
+#
+# Module
+#
+class MSKdeX(ScriptedLoadableModule):
+    """Module description (title, category, help, acknowledgement) and sample data."""
+
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("MSKdeX")
+        self.parent.categories = [_("Quantification")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["MSKdeX contributors"]
+        self.parent.helpText = _(
+            "Estimates per-muscle lean mass (g) and volume (cm^3) from a plain AP hip radiograph by "
+            "decomposing it into per-structure projections learned from CT. Inputs: a CT with a "
+            "TotalSegmentator (or 22-class hip) segmentation to compute CT metrics, render DRRs, "
+            "register bones and build/train models; a radiograph and a trained model to estimate. "
+            "Long tasks run in a background process and can be cancelled. "
+            "See docs/slicer.md in the MSKdeX repository.")
+        self.parent.helpText += self.getDefaultModuleDocumentationLink()
+        self.parent.acknowledgementText = _(
+            "Open implementation of the method of: ") + CITATION + " " + _(
+            "Sample data and label tables from TotalSegmentator (Apache-2.0): ") + TOTALSEG_CITATION
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+def registerSampleData():
+    """The pelvis CT and its TotalSegmentator v1 labels, by URL and SHA-256."""
+    import SampleData
+
+    icons = os.path.join(os.path.dirname(__file__), "Resources", "Icons")
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category="MSKdeX",
+        sampleName="MSKdeXPelvisCT",
+        uris=[SAMPLE_CT_URL, SAMPLE_LABELS_URL],
+        fileNames=["MSKdeXPelvisCT.nii.gz", "MSKdeXPelvisLabels.nii.gz"],
+        nodeNames=["MSKdeXPelvisCT", "MSKdeXPelvisLabels"],
+        thumbnailFileName=os.path.join(icons, "MSKdeX.png"),
+        checksums=[f"SHA256:{SAMPLE_CT_SHA256}", f"SHA256:{SAMPLE_LABELS_SHA256}"],
+        loadFileType=["VolumeFile", "VolumeFile"],
+        loadFileProperties=[{}, {"labelmap": True}],
+    )
+
+
+#
+# Parameter node
+#
+@parameterNodeWrapper
+class MSKdeXParameterNode:
+    """Everything the GUI edits, saved with the scene. Units in names: mm, deg, HU."""
+
+    ctVolume: vtkMRMLScalarVolumeNode
+    segmentation: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]
+    radiograph: vtkMRMLScalarVolumeNode
+    # CT metrics
+    leanLowHU: float = -29.0
+    leanHighHU: float = 150.0
+    metricsTable: vtkMRMLTableNode
+    # DRR
+    sidMm: Annotated[float, WithinRange(300.0, 3000.0)] = 1000.0
+    detectorRows: Annotated[int, WithinRange(16, 2048)] = 256
+    detectorCols: Annotated[int, WithinRange(16, 2048)] = 256
+    pixelSpacingMm: Annotated[float, WithinRange(0.05, 10.0)] = 1.6
+    poseTransform: vtkMRMLLinearTransformNode
+    rotationLRDeg: Annotated[float, WithinRange(-45.0, 45.0)] = 0.0
+    rotationPADeg: Annotated[float, WithinRange(-45.0, 45.0)] = 0.0
+    rotationISDeg: Annotated[float, WithinRange(-45.0, 45.0)] = 0.0
+    translationLRMm: Annotated[float, WithinRange(-200.0, 200.0)] = 0.0
+    translationPAMm: Annotated[float, WithinRange(-200.0, 200.0)] = 0.0
+    translationISMm: Annotated[float, WithinRange(-200.0, 200.0)] = 0.0
+    drrVolume: vtkMRMLScalarVolumeNode
+    liveUpdate: bool = False
+    # Registration
+    registrationBones: str = ""
+    landmarks: vtkMRMLMarkupsFiducialNode
+    registrationTransform: vtkMRMLLinearTransformNode
+    qaOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
+    showCheckerboard: bool = False
+    # Training
+    datasetFolder: pathlib.Path
+    trainConfig: pathlib.Path
+    trainOutputFolder: pathlib.Path
+    trainDevice: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
+    resumeTraining: bool = False
+    # Estimate
+    modelFolder: pathlib.Path
+    device: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
+    overlayOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
+    estimatesTable: vtkMRMLTableNode
+
+
+def _isSet(path) -> bool:
+    """True when a path parameter was chosen (an unset pathlib.Path reads as '.')."""
+    return path is not None and str(path) not in ("", ".")
+
+
+#
+# Widget
+#
+class MSKdeXWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """GUI only: widgets <-> parameter node, buttons -> Logic, job progress -> widgets."""
+
+    DRR_THROTTLE_MS = 150
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._job = None
+        self._jobKind = ""
+        self._layers = None
+
+    # --- setup ------------------------------------------------------------------------------
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/MSKdeX.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = MSKdeXLogic()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self._drrTimer = qt.QTimer()
+        self._drrTimer.setSingleShot(True)
+        self._drrTimer.setInterval(self.DRR_THROTTLE_MS)
+        self._drrTimer.timeout.connect(self.onUpdateDRR)
+        self._jobTimer = qt.QTimer()
+        self._jobTimer.setInterval(200)
+        self._jobTimer.timeout.connect(self.onJobTimer)
+
+        self.ui.loadSampleButton.connect("clicked(bool)", self.onLoadSample)
+        self.ui.segmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onSegmentationChanged)
+        self.ui.computeMetricsButton.connect("clicked(bool)", self.onComputeMetrics)
+        self.ui.updateDRRButton.connect("clicked(bool)", self.onUpdateDRR)
+        self.ui.resetPoseButton.connect("clicked(bool)", self.onResetPose)
+        for slider in (self.ui.rotationLRSlider, self.ui.rotationPASlider, self.ui.rotationISSlider,
+                       self.ui.translationLRSlider, self.ui.translationPASlider, self.ui.translationISSlider):
+            slider.connect("valueChanged(double)", self.onPoseSliderChanged)
+        self.ui.runRegistrationButton.connect("clicked(bool)", self.onRunRegistration)
+        self.ui.cancelRegistrationButton.connect("clicked(bool)", self.onCancelJob)
+        self.ui.checkerboardCheckBox.connect("toggled(bool)", self.onQAChanged)
+        self.ui.qaOpacitySlider.connect("valueChanged(double)", self.onQAChanged)
+        self.ui.startTrainingButton.connect("clicked(bool)", self.onStartTraining)
+        self.ui.cancelTrainingButton.connect("clicked(bool)", self.onCancelJob)
+        self.ui.applyButton.connect("clicked(bool)", self.onApply)
+        self.ui.cancelEstimateButton.connect("clicked(bool)", self.onCancelJob)
+        self.ui.overlayOpacitySlider.connect("valueChanged(double)", self.onOverlayOpacity)
+        self.ui.structureVisibilityListWidget.connect("itemChanged(QListWidgetItem*)", self.onStructureToggled)
+        self.ui.exportCsvButton.connect("clicked(bool)", self.onExportCsv)
+        self.ui.showLogButton.connect("clicked(bool)", self.onShowLog)
+        self.ui.drrChannelComboBox.addItem(_("attenuation"))
+
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        if self._job is not None:
+            self._job.cancel(grace_s=2.0)
+        self.removeObservers()
+        self._setParameterNode(None)
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self._setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self._setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.ctVolume:
+            node = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if node and node.GetImageData() and node.GetImageData().GetDimensions()[2] > 1:
+                self._parameterNode.ctVolume = node
+
+    def _setParameterNode(self, node) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+        self._parameterNode = node
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self._checkCanApply()
+
+    def _checkCanApply(self, caller=None, event=None) -> None:
+        p = self._parameterNode
+        busy = self._job is not None
+        hasCase = bool(p.ctVolume and p.segmentation)
+        self.ui.computeMetricsButton.enabled = hasCase
+        self.ui.updateDRRButton.enabled = bool(p.ctVolume)
+        self.ui.runRegistrationButton.enabled = hasCase and bool(p.radiograph) and not busy
+        self.ui.startTrainingButton.enabled = _isSet(p.datasetFolder) and _isSet(p.trainOutputFolder) and not busy
+        self.ui.applyButton.enabled = bool(p.radiograph) and _isSet(p.modelFolder) and not busy
+        self.ui.exportCsvButton.enabled = bool(p.estimatesTable or p.metricsTable)
+        for b in (self.ui.cancelRegistrationButton, self.ui.cancelTrainingButton, self.ui.cancelEstimateButton):
+            b.enabled = busy
+
+    def _status(self, text: str) -> None:
+        self.ui.statusLabel.text = text
+        slicer.util.showStatusMessage(text, 5000)
+
+    # --- inputs -----------------------------------------------------------------------------
+    def onLoadSample(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Failed to load the sample data."), waitCursor=True):
+            ct, labels = self.logic.loadSampleData()
+            self._parameterNode.ctVolume = ct
+            self._parameterNode.segmentation = labels
+
+    def onSegmentationChanged(self, node) -> None:
+        table = self.ui.structuresTableWidget
+        table.clear()
+        table.setRowCount(0)
+        if node is None or self._parameterNode is None or not self._parameterNode.ctVolume:
+            self.ui.structureTableLabel.text = _("(no segmentation)")
+            return
+        with slicer.util.tryWithErrorDisplay(_("Cannot read the segmentation."), waitCursor=True):
+            labels = self.logic.labelMap(self._parameterNode.ctVolume, node)
+            rows = self.logic.structureRows(labels)
+            match = labels.match.describe() if labels.match is not None else labels.table.name
+            self.ui.structureTableLabel.text = match
+            cols = ["label", "name", "kind", "side", "voxels"]
+            table.setColumnCount(len(cols))
+            table.setHorizontalHeaderLabels(cols)
+            table.setRowCount(len(rows))
+            for r, row in enumerate(rows):
+                for c, key in enumerate(cols):
+                    table.setItem(r, c, qt.QTableWidgetItem(str(row[key])))
+            self.ui.drrChannelComboBox.clear()
+            self.ui.drrChannelComboBox.addItem(_("attenuation"))
+            for row in rows:
+                self.ui.drrChannelComboBox.addItem(row["name"])
+
+    # --- CT metrics -------------------------------------------------------------------------
+    def onComputeMetrics(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Failed to compute CT metrics."), waitCursor=True):
+            p = self._parameterNode
+            p.metricsTable = self.logic.computeMetrics(p.ctVolume, p.segmentation, p.leanLowHU,
+                                                       p.leanHighHU, p.metricsTable)
+            self.logic.showTable(p.metricsTable)
+
+    # --- DRR --------------------------------------------------------------------------------
+    def onPoseSliderChanged(self, value=None) -> None:
+        if self._parameterNode and self._parameterNode.liveUpdate:
+            self._drrTimer.start()  # throttled: renders once the sliders rest for DRR_THROTTLE_MS
+
+    def onResetPose(self) -> None:
+        p = self._parameterNode
+        for name in ("rotationLRDeg", "rotationPADeg", "rotationISDeg",
+                     "translationLRMm", "translationPAMm", "translationISMm"):
+            setattr(p, name, 0.0)
+        self.onUpdateDRR()
+
+    def onUpdateDRR(self) -> None:
+        p = self._parameterNode
+        if not p.ctVolume:
+            return
+        channel = self.ui.drrChannelComboBox.currentText
+        with slicer.util.tryWithErrorDisplay(_("Failed to render the DRR."), waitCursor=True):
+            p.drrVolume, p.poseTransform = self.logic.renderDRR(
+                p.ctVolume, p.segmentation, self.logic.cameraOf(p), self.logic.sliderPose(p),
+                None if channel == _("attenuation") else channel, p.drrVolume, p.poseTransform)
+            self.logic.showInSliceView(p.drrVolume)
+
+    # --- registration -----------------------------------------------------------------------
+    def onRunRegistration(self) -> None:
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("Failed to start the registration."), waitCursor=True):
+            self._startJob("registration", self.logic.startRegistration(
+                p.ctVolume, p.segmentation, p.radiograph, p.registrationBones, p.landmarks,
+                self.logic.cameraOf(p)))
+
+    def onQAChanged(self, value=None) -> None:
+        p = self._parameterNode
+        if p and p.radiograph and p.drrVolume:
+            self.logic.showQA(p.radiograph, p.drrVolume, p.qaOpacity, p.showCheckerboard)
+
+    # --- training ---------------------------------------------------------------------------
+    def onStartTraining(self) -> None:
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("Failed to start training."), waitCursor=True):
+            if not self.logic.ensureTorch(askUser=True):
+                return
+            self._startJob("training", self.logic.startTraining(
+                str(p.datasetFolder), str(p.trainOutputFolder), str(p.trainConfig) if _isSet(p.trainConfig) else None,
+                p.trainDevice, p.resumeTraining))
+
+    # --- estimate ---------------------------------------------------------------------------
+    def onApply(self) -> None:
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("Failed to start the estimate."), waitCursor=True):
+            if not self.logic.ensureTorch(askUser=True):
+                return
+            self._startJob("estimate", self.logic.startEstimate(p.radiograph, str(p.modelFolder), p.device))
+
+    def onOverlayOpacity(self, value) -> None:
+        self.logic.setOverlayOpacity(value)
+
+    def onStructureToggled(self, item) -> None:
+        if self._layers is not None:
+            row = self.ui.structureVisibilityListWidget.row(item)
+            self.logic.setStructureVisible(self._layers, row, item.checkState() == qt.Qt.Checked,
+                                           self._parameterNode.overlayOpacity)
+
+    def onExportCsv(self) -> None:
+        p = self._parameterNode
+        table = p.estimatesTable or p.metricsTable
+        path = qt.QFileDialog.getSaveFileName(None, _("Export table"), f"{table.GetName()}.csv", "CSV (*.csv)")
+        if path:
+            with slicer.util.tryWithErrorDisplay(_("Failed to export the table."), waitCursor=True):
+                self.logic.exportCsv(table, path)
+
+    # --- background jobs --------------------------------------------------------------------
+    def _progressBar(self, kind: str):
+        return {"registration": self.ui.registrationProgressBar, "training": self.ui.trainingProgressBar,
+                "estimate": self.ui.estimateProgressBar}[kind]
+
+    def _startJob(self, kind: str, job) -> None:
+        self._job, self._jobKind = job, kind
+        bar = self._progressBar(kind)
+        bar.visible, bar.value, bar.maximum = True, 0, 0  # busy until the total is known
+        self.ui.showLogButton.enabled = True
+        self._status(_("{kind} running...").format(kind=kind))
+        self._jobTimer.start()
+        self._checkCanApply()
+
+    def onJobTimer(self) -> None:
+        job, kind = self._job, self._jobKind
+        if job is None:
+            self._jobTimer.stop()
+            return
+        bar = self._progressBar(kind)
+        for event in job.poll():
+            if event.get("total"):
+                bar.maximum, bar.value = int(event["total"]), int(event.get("step", 0))
+            if kind == "training" and "loss" in event:
+                self.logic.appendLoss(event)
+                self.ui.trainingStatusLabel.text = f"step {event.get('step')}: loss {float(event['loss']):.4g}"
+        if not job.finished:
+            return
+        self._jobTimer.stop()
+        bar.visible = False
+        self._job = None
+        if job.cancelled:
+            self._status(_("{kind} cancelled").format(kind=kind))
+        elif not job.succeeded:
+            slicer.util.errorDisplay(_("{kind} failed.").format(kind=kind), detailedText=job.summary())
+        else:
+            with slicer.util.tryWithErrorDisplay(_("Failed to read the results."), waitCursor=True):
+                self._finishJob(kind, job)
+            self._status(_("{kind} finished").format(kind=kind))
+        self._checkCanApply()
+
+    def _finishJob(self, kind: str, job) -> None:
+        p = self._parameterNode
+        if kind == "registration":
+            result = self.logic.readRegistration(job, p.registrationTransform)
+            p.registrationTransform = result["transform"]
+            self.ui.similarityLabel.text = f"{result['similarity']:.4f}"
+            self.ui.doubtfulLabel.text = _("doubtful: check visually") if result["doubtful"] else _("converged")
+        elif kind == "training":
+            p.modelFolder = pathlib.Path(p.trainOutputFolder)
+        elif kind == "estimate":
+            self._layers, p.estimatesTable = self.logic.readEstimate(job, p.radiograph, p.estimatesTable,
+                                                                     p.overlayOpacity)
+            lst = self.ui.structureVisibilityListWidget
+            lst.clear()
+            for name in self.logic.lastStructureNames:
+                item = qt.QListWidgetItem(name)
+                item.setFlags(item.flags() | qt.Qt.ItemIsUserCheckable)
+                item.setCheckState(qt.Qt.Checked)
+                lst.addItem(item)
+            self.logic.showTable(p.estimatesTable)
+
+    def onCancelJob(self) -> None:
+        if self._job is not None:
+            self._job.cancel()
+
+    def onShowLog(self) -> None:
+        text = self.logic.lastJob.summary() if self.logic.lastJob else ""
+        slicer.util.infoDisplay(_("Log of the last background task."), detailedText=text)
+
+
+#
+# Logic
+#
+class MSKdeXLogic(ScriptedLoadableModuleLogic):
+    """Node handling for the module; computation is delegated to MSKdeXLib (core) and run
+    in-process for quick work (metrics, one DRR) or as ``mskdex`` subprocesses (registration,
+    training, estimates). Usable from the Python console without the GUI."""
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.lastJob = None
+        self.lastStructureNames = []
+        self._lossTable = None
+        self._workDir = None
+
+    def getParameterNode(self):
+        return MSKdeXParameterNode(super().getParameterNode())
+
+    # --- dependencies -----------------------------------------------------------------------
+    @staticmethod
+    def torchVersion() -> Optional[str]:
+        """Installed torch version, or None (checked without importing torch)."""
+        import importlib.metadata
+
+        try:
+            return importlib.metadata.version("torch")
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    def ensureTorch(self, askUser: bool = True) -> bool:
+        """Make PyTorch available: ask first, then install it with SlicerPyTorch's utilities
+        (right CUDA build). Never pip-installs numpy/vtk/SimpleITK into Slicer."""
+        version = self.torchVersion()
+        if version:
+            logging.info(f"MSKdeX: torch {version}")
+            return True
+        try:
+            import PyTorchUtils
+        except ImportError:
+            slicer.util.errorDisplay(_(
+                "MSKdeX needs PyTorch. Install the 'PyTorch' extension (SlicerPyTorch) from the "
+                "Extensions Manager, restart Slicer, then try again."))
+            return False
+        if askUser and not slicer.util.confirmOkCancelDisplay(_(
+                "MSKdeX needs PyTorch, which is not installed. Install it now (a download of up to "
+                "a few GB)? Slicer may need a restart afterwards.")):
+            return False
+        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+        with slicer.util.WaitCursor():
+            torch = torchLogic.installTorch(askConfirmation=False)
+        if torch is None:
+            slicer.util.errorDisplay(_("PyTorch installation failed; see the Python console."))
+            return False
+        for name in ("safetensors",):
+            if not self._hasPackage(name):
+                slicer.util.pip_install(name)
+        slicer.util.infoDisplay(_("Installed torch {v}. If MSKdeX still reports it missing, restart "
+                                  "Slicer.").format(v=self.torchVersion()))
+        return True
+
+    @staticmethod
+    def _hasPackage(name: str) -> bool:
+        import importlib.util
+
+        return importlib.util.find_spec(name) is not None
+
+    # --- inputs -----------------------------------------------------------------------------
+    def loadSampleData(self):
+        """(CT node, label map node) of the registered sample (downloaded, SHA-256 checked)."""
+        import SampleData
+
+        registerSampleData()
+        nodes = SampleData.SampleDataLogic().downloadSample("MSKdeXPelvisCT")
+        ct = next(n for n in nodes if not n.IsA("vtkMRMLLabelMapVolumeNode"))
+        labels = next(n for n in nodes if n.IsA("vtkMRMLLabelMapVolumeNode"))
+        return ct, labels
+
+    def labelMap(self, ctNode, segmentationNode):
+        """Core LabelMap of a segmentation or label map node on the CT's grid."""
+        from MSKdeXLib import slicer_bridge as sb
+
+        if segmentationNode.IsA("vtkMRMLSegmentationNode"):
+            return sb.labelmap_from_segmentation(segmentationNode, ctNode)
+        return sb.labelmap_from_node(segmentationNode, sb.volume_from_node(ctNode))
+
+    def structureRows(self, labels):
+        from MSKdeXLib import slicer_bridge as sb
+
+        return sb.structure_rows(labels)
+
+    # --- CT metrics -------------------------------------------------------------------------
+    def computeMetrics(self, ctNode, segmentationNode, leanLowHU=-29.0, leanHighHU=150.0, tableNode=None):
+        """Per-structure volume_cm3 / mass_g of muscles and bones into a table node."""
+        from MSKdeXLib import slicer_bridge as sb
+        from MSKdeXLib.density import DensityModel
+        from MSKdeXLib.metrics import structure_metrics
+
+        ct = sb.volume_from_node(ctNode)
+        labels = self.labelMap(ctNode, segmentationNode)
+        chosen = labels.select(kinds=["muscle", "bone"]) or labels.structures
+        density = DensityModel(lean_window_hu=(float(leanLowHU), float(leanHighHU)))
+        rows = [m.to_dict() for m in structure_metrics(ct, labels, chosen, density)]
+        return sb.metrics_table_node(rows, slicer.mrmlScene, node=tableNode)
+
+    def showTable(self, tableNode) -> None:
+        slicer.app.layoutManager().setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpTableView)
+        slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(tableNode.GetID())
+        slicer.app.applicationLogic().PropagateTableSelection()
+
+    # --- DRR --------------------------------------------------------------------------------
+    @staticmethod
+    def cameraOf(p):
+        from MSKdeXLib.geometry import Camera
+
+        return Camera(int(p.detectorRows), int(p.detectorCols), float(p.pixelSpacingMm),
+                      float(p.pixelSpacingMm), float(p.sidMm))
+
+    @staticmethod
+    def sliderPose(p):
+        """(rotation_deg, translation_mm) about/along the patient L, P, S axes (core's convention)."""
+        return ((p.rotationLRDeg, p.rotationPADeg, p.rotationISDeg),
+                (p.translationLRMm, p.translationPAMm, p.translationISMm))
+
+    def renderDRR(self, ctNode, segmentationNode, camera, sliders, channel=None, drrNode=None, poseNode=None):
+        """Render the attenuation DRR, or one structure's mass channel, at the default view
+        perturbed by the sliders; returns (DRR node, pose transform node)."""
+        from MSKdeXLib import slicer_bridge as sb
+        from MSKdeXLib.geometry import perturbed_pose
+        from MSKdeXLib.image import Radiograph
+        from MSKdeXLib.rendering import DRRRenderer, default_view, isocentre_of
+
+        ct = sb.volume_from_node(ctNode)
+        labels = self.labelMap(ctNode, segmentationNode) if segmentationNode else None
+        base = default_view(ct, labels, camera)
+        iso = isocentre_of(ct, labels)
+        pose = perturbed_pose(base, sliders[0], sliders[1], iso)
+        if channel:
+            structure = labels.resolve(channel)
+            renderer = DRRRenderer(ct, camera, labels=labels, structures=[structure])
+            image = renderer.channels(pose, quantity="mass")[0, 0]
+        else:
+            renderer = DRRRenderer(ct, camera, labels=labels)
+            image = renderer.attenuation(pose)[0]
+        pixels = image.detach().cpu().numpy()
+        spacing = (camera.spacing_row_mm, camera.spacing_col_mm)
+        drrNode = sb.radiograph_to_node(Radiograph(pixels, spacing, "drr"), slicer.mrmlScene, "MSKdeX DRR", drrNode)
+        poseNode = sb.pose_to_transform_node(pose, slicer.mrmlScene, node=poseNode)
+        return drrNode, poseNode
+
+    def showInSliceView(self, background, label=None, view: str = "Red") -> None:
+        """Show a radiograph-like node in a slice view (Coronal, fitted)."""
+        from MSKdeXLib import slicer_bridge as sb
+
+        sliceWidget = slicer.app.layoutManager().sliceWidget(view)
+        sliceWidget.mrmlSliceNode().SetOrientation("Coronal")
+        sb.set_overlay(sliceWidget.mrmlSliceCompositeNode(), background=background, label=label)
+        sliceWidget.sliceLogic().FitSliceToAll()
+
+    # --- background jobs --------------------------------------------------------------------
+    def workDir(self) -> str:
+        if self._workDir is None:
+            import tempfile
+
+            self._workDir = tempfile.mkdtemp(prefix="MSKdeX-", dir=slicer.app.temporaryPath)
+        return self._workDir
+
+    def _save(self, node, name: str) -> str:
+        path = os.path.join(self.workDir(), name)
+        if not slicer.util.saveNode(node, path):
+            raise RuntimeError(f"cannot write {node.GetName()} to {path}")
+        return path
+
+    def _start(self, subcommand: str, *args):
+        from MSKdeXLib import jobs
+
+        self.lastJob = jobs.Job(jobs.mskdex_command(subcommand, *args, "--progress", "json")).start()
+        return self.lastJob
+
+    def startRegistration(self, ctNode, segmentationNode, radiographNode, bones, landmarksNode, camera):
+        out = os.path.join(self.workDir(), "registration")
+        args = ["--ct", self._save(ctNode, "ct.nii.gz"), "--labels", self._labelsFile(segmentationNode),
+                "--xray", self._save(radiographNode, "xray.nrrd"), "--out", out, "--force"]
+        if bones:
+            args += ["--bodies", bones]
+        if landmarksNode and landmarksNode.GetNumberOfControlPoints():
+            args += ["--landmarks", self._save(landmarksNode, "landmarks.mrk.json")]
+        return self._start("register", *args)
+
+    def _labelsFile(self, segmentationNode) -> str:
+        return self._save(segmentationNode, "labels.seg.nrrd" if segmentationNode.IsA("vtkMRMLSegmentationNode")
+                          else "labels.nii.gz")
+
+    def readRegistration(self, job, transformNode=None) -> dict:
+        """Result of ``mskdex register``: pose transform, similarity and the 'doubtful' flag."""
+        import json
+
+        from MSKdeXLib import slicer_bridge as sb
+
+        with open(os.path.join(self.workDir(), "registration", "registration.json")) as f:
+            result = json.load(f)
+        body = result["bodies"][0] if "bodies" in result else result
+        node = sb.pose_to_transform_node(body["ct_to_camera"], slicer.mrmlScene, "MSKdeX registered pose", transformNode)
+        return {"transform": node, "similarity": float(body.get("similarity", float("nan"))),
+                "doubtful": bool(body.get("doubtful", False))}
+
+    def showQA(self, radiographNode, drrNode, opacity: float, checkerboard: bool) -> None:
+        """Registration QA: DRR over the radiograph (alpha) or a checkerboard of both."""
+        from MSKdeXLib import slicer_bridge as sb
+
+        composite = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceCompositeNode()
+        if checkerboard:
+            a, b = sb.radiograph_from_node(radiographNode), sb.radiograph_from_node(drrNode)
+            board = a.__class__(sb.checkerboard(a.pixels, b.pixels), a.pixel_spacing, a.spacing_source)
+            node = slicer.mrmlScene.GetFirstNodeByName("MSKdeX checkerboard")
+            node = sb.radiograph_to_node(board, slicer.mrmlScene, "MSKdeX checkerboard", node)
+            composite.SetForegroundVolumeID(None)
+            self.showInSliceView(node)
+        else:
+            self.showInSliceView(radiographNode)
+            sb.set_overlay(composite, foreground=drrNode, foreground_opacity=opacity)
+
+    def startTraining(self, datasetFolder, outputFolder, configFile=None, device="auto", resume=False):
+        args = ["--dataset", datasetFolder, "--out", outputFolder, "--device", device]
+        if configFile:
+            args += ["--config", configFile]
+        if resume:
+            args.append("--resume")
+        self._lossTable = None
+        return self._start("train", *args)
+
+    def appendLoss(self, event: dict) -> None:
+        """Add a training step's loss to the live loss plot (table + chart in the plot view)."""
+        if self._lossTable is None:
+            self._lossTable = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", "MSKdeX training loss")
+            for name in ("step", "loss"):
+                self._lossTable.AddColumn(vtk.vtkDoubleArray()).SetName(name)
+            series = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", "loss")
+            series.SetAndObserveTableNodeID(self._lossTable.GetID())
+            series.SetXColumnName("step")
+            series.SetYColumnName("loss")
+            series.SetPlotType(series.PlotTypeScatter)
+            chart = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLPlotChartNode", "MSKdeX training")
+            chart.AddAndObservePlotSeriesNodeID(series.GetID())
+            slicer.modules.plots.logic().ShowChartInLayout(chart)
+        table = self._lossTable.GetTable()
+        row = table.InsertNextBlankRow()
+        table.SetValue(row, 0, float(event.get("step", row)))
+        table.SetValue(row, 1, float(event["loss"]))
+        table.Modified()
+
+    def startEstimate(self, radiographNode, modelFolder, device="auto"):
+        out = os.path.join(self.workDir(), "estimate")
+        return self._start("predict", "--model", modelFolder, "--xray", self._save(radiographNode, "xray.nrrd"),
+                           "--out", out, "--device", device, "--force")
+
+    def readEstimate(self, job, radiographNode, tableNode=None, opacity=0.5):
+        """Show ``mskdex predict`` results: channels over the radiograph, estimates table, chart."""
+        import json
+
+        import numpy as np
+        from safetensors.numpy import load_file
+
+        from MSKdeXLib import slicer_bridge as sb
+        from MSKdeXLib.structures import Structure
+
+        out = os.path.join(self.workDir(), "estimate")
+        with open(os.path.join(out, "estimates.json")) as f:
+            report = json.load(f)
+        rows = report["structures"]
+        channels = load_file(os.path.join(out, "channels.safetensors"))["channels"]
+        structures = [Structure(i + 1, r["name"], r.get("kind", "muscle"), r.get("side", "none"),
+                                tuple(r.get("color", (255, 0, 0)))) for i, r in enumerate(rows)]
+        layers = sb.channels_to_nodes(np.asarray(channels)[: len(rows)], structures, radiographNode,
+                                      slicer.mrmlScene, quantity=report.get("quantity", "mass_g"))
+        self.lastStructureNames = [s.name for s in structures]
+        table = sb.table_node_from_rows(rows, slicer.mrmlScene, "MSKdeX estimates", node=tableNode)
+        ycols = [c for c in ("mass_g", "volume_cm3") if c in rows[0]]
+        chart = sb.bar_chart(table, slicer.mrmlScene, y_columns=ycols[:1])
+        slicer.modules.plots.logic().ShowChartInLayout(chart)
+        self.showInSliceView(radiographNode, layers.label)
+        self.setOverlayOpacity(opacity)
+        return layers, table
+
+    def setOverlayOpacity(self, opacity: float) -> None:
+        for name in ("Red", "Yellow", "Green"):
+            widget = slicer.app.layoutManager().sliceWidget(name)
+            if widget:
+                widget.mrmlSliceCompositeNode().SetLabelOpacity(float(opacity))
+
+    def setStructureVisible(self, layers, index: int, visible: bool, opacity: float = 1.0) -> None:
+        from MSKdeXLib import slicer_bridge as sb
+
+        sb.set_structure_visible(layers.colors, index + 1, visible)
+
+    def exportCsv(self, tableNode, path: str) -> None:
+        """Write a table node as CSV (atomically, via the core's writer)."""
+        from MSKdeXLib import slicer_bridge as sb
+        from MSKdeXLib.io.outputs import write_text
+
+        rows = sb.rows_from_table_node(tableNode)
+        cols = list(rows[0]) if rows else []
+        lines = [",".join(cols)] + [",".join(str(r[c]) for c in cols) for r in rows]
+        write_text(path, "\n".join(lines) + "\n", force=True)  # the file dialog asked already
+
+
+#
+# Test
+#
+class MSKdeXTest(ScriptedLoadableModuleTest):
+    """In-Slicer self-test: the main workflow on the sample pelvis CT."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_metrics_and_overlay()
+
+    def _sample(self):
+        """The pelvis CT: the local copy when MSKDEX_DATA or ../shared/data has it, else download."""
+        from MSKdeXLib import sample_data
+
+        case = sample_data.pelvis_ct()
+        if case is not None:
+            ct = slicer.util.loadVolume(str(case.ct))
+            labels = slicer.util.loadLabelVolume(str(case.labels))
+            return ct, labels
+        return MSKdeXLogic().loadSampleData()
+
+    def test_metrics_and_overlay(self):
+        import numpy as np
+
+        from MSKdeXLib import slicer_bridge as sb
+        from MSKdeXLib.image import Radiograph
+        from MSKdeXLib.metrics import structure_metrics
+
+        self.delayDisplay("Loading the sample pelvis CT")
+        ctNode, labelNode = self._sample()
+        logic = MSKdeXLogic()
+        labels = logic.labelMap(ctNode, labelNode)
+        self.assertEqual(labels.table.name, "totalseg_v1")
+
+        self.delayDisplay("CT metrics")
+        table = logic.computeMetrics(ctNode, labelNode)
+        rows = sb.rows_from_table_node(table)
+        ct = sb.volume_from_node(ctNode)
+        expected = {m.structure.name: m for m in structure_metrics(ct, labels)}
+        self.assertGreater(len(rows), 5)
+        for row in rows:
+            self.assertAlmostEqual(row["mass_g"], expected[row["name"]].mass_g, places=3)
+
+        self.delayDisplay("Segmentation node -> same structures")
+        seg = sb.labelmap_to_segmentation(labelNode, slicer.mrmlScene)
+        fromSeg = logic.labelMap(ctNode, seg)
+        self.assertEqual({s.name for s in fromSeg.structures}, {s.name for s in labels.structures})
+
+        self.delayDisplay("Channels over a radiograph")
+        muscles = labels.select(kinds=["muscle"])
+        xray = np.clip(ct.array + 1000.0, 0, None).sum(axis=1)[::-1, ::-1].astype(np.float32)
+        masks = np.stack([labels.mask(s).sum(axis=1)[::-1, ::-1] for s in muscles]).astype(np.float32)
+        rgNode = sb.radiograph_to_node(Radiograph(xray, (ct.spacing[2], ct.spacing[0])), slicer.mrmlScene)
+        layers = sb.channels_to_nodes(masks, muscles, rgNode, slicer.mrmlScene)
+        logic.showInSliceView(rgNode, layers.label)
+        composite = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceCompositeNode()
+        self.assertEqual(composite.GetLabelVolumeID(), layers.label.GetID())
+
+        if self._hasTorch():
+            self.delayDisplay("DRR")
+            widgetParams = logic.getParameterNode()
+            widgetParams.detectorRows = widgetParams.detectorCols = 64
+            widgetParams.pixelSpacingMm = 6.0
+            drr, pose = logic.renderDRR(ctNode, labelNode, logic.cameraOf(widgetParams),
+                                        ((0, 0, 0), (0, 0, 0)))
+            self.assertEqual(sb.radiograph_from_node(drr).shape, (64, 64))
+        self.delayDisplay("Test passed")
+
+    @staticmethod
+    def _hasTorch() -> bool:
+        return MSKdeXLogic.torchVersion() is not None

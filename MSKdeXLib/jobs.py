@@ -1,0 +1,223 @@
+"""Long work as a ``mskdex`` subprocess: JSON-lines progress, logs, cancel. GUI-free.
+
+The Slicer module (and any other front end) starts e.g. ``mskdex train --progress json`` with
+:class:`Job`, calls :meth:`Job.poll` from its own thread (a Qt timer) to receive the progress
+events (``{"event": "progress"|"log"|"done"|"error", "stage", "step", "total", "elapsed_s",
+...}``, see :class:`MSKdeXLib.cli.common.Progress`), and :meth:`Job.cancel` to stop it. Lines
+that are not JSON objects are kept as the job's log (shown with errors). Callbacks run in the
+thread that calls :meth:`poll`, never in the reader threads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
+
+
+def python_executable() -> str:
+    """The Python to run ``-m MSKdeXLib`` with (inside Slicer: PythonSlicer, not the GUI app)."""
+    exe = Path(sys.executable)
+    if exe.stem.lower().startswith("slicer"):  # the Slicer application itself
+        for name in ("PythonSlicer", "PythonSlicer.exe"):
+            cand = exe.parent / name
+            if cand.exists():
+                return str(cand)
+    return sys.executable
+
+
+def mskdex_command(subcommand: str, *args: str) -> list[str]:
+    """Command line running ``mskdex SUBCOMMAND ARGS`` with this installation's MSKdeXLib."""
+    return [python_executable(), "-m", "MSKdeXLib", subcommand, *map(str, args)]
+
+
+def parse_event(line: str) -> dict | None:
+    """The JSON object of a progress line, or None when the line is plain log text."""
+    text = line.strip()
+    if not (text.startswith("{") and text.endswith("}")):
+        return None
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return None
+    return obj if isinstance(obj, dict) and "event" in obj else None
+
+
+@dataclass
+class JobState:
+    """What is known about a job so far (read it after :meth:`Job.poll`)."""
+
+    events: list[dict] = field(default_factory=list)
+    log: list[str] = field(default_factory=list)      # non-JSON stderr lines
+    stdout: list[str] = field(default_factory=list)   # stdout lines
+    step: int = 0
+    total: int | None = None
+    stage: str = ""
+    error: str | None = None                          # from an "error" event or the last log line
+
+    @property
+    def fraction(self) -> float | None:
+        """Progress in [0, 1] when the total is known."""
+        return None if not self.total else min(1.0, self.step / self.total)
+
+
+class Job:
+    """One subprocess with line-wise capture of stdout and stderr.
+
+    ``on_event(dict)`` receives every JSON progress event, ``on_log(str)`` every other line
+    (``stream`` name first: ``on_log("stderr", line)``); both are called from :meth:`poll`.
+    """
+
+    def __init__(self, command: Sequence[str], on_event: Callable[[dict], None] | None = None,
+                 on_log: Callable[[str, str], None] | None = None, cwd: str | Path | None = None,
+                 env: dict | None = None):
+        self.command = [str(c) for c in command]
+        self.on_event, self.on_log = on_event, on_log
+        self.cwd, self.env = cwd, env
+        self.state = JobState()
+        self.cancelled = False
+        self.started_at: float | None = None
+        self._proc: subprocess.Popen | None = None
+        self._queue: queue.Queue = queue.Queue()
+        self._readers: list[threading.Thread] = []
+
+    # --- lifecycle --------------------------------------------------------------------------
+    def start(self) -> "Job":
+        env = dict(os.environ if self.env is None else self.env)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        kwargs: dict = {}
+        if os.name == "nt":
+            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]
+        self._proc = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      stdin=subprocess.DEVNULL, cwd=self.cwd, env=env, text=True,
+                                      encoding="utf-8", errors="replace", bufsize=1, **kwargs)
+        self.started_at = time.time()
+        for name, stream in (("stdout", self._proc.stdout), ("stderr", self._proc.stderr)):
+            t = threading.Thread(target=self._read, args=(name, stream), daemon=True)
+            t.start()
+            self._readers.append(t)
+        return self
+
+    def _read(self, name: str, stream) -> None:
+        for line in stream:
+            self._queue.put((name, line.rstrip("\r\n")))
+        stream.close()
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self._proc is None else self._proc.poll()
+
+    @property
+    def finished(self) -> bool:
+        """True once the process ended and all its output was handed out by :meth:`poll`."""
+        return (self._proc is not None and self._proc.poll() is not None
+                and not any(t.is_alive() for t in self._readers) and self._queue.empty())
+
+    @property
+    def succeeded(self) -> bool:
+        return self.finished and self.returncode == 0 and not self.cancelled
+
+    # --- output -----------------------------------------------------------------------------
+    def poll(self) -> list[dict]:
+        """Hand out the lines received so far; returns the new progress events."""
+        new = []
+        while True:
+            try:
+                stream, line = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            event = parse_event(line) if stream == "stderr" else None
+            if event is None:
+                (self.state.stdout if stream == "stdout" else self.state.log).append(line)
+                if stream == "stderr" and ": error: " in line:
+                    self.state.error = line.split(": error: ", 1)[1].strip()
+                if self.on_log:
+                    self.on_log(stream, line)
+                continue
+            self._apply(event)
+            new.append(event)
+            if self.on_event:
+                self.on_event(event)
+        return new
+
+    def _apply(self, event: dict) -> None:
+        st = self.state
+        st.events.append(event)
+        st.stage = str(event.get("stage", st.stage))
+        if isinstance(event.get("step"), int):
+            st.step = event["step"]
+        if "total" in event:
+            st.total = event["total"]
+        if event.get("event") == "error":
+            st.error = str(event.get("message", event.get("error", "error")))
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Block until the job ends (poll()ing its output); returns the exit code.
+
+        Raises TimeoutError after ``timeout`` seconds (the job keeps running)."""
+        if self._proc is None:
+            raise RuntimeError("job not started")
+        t_end = None if timeout is None else time.time() + timeout
+        while not self.finished:
+            if t_end is not None and time.time() > t_end:
+                raise TimeoutError(f"job still running after {timeout} s: {' '.join(self.command)}")
+            self.poll()
+            time.sleep(0.02)
+        self.poll()
+        return int(self._proc.returncode)
+
+    # --- cancel -----------------------------------------------------------------------------
+    def cancel(self, grace_s: float = 5.0) -> None:
+        """Ask the job to stop (SIGINT: ``mskdex`` exits cleanly, code 130), then kill it after
+        ``grace_s`` seconds. Only this job's own process is signalled."""
+        if not self.running:
+            return
+        self.cancelled = True
+        proc = self._proc
+        assert proc is not None
+        try:
+            proc.send_signal(signal.CTRL_BREAK_EVENT if os.name == "nt" else signal.SIGINT)  # type: ignore[attr-defined]
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        except OSError:
+            pass
+
+    def summary(self) -> str:
+        """One paragraph for an error box: the command, exit code, error and the log tail."""
+        tail = "\n".join(self.state.log[-20:])
+        status = "cancelled" if self.cancelled else f"exit code {self.returncode}"
+        head = f"{' '.join(self.command[2:]) if len(self.command) > 2 else ' '.join(self.command)} ({status})"
+        return "\n".join(x for x in (head, self.state.error or "", tail) if x)
+
+
+def run_mskdex(subcommand: str, *args: str, timeout: float | None = None,
+               on_event: Callable[[dict], None] | None = None) -> Job:
+    """Run ``mskdex SUBCOMMAND ARGS`` to the end (blocking); returns the finished Job."""
+    job = Job(mskdex_command(subcommand, *args), on_event=on_event).start()
+    try:
+        job.wait(timeout)
+    except TimeoutError:
+        job.cancel()
+        raise
+    return job
