@@ -132,6 +132,15 @@ _ALIASES = {
 
 _BONE_COLOR = (241, 214, 145)
 
+# A perceptually spread palette for muscles (RGB 0..255), used in table order.
+_MUSCLE_PALETTE = [
+    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128),
+    (220, 190, 255), (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195),
+    (128, 128, 0), (255, 215, 180), (0, 0, 128),
+]
+
+
 
 def _colour(name: str, kind: str) -> tuple[int, int, int]:
     """A stable, distinct display colour for a structure name."""
@@ -164,11 +173,15 @@ def _side_of(name: str) -> str:
 
 
 def _table(name: str, names: list[str], kinds: Mapping[str, str] | None = None) -> StructureTable:
+    """A built-in table; muscles take distinct colours from the curated palette, in order."""
     kinds = kinds or {}
-    out = []
+    out, m = [], 0
     for label, n in enumerate(names, start=1):
         kind = kinds.get(n, _kind_of(n))
-        out.append(Structure(label, n, kind, _side_of(n), _colour(n, kind)))
+        color = _colour(n, kind)
+        if kind == "muscle":
+            color, m = _MUSCLE_PALETTE[m % len(_MUSCLE_PALETTE)], m + 1
+        out.append(Structure(label, n, kind, _side_of(n), color))
     return StructureTable(name, out)
 
 
@@ -233,13 +246,6 @@ _HIP22 = [
 ]
 _HIP22_KINDS = {n: ("bone" if n in ("pelvis", "femur", "sacrum") else "muscle") for n in _HIP22}
 
-# A perceptually spread palette for the 19 hip/thigh muscles (RGB 0..255).
-_HIP22_MUSCLE_PALETTE = [
-    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128),
-    (220, 190, 255), (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195),
-    (128, 128, 0), (255, 215, 180), (0, 0, 128),
-]
 
 
 def _hip22_table() -> StructureTable:
@@ -247,7 +253,7 @@ def _hip22_table() -> StructureTable:
     for label, n in enumerate(_HIP22, start=1):
         kind = _HIP22_KINDS[n]
         if kind == "muscle":
-            color, m = _HIP22_MUSCLE_PALETTE[m], m + 1
+            color, m = _MUSCLE_PALETTE[m], m + 1
         else:
             color = _BONE_COLOR
         out.append(Structure(label, n, kind, "none", color))

@@ -1,0 +1,53 @@
+"""``mskdex train``: train the decomposition network on a training-set folder."""
+
+from __future__ import annotations
+
+from .common import add_device, add_force, add_progress
+
+
+def add_parser(sub, name: str):
+    p = sub.add_parser(name, help="train the decomposition network (CPU, GPU, or several under torchrun)",
+                       description="Train radiograph -> per-structure channels. Writes OUT/model.safetensors "
+                       "+ OUT/config.json (the model folder), checkpoints, history.json and loss_curves.png. "
+                       "Multi-GPU: torchrun --nproc_per_node N -m MSKdeXLib train ...")
+    p.add_argument("--config", default=None, help="training config JSON (missing keys take the defaults)")
+    p.add_argument("--write-default-config", metavar="FILE", default=None,
+                   help="write the default config (documented) to FILE and exit")
+    p.add_argument("--data", default=None, help="training-set folder (mskdex-dataset/1); overrides data.dir")
+    p.add_argument("--out", default=None, help="output model folder")
+    p.add_argument("--resume", action="store_true", help="continue from OUT's last checkpoint")
+    p.add_argument("--steps", type=int, default=None, help="override the config's total steps")
+    add_device(p)
+    add_progress(p)
+    add_force(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args) -> int:
+    import os
+
+    from ..errors import UserError
+    from ..io.outputs import write_json
+    from ..training import default_config, load_config, merge_config, train
+
+    if args.write_default_config:
+        write_json(args.write_default_config, default_config(), args.force)
+        print(f"wrote {args.write_default_config}")
+        return 0
+    if not args.out:
+        raise UserError("--out is required (the model folder to write)")
+    cfg = load_config(args.config) if args.config else (None if args.resume else merge_config({}))
+    if args.steps is not None:
+        if cfg is None:
+            from ..checkpoint import load_checkpoint
+
+            cfg = load_checkpoint(args.out)[1]["config"]
+        cfg["steps"] = int(args.steps)
+    res = train(cfg, args.data, args.out, resume=args.resume, device=args.device, progress=args.progress,
+                force=args.force)
+    last = res.history[-1] if res.history else {}
+    if int(os.environ.get("RANK", "0")) == 0:
+        summary = ", ".join(f"{k}={v:.4g}" for k, v in last.items() if k != "step")
+        print(f"trained {res.step} steps -> {res.out_dir}" + (f" ({summary})" if summary else ""))
+    return 0

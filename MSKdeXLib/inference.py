@@ -1,0 +1,320 @@
+"""Inference: a trained model + a radiograph -> per-structure mass (g) and volume (cm^3).
+
+:func:`load_model` reads a model folder (``model.safetensors`` + ``config.json`` only, never
+pickle; the weights must match the config's channels). :func:`predict` resamples the
+radiograph onto the model's grid (pixel spacing at the detector plane, image size) exactly as
+the training set was built (:func:`MSKdeXLib.dataset.prepare_radiograph`), normalises it, runs
+the generator and sums each channel (g or cm^3 per pixel -> g or cm^3).
+
+Uncertainty: test-time augmentation (TTA) with ``tta`` extra passes on small random shifts,
+scales, rotations and brightness/contrast changes of the normalised input (the training
+augmentation keeps channel sums, so sums should be invariant); the estimate is the mean over
+all passes (identity included) and the interval the 5th-95th percentiles (90 %).
+
+Warnings flag inputs unlike the training data: no pixel spacing, spacing far from the
+model's, intensity quantiles outside the training range, estimates outside the training range.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import UserError
+from .image import Radiograph
+from .structures import Structure
+
+#: default test-time augmentation ranges (small; see data_loading.DEFAULT_AUGMENT for keys)
+TTA_AUGMENT = {"enabled": True, "rotation_deg": 2.0, "scale": [0.97, 1.03], "translation": 0.02,
+               "brightness": 0.05, "contrast": [0.95, 1.05]}
+INTERVAL = 0.90
+
+
+@dataclass
+class Model:
+    """A loaded decomposition model (generator in eval mode) and its config."""
+
+    generator: torch.nn.Module
+    config: dict[str, Any]
+    folder: Path
+    device: torch.device
+
+    @property
+    def channels(self) -> list[dict]:
+        return self.config["channels"]
+
+    @property
+    def structures(self) -> list[Structure]:
+        return [Structure(int(s["label"]), s["name"], s.get("kind", "other"), s.get("side", "none"),
+                          tuple(int(c) for c in s.get("color", (128, 128, 128)))) for s in self.config["structures"]]
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return tuple(int(v) for v in self.config["image_size"])  # type: ignore[return-value]
+
+    @property
+    def pixel_spacing_mm(self) -> tuple[float, float]:
+        return tuple(float(v) for v in self.config["pixel_spacing_mm"])  # type: ignore[return-value]
+
+
+def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Model:
+    """Load a model folder; UserError (one line) for pickle files, missing/mismatched files."""
+    from .checkpoint import load_model_files
+    from .nn.generator import build_generator
+
+    folder = Path(folder)
+    weights, config = load_model_files(folder)
+    dev = torch.device(device) if not isinstance(device, torch.device) else device
+    arch = dict(config["architecture"])
+    arch["recon_head"] = any(k.startswith("recon.") for k in weights)
+    n = len(config["channels"])
+    if int(config.get("n_channels", n)) != n:
+        raise UserError(f"config says {config.get('n_channels')} channels but lists {n}", folder / "config.json")
+    try:
+        gen = build_generator(arch, n, config["channel_scales"])
+        gen.load_state_dict(weights, strict=True)
+    except (RuntimeError, KeyError, TypeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"weights do not match the config's architecture / {n} channels ({first})",
+                        folder / "model.safetensors") from None
+    gen.to(dev).eval()
+    return Model(gen, config, folder, dev)
+
+
+@dataclass
+class Estimates:
+    """Per-channel sums of one radiograph. ``samples`` (N, C): channel sums of every TTA pass
+    (row 0 = un-augmented); ``channel_images`` (C, H, W) the un-augmented channels (g or cm^3
+    per pixel at ``pixel_spacing_mm``); ``input_image`` (H, W) the normalised model input."""
+
+    id: str
+    structures: list[Structure]
+    channels: list[dict]
+    samples: np.ndarray
+    channel_images: np.ndarray
+    input_image: np.ndarray
+    pixel_spacing_mm: tuple[float, float]
+    warnings: list[str] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.samples.mean(axis=0)
+
+    def interval(self, level: float = INTERVAL) -> tuple[np.ndarray, np.ndarray]:
+        a = (1 - level) / 2 * 100
+        return np.percentile(self.samples, a, axis=0), np.percentile(self.samples, 100 - a, axis=0)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Long format: {id, structure, kind, quantity, value, low, high} per channel."""
+        lo, hi = self.interval()
+        kinds = {s.name: s.kind for s in self.structures}
+        return [{"id": self.id, "structure": c["structure"], "kind": kinds.get(c["structure"], c.get("kind")),
+                 "quantity": c["quantity"], "value": float(m), "low": float(a), "high": float(b)}
+                for c, m, a, b in zip(self.channels, self.mean, lo, hi)]
+
+    def table(self) -> list[dict[str, Any]]:
+        """Wide format: one row per structure with mass_g / volume_cm3 and their intervals."""
+        out: dict[str, dict[str, Any]] = {}
+        for r in self.rows():
+            row = out.setdefault(r["structure"], {"id": self.id, "structure": r["structure"], "kind": r["kind"]})
+            q = r["quantity"]
+            row[q], row[f"{q}_low"], row[f"{q}_high"] = r["value"], r["low"], r["high"]
+        return list(out.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": "mskdex-estimates/1", "id": self.id, "interval": INTERVAL,
+                "tta_passes": int(self.samples.shape[0]), "pixel_spacing_mm": list(self.pixel_spacing_mm),
+                "structures": self.table(), "rows": self.rows(), "warnings": self.warnings, **self.info}
+
+    def to_csv(self) -> str:
+        cols = ["id", "structure", "kind", "mass_g", "mass_g_low", "mass_g_high", "volume_cm3",
+                "volume_cm3_low", "volume_cm3_high"]
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, cols, extrasaction="ignore", lineterminator="\n")
+        w.writeheader()
+        for r in self.table():
+            w.writerow({c: (f"{r[c]:.6g}" if isinstance(r.get(c), float) else r.get(c, "")) for c in cols})
+        return buf.getvalue()
+
+
+def prepare_input(model: Model, radiograph: Radiograph) -> tuple[np.ndarray, list[str]]:
+    """(normalised model input (H, W) float32, warnings) of a radiograph, resampled about its
+    centre (or ``radiograph.metadata["principal_point_rc"]`` when known), as the data set was."""
+    from .dataset import prepare_radiograph
+
+    h, w = model.image_size
+    sp = model.pixel_spacing_mm
+    warnings: list[str] = []
+    pix = np.asarray(radiograph.pixels, dtype=np.float64)
+    if radiograph.pixel_spacing is None:
+        s = max(h * sp[0] / pix.shape[0], w * sp[1] / pix.shape[1])
+        spacing = (s, s)
+        warnings.append("radiograph has no pixel spacing: assumed it spans the model's field of view "
+                        f"({h * sp[0]:.0f} x {w * sp[1]:.0f} mm); masses and volumes scale with that guess")
+    else:
+        spacing = tuple(float(v) for v in radiograph.pixel_spacing)
+        ratio = max(spacing[0] / sp[0], sp[0] / spacing[0], spacing[1] / sp[1], sp[1] / spacing[1])
+        if ratio > 4:
+            warnings.append(f"pixel spacing {spacing[0]:.3g} x {spacing[1]:.3g} mm is far from the model's "
+                            f"{sp[0]:.3g} x {sp[1]:.3g} mm (factor {ratio:.1f})")
+    norm = {**model.config["normalisation"]}
+    norm.setdefault("pixel_spacing_mm", list(sp))
+    pp = radiograph.metadata.get("principal_point_rc") if radiograph.metadata else None
+    x = prepare_radiograph(pix, spacing, (h, w), norm, pp)
+    q = model.config.get("data_summary", {}).get("xray_quantiles")
+    if q:
+        got = np.percentile(x, q["percentiles"])
+        lo, hi = np.asarray(q["min"]), np.asarray(q["max"])
+        margin = 0.25 * (hi - lo) + 0.25
+        bad = [f"p{p:g}={g:.2f} (training {a:.2f}..{b:.2f})" for p, g, a, b in zip(q["percentiles"], got, lo, hi)
+               if g < a - margin[0] or g > b + margin[0]] if len(lo) else []
+        if bad:
+            warnings.append("radiograph intensities unlike the training data: " + ", ".join(bad[:3]))
+    return x.astype(np.float32), warnings
+
+
+def _tta_batch(x: np.ndarray, n: int, seed: int) -> torch.Tensor:
+    from .data_loading import augment
+
+    base = torch.from_numpy(x)[None]
+    out = [base]
+    rng = np.random.default_rng(seed)
+    dummy = torch.zeros(1, *x.shape)
+    for _ in range(n):
+        out.append(augment({"xray": base, "targets": dummy}, rng, TTA_AUGMENT)["xray"])
+    return torch.stack(out)
+
+
+#: file stems that name a role, not a case: the case id is then the parent folder's name
+GENERIC_STEMS = ("xray", "radiograph", "image", "dx", "estimates", "metrics", "truth", "prediction",
+                 "predictions", "results")
+
+
+def case_id_from_path(path: str | Path) -> str:
+    """The case id of a file: its name without suffixes ('case7.dcm' -> 'case7'), or the parent
+    folder's name for generic names ('subject-0007/xray.dcm' -> 'subject-0007')."""
+    p = Path(path)
+    stem = p.name.split(".")[0]
+    if stem.lower() in GENERIC_STEMS and p.parent.name:
+        return p.parent.name
+    return stem or p.name
+
+
+@torch.no_grad()
+def predict(model: Model, radiograph: Radiograph, tta: int = 8, seed: int = 0, rec_id: str | None = None,
+            batch_size: int = 8) -> Estimates:
+    """Estimates of one radiograph (mean over 1 + ``tta`` passes, 90 % interval)."""
+    x, warnings = prepare_input(model, radiograph)
+    batch = _tta_batch(x, max(0, int(tta)), seed)
+    sums, first = [], None
+    for i in range(0, batch.shape[0], batch_size):
+        y = model.generator(batch[i:i + batch_size].to(model.device)).float()
+        if first is None:
+            first = y[0].cpu().numpy()
+        sums.append(y.double().sum(dim=(2, 3)).cpu().numpy())
+    samples = np.concatenate(sums)
+    rng = model.config.get("data_summary", {}).get("truth_range")
+    if rng and len(rng) == samples.shape[1]:
+        out = [f"{c['structure']} {c['quantity']}" for c, (a, b), v in zip(model.channels, rng, samples.mean(0))
+               if v < 0.5 * a or v > 1.5 * b]
+        if out:
+            warnings.append("estimates outside the training range for: " + ", ".join(out[:5]))
+    rid = rec_id or (case_id_from_path(radiograph.source) if radiograph.source else "radiograph")
+    info = {"model": str(model.folder), "radiograph": radiograph.source,
+            "input_pixel_spacing_mm": None if radiograph.pixel_spacing is None else list(radiograph.pixel_spacing),
+            "code_version": model.config.get("code_version")}
+    return Estimates(rid, model.structures, model.channels, samples, first, x, model.pixel_spacing_mm,
+                     warnings, info)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------
+def overlay_rgb(est: Estimates) -> tuple[np.ndarray, list[tuple[str, tuple[float, float, float]]]]:
+    """(RGB float image (H, W, 3) in 0..1, legend [(name, rgb)]): each structure's channel
+    (mass, else volume) blended in its colour over the grey radiograph."""
+    x = est.input_image.astype(np.float64)
+    lo, hi = np.percentile(x, [1, 99])
+    grey = np.clip((x - lo) / max(hi - lo, 1e-9), 0, 1)
+    rgb = np.repeat(grey[..., None], 3, axis=2) * 0.8
+    colours = {s.name: tuple(c / 255 for c in s.color) for s in est.structures}
+    legend, seen = [], set()
+    order = sorted(range(len(est.channels)), key=lambda i: est.channels[i]["quantity"] != "mass_g")
+    for i in order:
+        name = est.channels[i]["structure"]
+        if name in seen:
+            continue
+        seen.add(name)
+        ch = est.channel_images[i].astype(np.float64)
+        peak = np.percentile(ch, 99.5)
+        if peak <= 0:
+            continue
+        alpha = np.clip(ch / peak, 0, 1)[..., None] * 0.6
+        col = np.asarray(colours.get(name, (0.5, 0.5, 0.5)))
+        rgb = rgb * (1 - alpha) + col * alpha
+        legend.append((name.replace("_", " "), tuple(col)))
+    return np.clip(rgb, 0, 1), legend
+
+
+def write_overlay(path: Path, est: Estimates, force: bool = False) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    from .io.outputs import atomic_path
+
+    rgb, legend = overlay_rgb(est)
+    h, w = rgb.shape[:2]
+    aspect = est.pixel_spacing_mm[0] / est.pixel_spacing_mm[1]
+    fig, ax = plt.subplots(figsize=(9, 6))
+    ax.imshow(rgb, aspect=aspect, interpolation="nearest")
+    ax.set_axis_off()
+    ax.set_title(f"{est.id}: decomposed structures")
+    if legend:
+        ax.legend(handles=[Patch(color=c, label=n) for n, c in legend], loc="center left",
+                  bbox_to_anchor=(1.01, 0.5), fontsize=7, frameon=False)
+    fig.tight_layout()
+    with atomic_path(path, force=force) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_channel_image(path: Path, image: np.ndarray, spacing_rc: tuple[float, float], force: bool = False) -> Path:
+    """A 2D channel image (g or cm^3 per pixel) as NRRD / NIfTI with its pixel spacing."""
+    import SimpleITK as sitk
+
+    from .io.outputs import atomic_path
+
+    img = sitk.GetImageFromArray(np.ascontiguousarray(image, dtype=np.float32))
+    img.SetSpacing((float(spacing_rc[1]), float(spacing_rc[0])))
+    with atomic_path(path, force=force) as tmp:
+        sitk.WriteImage(img, str(tmp), useCompression=True)
+    return path
+
+
+def write_outputs(out_dir: str | Path, est: Estimates, force: bool = False, image_format: str = "nrrd") -> dict[str, Path]:
+    """Write estimates.csv, estimates.json, overlay.png and channels/<structure>__<quantity>.<fmt>."""
+    from .io.outputs import prepare_out_dir, write_json, write_text
+
+    names = ("estimates.csv", "estimates.json", "overlay.png", "channels")
+    out = prepare_out_dir(out_dir, force, expected=names)
+    ext = {"nrrd": ".nrrd", "nifti": ".nii.gz", "nii": ".nii.gz"}.get(image_format)
+    if ext is None:
+        raise UserError(f"unknown image format '{image_format}' (use nrrd or nifti)")
+    files = {"csv": write_text(out / "estimates.csv", est.to_csv(), force),
+             "json": write_json(out / "estimates.json", est.to_json(), force),
+             "overlay": write_overlay(out / "overlay.png", est, force)}
+    for c, img in zip(est.channels, est.channel_images):
+        p = out / "channels" / f"{c['structure']}__{c['quantity']}{ext}"
+        files[f"{c['structure']}:{c['quantity']}"] = write_channel_image(p, img, est.pixel_spacing_mm, force)
+    return files

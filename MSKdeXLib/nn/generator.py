@@ -1,0 +1,108 @@
+"""The decomposition generator: a radiograph (1 channel) -> C non-negative channel images.
+
+Backbone: MONAI ``UNet`` (residual units, configurable widths/strides) or ``BasicUNet``.
+Output channel ``c`` is ``softplus(raw_c) * scale_c``, so it is non-negative and in physical
+units per pixel (g or cm^3 per pixel at the model's pixel spacing); ``scale_c`` (stored in the
+model config as ``channel_scales``) is the typical per-pixel value of channel ``c`` in the
+training data, so the network works on O(1) numbers.
+
+Cycle consistency uses a small *learned reconstruction head* (``recon``): two 3x3 convolutions
+mapping the normalised channels (``out / scale``) back to the normalised radiograph. It exists
+only when the cycle loss is switched on (so no unused parameters under DDP).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..errors import UserError
+
+#: default architecture (JSON-ready); see :func:`build_generator`
+DEFAULT_ARCH: dict[str, Any] = {
+    "backbone": "unet",            # "unet" (monai.networks.nets.UNet) or "basicunet"
+    "features": [32, 64, 128, 256, 512],  # UNet channel widths per level
+    "strides": [2, 2, 2, 2],       # UNet down-sampling per level (len(features) - 1)
+    "num_res_units": 2,
+    "norm": "instance",
+    "dropout": 0.0,
+    "recon_head": True,            # cycle consistency head (radiograph <- channels)
+}
+
+
+class ReconstructionHead(nn.Module):
+    """Normalised channels (B, C, H, W) -> normalised radiograph (B, 1, H, W)."""
+
+    def __init__(self, n_channels: int, width: int = 16):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(n_channels, width, 3, padding=1), nn.LeakyReLU(0.2),
+                                 nn.Conv2d(width, 1, 3, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class DecompositionGenerator(nn.Module):
+    """Radiograph (B, 1, H, W) -> channels (B, C, H, W) >= 0 in physical units per pixel."""
+
+    def __init__(self, n_channels: int, scales: Sequence[float], arch: dict[str, Any] | None = None):
+        super().__init__()
+        arch = {**DEFAULT_ARCH, **(arch or {})}
+        if len(scales) != n_channels:
+            raise UserError(f"need one channel scale per channel ({n_channels}), got {len(scales)}")
+        self.arch = arch
+        self.n_channels = n_channels
+        self.backbone = _backbone(arch, n_channels)
+        self.register_buffer("scales", torch.as_tensor(list(scales), dtype=torch.float32).view(1, -1, 1, 1))
+        self.recon = ReconstructionHead(n_channels) if arch.get("recon_head") else None
+
+    def forward(self, xray: torch.Tensor, reconstruct: bool = False):
+        """Channels (B, C, H, W); with ``reconstruct`` also the rebuilt radiograph (B, 1, H, W)
+        (one forward call, as DistributedDataParallel wants)."""
+        out = F.softplus(self.backbone(xray).float()) * self.scales
+        return (out, self.reconstruct(out)) if reconstruct else out
+
+    def reconstruct(self, channels: torch.Tensor) -> torch.Tensor:
+        """Radiograph rebuilt from (physical) channels, for the cycle loss."""
+        if self.recon is None:
+            raise RuntimeError("this generator was built without a reconstruction head")
+        return self.recon(channels / self.scales)
+
+
+def _backbone(arch: dict[str, Any], n_out: int) -> nn.Module:
+    from monai.networks.nets import BasicUNet, UNet
+
+    name = arch["backbone"]
+    feats = [int(f) for f in arch["features"]]
+    if name == "unet":
+        strides = [int(s) for s in arch["strides"]]
+        if len(strides) != len(feats) - 1:
+            raise UserError(f"model.strides needs {len(feats) - 1} entries (len(features) - 1)")
+        return UNet(spatial_dims=2, in_channels=1, out_channels=n_out, channels=feats, strides=strides,
+                    num_res_units=int(arch["num_res_units"]), norm=arch["norm"],
+                    dropout=float(arch["dropout"]))
+    if name == "basicunet":
+        if len(feats) != 6:
+            raise UserError("model.features of 'basicunet' needs 6 widths")
+        return BasicUNet(spatial_dims=2, in_channels=1, out_channels=n_out, features=feats,
+                         norm=arch["norm"], dropout=float(arch["dropout"]))
+    raise UserError(f"unknown generator backbone '{name}' (use 'unet' or 'basicunet')")
+
+
+def build_generator(arch: dict[str, Any], n_channels: int, scales: Sequence[float]) -> DecompositionGenerator:
+    """A generator from its JSON architecture description."""
+    return DecompositionGenerator(n_channels, scales, arch)
+
+
+def min_image_size(arch: dict[str, Any]) -> int:
+    """The image side must be a multiple of this (total down-sampling factor)."""
+    arch = {**DEFAULT_ARCH, **(arch or {})}
+    if arch["backbone"] == "basicunet":
+        return 16
+    f = 1
+    for s in arch["strides"]:
+        f *= int(s)
+    return f

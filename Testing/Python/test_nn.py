@@ -1,0 +1,135 @@
+"""Networks and losses of the decomposition model, on tiny records projected from the real pelvis CT."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from MSKdeXLib.data_loading import RecordDataset, parallel_projection_dataset, random_affine, warp
+from MSKdeXLib.nn import losses as L
+from MSKdeXLib.nn.discriminator import MultiScaleDiscriminator
+from MSKdeXLib.nn.generator import build_generator
+from MSKdeXLib.training import channel_groups, discriminator_loss, generator_losses
+
+STRUCTS = ["hip_left", "gluteus_maximus_left", "gluteus_medius_left"]
+TINY = {"features": [8, 16, 32], "strides": [2, 2], "num_res_units": 1}
+
+
+@pytest.fixture(scope="module")
+def dataset(pelvis, tmp_path_factory):
+    ct, labels = pelvis
+    return parallel_projection_dataset(ct, labels, tmp_path_factory.mktemp("nn_ds"), STRUCTS,
+                                       ("mass_g", "volume_cm3"), n_records=3, size=32, seed=1)
+
+
+@pytest.fixture(scope="module")
+def batch(dataset):
+    ds = RecordDataset(dataset, "train", None)
+    items = [ds[i] for i in range(len(ds))]
+    return {k: torch.stack([it[k] for it in items]) for k in ("xray", "targets", "paired", "truth")}
+
+
+def test_records_hold_the_ct_sums(pelvis, dataset, batch):
+    """The test data itself: channel sums equal the CT metrics up to the jitter's interpolation."""
+    from MSKdeXLib.metrics import structure_metrics
+
+    ct, labels = pelvis
+    m = {r.structure.name: r for r in structure_metrics(ct, labels, dataset.structures)}
+    want = [getattr(m[c["structure"]], c["quantity"]) for c in dataset.channels]
+    sums = batch["targets"].double().sum(dim=(2, 3))
+    assert torch.allclose(sums, batch["truth"], rtol=1e-5)
+    np.testing.assert_allclose(sums.numpy(), np.broadcast_to(want, sums.shape), rtol=0.02)
+    assert batch["paired"][0].tolist() == [c["kind"] == "bone" for c in dataset.channels]
+
+
+@pytest.mark.parametrize("arch", [TINY, {"backbone": "basicunet", "features": [4, 4, 8, 8, 16, 4]}])
+def test_generator_non_negative_in_physical_units(arch, batch):
+    scales = [0.5, 2.0, 1.0, 3.0, 1.0, 0.25]
+    torch.manual_seed(0)
+    g = build_generator({**arch, "recon_head": True}, 6, scales)
+    y, rec = g(batch["xray"], reconstruct=True)
+    assert y.shape == batch["targets"].shape and rec.shape == batch["xray"].shape
+    assert (y >= 0).all()
+    # output = softplus(raw) * scale: dividing by the scales gives the same raw softplus map
+    raw = torch.nn.functional.softplus(g.backbone(batch["xray"]))
+    assert torch.allclose(y, raw * torch.tensor(scales).view(1, -1, 1, 1), rtol=1e-5)
+
+
+def test_owis_zero_exactly_when_sums_equal_truth(batch):
+    y = batch["targets"]
+    truth = y.double().sum(dim=(2, 3))
+    assert float(L.intensity_sum(y, truth)) == 0.0
+    for c in range(y.shape[1]):
+        z = y.clone()
+        z[:, c] *= 1.1
+        got = float(L.intensity_sum(z, truth))
+        assert got > 0
+        # independent: mean over (sample, channel) of |sum - truth| / truth
+        s = z.double().numpy().sum(axis=(2, 3))
+        assert got == pytest.approx(np.mean(np.abs(s - truth.numpy()) / truth.numpy()), rel=1e-5)
+
+
+def test_gradient_correlation_and_l1_invariants(batch):
+    y = batch["targets"] / batch["targets"].amax(dim=(2, 3), keepdim=True)
+    assert float(L.gradient_correlation(y, y)) == pytest.approx(0.0, abs=1e-5)
+    assert float(L.gradient_correlation(3 * y + 2, y)) == pytest.approx(0.0, abs=1e-5)  # affine invariant
+    assert float(L.gradient_correlation(-y, y)) == pytest.approx(2.0, abs=1e-4)
+    mask = torch.zeros(y.shape[:2], dtype=torch.bool)
+    assert float(L.paired_l1(y + 1, y, mask)) == 0.0  # empty mask: no contribution
+    mask[0, 1] = True
+    assert float(L.paired_l1(y + 0.5, y, mask)) == pytest.approx(0.5, rel=1e-6)
+
+
+def test_warp_translation_and_sum(batch):
+    """A pure 2-pixel translation equals an array shift; a scale keeps channel sums."""
+    y = batch["targets"][0]
+    h, w = y.shape[-2:]
+    theta = torch.tensor([[1.0, 0, 2 * 2.0 / w], [0, 1.0, 0]])
+    shifted = warp(y, theta, keep_sum=True)
+    assert torch.allclose(shifted[..., :-2], y[..., 2:], atol=1e-5)
+    rng = np.random.default_rng(3)
+    cfg = {"rotation_deg": 4.0, "scale": [0.92, 1.08], "translation": 0.0}
+    for _ in range(3):
+        warped = warp(y, random_affine(rng, cfg, (h, w)), keep_sum=True)
+        np.testing.assert_allclose(warped.sum(dim=(1, 2)).numpy(), y.sum(dim=(1, 2)).numpy(), rtol=0.03)
+
+
+WEIGHTS0 = {k: 0.0 for k in ("l1", "gradient_correlation", "gan", "feature_matching", "cycle", "intensity_sum",
+                             "muscle_l1")}
+
+
+@pytest.mark.parametrize("name", ["l1", "gradient_correlation", "intensity_sum", "cycle", "gan",
+                                  "feature_matching", "muscle_l1", "discriminator"])
+def test_one_step_lowers_each_loss(name, dataset, batch):
+    torch.manual_seed(0)
+    scales = (batch["targets"].sum(dim=(0, 2, 3)) / (batch["targets"] > 0).sum(dim=(0, 2, 3))).tolist()
+    gen = build_generator({**TINY, "recon_head": True}, len(dataset.channels), scales)
+    groups = channel_groups(dataset.channels, ["muscle"])
+    disc = MultiScaleDiscriminator(int(groups["gan"].sum()), 8, 2, 2)
+    b = dict(batch)
+    if name == "muscle_l1":
+        b["paired"] = torch.ones_like(b["paired"])  # virtual data: muscles paired too
+    weights = {**WEIGHTS0, **({} if name == "discriminator" else {name: 1.0})}
+    sc = gen.scales
+
+    def value():
+        with torch.no_grad():
+            pred, rec = gen(b["xray"], reconstruct=True)
+            if name == "discriminator":
+                return float(discriminator_loss(pred, b, sc, groups, disc))
+            return float(generator_losses(pred, rec, b, sc, groups, weights, disc, disc)[name])
+
+    before = value()
+    params = disc.parameters() if name == "discriminator" else gen.parameters()
+    opt = torch.optim.AdamW(params, lr=1e-3 if name in ("gan", "feature_matching") else 1e-4, betas=(0.5, 0.999))
+    pred, rec = gen(b["xray"], reconstruct=True)
+    if name == "discriminator":
+        loss = discriminator_loss(pred, b, sc, groups, disc)
+    else:
+        loss = generator_losses(pred, rec, b, sc, groups, weights, disc, disc)["total"]
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    after = value()
+    assert after < before, f"{name}: {before} -> {after}"

@@ -1,0 +1,168 @@
+"""Training, checkpoints, resume, model folders and a 2-process (gloo) DDP run."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from MSKdeXLib.checkpoint import flatten_optimizer, load_model_files, unflatten_optimizer
+from MSKdeXLib.cli import main
+from MSKdeXLib.data_loading import parallel_projection_dataset
+from MSKdeXLib.errors import UserError
+from MSKdeXLib.inference import load_model
+from MSKdeXLib.training import default_config, load_config, merge_config, train
+
+TINY = {"model": {"features": [8, 16, 32], "strides": [2, 2], "num_res_units": 1},
+        "discriminator": {"width": 8, "n_layers": 2, "n_scales": 2},
+        "data": {"batch_size": 2}, "log_every": 1, "checkpoint_every": 2, "val_every": 2}
+
+
+@pytest.fixture(scope="module")
+def data_dir(pelvis, tmp_path_factory):
+    ct, labels = pelvis
+    d = tmp_path_factory.mktemp("train_ds")
+    parallel_projection_dataset(ct, labels, d, ["hip_left", "gluteus_maximus_left", "gluteus_medius_left"],
+                                ("mass_g",), n_records=4, size=32, seed=2)
+    return d
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "model"
+    return train({**TINY, "steps": 3}, data_dir, out), out
+
+
+def test_resume_gives_the_uninterrupted_losses(data_dir, trained, tmp_path):
+    full, _ = trained
+    part = train({**TINY, "steps": 1}, data_dir, tmp_path / "m")
+    assert part.step == 1 and json.loads((tmp_path / "m" / "checkpoint.json").read_text())["step"] == 1
+    res = train({**TINY, "steps": 3}, data_dir, tmp_path / "m", resume=True)
+    assert res.step == 3 and [h["step"] for h in res.history] == [1, 2, 3]
+    for a, b in zip(full.history, res.history):
+        train_keys = {k for k in a if not k.startswith("val_")}  # validation runs at each run's end
+        assert train_keys == {k for k in b if not k.startswith("val_")} and "intensity_sum" in train_keys
+        for k in train_keys:
+            assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-7), k
+    # the model folders are identical too
+    w1, _ = load_model_files(trained[1])
+    w2, _ = load_model_files(tmp_path / "m")
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+    # the command line resumes with the checkpoint's own config and data folder
+    assert main(["train", "--out", str(tmp_path / "m"), "--resume", "--steps", "4", "--progress", "none"]) == 0
+    assert json.loads((tmp_path / "m" / "checkpoint.json").read_text())["step"] == 4
+    # a changed loss weight is refused on resume (one line)
+    with pytest.raises(UserError, match="config differs"):
+        train({**TINY, "steps": 4, "losses": {"gan": 0.0}}, data_dir, tmp_path / "m", resume=True)
+
+
+def test_outputs_and_model_config(trained, data_dir):
+    res, out = trained
+    for name in ("model.safetensors", "config.json", "checkpoint.safetensors", "checkpoint.json",
+                 "history.json", "loss_curves.png"):
+        assert (out / name).stat().st_size > 0, name
+    cfg = json.loads((out / "config.json").read_text())
+    ds = json.loads((data_dir / "dataset.json").read_text())
+    assert cfg["channels"] == ds["channels"] and cfg["normalisation"] == ds["normalisation"]
+    assert cfg["image_size"] == ds["image_size"] and cfg["pixel_spacing_mm"] == ds["pixel_spacing_mm"]
+    assert len(cfg["channel_scales"]) == len(cfg["channels"]) and min(cfg["channel_scales"]) > 0
+    assert cfg["code_version"] and cfg["data_summary"]["records"]["train"] == 3
+    assert all(np.isfinite(h["total"]) for h in res.history)
+    assert (out / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_save_load_identical_predictions(trained, tmp_path):
+    from MSKdeXLib.checkpoint import save_model
+
+    _, out = trained
+    m1 = load_model(out)
+    save_model(tmp_path / "copy", m1.generator, {k: v for k, v in m1.config.items() if k != "format"})
+    m2 = load_model(tmp_path / "copy")
+    x = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(m1.generator(x), m2.generator(x))
+
+
+def test_pickle_and_mismatched_models_are_refused(trained, tmp_path, capsys):
+    _, out = trained
+    m = load_model(out)
+    # 1. a pickle file instead of safetensors
+    pk = tmp_path / "pickled"
+    pk.mkdir()
+    torch.save(m.generator.state_dict(), pk / "model.pt")
+    (pk / "config.json").write_text((out / "config.json").read_text())
+    with pytest.raises(UserError, match="pickle") as e:
+        load_model(pk)
+    assert "\n" not in str(e.value)
+    # 2. a pickle renamed .safetensors
+    torch.save(m.generator.state_dict(), pk / "model.safetensors")
+    with pytest.raises(UserError, match="not a valid safetensors"):
+        load_model(pk)
+    # 3. structures that do not match the channels
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "model.safetensors").write_bytes((out / "model.safetensors").read_bytes())
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["structures"] = cfg["structures"][1:]
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="not in the config's structures"):
+        load_model(bad)
+    # 4. a channel too many for the weights
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["channels"].append(dict(cfg["channels"][0], quantity="volume_cm3"))
+    cfg["channel_scales"].append(1.0)
+    cfg["n_channels"] += 1
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="weights do not match"):
+        load_model(bad)
+    # the command line turns it into one line and exit code 2
+    rc = main(["predict", "--model", str(pk), "--xray", str(pk / "config.json"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "safetensors" in err
+
+
+def test_config_defaults_and_optimizer_flattening(tmp_path):
+    assert main(["train", "--write-default-config", str(tmp_path / "c.json")]) == 0
+    cfg = load_config(tmp_path / "c.json")
+    assert cfg == default_config()
+    assert cfg["losses"]["l1"] == 100 and cfg["optimizer"]["betas"] == [0.5, 0.999]
+    with pytest.raises(UserError, match="unknown"):
+        merge_config({"lossez": {}})
+    p = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(p.parameters(), lr=1e-4, betas=(0.5, 0.999))
+    p(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    t, meta = flatten_optimizer(opt, "opt")
+    sd = unflatten_optimizer(t, json.loads(json.dumps(meta)), "opt")
+    opt2 = torch.optim.AdamW(p.parameters(), lr=1.0)
+    opt2.load_state_dict(sd)
+    a, b = opt.state_dict(), opt2.state_dict()
+    assert a["param_groups"] == b["param_groups"]
+    for k in a["state"]:
+        for n, v in a["state"][k].items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(b["state"][k][n]))
+
+
+def test_two_process_gloo_ddp(data_dir, tmp_path):
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({**TINY, "data": {"batch_size": 1}, "steps": 2}))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port),
+           "-m", "MSKdeXLib", "train", "--config", str(cfg), "--data", str(data_dir), "--out",
+           str(tmp_path / "ddp"), "--progress", "none", "--device", "cpu"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    meta = json.loads((tmp_path / "ddp" / "checkpoint.json").read_text())
+    assert meta["world_size"] == 2 and meta["step"] == 2
+    m = load_model(tmp_path / "ddp")
+    assert all(torch.isfinite(v).all() for v in m.generator.state_dict().values())
