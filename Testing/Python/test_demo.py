@@ -1,0 +1,40 @@
+"""`mskdex demo --quick`: the whole pipeline on the real sample CT, with its report."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from MSKdeXLib.cli import main
+
+
+def test_demo_quick_writes_report_with_estimates_vs_truth(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out), "--progress", "none"]) == 0
+    assert "report:" in capsys.readouterr().out
+    report = (out / "report.md").read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    assert "virtual" in report and "Estimates vs truth" in report and "Mean PCC" in report
+    assert summary["mean_pcc"] and all(math.isfinite(v) and -1 <= v <= 1 for v in summary["mean_pcc"].values())
+    for f in ("overlay.png", "report.html", "evaluation/scatter_mass_g.png", "evaluation/evaluation.csv",
+              "model/model.safetensors", "model/config.json", "dataset/dataset.json"):
+        assert (out / f).exists(), f
+    held = summary["heldout"]
+    assert len(held) == 3 and len(list((out / "predictions").glob("*.json"))) == 3
+    # every held-out subject has a table row whose truth values are its metrics.json
+    from MSKdeXLib.demo import _fmt
+
+    muscles = [c["structure"] for c in summary["channels"] if c["kind"] == "muscle" and c["quantity"] == "mass_g"]
+    for name in held:
+        row = next(line for line in report.splitlines() if line.startswith(f"| {name} |"))
+        cells = [c.strip() for c in row.strip("|").split("|")][1:]
+        truth = {r["name"]: r for r in json.loads((out / "cohort" / name / "metrics.json").read_text())["structures"]}
+        assert len(cells) == len(muscles)
+        for cell, m in zip(cells, muscles):
+            assert cell.split(" / ")[1].split(" (")[0] == _fmt(truth[m]["mass_g"])
+    # held-out subjects were not trained on
+    records = json.loads((out / "dataset" / "dataset.json").read_text())["records"]
+    assert not {r["source"].split("/")[-1] for r in records} & set(held)
+    # an existing output folder is refused without --force (one-line error, exit code 2)
+    assert main(["demo", "--quick", "--out", str(out)]) == 2
+    assert "--force" in capsys.readouterr().err
