@@ -52,17 +52,30 @@ def mass_weights(ct: Volume, structure: Structure, density: DensityModel) -> np.
 
 def structure_metrics(ct: Volume, labels: LabelMap, structures: list[Structure] | None = None,
                       density: DensityModel = DensityModel()) -> list[StructureMetrics]:
-    """Metrics of each structure (default: all present) of ``labels`` on ``ct``'s grid."""
-    hu = ct.array.astype(np.float64)
+    """Metrics of each structure (default: all present) of ``labels`` on ``ct``'s grid.
+
+    One pass per label layer: per-value voxel counts and density sums by ``np.bincount``, so
+    the cost does not grow with the number of structures.
+    """
+    hu = ct.array.ravel()
     voxel_cm3 = ct.voxel_volume_mm3 / MM3_PER_CM3
-    rho = density.density(hu)
+    rho = density.density(hu.astype(np.float64))
     lean = density.lean(hu)
+    lean_rho = np.where(lean, rho, 0.0)
+    hu64 = hu.astype(np.float64)
+    sums: dict[int, tuple[np.ndarray, ...]] = {}
     out = []
     for s in structures or labels.structures:
-        m = labels.mask(s)
-        n = int(m.sum())
-        sel_rho, sel_lean = rho[m], lean[m]
-        mass = float((sel_rho[sel_lean] if s.kind == "muscle" else sel_rho).sum() * voxel_cm3)
-        out.append(StructureMetrics(s, n, n * voxel_cm3, mass, float(sel_lean.sum()) * voxel_cm3,
-                                    float(hu[m].mean()) if n else float("nan")))
+        layer, value = labels.entries[labels.resolve(s).label]
+        if layer not in sums:
+            flat = labels.layers[layer].ravel()
+            n = int(flat.max()) + 1
+            sums[layer] = (np.bincount(flat, minlength=n), np.bincount(flat, rho, n),
+                           np.bincount(flat, lean_rho, n), np.bincount(flat, lean, n),
+                           np.bincount(flat, hu64, n))
+        count, rho_sum, lean_rho_sum, lean_count, hu_sum = (a[value] for a in sums[layer])
+        mass = (lean_rho_sum if s.kind == "muscle" else rho_sum) * voxel_cm3
+        out.append(StructureMetrics(s, int(count), int(count) * voxel_cm3, float(mass),
+                                    float(lean_count) * voxel_cm3,
+                                    float(hu_sum / count) if count else float("nan")))
     return out
