@@ -1,0 +1,240 @@
+"""``mskdex register``: rigid 2D-3D registration of CT bones to a radiograph."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from .common import add_ct_args, add_device, add_force, add_progress, load_case
+
+OUTPUTS = ("registration.json", "qa.png", "channels")
+
+
+def add_parser(sub, name: str):
+    p = sub.add_parser(name, help="register CT bones (pelvis, femurs ...) to a radiograph",
+                       description="Intensity-based rigid 2D-3D registration: each rigid body's "
+                       "bone-only DRR is matched to the radiograph (patch-wise gradient NCC; CMA-ES "
+                       "on a coarse level, then gradient refinement through the DRR). Writes "
+                       "registration.json (ct_to_camera per body), qa.png and the registered bone "
+                       "mass channels (g per pixel) as NRRD.")
+    add_ct_args(p)
+    p.add_argument("--xray", required=True, help="radiograph (DICOM, PNG, TIFF); a simulated one's "
+                   "JSON sidecar (FILE.json) gives the geometry and the true pose")
+    p.add_argument("--bones", default=None,
+                   help="comma-separated rigid bodies, registered in order: structure names or groups "
+                        "NAME=a+b+c (default: pelvis,femur_left,femur_right; pelvis = "
+                        "hip_left+hip_right+sacrum)")
+    p.add_argument("--init-pose", default=None,
+                   help="start pose: JSON file (or inline JSON) with a 4x4 ct_to_camera, "
+                        "{'ct_to_camera': ...}, or a previous registration.json")
+    p.add_argument("--landmarks", default=None,
+                   help="CSV x,y,z,row,col (CT LPS mm <-> radiograph pixel), >= 4 pairs: start pose by PnP")
+    p.add_argument("--sid", type=float, default=1000.0,
+                   help="source-to-image distance, mm, when the radiograph has no sidecar (default 1000)")
+    p.add_argument("--spacing", type=float, nargs="+", default=None, metavar="MM",
+                   help="detector pixel spacing (mm; one value or row col), overrides the file's")
+    p.add_argument("--similarity", default=None, choices=("ncc", "gc", "pgncc", "ms-pgncc", "ms-gc"),
+                   help="similarity measure (default pgncc)")
+    p.add_argument("--fine-px", type=int, default=None, help="long side of the finest level, px (default 192)")
+    p.add_argument("--no-inplane-search", action="store_true",
+                   help="skip the 2D rotation + shift search of the first body")
+    p.add_argument("--max-evals", type=int, default=None, help="CMA-ES evaluations per body (default 480)")
+    p.add_argument("--refine-steps", type=int, default=None,
+                   help="gradient steps per pyramid level (default 40)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the CMA-ES search")
+    p.add_argument("--out", required=True, help="output folder")
+    add_device(p)
+    add_progress(p)
+    add_force(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def _read_json_arg(text: str, what: str):
+    from ..errors import UserError
+
+    t = text.strip()
+    if t.startswith(("[", "{")):
+        try:
+            return json.loads(t), None
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{what}: invalid inline JSON ({exc.msg})") from None
+    p = Path(text)
+    if not p.exists():
+        raise UserError(f"{what} not found", p)
+    try:
+        return json.loads(p.read_text()), p
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{what} is not valid JSON ({getattr(exc, 'msg', exc)})", p) from None
+
+
+def load_init_poses(text: str):
+    """(first-body pose or None, {body: pose}) from --init-pose."""
+    import numpy as np
+
+    from ..errors import UserError
+    from ..geometry import check_rigid
+
+    doc, path = _read_json_arg(text, "initial pose")
+    where = path or "--init-pose"
+    try:
+        if isinstance(doc, dict) and "bodies" in doc:
+            per = {b["name"]: check_rigid(np.asarray(b["ct_to_camera"], dtype=float), f"{where}: pose of {b['name']}")
+                   for b in doc["bodies"]}
+            return next(iter(per.values()), None), per
+        if isinstance(doc, dict):
+            doc = doc.get("ct_to_camera")
+        return check_rigid(np.asarray(doc, dtype=float), f"{where}: ct_to_camera"), {}
+    except (TypeError, ValueError, KeyError):
+        raise UserError("initial pose must be a 4x4 matrix, {'ct_to_camera': 4x4} or a registration.json",
+                        path) from None
+
+
+def load_geometry(xray_path: str, radiograph, sid_mm: float):
+    """(Camera, sidecar dict or None) for the radiograph."""
+    from ..errors import UserError
+    from ..geometry import Camera
+    from ..simulate import sidecar_path
+
+    side = sidecar_path(xray_path)
+    doc = None
+    if side.exists():
+        try:
+            doc = json.loads(side.read_text())
+        except json.JSONDecodeError as exc:
+            raise UserError(f"radiograph sidecar is not valid JSON ({exc.msg})", side) from None
+    rows, cols = radiograph.shape
+    if doc and doc.get("geometry"):
+        g = dict(doc["geometry"])
+        if radiograph.spacing_source == "user":
+            g["spacing_row_mm"], g["spacing_col_mm"] = radiograph.pixel_spacing
+        cam = Camera.from_dict(g)
+        if (cam.rows, cam.cols) != (rows, cols):
+            raise UserError(f"sidecar geometry is {cam.rows}x{cam.cols} but the image is {rows}x{cols}", side)
+        return cam, doc
+    if radiograph.pixel_spacing is None:
+        raise UserError("radiograph has no pixel spacing and no sidecar; pass --spacing MM", xray_path)
+    return Camera(rows, cols, radiograph.pixel_spacing[0], radiograph.pixel_spacing[1], sid_mm), None
+
+
+def run(args) -> int:
+    import warnings
+
+    import numpy as np
+    import torch
+
+    from ..io.outputs import atomic_path, prepare_out_dir, write_json
+    from ..io.radiographs import UncalibratedWarning, load_radiograph
+    from ..registration import initialise, pipeline
+    from ..registration.qa import qa_figure
+    from ..rendering import DRRRenderer, default_view
+    from .common import Progress, resolve_device
+
+    t0 = time.time()
+    device = resolve_device(args.device)
+    out = Path(args.out)
+    prepare_out_dir(out, args.force, expected=OUTPUTS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UncalibratedWarning)
+        xray = load_radiograph(args.xray, args.spacing)
+    camera, sidecar = load_geometry(args.xray, xray, args.sid)
+    landmarks = initialise.load_landmarks(args.landmarks) if args.landmarks else None
+    init_pose, init_per_body = load_init_poses(args.init_pose) if args.init_pose else (None, {})
+    ct, labels = load_case(args)
+    bodies = pipeline.parse_bodies(args.bones, labels)
+
+    init_source = "default AP view"
+    pnp_rms = None
+    if landmarks is not None:
+        init_pose, pnp_rms = initialise.solve_pnp(landmarks[0], landmarks[1], camera, None)
+        init_source = "landmarks (PnP)"
+    elif init_pose is not None:
+        init_source = "--init-pose"
+    if init_pose is None:
+        init_pose = default_view(ct, labels, camera)
+    settings = pipeline.RegistrationSettings(seed=args.seed)
+    if args.similarity:
+        settings.similarity = args.similarity
+    if args.fine_px:
+        settings.fine_px = args.fine_px
+    if args.max_evals is not None:
+        settings.cma_max_evals = max(0, args.max_evals)
+        settings.cma = args.max_evals > 0
+    if args.refine_steps is not None:
+        settings.refine_steps = max(0, args.refine_steps)
+    if args.no_inplane_search or landmarks is not None or args.init_pose:
+        settings.inplane_search = False
+    truth = None
+    if sidecar and sidecar.get("ct_to_camera") is not None:
+        true = np.asarray(sidecar["ct_to_camera"], dtype=float)
+        per = sidecar.get("body_poses") or {}
+        truth = {b.name: np.asarray(per.get(b.name, true), dtype=float) for b in bodies}
+
+    prog = Progress(args.progress, None, "register")
+    def notify(event, **info):  # noqa: E306
+        if event in ("inplane", "body-done"):
+            prog.event("log", message=event, **info)
+        else:
+            prog.update(info.pop("step", 1), body=info.get("body"), similarity=info.get("similarity"))
+    try:
+        results = pipeline.register(ct, labels, xray.pixels, camera, bodies, init_pose, settings, device,
+                                    notify, truth, init_per_body or None)
+    finally:
+        prog.close()
+
+    # registered bone channels (mass g per pixel) and the QA picture, at full resolution
+    drrs, written = {}, {}
+    with torch.no_grad():
+        for body, res in zip(bodies, results):
+            r = DRRRenderer(ct, camera, labels=labels, structures=body.structures, device=device)
+            pose = torch.as_tensor(res.ct_to_camera)
+            drrs[body.name] = r.attenuation(pose, body.structures)[0].float().cpu().numpy()
+            ch = r.channels(pose, "mass")[0].float().cpu().numpy()
+            for k, st in enumerate(r.structures):
+                path = out / "channels" / f"{body.name}__{st.name}_mass_g.nrrd"
+                _write_channel(path, ch[k], camera, args.force, atomic_path)
+                written[f"{body.name}/{st.name}"] = str(path.relative_to(out))
+    worst = max((r.final_similarity < settings.doubtful_below for r in results), default=False)
+    qa_figure(out / "qa.png", xray.pixels, drrs, None,
+              title=f"{Path(args.xray).name}: " + ", ".join(
+                  f"{r.name} sim {r.final_similarity:.3f}{' DOUBTFUL' if r.doubtful else ''}" for r in results),
+              force=args.force)
+    report = {
+        "format": "mskdex-registration/1",
+        "xray": str(args.xray), "ct": str(args.ct), "labels": str(args.labels),
+        "geometry": camera.to_dict(), "geometry_source": "sidecar" if sidecar else "DICOM spacing + --sid",
+        "initialisation": {"source": init_source, "ct_to_camera": np.asarray(init_pose).tolist(),
+                           "landmark_rms_px": pnp_rms},
+        "similarity": {"measure": settings.similarity, "patch_px": settings.patch_px,
+                       "higher_is_better": True, "doubtful_below": settings.doubtful_below,
+                       "doubtful_threshold_note": "calibrated on simulated radiographs of the pelvis CT "
+                                                  "(benchmarks/RESULTS_registration.md)"},
+        "bodies": [r.to_dict() for r in results],
+        "doubtful": bool(worst),
+        "channels": written, "channel_units": "g per pixel (mass channels at the registered pose)",
+        "settings": settings.to_dict(),
+        "runtime_s": round(time.time() - t0, 2),
+        "device": str(device),
+    }
+    if truth is not None:
+        report["truth"] = "ct_to_camera from the simulated radiograph's sidecar; mtre_mm = mean distance " \
+                          "between the body's voxel centres mapped by the true and estimated poses (mm)"
+    write_json(out / "registration.json", report, args.force)
+    prog.event("done", output=str(out))
+    if args.progress != "json":
+        for r in results:
+            extra = f", mTRE {r.mtre_mm:.2f} mm" if r.mtre_mm is not None else ""
+            print(f"{r.name}: similarity {r.initial_similarity:.3f} -> {r.final_similarity:.3f}"
+                  f"{' (DOUBTFUL)' if r.doubtful else ''}{extra}, {r.runtime_s:.1f} s")
+        print(f"wrote {out / 'registration.json'}")
+    return 0
+
+
+def _write_channel(path: Path, image, camera, force: bool, atomic_path) -> None:
+    import SimpleITK as sitk
+
+    img = sitk.GetImageFromArray(image)
+    img.SetSpacing((camera.spacing_col_mm, camera.spacing_row_mm))
+    with atomic_path(path, force) as tmp:
+        sitk.WriteImage(img, str(tmp), useCompression=True)

@@ -1,0 +1,161 @@
+"""Pose parameters and optimisers for rigid 2D-3D registration.
+
+A pose is searched as 6 parameters ``x = (rx, ry, rz, tx, ty, tz)`` applied in the **camera
+frame** on top of a base pose: rotations (deg, R = Rz Ry Rx about the camera x, y, z axes) about
+the body's centre, then a translation (mm) along the camera axes (x = image columns, y = image
+rows, z = depth towards the detector). So ``ct_to_camera(x) = D(x) @ base`` with
+``D = [R, c - R c + t]``, c = body centre in camera mm. rz is the in-plane rotation, tz the
+(poorly observable) depth.
+
+Stages: a global CMA-ES search (package ``cma``) on batches of poses at coarse resolution, then
+a local gradient-based refinement (Adam through the differentiable renderer).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..geometry import rigid, rotation_xyz
+
+#: objective: (B, 4, 4) torch poses -> (B,) similarity (higher is better)
+Objective = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _rot_torch(angles_deg: torch.Tensor) -> torch.Tensor:
+    """(B, 3) degrees -> (B, 3, 3) R = Rz @ Ry @ Rx (as geometry.rotation_xyz)."""
+    a = torch.deg2rad(angles_deg)
+    cx, cy, cz = torch.cos(a).unbind(-1)
+    sx, sy, sz = torch.sin(a).unbind(-1)
+    one, zero = torch.ones_like(cx), torch.zeros_like(cx)
+    rx = torch.stack([one, zero, zero, zero, cx, -sx, zero, sx, cx], -1).reshape(-1, 3, 3)
+    ry = torch.stack([cy, zero, sy, zero, one, zero, -sy, zero, cy], -1).reshape(-1, 3, 3)
+    rz = torch.stack([cz, -sz, zero, sz, cz, zero, zero, zero, one], -1).reshape(-1, 3, 3)
+    return rz @ ry @ rx
+
+
+@dataclass
+class PoseSpace:
+    """Maps 6 parameters (deg, deg, deg, mm, mm, mm) to ct_to_camera poses around ``base``."""
+
+    base: np.ndarray
+    centre_lps: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.base = np.asarray(self.base, dtype=np.float64)
+        self.centre_lps = np.asarray(self.centre_lps, dtype=np.float64).reshape(3)
+
+    @property
+    def centre_camera(self) -> np.ndarray:
+        return self.base[:3, :3] @ self.centre_lps + self.base[:3, 3]
+
+    def matrix(self, x) -> np.ndarray:
+        """4x4 numpy pose of one parameter vector."""
+        x = np.asarray(x, dtype=np.float64)
+        r = rotation_xyz(*x[:3])
+        c = self.centre_camera
+        return rigid(r, c - r @ c + x[3:6]) @ self.base
+
+    def matrices(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 4, 4) torch poses of (B, 6) parameters; differentiable, dtype/device of ``x``."""
+        x = x.reshape(-1, 6)
+        r = _rot_torch(x[:, :3])
+        c = torch.as_tensor(self.centre_camera, dtype=x.dtype, device=x.device)
+        t = c - r @ c + x[:, 3:6]
+        d = torch.zeros(x.shape[0], 4, 4, dtype=x.dtype, device=x.device)
+        d[:, :3, :3] = r
+        d[:, :3, 3] = t
+        d[:, 3, 3] = 1.0
+        return d @ torch.as_tensor(self.base, dtype=x.dtype, device=x.device)
+
+    def params_of(self, pose: np.ndarray) -> np.ndarray:
+        """Inverse of :meth:`matrix`: the parameters giving ``pose``."""
+        from ..geometry import angles_xyz
+
+        d = np.asarray(pose, dtype=np.float64) @ np.linalg.inv(self.base)
+        r = d[:3, :3]
+        c = self.centre_camera
+        t = d[:3, 3] - (c - r @ c)
+        return np.r_[angles_xyz(r), t]
+
+
+@dataclass
+class StageResult:
+    x: np.ndarray
+    similarity: float
+    evaluations: int
+    seconds: float
+    history: list = field(default_factory=list)
+
+
+def cma_search(objective: Objective, space: PoseSpace, x0, sigma_deg: float, sigma_mm: float,
+               bounds_deg: float, bounds_mm: float, popsize: int = 16, max_evals: int = 400,
+               seed: int = 0, dtype=torch.float32, device="cpu",
+               callback: Callable[[int, float], None] | None = None) -> StageResult:
+    """Global CMA-ES over the 6 pose parameters (rotations scaled by ``sigma_deg``, translations
+    by ``sigma_mm``), bounded to +-``bounds_deg`` / +-``bounds_mm`` around ``x0``. Each
+    generation is rendered as one batch. Maximises ``objective``."""
+    import cma
+
+    t0 = time.time()
+    x0 = np.asarray(x0, dtype=np.float64)
+    scale = np.array([sigma_deg] * 3 + [sigma_mm] * 3)
+    half = np.array([bounds_deg] * 3 + [bounds_mm] * 3) / scale
+    opts = {"popsize": popsize, "maxfevals": max_evals, "seed": int(seed) + 1, "verbose": -9,
+            "bounds": [list(-half), list(half)], "tolfun": 1e-5, "tolx": 1e-3}
+    es = cma.CMAEvolutionStrategy(np.zeros(6), 1.0, opts)
+    best_x, best_f, n, hist = x0.copy(), -math.inf, 0, []
+    with torch.no_grad():
+        while not es.stop():
+            z = np.asarray(es.ask())
+            xs = x0 + z * scale
+            poses = space.matrices(torch.as_tensor(xs, dtype=torch.float64)).to(dtype=dtype, device=device)
+            f = objective(poses).double().cpu().numpy()
+            f = np.where(np.isfinite(f), f, -1.0)
+            es.tell(list(z), list(-f))
+            n += len(xs)
+            i = int(np.argmax(f))
+            if f[i] > best_f:
+                best_f, best_x = float(f[i]), xs[i].copy()
+            hist.append(float(best_f))
+            if callback:
+                callback(len(xs), best_f)
+    return StageResult(best_x, best_f, n, time.time() - t0, hist)
+
+
+def gradient_refine(objective: Objective, space: PoseSpace, x0, steps: int = 60, lr_deg: float = 0.3,
+                    lr_mm: float = 1.0, dtype=torch.float32, device="cpu", patience: int = 15,
+                    callback: Callable[[int, float], None] | None = None) -> StageResult:
+    """Local refinement: Adam on the 6 parameters through the differentiable renderer, with
+    step sizes ``lr_deg`` / ``lr_mm`` (decayed); returns the best pose seen. Maximises."""
+    t0 = time.time()
+    scale = torch.tensor([lr_deg] * 3 + [lr_mm] * 3, dtype=torch.float64)
+    x0_t = torch.as_tensor(np.asarray(x0, dtype=np.float64))
+    z = torch.zeros(6, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([z], lr=1.0, betas=(0.8, 0.95))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps), eta_min=0.05)
+    best_x, best_f, hist, since = np.asarray(x0, dtype=np.float64), -math.inf, [], 0
+    for step in range(steps):
+        opt.zero_grad()
+        x = x0_t + z * scale
+        pose = space.matrices(x[None]).to(dtype=dtype, device=device)
+        f = objective(pose)[0]
+        fv = float(f.detach())
+        if fv > best_f + 1e-6:
+            best_f, best_x, since = fv, x.detach().numpy().copy(), 0
+        else:
+            since += 1
+        hist.append(fv)
+        if callback:
+            callback(1, best_f)
+        if since >= patience:
+            break
+        (-f).backward()
+        opt.step()
+        sched.step()
+    return StageResult(best_x, best_f, len(hist), time.time() - t0, hist)
