@@ -129,6 +129,7 @@ class MSKdeXParameterNode:
     # Registration
     registrationBones: str = ""
     landmarks: vtkMRMLMarkupsFiducialNode
+    radiographLandmarks: vtkMRMLMarkupsFiducialNode
     registrationTransform: vtkMRMLLinearTransformNode
     qaOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     showCheckerboard: bool = False
@@ -167,6 +168,7 @@ class MSKdeXWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._job = None
         self._jobKind = ""
         self._layers = None
+        self._jobNote = ""
 
     # --- setup ------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -336,7 +338,7 @@ class MSKdeXWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("Failed to start the registration."), waitCursor=True):
             self._startJob("registration", self.logic.startRegistration(
                 p.ctVolume, p.segmentation, p.radiograph, p.registrationBones, p.landmarks,
-                self.logic.cameraOf(p)))
+                p.radiographLandmarks, float(p.sidMm)))
 
     def onQAChanged(self, value=None) -> None:
         p = self._parameterNode
@@ -401,9 +403,11 @@ class MSKdeXWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for event in job.poll():
             if event.get("total"):
                 bar.maximum, bar.value = int(event["total"]), int(event.get("step", 0))
-            if kind == "training" and "loss" in event:
+            losses = self.logic.lossesOf(event) if kind == "training" else {}
+            if losses:
                 self.logic.appendLoss(event)
-                self.ui.trainingStatusLabel.text = f"step {event.get('step')}: loss {float(event['loss']):.4g}"
+                self.ui.trainingStatusLabel.text = f"step {event.get('step')}: " + ", ".join(
+                    f"{k} {v:.4g}" for k, v in losses.items())
         if not job.finished:
             return
         self._jobTimer.stop()
@@ -414,18 +418,24 @@ class MSKdeXWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         elif not job.succeeded:
             slicer.util.errorDisplay(_("{kind} failed.").format(kind=kind), detailedText=job.summary())
         else:
+            self._jobNote = ""
             with slicer.util.tryWithErrorDisplay(_("Failed to read the results."), waitCursor=True):
                 self._finishJob(kind, job)
-            self._status(_("{kind} finished").format(kind=kind))
+            self._status(_("{kind} finished").format(kind=kind) + self._jobNote)
         self._checkCanApply()
 
     def _finishJob(self, kind: str, job) -> None:
         p = self._parameterNode
         if kind == "registration":
-            result = self.logic.readRegistration(job, p.registrationTransform)
-            p.registrationTransform = result["transform"]
-            self.ui.similarityLabel.text = f"{result['similarity']:.4f}"
-            self.ui.doubtfulLabel.text = _("doubtful: check visually") if result["doubtful"] else _("converged")
+            result = self.logic.readRegistration(job, p.radiograph)
+            p.registrationTransform = next(iter(result.transforms.values()))
+            if result.drr is not None:
+                p.drrVolume = result.drr
+                self.onQAChanged()
+            self.ui.similarityLabel.text = result.summary()
+            doubtful = [b["name"] for b in result.bodies if b["doubtful"]]
+            self.ui.doubtfulLabel.text = (_("doubtful: {names}; check visually").format(names=", ".join(doubtful))
+                                          if doubtful else _("all bodies converged"))
         elif kind == "training":
             p.modelFolder = pathlib.Path(p.trainOutputFolder)
         elif kind == "estimate":
@@ -433,6 +443,10 @@ class MSKdeXWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                                                      p.overlayOpacity)
             lst = self.ui.structureVisibilityListWidget
             lst.clear()
+            for w in self._layers.warnings:
+                logging.warning(f"MSKdeX estimate: {w}")
+            if self._layers.warnings:
+                self._jobNote = _(" with warnings: ") + "; ".join(self._layers.warnings)
             for name in self.logic.lastStructureNames:
                 item = qt.QListWidgetItem(name)
                 item.setFlags(item.flags() | qt.Qt.ItemIsUserCheckable)
@@ -462,7 +476,12 @@ class MSKdeXLogic(ScriptedLoadableModuleLogic):
         self.lastJob = None
         self.lastStructureNames = []
         self._lossTable = None
+        self._lossColumns = []
         self._workDir = None
+        self._outputs = {}
+        self._registration = None
+        self._estimateRadiograph = None
+        self._estimateLayers = None
 
     def getParameterNode(self):
         return MSKdeXParameterNode(super().getParameterNode())
@@ -609,11 +628,20 @@ class MSKdeXLogic(ScriptedLoadableModuleLogic):
 
     # --- background jobs --------------------------------------------------------------------
     def workDir(self) -> str:
+        """This session's private scratch folder (inputs written for the subprocesses, outputs)."""
         if self._workDir is None:
             import tempfile
 
             self._workDir = tempfile.mkdtemp(prefix="MSKdeX-", dir=slicer.app.temporaryPath)
         return self._workDir
+
+    def _newOutput(self, kind: str) -> str:
+        """A fresh (not yet existing) output folder for one run of ``kind``: nothing is overwritten."""
+        n = 1
+        while os.path.exists(os.path.join(self.workDir(), f"{kind}-{n}")):
+            n += 1
+        self._outputs[kind] = os.path.join(self.workDir(), f"{kind}-{n}")
+        return self._outputs[kind]
 
     def _save(self, node, name: str) -> str:
         path = os.path.join(self.workDir(), name)
@@ -621,38 +649,60 @@ class MSKdeXLogic(ScriptedLoadableModuleLogic):
             raise RuntimeError(f"cannot write {node.GetName()} to {path}")
         return path
 
-    def _start(self, subcommand: str, *args):
+    def _saveRadiograph(self, radiographNode, name: str = "xray.tif"):
+        """(path, (row, col) spacing mm or None) of the radiograph written as float32 TIFF, the way
+        ``mskdex`` reads it back with identical pixels (slicer_bridge.write_radiograph_file)."""
+        from MSKdeXLib import slicer_bridge as sb
+
+        path = os.path.join(self.workDir(), name)
+        rg = sb.write_radiograph_file(radiographNode, path, force=True)
+        return path, rg.pixel_spacing
+
+    def _start(self, argv):
+        """Start ``mskdex ARGV`` (argv from MSKdeXLib.jobs.*_args) in the background."""
         from MSKdeXLib import jobs
 
-        self.lastJob = jobs.Job(jobs.mskdex_command(subcommand, *args, "--progress", "json")).start()
+        self.lastJob = jobs.Job(jobs.mskdex_command(*argv)).start()
         return self.lastJob
 
-    def startRegistration(self, ctNode, segmentationNode, radiographNode, bones, landmarksNode, camera):
-        out = os.path.join(self.workDir(), "registration")
-        args = ["--ct", self._save(ctNode, "ct.nii.gz"), "--labels", self._labelsFile(segmentationNode),
-                "--xray", self._save(radiographNode, "xray.nrrd"), "--out", out, "--force"]
-        if bones:
-            args += ["--bodies", bones]
-        if landmarksNode and landmarksNode.GetNumberOfControlPoints():
-            args += ["--landmarks", self._save(landmarksNode, "landmarks.mrk.json")]
-        return self._start("register", *args)
+    def startRegistration(self, ctNode, segmentationNode, radiographNode, bones="", ctLandmarksNode=None,
+                          radiographLandmarksNode=None, sidMm: float = 1000.0):
+        """``mskdex register``: bones (comma-separated bodies), optional paired landmarks (points on
+        the CT and on the radiograph, written as CSV x,y,z,row,col), radiograph geometry from its
+        spacing and ``sidMm``."""
+        from MSKdeXLib import jobs
+        from MSKdeXLib import slicer_bridge as sb
+
+        xray, spacing = self._saveRadiograph(radiographNode)
+        if spacing is None:
+            raise ValueError(_("The radiograph has no pixel spacing: registration needs it (mm per pixel)."))
+        landmarks = None
+        if (ctLandmarksNode and radiographLandmarksNode and ctLandmarksNode.GetNumberOfControlPoints()
+                and radiographLandmarksNode.GetNumberOfControlPoints()):
+            names, lps, rc = sb.landmark_pairs(ctLandmarksNode, radiographLandmarksNode, radiographNode)
+            landmarks = str(sb.write_landmarks_csv(os.path.join(self.workDir(), "landmarks.csv"), lps, rc, names))
+        table = None
+        if not segmentationNode.IsA("vtkMRMLSegmentationNode"):
+            labels = self.labelMap(ctNode, segmentationNode)
+            table = labels.table.name if labels.table.name in ("totalseg_v1", "totalseg_v2", "hip22") else None
+        argv = jobs.register_args(self._save(ctNode, "ct.nii.gz"), self._labelsFile(segmentationNode), xray,
+                                  self._newOutput("registration"), bones=bones or None, landmarks=landmarks,
+                                  sid_mm=sidMm, spacing_mm=spacing, table=table)
+        return self._start(argv)
 
     def _labelsFile(self, segmentationNode) -> str:
         return self._save(segmentationNode, "labels.seg.nrrd" if segmentationNode.IsA("vtkMRMLSegmentationNode")
                           else "labels.nii.gz")
 
-    def readRegistration(self, job, transformNode=None) -> dict:
-        """Result of ``mskdex register``: pose transform, similarity and the 'doubtful' flag."""
-        import json
-
+    def readRegistration(self, job=None, radiographNode=None):
+        """Result of the last ``mskdex register``: one pose transform node per body (similarity and
+        doubtful flag as node attributes), a table of the bodies and the registered bones over the
+        radiograph (slicer_bridge.RegistrationNodes)."""
         from MSKdeXLib import slicer_bridge as sb
 
-        with open(os.path.join(self.workDir(), "registration", "registration.json")) as f:
-            result = json.load(f)
-        body = result["bodies"][0] if "bodies" in result else result
-        node = sb.pose_to_transform_node(body["ct_to_camera"], slicer.mrmlScene, "MSKdeX registered pose", transformNode)
-        return {"transform": node, "similarity": float(body.get("similarity", float("nan"))),
-                "doubtful": bool(body.get("doubtful", False))}
+        self._registration = sb.registration_to_nodes(self._outputs["registration"], slicer.mrmlScene,
+                                                      radiographNode, nodes=self._registration)
+        return self._registration
 
     def showQA(self, radiographNode, drrNode, opacity: float, checkerboard: bool) -> None:
         """Registration QA: DRR over the radiograph (alpha) or a checkerboard of both."""
@@ -671,66 +721,77 @@ class MSKdeXLogic(ScriptedLoadableModuleLogic):
             sb.set_overlay(composite, foreground=drrNode, foreground_opacity=opacity)
 
     def startTraining(self, datasetFolder, outputFolder, configFile=None, device="auto", resume=False):
-        args = ["--dataset", datasetFolder, "--out", outputFolder, "--device", device]
-        if configFile:
-            args += ["--config", configFile]
-        if resume:
-            args.append("--resume")
+        """``mskdex train --data DATASET --out MODEL [--config FILE] [--resume] --device D``."""
+        from MSKdeXLib import jobs
+
         self._lossTable = None
-        return self._start("train", *args)
+        return self._start(jobs.train_args(datasetFolder, outputFolder, config=configFile or None,
+                                           resume=bool(resume), device=device))
+
+    @staticmethod
+    def lossesOf(event: dict) -> dict:
+        """{'total': ..., 'intensity_sum': ...} of a training progress event (keys loss_*)."""
+        from MSKdeXLib import jobs
+
+        return jobs.losses_of(event)
 
     def appendLoss(self, event: dict) -> None:
-        """Add a training step's loss to the live loss plot (table + chart in the plot view)."""
+        """Add a training step's losses to the live loss plot (table + chart in the plot view)."""
+        losses = self.lossesOf(event)
+        if not losses:
+            return
         if self._lossTable is None:
             self._lossTable = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", "MSKdeX training loss")
-            for name in ("step", "loss"):
+            self._lossColumns = ["step"] + list(losses)
+            for name in self._lossColumns:
                 self._lossTable.AddColumn(vtk.vtkDoubleArray()).SetName(name)
-            series = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", "loss")
-            series.SetAndObserveTableNodeID(self._lossTable.GetID())
-            series.SetXColumnName("step")
-            series.SetYColumnName("loss")
-            series.SetPlotType(series.PlotTypeScatter)
             chart = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLPlotChartNode", "MSKdeX training")
-            chart.AddAndObservePlotSeriesNodeID(series.GetID())
+            for name in self._lossColumns[1:]:
+                series = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", f"loss {name}")
+                series.SetAndObserveTableNodeID(self._lossTable.GetID())
+                series.SetXColumnName("step")
+                series.SetYColumnName(name)
+                series.SetPlotType(series.PlotTypeScatter)
+                chart.AddAndObservePlotSeriesNodeID(series.GetID())
+            chart.SetXAxisTitle("step")
+            chart.SetYAxisTitle("loss")
             slicer.modules.plots.logic().ShowChartInLayout(chart)
         table = self._lossTable.GetTable()
         row = table.InsertNextBlankRow()
         table.SetValue(row, 0, float(event.get("step", row)))
-        table.SetValue(row, 1, float(event["loss"]))
+        for c, name in enumerate(self._lossColumns[1:], start=1):
+            table.SetValue(row, c, float(losses.get(name, float("nan"))))
         table.Modified()
 
     def startEstimate(self, radiographNode, modelFolder, device="auto"):
-        out = os.path.join(self.workDir(), "estimate")
-        return self._start("predict", "--model", modelFolder, "--xray", self._save(radiographNode, "xray.nrrd"),
-                           "--out", out, "--device", device, "--force")
+        """``mskdex predict --model MODEL --xray XRAY --out OUT --device D [--pixel-spacing R C]``."""
+        from MSKdeXLib import jobs
+
+        xray, spacing = self._saveRadiograph(radiographNode)
+        self._estimateRadiograph = radiographNode
+        return self._start(jobs.predict_args(modelFolder, xray, self._newOutput("estimate"), device=device,
+                                             pixel_spacing_mm=spacing))
 
     def readEstimate(self, job, radiographNode, tableNode=None, opacity=0.5):
-        """Show ``mskdex predict`` results: channels over the radiograph, estimates table, chart."""
-        import json
-
-        import numpy as np
-        from safetensors.numpy import load_file
-
+        """Show the last ``mskdex predict``: every channel as a volume placed over the radiograph
+        (model grid, slicer_bridge.channels_from_prediction), the dominant-structure label map,
+        the estimates table (mass_g / volume_cm3 with 90 % intervals) and a bar chart."""
         from MSKdeXLib import slicer_bridge as sb
-        from MSKdeXLib.structures import Structure
 
-        out = os.path.join(self.workDir(), "estimate")
-        with open(os.path.join(out, "estimates.json")) as f:
-            report = json.load(f)
-        rows = report["structures"]
-        channels = load_file(os.path.join(out, "channels.safetensors"))["channels"]
-        structures = [Structure(i + 1, r["name"], r.get("kind", "muscle"), r.get("side", "none"),
-                                tuple(r.get("color", (255, 0, 0)))) for i, r in enumerate(rows)]
-        layers = sb.channels_to_nodes(np.asarray(channels)[: len(rows)], structures, radiographNode,
-                                      slicer.mrmlScene, quantity=report.get("quantity", "mass_g"))
-        self.lastStructureNames = [s.name for s in structures]
-        table = sb.table_node_from_rows(rows, slicer.mrmlScene, "MSKdeX estimates", node=tableNode)
-        ycols = [c for c in ("mass_g", "volume_cm3") if c in rows[0]]
-        chart = sb.bar_chart(table, slicer.mrmlScene, y_columns=ycols[:1])
+        layers = self._estimateLayers or sb.ChannelLayers()  # nodes of the last estimate are reused
+        layers.table = tableNode or layers.table
+        layers = sb.channels_from_prediction(self._outputs["estimate"], radiographNode, slicer.mrmlScene,
+                                             layers=layers)
+        self._estimateLayers = layers
+        self.lastStructureNames = [s.name for s in layers.structures]
+        rows = sb.rows_from_table_node(layers.table)
+        ycols = [c for c in ("mass_g", "volume_cm3") if rows and c in rows[0]]
+        chart = sb.bar_chart(layers.table, slicer.mrmlScene, x_column="structure", y_columns=ycols[:1],
+                             name="MSKdeX estimates chart")
         slicer.modules.plots.logic().ShowChartInLayout(chart)
         self.showInSliceView(radiographNode, layers.label)
         self.setOverlayOpacity(opacity)
-        return layers, table
+        return layers, layers.table
 
     def setOverlayOpacity(self, opacity: float) -> None:
         for name in ("Red", "Yellow", "Green"):

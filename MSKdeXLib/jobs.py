@@ -221,3 +221,76 @@ def run_mskdex(subcommand: str, *args: str, timeout: float | None = None,
         job.cancel()
         raise
     return job
+
+
+# ---------------------------------------------------------------------------------------------
+# Command lines of the long subcommands (what front ends start; checked against the real parser)
+# ---------------------------------------------------------------------------------------------
+def _spacing_args(flag: str, spacing_mm) -> list[str]:
+    if spacing_mm is None:
+        return []
+    vals = [spacing_mm] if isinstance(spacing_mm, (int, float)) else list(spacing_mm)
+    return [flag, *(repr(float(v)) for v in vals)]
+
+
+def register_args(ct: str, labels: str, xray: str, out: str, bones: str | None = None,
+                  landmarks: str | None = None, sid_mm: float | None = None, spacing_mm=None,
+                  table: str | None = None, device: str = "auto", force: bool = False,
+                  extra: Sequence[str] = ()) -> list[str]:
+    """Arguments of ``mskdex register`` (with ``--progress json``): ``bones`` comma-separated
+    bodies (pelvis,femur_left,NAME=a+b), ``landmarks`` a CSV x,y,z,row,col, ``spacing_mm`` the
+    radiograph's (row, col) pixel spacing, ``sid_mm`` the source-to-image distance."""
+    args = ["--ct", ct, "--labels", labels, "--xray", xray, "--out", out, "--device", device]
+    if table:
+        args += ["--table", table]
+    if bones:
+        args += ["--bones", bones]
+    if landmarks:
+        args += ["--landmarks", landmarks]
+    if sid_mm:
+        args += ["--sid", repr(float(sid_mm))]
+    args += _spacing_args("--spacing", spacing_mm)
+    if force:
+        args.append("--force")
+    return ["register", *map(str, args), *map(str, extra), "--progress", "json"]
+
+
+def train_args(data: str, out: str, config: str | None = None, resume: bool = False, device: str = "auto",
+               steps: int | None = None, force: bool = False) -> list[str]:
+    """Arguments of ``mskdex train`` (with ``--progress json``): ``data`` the training-set folder."""
+    args = ["--data", data, "--out", out, "--device", device]
+    if config:
+        args += ["--config", config]
+    if resume:
+        args.append("--resume")
+    if steps is not None:
+        args += ["--steps", str(int(steps))]
+    if force:
+        args.append("--force")
+    return ["train", *map(str, args), "--progress", "json"]
+
+
+def predict_args(model: str, xray: str, out: str, device: str = "auto", pixel_spacing_mm=None,
+                 tta: int | None = None, force: bool = False) -> list[str]:
+    """Arguments of ``mskdex predict`` (it reports no progress events: one quick step)."""
+    args = ["--model", model, "--xray", xray, "--out", out, "--device", device]
+    args += _spacing_args("--pixel-spacing", pixel_spacing_mm)
+    if tta is not None:
+        args += ["--tta", str(int(tta))]
+    if force:
+        args.append("--force")
+    return ["predict", *map(str, args)]
+
+
+#: keys of ``mskdex train --progress json`` events that carry losses (MSKdeXLib.training)
+LOSS_PREFIX = "loss_"
+
+
+def losses_of(event: dict) -> dict[str, float]:
+    """The losses of a training progress event: {'total': ..., 'intensity_sum': ...} from its
+    ``loss_total`` / ``loss_intensity_sum`` keys (empty for other events)."""
+    out = {}
+    for k, v in event.items():
+        if k.startswith(LOSS_PREFIX) and isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k[len(LOSS_PREFIX):]] = float(v)
+    return out

@@ -427,6 +427,11 @@ class ChannelLayers:
     volumes: list = field(default_factory=list)  # one scalar volume per channel (unit per pixel)
     label: object = None                           # label map: k+1 where channel k dominates
     colors: object = None                          # colour table of the channels' structures
+    structures: list = field(default_factory=list)  # structure of label value k+1 = structures[k]
+    quantity: str = ""                             # quantity shown by the label map
+    channels: list = field(default_factory=list)   # per volume: {structure, quantity, ...}
+    table: object = None                           # estimates table node (predictions)
+    warnings: list = field(default_factory=list)   # the prediction's warnings
 
 
 def channels_to_nodes(channels: np.ndarray, structures: Sequence[Structure], radiograph_node, scene,
@@ -457,10 +462,7 @@ def channels_to_nodes(channels: np.ndarray, structures: Sequence[Structure], rad
         _display(node)
         if k >= len(out.volumes):
             out.volumes.append(node)
-    peak = ch.reshape(len(structures), -1).max(axis=1)
-    relevant = ch > (threshold * np.maximum(peak, 1e-30))[:, None, None]
-    winner = np.argmax(np.where(relevant, ch, -np.inf), axis=0)
-    label = np.where(relevant.any(axis=0), winner + 1, 0).astype(np.int16)
+    label = _dominant_label(ch, threshold)
     if out.label is None:
         out.label = _add(scene, slicer.vtkMRMLLabelMapVolumeNode(), f"{prefix} channels")
     out.label.SetIJKToRASMatrix(m)
@@ -469,6 +471,8 @@ def channels_to_nodes(channels: np.ndarray, structures: Sequence[Structure], rad
     out.colors = color_table_node(structures, scene, f"{prefix} channel colours",
                                   values=range(1, len(structures) + 1), node=out.colors)
     out.label.GetDisplayNode().SetAndObserveColorNodeID(out.colors.GetID())
+    out.structures, out.quantity = list(structures), quantity
+    out.channels = [{"structure": s.name, "quantity": quantity} for s in structures]
     return out
 
 
@@ -605,3 +609,339 @@ def slice_rgba(logic, fit: bool = True) -> np.ndarray:
     w, h, _ = img.GetDimensions()
     arr = numpy_support.vtk_to_numpy(img.GetPointData().GetScalars()).reshape(h, w, -1)
     return np.ascontiguousarray(arr[::-1])  # VTK's row 0 is the bottom
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs and outputs of the ``mskdex`` subprocesses (register, predict)
+# ---------------------------------------------------------------------------------------------
+def write_radiograph_file(node, path, force: bool = True) -> Radiograph:
+    """Write a radiograph node as a float32 TIFF that ``mskdex register/predict`` read back with
+    the same pixels, rows and columns (spacing as a per-centimetre resolution; pass it on the
+    command line as well, that is exact). Returns the written Radiograph."""
+    from .io.radiographs import write_radiograph_image
+
+    rg = radiograph_from_node(node)
+    write_radiograph_image(path, rg, force=force)
+    return rg
+
+
+def landmark_pairs(ct_points_node, xray_points_node, radiograph_node
+                   ) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(names, CT points (N, 3) LPS mm, radiograph pixels (N, 2) (row, col)) of paired landmarks:
+    points placed on the CT in ``ct_points_node`` and on the radiograph in ``xray_points_node``,
+    paired by label when every CT label appears once on the radiograph, else by order."""
+    names3, lps = landmarks_from_markups(ct_points_node)
+    names2, rc = radiograph_points_from_markups(xray_points_node, radiograph_node)
+    if len(set(names3)) == len(names3) and set(names3) <= set(names2) and len(set(names2)) == len(names2):
+        idx = [names2.index(n) for n in names3]
+        return names3, lps, rc[idx]
+    if len(names3) != len(names2):
+        raise UserError(f"landmarks: {len(names3)} points on the CT ('{ct_points_node.GetName()}') but "
+                        f"{len(names2)} on the radiograph ('{xray_points_node.GetName()}'), and their "
+                        "labels do not pair them")
+    return names3, lps, rc
+
+
+def write_landmarks_csv(path, points_lps: np.ndarray, pixels_rc: np.ndarray, names: Sequence[str] | None = None,
+                        force: bool = True):
+    """The landmarks file of ``mskdex register --landmarks``: CSV ``x,y,z,row,col`` (CT LPS mm,
+    radiograph pixel), one pair per line, names as comments."""
+    from .io.outputs import write_text
+
+    pts = np.asarray(points_lps, dtype=np.float64).reshape(-1, 3)
+    rc = np.asarray(pixels_rc, dtype=np.float64).reshape(-1, 2)
+    if len(pts) != len(rc):
+        raise UserError(f"{len(pts)} CT landmarks for {len(rc)} radiograph points")
+    lines = ["x,y,z,row,col"]
+    for n, (p, q) in enumerate(zip(pts, rc)):
+        if names is not None:
+            lines.append(f"# {names[n]}")
+        lines.append(",".join(repr(float(v)) for v in (*p, *q)))
+    return write_text(path, "\n".join(lines) + "\n", force)
+
+
+def model_grid_ijk_to_ras(radiograph_node, image_size: Sequence[int], model_spacing_mm: Sequence[float],
+                          input_spacing_mm: Sequence[float], centre_rc: Sequence[float] | None = None
+                          ) -> np.ndarray:
+    """IJKToRAS (4x4) of a model-grid image (``image_size`` (H, W) pixels of ``model_spacing_mm``
+    (row, col)) laid over ``radiograph_node`` the way inference resampled it
+    (:func:`MSKdeXLib.dataset.prepare_radiograph`): the grid's centre on the radiograph pixel
+    ``centre_rc`` (default: the image centre), the radiograph's pixels being ``input_spacing_mm``
+    (row, col) wide. Expressed through the radiograph node's own IJKToRAS, so the overlay is
+    right whatever that node's spacing, orientation or origin."""
+    img = radiograph_node.GetImageData()
+    if img is None:
+        raise UserError(f"radiograph node '{radiograph_node.GetName()}' has no image data")
+    cols, rows, _ = img.GetDimensions()
+    h, w = (int(v) for v in image_size)
+    cr, cc = ((rows - 1) / 2.0, (cols - 1) / 2.0) if centre_rc is None else (float(centre_rc[0]), float(centre_rc[1]))
+    sr, sc = (float(model_spacing_mm[0]) / float(input_spacing_mm[0]),
+              float(model_spacing_mm[1]) / float(input_spacing_mm[1]))
+    model_to_rg = np.array([[sc, 0.0, 0.0, cc - (w - 1) / 2.0 * sc],
+                            [0.0, sr, 0.0, cr - (h - 1) / 2.0 * sr],
+                            [0.0, 0.0, 1.0, 0.0],
+                            [0.0, 0.0, 0.0, 1.0]])
+    m = vtk.vtkMatrix4x4()
+    radiograph_node.GetIJKToRASMatrix(m)
+    return numpy_matrix(m) @ model_to_rg
+
+
+def prediction_input_spacing(doc: dict, shape_rc: Sequence[int]) -> tuple[float, float]:
+    """The radiograph pixel spacing (row, col) mm that ``mskdex predict`` used: the file's (or
+    the command line's), or, for an uncalibrated radiograph, inference's assumption that it spans
+    the model's field of view (see :func:`MSKdeXLib.inference.prepare_input`)."""
+    given = doc.get("input_pixel_spacing_mm")
+    if given:
+        return float(given[0]), float(given[1])
+    h, w = (int(v) for v in doc["image_size"]) if "image_size" in doc else (None, None)
+    sp = [float(v) for v in doc["pixel_spacing_mm"]]
+    if h is None:
+        raise UserError("estimates.json lacks the model's image_size needed to place an uncalibrated radiograph")
+    s = max(h * sp[0] / shape_rc[0], w * sp[1] / shape_rc[1])
+    return s, s
+
+
+ESTIMATE_COLUMNS = ("structure", "kind", "mass_g", "mass_g_low", "mass_g_high", "volume_cm3",
+                    "volume_cm3_low", "volume_cm3_high", "id")
+
+
+def read_estimates(out_dir) -> dict:
+    """estimates.json of a ``mskdex predict`` output folder (format mskdex-estimates/1)."""
+    import json
+    from pathlib import Path
+
+    p = Path(out_dir) / "estimates.json"
+    if not p.is_file():
+        raise UserError("estimates.json not found", p)
+    try:
+        doc = json.loads(p.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"estimates.json is not valid JSON ({exc})", p) from None
+    if not str(doc.get("format", "")).startswith("mskdex-estimates/") or "structures" not in doc:
+        raise UserError("not an mskdex estimates file (format mskdex-estimates/1 expected)", p)
+    return doc
+
+
+def estimates_table_node(doc: dict, scene, name: str = "MSKdeX estimates", node=None):
+    """Table node of estimates.json's per-structure rows: structure, kind, mass_g with its
+    90 % interval (mass_g_low, mass_g_high), volume_cm3 likewise, id."""
+    rows = list(doc["structures"])
+    cols = [c for c in ESTIMATE_COLUMNS if any(c in r for r in rows)]
+    cols += [c for r in rows for c in r if c not in cols]
+    node = table_node_from_rows(rows, scene, name, cols, node)
+    for c in cols:
+        for q, unit in (("mass_g", "g"), ("volume_cm3", "cm^3")):
+            if c.startswith(q):
+                node.SetColumnUnitLabel(c, unit)
+    node.SetAttribute(ATTR + "interval", str(doc.get("interval", "")))
+    return node
+
+
+def _structures_of_prediction(doc: dict, names: Sequence[str]) -> list[Structure]:
+    """Structures (name, kind, colour) of predicted channels: from the model's config.json when
+    it is still there, else the table rows with the default colour of each name."""
+    import json
+    from pathlib import Path
+
+    known: dict[str, Structure] = {}
+    cfg = Path(str(doc.get("model", ""))) / "config.json"
+    if doc.get("model") and cfg.is_file():
+        try:
+            for s in json.loads(cfg.read_text()).get("structures", []):
+                known[s["name"]] = Structure(int(s.get("label", 0)), s["name"], s.get("kind", "other"),
+                                             s.get("side", "none"), tuple(int(c) for c in s.get("color", (128, 128, 128))))
+        except (ValueError, KeyError, TypeError):
+            known = {}
+    kinds = {r["structure"]: r.get("kind") or "other" for r in doc.get("structures", [])}
+    out = []
+    for n, nm in enumerate(names):
+        s = known.get(nm)
+        if s is None:
+            kind = kinds.get(nm, _kind_of(nm))
+            s = Structure(n + 1, nm, kind, _side_of(nm), _colour(nm, kind))
+        out.append(s)
+    return out
+
+
+def _dominant_label(ch: np.ndarray, threshold: float) -> np.ndarray:
+    """(rows, cols) int16: k+1 where channel k is the largest and above ``threshold`` x its peak."""
+    peak = ch.reshape(len(ch), -1).max(axis=1)
+    relevant = ch > (threshold * np.maximum(peak, 1e-30))[:, None, None]
+    winner = np.argmax(np.where(relevant, ch, -np.inf), axis=0)
+    return np.where(relevant.any(axis=0), winner + 1, 0).astype(np.int16)
+
+
+def _read_channel_file(path) -> tuple[np.ndarray, tuple[float, float]]:
+    """(image (rows, cols) float32, spacing (row, col) mm) of a 2D channel NRRD / NIfTI."""
+    import SimpleITK as sitk
+
+    try:
+        img = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise UserError(f"cannot read channel image ({str(exc).strip().splitlines()[-1][:120]})", path) from None
+    arr = sitk.GetArrayFromImage(img).astype(np.float32)
+    arr = arr.reshape(arr.shape[-2:]) if arr.size == np.prod(arr.shape[-2:]) else arr
+    if arr.ndim != 2:
+        raise UserError(f"channel image is not 2D (shape {arr.shape})", path)
+    sp = img.GetSpacing()
+    return arr, (float(sp[1]), float(sp[0]))
+
+
+def _volume_on(scene, name: str, array2d: np.ndarray, ijk_to_ras: np.ndarray, radiograph_node, node=None):
+    """A single-slice scalar volume ``array2d`` with ``ijk_to_ras``, under the radiograph's parent."""
+    if node is None:
+        node = _add(scene, slicer.vtkMRMLScalarVolumeNode(), name)
+    elif node.GetName() != name:
+        node.SetName(name)
+    node.SetIJKToRASMatrix(vtk_matrix(ijk_to_ras))
+    node.SetAndObserveImageData(_image_data(np.asarray(array2d, np.float32)[None]))
+    node.SetAndObserveTransformNodeID(radiograph_node.GetTransformNodeID())
+    _display(node)
+    return node
+
+
+def channels_from_prediction(out_dir, radiograph_node, scene, quantity: str | None = None,
+                             threshold: float = 0.05, prefix: str = "MSKdeX", layers: ChannelLayers | None = None,
+                             centre_rc: Sequence[float] | None = None) -> ChannelLayers:
+    """Load a ``mskdex predict`` output folder over ``radiograph_node`` (the radiograph it ran on).
+
+    Every channel image ``channels/<structure>__<quantity>.nrrd`` (g or cm^3 per pixel, on the
+    model's grid) becomes a scalar volume whose IJKToRAS places that grid over the radiograph
+    exactly where inference resampled it (:func:`model_grid_ijk_to_ras`); Slicer's slice views
+    resample it onto the radiograph. The label map (structure k+1 where its channel of
+    ``quantity`` dominates; default mass_g when predicted, else volume_cm3) and its colour table
+    are on the same grid. ``layers.table`` is the estimates table node, ``layers.structures``
+    the label map's structures, ``layers.channels`` estimates.json's channel records.
+    """
+    from pathlib import Path
+
+    out = Path(out_dir)
+    doc = read_estimates(out)
+    rows = doc["rows"]
+    names = list(dict.fromkeys(r["structure"] for r in rows))
+    quantities = list(dict.fromkeys(r["quantity"] for r in rows))
+    q = quantity or ("mass_g" if "mass_g" in quantities else quantities[0])
+    if q not in quantities:
+        raise UserError(f"the prediction has no {q} channels (it has {', '.join(quantities)})", out / "estimates.json")
+    images, spacing = [], None
+    for r in rows:
+        cand = [out / "channels" / f"{r['structure']}__{r['quantity']}{ext}" for ext in (".nrrd", ".nii.gz")]
+        path = next((p for p in cand if p.is_file()), None)
+        if path is None:
+            raise UserError(f"channel image of {r['structure']} {r['quantity']} not found", cand[0])
+        arr, sp = _read_channel_file(path)
+        if spacing is not None and (arr.shape != images[0].shape or not np.allclose(sp, spacing)):
+            raise UserError("channel images differ in size or spacing", path)
+        images.append(arr)
+        spacing = sp
+    model_sp = tuple(float(v) for v in doc.get("pixel_spacing_mm", spacing))
+    if not np.allclose(model_sp, spacing, rtol=1e-5):
+        raise UserError(f"channel spacing {spacing} differs from estimates.json's {model_sp}", out)
+    shape = images[0].shape
+    ref = radiograph_from_node(radiograph_node)
+    in_sp = prediction_input_spacing({**doc, "image_size": doc.get("image_size", shape)}, ref.shape)
+    centre = centre_rc if centre_rc is not None else doc.get("principal_point_rc")
+    ijk_to_ras = model_grid_ijk_to_ras(radiograph_node, shape, model_sp, in_sp, centre)
+
+    structures = _structures_of_prediction(doc, names)
+    out_layers = layers or ChannelLayers()
+    for k, r in enumerate(rows):
+        node = out_layers.volumes[k] if k < len(out_layers.volumes) else None
+        node = _volume_on(scene, f"{prefix} {r['structure']} {r['quantity']}", images[k], ijk_to_ras,
+                          radiograph_node, node)
+        node.SetAttribute(ATTR + "quantity", r["quantity"])
+        node.SetAttribute(ATTR + "structure", r["structure"])
+        if k >= len(out_layers.volumes):
+            out_layers.volumes.append(node)
+    chosen = [k for k, r in enumerate(rows) if r["quantity"] == q]
+    label = _dominant_label(np.stack([images[k] for k in chosen]), threshold)
+    label_structs = [structures[names.index(rows[k]["structure"])] for k in chosen]
+    if out_layers.label is None:
+        out_layers.label = _add(scene, slicer.vtkMRMLLabelMapVolumeNode(), f"{prefix} channels")
+    out_layers.label.SetIJKToRASMatrix(vtk_matrix(ijk_to_ras))
+    out_layers.label.SetAndObserveImageData(_image_data(label[None]))
+    out_layers.label.SetAndObserveTransformNodeID(radiograph_node.GetTransformNodeID())
+    _display(out_layers.label)
+    out_layers.colors = color_table_node(label_structs, scene, f"{prefix} channel colours",
+                                         values=range(1, len(label_structs) + 1), node=out_layers.colors)
+    out_layers.label.GetDisplayNode().SetAndObserveColorNodeID(out_layers.colors.GetID())
+    out_layers.structures = label_structs
+    out_layers.quantity = q
+    out_layers.channels = rows
+    out_layers.table = estimates_table_node(doc, scene, f"{prefix} estimates", out_layers.table)
+    out_layers.warnings = list(doc.get("warnings", []))
+    return out_layers
+
+
+@dataclass
+class RegistrationNodes:
+    """MRML view of a ``mskdex register`` result: one pose transform node per rigid body."""
+
+    transforms: dict = field(default_factory=dict)  # body name -> linear transform node
+    bodies: list = field(default_factory=list)       # rows: name, final/initial similarity, doubtful ...
+    doubtful: bool = False                           # any body doubtful
+    drr: object = None                               # registered bone mass channels over the radiograph
+    table: object = None                             # table node of ``bodies``
+    geometry: dict = field(default_factory=dict)     # the camera (Camera.to_dict())
+
+    def summary(self) -> str:
+        """One line: 'pelvis 0.612, femur_left 0.154 (doubtful)'."""
+        return ", ".join(f"{b['name']} {b['final_similarity']:.3f}" + (" (doubtful)" if b["doubtful"] else "")
+                         for b in self.bodies)
+
+
+def registration_to_nodes(path, scene, radiograph_node=None, prefix: str = "MSKdeX registered",
+                          nodes: RegistrationNodes | None = None) -> RegistrationNodes:
+    """Read registration.json (a file or its output folder) into one transform node per body
+    (matrix = the body's ``ct_to_camera`` as CT RAS -> camera mm, see :func:`pose_to_transform_node`;
+    attributes MSKdeX.similarity / MSKdeX.doubtful), a table of the bodies and, when
+    ``radiograph_node`` is given, the registered bone mass channels summed into one volume on the
+    radiograph's pixel grid (the camera's detector) for visual QA."""
+    import json
+    from pathlib import Path
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / "registration.json"
+    if not p.is_file():
+        raise UserError("registration.json not found", p)
+    try:
+        doc = json.loads(p.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"registration.json is not valid JSON ({exc})", p) from None
+    if not doc.get("bodies"):
+        raise UserError("registration.json has no 'bodies'", p)
+    res = nodes or RegistrationNodes()
+    res.bodies, res.geometry = [], dict(doc.get("geometry") or {})
+    for b in doc["bodies"]:
+        pose = np.asarray(b["ct_to_camera"], dtype=np.float64)
+        node = pose_to_transform_node(pose, scene, f"{prefix} {b['name']}", res.transforms.get(b["name"]))
+        node.SetAttribute(ATTR + "body", str(b["name"]))
+        node.SetAttribute(ATTR + "similarity", repr(float(b["final_similarity"])))
+        node.SetAttribute(ATTR + "doubtful", "1" if b.get("doubtful") else "0")
+        res.transforms[b["name"]] = node
+        row = {"name": b["name"], "final_similarity": float(b["final_similarity"]),
+               "initial_similarity": float(b.get("initial_similarity", float("nan"))),
+               "doubtful": bool(b.get("doubtful", False)), "structures": " ".join(b.get("structures", []))}
+        if b.get("mtre_mm") is not None:
+            row["mtre_mm"] = float(b["mtre_mm"])
+        res.bodies.append(row)
+    res.doubtful = bool(doc.get("doubtful", any(r["doubtful"] for r in res.bodies)))
+    table_rows = [{**r, "doubtful": "yes" if r["doubtful"] else "no"} for r in res.bodies]
+    res.table = table_node_from_rows(table_rows, scene, f"{prefix} bodies", node=res.table)
+    files = [p.parent / f for f in (doc.get("channels") or {}).values()]
+    if radiograph_node is not None and files:
+        shape = radiograph_from_node(radiograph_node).shape
+        total = np.zeros(shape, np.float32)
+        for f in files:
+            if not f.is_file():
+                raise UserError("registered channel image not found", f)
+            arr, _ = _read_channel_file(f)
+            if arr.shape != shape:
+                raise UserError(f"registered channel is {arr.shape} but the radiograph is {shape}", f)
+            total += arr
+        m = vtk.vtkMatrix4x4()
+        radiograph_node.GetIJKToRASMatrix(m)
+        res.drr = _volume_on(scene, f"{prefix} bones", total, numpy_matrix(m), radiograph_node, res.drr)
+        res.drr.SetAttribute(ATTR + "quantity", "mass_g")
+    return res

@@ -91,3 +91,34 @@ def test_cancel_a_running_job():
     assert code == 130  # stopped cleanly through KeyboardInterrupt, not killed
     assert job.state.events[-1].get("message") == "interrupted"
     assert job.state.step < 10000
+
+
+def test_module_command_lines_parse_with_the_real_subcommands():
+    """The arguments the Slicer module builds (jobs.*_args) are accepted by the real parsers and
+    land in the options the subcommands read."""
+    from MSKdeXLib.cli import build_parser
+
+    parser = build_parser()
+    a = parser.parse_args(jobs.register_args("ct.nii.gz", "labels.seg.nrrd", "x.tif", "out", bones="pelvis,femur_left",
+                                             landmarks="lm.csv", sid_mm=1100.0, spacing_mm=(0.2, 0.25),
+                                             table="totalseg_v1", device="cpu"))
+    assert (a.command, a.ct, a.labels, a.xray, a.out, a.bones, a.landmarks) == (
+        "register", "ct.nii.gz", "labels.seg.nrrd", "x.tif", "out", "pelvis,femur_left", "lm.csv")
+    assert a.sid == 1100.0 and a.spacing == [0.2, 0.25] and a.table == "totalseg_v1"
+    assert a.progress == "json" and a.device == "cpu" and not a.force
+    t = parser.parse_args(jobs.train_args("ds", "model", config="c.json", resume=True, device="cuda"))
+    assert (t.command, t.data, t.out, t.config, t.resume, t.device, t.progress) == (
+        "train", "ds", "model", "c.json", True, "cuda", "json")
+    t2 = parser.parse_args(jobs.train_args("ds", "model"))
+    assert t2.config is None and not t2.resume and t2.device == "auto"
+    p = parser.parse_args(jobs.predict_args("model", "x.tif", "est", pixel_spacing_mm=(0.2, 0.25), tta=3))
+    assert (p.command, p.model, p.xray, p.out, p.pixel_spacing, p.tta, p.force) == (
+        "predict", "model", "x.tif", "est", [0.2, 0.25], 3, False)
+    assert "--progress" not in jobs.predict_args("m", "x", "o")  # predict reports no progress events
+
+
+def test_losses_of_training_events():
+    ev = {"event": "progress", "stage": "train", "step": 3, "total": 10, "loss_total": 2.5,
+          "loss_intensity_sum": 0.25, "elapsed_s": 1.0}
+    assert jobs.losses_of(ev) == {"total": 2.5, "intensity_sum": 0.25}
+    assert jobs.losses_of({"event": "progress", "step": 1, "similarity": 0.3}) == {}

@@ -207,3 +207,21 @@ def test_extension_build_files():
     assert s4ext["category"].strip() == "Quantification"
     png = (ROOT / "MSKdeX" / "Resources" / "Icons" / "MSKdeX.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_logic_builds_command_lines_through_jobs_only():
+    """The Logic starts subprocesses with MSKdeXLib.jobs' argument builders (checked against the
+    real parsers in test_jobs.py) and spells no command-line flag itself."""
+    logic = _class(_module_tree(), "MSKdeXLogic")
+    methods = {f.name: f for f in logic.body if isinstance(f, ast.FunctionDef)}
+    for method, builder in (("startRegistration", "register_args"), ("startTraining", "train_args"),
+                            ("startEstimate", "predict_args")):
+        calls = {n.func.attr for n in ast.walk(methods[method]) if isinstance(n, ast.Call)
+                 and isinstance(n.func, ast.Attribute)}
+        assert builder in calls, f"{method} does not use jobs.{builder}"
+    flags = [n.value for n in ast.walk(logic) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+             and re.fullmatch(r"--[a-z][a-z-]*", n.value)]
+    assert not flags, f"the Logic spells flags itself: {flags}"
+    # outputs are read with the bridge's readers of the real formats
+    text = ast.unparse(logic)
+    assert "channels_from_prediction" in text and "registration_to_nodes" in text

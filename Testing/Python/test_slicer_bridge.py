@@ -287,3 +287,230 @@ def test_overlay_screenshot_and_estimates(pelvis, scene):
     series = chart.GetNthPlotSeriesNode(0)
     assert series.GetPlotType() == slicer.vtkMRMLPlotSeriesNode.PlotTypeBar
     assert series.GetTableNode() is tnode and series.GetYColumnName() == "mass_g"
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs of the real ``mskdex train / predict / register`` command lines, loaded as MRML nodes
+# ---------------------------------------------------------------------------------------------
+TINY_TRAIN = {"model": {"features": [8, 16, 32], "strides": [2, 2], "num_res_units": 1},
+              "discriminator": {"width": 8, "n_layers": 2, "n_scales": 1},
+              "data": {"batch_size": 2}, "steps": 2, "log_every": 1, "checkpoint_every": 10, "val_every": 10}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(pelvis, tmp_path_factory):
+    """A tiny model trained by the real ``mskdex train`` command line the Slicer module builds
+    (jobs.train_args), in-process; returns (model folder, training progress events)."""
+    import contextlib
+    import io
+    import json
+
+    from MSKdeXLib import jobs
+    from MSKdeXLib.cli import main
+    from MSKdeXLib.data_loading import parallel_projection_dataset
+
+    ct, labels = pelvis
+    d = tmp_path_factory.mktemp("bridge_ds")
+    parallel_projection_dataset(ct, labels, d, ["hip_left", "gluteus_medius_left"], ("mass_g", "volume_cm3"),
+                                n_records=3, size=32, seed=4)
+    cfg = d.parent / "bridge_cfg.json"
+    cfg.write_text(json.dumps(TINY_TRAIN))
+    out = tmp_path_factory.mktemp("bridge_model") / "model"
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        assert main(jobs.train_args(str(d), str(out), config=str(cfg), device="cpu")) == 0
+    events = [e for e in map(jobs.parse_event, err.getvalue().splitlines()) if e]
+    return out, events
+
+
+def test_training_progress_events_carry_the_losses_the_module_plots(tiny_model):
+    from MSKdeXLib import jobs
+
+    out, events = tiny_model
+    steps = [e for e in events if e["event"] == "progress"]
+    assert [e["step"] for e in steps] == [1, 2] and all(e["total"] == 2 for e in steps)
+    history = __import__("json").loads((out / "history.json").read_text())
+    for e, h in zip(steps, history):
+        losses = jobs.losses_of(e)
+        assert set(losses) >= {"total", "intensity_sum"}
+        assert losses["total"] == pytest.approx(h["total"], rel=1e-6)  # the value training recorded
+        assert losses["intensity_sum"] == pytest.approx(h["intensity_sum"], rel=1e-6)
+    assert jobs.losses_of(next(e for e in events if e["event"] == "done")) == {}
+
+
+def _pixel_ras(origin, spacing_rc, rc):
+    """RAS of radiograph pixel (row, col) by hand: column -> RAS -x, row -> RAS -z (bridge convention)."""
+    return np.asarray(origin) + rc[1] * spacing_rc[1] * np.array([-1.0, 0, 0]) + rc[0] * spacing_rc[0] * np.array([0, 0, -1.0])
+
+
+def test_prediction_channels_sit_where_inference_resampled_the_radiograph(pelvis, tiny_model, scene, tmp_path):
+    """A real ``mskdex predict`` subprocess on a radiograph node written the module's way; its
+    estimates table and channel images are loaded over that node (channels_from_prediction)."""
+    import json
+
+    import SimpleITK as sitk
+    from scipy.ndimage import zoom
+
+    from MSKdeXLib import jobs
+    from MSKdeXLib.dataset import resample_mean
+
+    ct, _ = pelvis
+    model, _ = tiny_model
+    rho = np.clip(1 + ct.array.astype(np.float64) / 1000, 0, None).sum(axis=1)[::-1, ::-1]
+    shape = (57, 61)  # not the model's grid: 57 x 61 px vs 32 x 32
+    img = zoom(rho, (shape[0] / rho.shape[0], shape[1] / rho.shape[1]), order=1).astype(np.float32)
+    sp_in = (ct.spacing[2] * rho.shape[0] / shape[0], ct.spacing[0] * rho.shape[1] / shape[1])
+    rg_node = sb.radiograph_to_node(Radiograph(img, sp_in, "file"), scene, "xray")
+    origin = np.array([12.0, -3.0, 40.0])
+    rg_node.SetOrigin(*origin)
+    xray = tmp_path / "xray.tif"
+    written = sb.write_radiograph_file(rg_node, xray)
+    np.testing.assert_array_equal(written.pixels, img)
+    out = tmp_path / "estimate"
+    job = jobs.run_mskdex(*jobs.predict_args(str(model), str(xray), str(out), device="cpu",
+                                             pixel_spacing_mm=written.pixel_spacing, tta=0), timeout=300)
+    assert job.returncode == 0, job.summary()
+    doc = json.loads((out / "estimates.json").read_text())
+    layers = sb.channels_from_prediction(out, rg_node, scene)
+
+    # table == estimates.json's per-structure rows (mass_g, volume_cm3 and their intervals)
+    table = sb.rows_from_table_node(layers.table)
+    assert len(table) == len(doc["structures"]) == 2
+    for got, want in zip(table, doc["structures"]):
+        assert set(want) <= set(got)
+        for k, v in want.items():
+            assert got[k] == (pytest.approx(v, rel=1e-12) if isinstance(v, float) else str(v)), k
+    assert layers.table.GetColumnUnitLabel("mass_g_low") == "g"
+    assert layers.table.GetColumnUnitLabel("volume_cm3") == "cm^3"
+
+    # one volume per channel, holding the file's image, summing to the estimate (no TTA)
+    assert len(layers.volumes) == len(doc["rows"]) == 4
+    value = {(r["structure"], r["quantity"]): r["value"] for r in doc["rows"]}
+    H, W = 32, 32
+    sp_m = tuple(doc["pixel_spacing_mm"])
+    m = sb.vtk.vtkMatrix4x4()
+    for v in layers.volumes:
+        s, q = v.GetAttribute("MSKdeX.structure"), v.GetAttribute("MSKdeX.quantity")
+        arr = sb._node_array(v)[0]
+        np.testing.assert_array_equal(arr, sitk.GetArrayFromImage(sitk.ReadImage(str(out / "channels" / f"{s}__{q}.nrrd"))))
+        assert arr.astype(np.float64).sum() == pytest.approx(value[(s, q)], rel=1e-5)
+        v.GetIJKToRASMatrix(m)
+        ijk_to_ras = sb.numpy_matrix(m)
+        # physical extent: model spacing along the radiograph's column / row directions
+        np.testing.assert_allclose(ijk_to_ras[:3, 0], [-sp_m[1], 0, 0], atol=1e-9)
+        np.testing.assert_allclose(ijk_to_ras[:3, 1], [0, 0, -sp_m[0]], atol=1e-9)
+        # centre of the model grid == centre of the radiograph (inference resamples about it)
+        centre_rg = _pixel_ras(origin, sp_in, ((shape[0] - 1) / 2, (shape[1] - 1) / 2))
+        np.testing.assert_allclose(ijk_to_ras @ [(W - 1) / 2, (H - 1) / 2, 0, 1], [*centre_rg, 1], atol=1e-9)
+        # pixel (row 3, col 20) by hand: offset from the centre in model pixels x model spacing
+        want = centre_rg + (20 - (W - 1) / 2) * sp_m[1] * np.array([-1.0, 0, 0]) \
+            + (3 - (H - 1) / 2) * sp_m[0] * np.array([0, 0, -1.0])
+        np.testing.assert_allclose((ijk_to_ras @ [20, 3, 0, 1])[:3], want, atol=1e-9)
+    # the label map shares the grid and labels the mass channels' structures
+    layers.label.GetIJKToRASMatrix(m)
+    np.testing.assert_allclose(sb.numpy_matrix(m), ijk_to_ras)
+    assert layers.quantity == "mass_g" and [s.name for s in layers.structures] == ["hip_left", "gluteus_medius_left"]
+    assert set(np.unique(sb._node_array(layers.label))) <= {0, 1, 2}
+    cfg = json.loads((model / "config.json").read_text())
+    assert layers.structures[0].color == tuple(cfg["structures"][0]["color"])
+
+    # independent check of the placement: the radiograph's area mean over each channel pixel's
+    # footprint (found through the nodes' RAS geometry) == inference's resampling of the radiograph
+    rg_node.GetRASToIJKMatrix(m)
+    ras_to_rg = sb.numpy_matrix(m)
+    sub = (np.arange(8) + 0.5) / 8 - 0.5
+    jj, ii = np.mgrid[0:H, 0:W]
+    acc = np.zeros((H, W))
+    for dj in sub:
+        for di in sub:
+            pts = np.stack([ii.ravel() + di, jj.ravel() + dj, np.zeros(H * W), np.ones(H * W)])
+            c, r = (ras_to_rg @ ijk_to_ras @ pts)[:2]
+            ok = (c > -0.5) & (c < shape[1] - 0.5) & (r > -0.5) & (r < shape[0] - 0.5)
+            vals = np.where(ok, img[np.clip(np.rint(r), 0, shape[0] - 1).astype(int),
+                                    np.clip(np.rint(c), 0, shape[1] - 1).astype(int)], img.min())
+            acc += vals.reshape(H, W)
+    acc /= sub.size ** 2
+    expected = resample_mean(img, sp_in, ((shape[0] - 1) / 2, (shape[1] - 1) / 2), (H, W), sp_m)
+    assert np.corrcoef(acc.ravel(), expected.ravel())[0, 1] > 0.995
+    assert np.abs(acc - expected).max() < 0.05 * (img.max() - img.min())
+
+
+def test_registration_result_becomes_one_transform_per_body(pelvis, pelvis_case, scene, tmp_path, capsys):
+    """A real (tiny) ``mskdex register`` run with the module's arguments (jobs.register_args and a
+    landmarks CSV written from markups nodes), read back as transform nodes."""
+    import json
+
+    import torch
+
+    from MSKdeXLib import jobs
+    from MSKdeXLib.cli import main
+    from MSKdeXLib.rendering import DRRRenderer, default_view
+
+    ct, labels = pelvis
+    cam = Camera(48, 56, 6.0, 6.0, 1000.0)
+    pose = default_view(ct, labels, cam)
+    with torch.no_grad():
+        drr = DRRRenderer(ct, cam, labels=labels).attenuation(torch.as_tensor(pose))[0].numpy()
+    rg_node = sb.radiograph_to_node(Radiograph(drr.astype(np.float32), (6.0, 6.0), "file"), scene, "xray")
+    xray = tmp_path / "xray.tif"
+    written = sb.write_radiograph_file(rg_node, xray)
+
+    # landmarks: 5 CT points (placed on the CT) and their projections placed on the radiograph node
+    lps = np.array([ct.voxel_centres_lps(labels.mask(s)).mean(axis=0)
+                    for s in ("hip_left", "hip_right", "sacrum", "femur_left", "femur_right")])
+    rc = project(cam, pose, lps)
+    names = ["a", "b", "c", "d", "e"]
+    ct_pts = sb.landmarks_to_markups(names, lps, scene, "CT landmarks")
+    m = sb.vtk.vtkMatrix4x4()
+    rg_node.GetIJKToRASMatrix(m)
+    ras = np.c_[rc[:, 1], rc[:, 0], np.zeros(5), np.ones(5)] @ sb.numpy_matrix(m).T
+    xr_pts = sb.landmarks_to_markups(names[::-1], (ras[:, :3] * [-1, -1, 1])[::-1], scene, "xray landmarks")
+    got_names, got_lps, got_rc = sb.landmark_pairs(ct_pts, xr_pts, rg_node)  # paired by label
+    assert got_names == names
+    np.testing.assert_allclose(got_lps, lps, atol=1e-9)
+    np.testing.assert_allclose(got_rc, rc, atol=1e-6)
+    csv = sb.write_landmarks_csv(tmp_path / "landmarks.csv", got_lps, got_rc, got_names)
+    from MSKdeXLib.registration.initialise import load_landmarks
+
+    back_lps, back_rc = load_landmarks(csv)
+    np.testing.assert_allclose(back_lps, lps)
+    np.testing.assert_allclose(back_rc, rc)
+
+    out = tmp_path / "registration"
+    argv = jobs.register_args(str(pelvis_case.ct), str(pelvis_case.labels), str(xray), str(out),
+                              bones="pelvis,femur_left", landmarks=str(csv), sid_mm=cam.sid_mm,
+                              spacing_mm=written.pixel_spacing, device="cpu",
+                              extra=["--max-evals", "0", "--refine-steps", "2", "--fine-px", "32"])
+    assert main(argv) == 0
+    capsys.readouterr()
+    doc = json.loads((out / "registration.json").read_text())
+    assert doc["initialisation"]["source"] == "landmarks (PnP)"
+    res = sb.registration_to_nodes(out, scene, rg_node)
+    assert list(res.transforms) == ["pelvis", "femur_left"]
+    for body in doc["bodies"]:
+        node = res.transforms[body["name"]]
+        want = np.asarray(body["ct_to_camera"])
+        np.testing.assert_allclose(sb.pose_from_transform_node(node), want, atol=1e-9)
+        node.GetMatrixTransformToParent(m)  # CT RAS -> camera: first RAS -> LPS
+        np.testing.assert_allclose(sb.numpy_matrix(m), want @ sb.LPS_RAS, atol=1e-9)
+        assert float(node.GetAttribute("MSKdeX.similarity")) == body["final_similarity"]
+        assert node.GetAttribute("MSKdeX.doubtful") == ("1" if body["doubtful"] else "0")
+    rows = sb.rows_from_table_node(res.table)
+    assert [r["name"] for r in rows] == ["pelvis", "femur_left"]
+    assert [r["doubtful"] for r in rows] == ["yes" if b["doubtful"] else "no" for b in doc["bodies"]]
+    assert res.doubtful == doc["doubtful"]
+    assert "pelvis" in res.summary() and f"{doc['bodies'][1]['final_similarity']:.3f}" in res.summary()
+    # registered bones over the radiograph: its grid, the sum of the written channels
+    res.drr.GetIJKToRASMatrix(m)
+    m2 = sb.vtk.vtkMatrix4x4()
+    rg_node.GetIJKToRASMatrix(m2)
+    np.testing.assert_allclose(sb.numpy_matrix(m), sb.numpy_matrix(m2))
+    import SimpleITK as sitk
+
+    total = sum(sitk.GetArrayFromImage(sitk.ReadImage(str(out / f))).astype(np.float64)
+                for f in doc["channels"].values())
+    np.testing.assert_allclose(sb._node_array(res.drr)[0], total, rtol=1e-5, atol=1e-6)
+    # reading again reuses the nodes (no duplicates)
+    n_before = scene.GetNumberOfNodes()
+    sb.registration_to_nodes(out, scene, rg_node, nodes=res)
+    assert scene.GetNumberOfNodes() == n_before
