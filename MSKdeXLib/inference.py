@@ -144,9 +144,11 @@ class Estimates:
         return buf.getvalue()
 
 
-def prepare_input(model: Model, radiograph: Radiograph) -> tuple[np.ndarray, list[str]]:
-    """(normalised model input (H, W) float32, warnings) of a radiograph, resampled about its
-    centre (or ``radiograph.metadata["principal_point_rc"]`` when known), as the data set was."""
+def prepare_input(model: Model, radiograph: Radiograph) -> tuple[np.ndarray, list[str], dict[str, Any]]:
+    """(normalised model input (H, W) float32, warnings, placement) of a radiograph, resampled
+    about its centre (or ``radiograph.metadata["principal_point_rc"]`` when known), as the data
+    set was. ``placement`` records the input spacing used (mm, row/col; assumed when the
+    radiograph is uncalibrated) and the principal point (row, col) px or None for the centre."""
     from .dataset import prepare_radiograph
 
     h, w = model.image_size
@@ -177,7 +179,10 @@ def prepare_input(model: Model, radiograph: Radiograph) -> tuple[np.ndarray, lis
                if g < a - margin[0] or g > b + margin[0]] if len(lo) else []
         if bad:
             warnings.append("radiograph intensities unlike the training data: " + ", ".join(bad[:3]))
-    return x.astype(np.float32), warnings
+    placement = {"input_pixel_spacing_mm": [float(v) for v in spacing],
+                 "input_spacing_assumed": radiograph.pixel_spacing is None,
+                 "principal_point_rc": None if pp is None else [float(v) for v in pp]}
+    return x.astype(np.float32), warnings, placement
 
 
 def _tta_batch(x: np.ndarray, n: int, seed: int) -> torch.Tensor:
@@ -211,7 +216,7 @@ def case_id_from_path(path: str | Path) -> str:
 def predict(model: Model, radiograph: Radiograph, tta: int = 8, seed: int = 0, rec_id: str | None = None,
             batch_size: int = 8) -> Estimates:
     """Estimates of one radiograph (mean over 1 + ``tta`` passes, 90 % interval)."""
-    x, warnings = prepare_input(model, radiograph)
+    x, warnings, placement = prepare_input(model, radiograph)
     batch = _tta_batch(x, max(0, int(tta)), seed)
     sums, first = [], None
     for i in range(0, batch.shape[0], batch_size):
@@ -228,8 +233,7 @@ def predict(model: Model, radiograph: Radiograph, tta: int = 8, seed: int = 0, r
             warnings.append("estimates outside the training range for: " + ", ".join(out[:5]))
     rid = rec_id or (case_id_from_path(radiograph.source) if radiograph.source else "radiograph")
     info = {"model": str(model.folder), "radiograph": radiograph.source,
-            "input_pixel_spacing_mm": None if radiograph.pixel_spacing is None else list(radiograph.pixel_spacing),
-            "code_version": model.config.get("code_version")}
+            **placement, "code_version": model.config.get("code_version")}
     return Estimates(rid, model.structures, model.channels, samples, first, x, model.pixel_spacing_mm,
                      warnings, info)
 

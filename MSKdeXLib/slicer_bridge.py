@@ -686,19 +686,15 @@ def model_grid_ijk_to_ras(radiograph_node, image_size: Sequence[int], model_spac
     return numpy_matrix(m) @ model_to_rg
 
 
-def prediction_input_spacing(doc: dict, shape_rc: Sequence[int]) -> tuple[float, float]:
-    """The radiograph pixel spacing (row, col) mm that ``mskdex predict`` used: the file's (or
-    the command line's), or, for an uncalibrated radiograph, inference's assumption that it spans
-    the model's field of view (see :func:`MSKdeXLib.inference.prepare_input`)."""
+def prediction_input_spacing(doc: dict) -> tuple[float, float]:
+    """The radiograph pixel spacing (row, col) mm that ``mskdex predict`` used, as it recorded it
+    in estimates.json (the file's, the command line's, or its assumption for an uncalibrated
+    radiograph: see :func:`MSKdeXLib.inference.prepare_input`)."""
     given = doc.get("input_pixel_spacing_mm")
-    if given:
-        return float(given[0]), float(given[1])
-    h, w = (int(v) for v in doc["image_size"]) if "image_size" in doc else (None, None)
-    sp = [float(v) for v in doc["pixel_spacing_mm"]]
-    if h is None:
-        raise UserError("estimates.json lacks the model's image_size needed to place an uncalibrated radiograph")
-    s = max(h * sp[0] / shape_rc[0], w * sp[1] / shape_rc[1])
-    return s, s
+    if not given:
+        raise UserError("estimates.json lacks input_pixel_spacing_mm (written by an older mskdex?); "
+                        "run mskdex predict again")
+    return float(given[0]), float(given[1])
 
 
 ESTIMATE_COLUMNS = ("structure", "kind", "mass_g", "mass_g_low", "mass_g_high", "volume_cm3",
@@ -839,7 +835,7 @@ def channels_from_prediction(out_dir, radiograph_node, scene, quantity: str | No
         raise UserError(f"channel spacing {spacing} differs from estimates.json's {model_sp}", out)
     shape = images[0].shape
     ref = radiograph_from_node(radiograph_node)
-    in_sp = prediction_input_spacing({**doc, "image_size": doc.get("image_size", shape)}, ref.shape)
+    in_sp = prediction_input_spacing(doc)
     centre = centre_rc if centre_rc is not None else doc.get("principal_point_rc")
     ijk_to_ras = model_grid_ijk_to_ras(radiograph_node, shape, model_sp, in_sp, centre)
 
