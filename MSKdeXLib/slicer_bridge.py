@@ -834,7 +834,6 @@ def channels_from_prediction(out_dir, radiograph_node, scene, quantity: str | No
     if not np.allclose(model_sp, spacing, rtol=1e-5):
         raise UserError(f"channel spacing {spacing} differs from estimates.json's {model_sp}", out)
     shape = images[0].shape
-    ref = radiograph_from_node(radiograph_node)
     in_sp = prediction_input_spacing(doc)
     centre = centre_rc if centre_rc is not None else doc.get("principal_point_rc")
     ijk_to_ras = model_grid_ijk_to_ras(radiograph_node, shape, model_sp, in_sp, centre)
