@@ -4,7 +4,9 @@ Each subject is the real CT with anatomy changes applied on the CT arrays (HU an
 on the CT grid, LPS mm), then imaged with a changed pose and acquisition:
 
 * per-muscle **atrophy** (boundary muscle voxels become fat, ~ -100 HU, label 0) or
-  **hypertrophy** (unlabelled fat voxels next to the muscle become muscle);
+  **hypertrophy** (unlabelled fat voxels next to the muscle become muscle): a body-wide change
+  shared by all muscles of the subject (``body_change``: sarcopenic to muscular subjects, as
+  muscle sizes within one person are strongly correlated) plus an independent per-muscle part;
 * per-muscle **fat infiltration** (HU inside the muscle lowered to fat: lean mass drops, volume
   stays);
 * **subcutaneous fat** thicker (air at the body surface becomes fat) or thinner (surface fat
@@ -51,6 +53,8 @@ SUBJECT_FORMAT = "mskdex-virtual-subject/1"
 FAT_HU = -100.0
 AIR_HU = -1000.0
 FAT_RANGE_HU = (-190.0, -30.0)
+MAX_TOTAL_ATROPHY = 0.6       # a muscle keeps at least 40 % of its voxels
+MAX_TOTAL_HYPERTROPHY = 0.5
 
 
 # ------------------------------------------------------------------------------------------------
@@ -60,9 +64,12 @@ FAT_RANGE_HU = (-190.0, -30.0)
 class CohortRanges:
     """How strongly subjects vary. Fractions are of the muscle's voxels; mm, deg, HU."""
 
-    change_probability: float = 0.7         # chance that a muscle gets atrophy/hypertrophy
-    max_atrophy: float = 0.30               # up to 30 % of the muscle's voxels become fat
-    max_hypertrophy: float = 0.20           # up to +20 % muscle voxels (limited by nearby fat)
+    # body-wide change (fraction of voxels) shared by every muscle of a subject, U(lo, hi)
+    body_change: tuple[float, float] = (-0.25, 0.15)
+    change_probability: float = 0.8         # chance that a muscle gets its own extra change
+    max_atrophy: float = 0.15               # per-muscle extra: up to 15 % of voxels become fat
+    max_hypertrophy: float = 0.15           # per-muscle extra: up to +15 % (limited by nearby fat)
+    # the total change of a muscle is kept in [-MAX_TOTAL_ATROPHY, MAX_TOTAL_HYPERTROPHY]
     infiltration_probability: float = 0.5
     max_infiltration: float = 0.20          # up to 20 % of lean voxels become fatty
     subcutaneous_fat_mm: float = 9.0        # thickness change in [-x, +x] mm
@@ -88,7 +95,8 @@ class SubjectSpec:
 
     index: int
     seed: int
-    muscle_changes: dict[str, float] = field(default_factory=dict)    # +grow / -shrink fraction
+    muscle_changes: dict[str, float] = field(default_factory=dict)    # +grow / -shrink fraction (total)
+    body_change: float = 0.0                                          # its body-wide part
     infiltration: dict[str, float] = field(default_factory=dict)      # fraction of lean voxels
     subcutaneous_fat_mm: float = 0.0
     elastic_mm: float = 0.0
@@ -114,22 +122,30 @@ def subject_rng(seed: int, index: int, stream: int = 0) -> np.random.Generator:
 
 def sample_subject(seed: int, index: int, muscles: list[str], ranges: CohortRanges = CohortRanges()
                    ) -> SubjectSpec:
-    """Draw subject ``index``'s parameters (deterministic in seed and index)."""
+    """Draw subject ``index``'s parameters (deterministic in seed and index). A muscle's change
+    is the subject's body-wide change plus, with ``change_probability``, its own extra change
+    (2/3 atrophy, 1/3 hypertrophy), clipped to [-MAX_TOTAL_ATROPHY, MAX_TOTAL_HYPERTROPHY]."""
     rng = subject_rng(seed, index, 0)
+    lo, hi = (float(v) for v in ranges.body_change)
+    body = float(subject_rng(seed, index, 3).uniform(lo, hi)) if hi > lo else lo
     changes, infil = {}, {}
     for name in muscles:
         u = rng.random()
+        extra = 0.0
         if u < ranges.change_probability:
             # 2/3 atrophy, 1/3 hypertrophy (ageing cohorts lose muscle more often than gain)
             if rng.random() < 2.0 / 3.0:
-                changes[name] = -float(rng.uniform(0.03, ranges.max_atrophy))
+                extra = -float(rng.uniform(min(0.03, ranges.max_atrophy), ranges.max_atrophy))
             else:
-                changes[name] = float(rng.uniform(0.03, ranges.max_hypertrophy))
+                extra = float(rng.uniform(min(0.03, ranges.max_hypertrophy), ranges.max_hypertrophy))
+        total = min(max(body + extra, -MAX_TOTAL_ATROPHY), MAX_TOTAL_HYPERTROPHY)
+        if abs(total) > 1e-9:
+            changes[name] = total
         if rng.random() < ranges.infiltration_probability:
             infil[name] = float(rng.uniform(0.02, ranges.max_infiltration))
     lo_hi = lambda r: float(rng.uniform(*r))  # noqa: E731
     return SubjectSpec(
-        index=int(index), seed=int(seed), muscle_changes=changes, infiltration=infil,
+        index=int(index), seed=int(seed), muscle_changes=changes, body_change=body, infiltration=infil,
         subcutaneous_fat_mm=float(rng.uniform(-1, 1) * ranges.subcutaneous_fat_mm),
         elastic_mm=float(ranges.elastic_mm), elastic_control_mm=float(ranges.elastic_control_mm),
         rotation_deg=tuple(float(v) for v in rng.uniform(-1, 1, 3) * ranges.rotation_deg),
@@ -482,8 +498,9 @@ class CohortConfig:
 
     def cohort_ranges(self) -> CohortRanges:
         r = dict(self.ranges)
-        for k in ("energy_kvp", "noise", "scatter", "contrast"):
-            r[k] = tuple(r[k])
+        for k in ("body_change", "energy_kvp", "noise", "scatter", "contrast"):
+            if k in r:
+                r[k] = tuple(r[k])
         return CohortRanges(**r)
 
 

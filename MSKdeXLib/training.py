@@ -63,7 +63,8 @@ def default_config() -> dict[str, Any]:
             "losses": "weights; 0 switches a loss off (ablation)",
             "gan_kinds": "structure kinds whose channels get the adversarial + feature-matching losses",
             "channel_scales": "'auto' or one per-pixel scale per channel (g or cm^3 per pixel)",
-            "optimizer": "AdamW for generator and discriminator",
+            "optimizer": "AdamW for generator and discriminator; schedule 'constant' or 'cosine' (lr decays "
+                         "to min_lr_fraction * lr at the last step, after warmup_steps of linear warm-up)",
             "steps": "optimisation steps in total; checkpoint_every / log_every / val_every in steps",
             "amp": "mixed precision (bfloat16 autocast) on CUDA; ignored on CPU",
         },
@@ -75,7 +76,8 @@ def default_config() -> dict[str, Any]:
         "losses": dict(DEFAULT_LOSSES),
         "gan_kinds": ["muscle"],
         "channel_scales": "auto",
-        "optimizer": {"lr": 1e-4, "betas": [0.5, 0.999], "weight_decay": 0.01},
+        "optimizer": {"lr": 1e-4, "betas": [0.5, 0.999], "weight_decay": 0.01, "schedule": "constant",
+                      "warmup_steps": 0, "min_lr_fraction": 0.0},
         "steps": 20000,
         "checkpoint_every": 1000,
         "log_every": 50,
@@ -345,6 +347,8 @@ def train(config: dict[str, Any] | None, data_dir: str | Path | None, out_dir: s
     disc = MultiScaleDiscriminator(int(groups["gan"].sum()), int(dcfg["width"]), int(dcfg["n_layers"]),
                                    int(dcfg["n_scales"])).to(dev) if use_gan else None
     ocfg = cfg["optimizer"]
+    if ocfg.get("schedule", "constant") not in ("constant", "cosine"):
+        raise UserError(f"unknown optimizer.schedule '{ocfg['schedule']}' (use constant or cosine)")
     opt_kw = dict(lr=float(ocfg["lr"]), betas=tuple(ocfg["betas"]), weight_decay=float(ocfg["weight_decay"]))
     opt_g = torch.optim.AdamW(gen.parameters(), **opt_kw)
     opt_d = torch.optim.AdamW(disc.parameters(), **opt_kw) if disc is not None else None
@@ -417,6 +421,10 @@ def train(config: dict[str, Any] | None, data_dir: str | Path | None, out_dir: s
             if step >= total:
                 break
             batch = _to(batch, dev)
+            for opt in (opt_g, opt_d):
+                if opt is not None:
+                    for group in opt.param_groups:
+                        group["lr"] = learning_rate(ocfg, step, total)
             with autocast():
                 out_g = gen_run(batch["xray"], reconstruct=weights["cycle"] > 0)
             pred, recon = out_g if isinstance(out_g, tuple) else (out_g, None)
@@ -453,6 +461,20 @@ def train(config: dict[str, Any] | None, data_dir: str | Path | None, out_dir: s
 
         dist.barrier()
     return TrainResult(out, step, history, model_config(cfg, info, scales, summary, step))
+
+
+def learning_rate(ocfg: dict[str, Any], step: int, total: int) -> float:
+    """The learning rate of (0-based) ``step`` of ``total``: a function of the step only, so a
+    resumed run follows the same schedule."""
+    lr = float(ocfg["lr"])
+    warm = int(ocfg.get("warmup_steps", 0))
+    if warm > 0 and step < warm:
+        return lr * (step + 1) / warm
+    if ocfg.get("schedule", "constant") == "cosine":
+        floor = float(ocfg.get("min_lr_fraction", 0.0))
+        t = (step - warm) / max(1, total - warm)
+        return lr * (floor + (1.0 - floor) * 0.5 * (1.0 + np.cos(np.pi * min(max(t, 0.0), 1.0))))
+    return lr
 
 
 @torch.no_grad()

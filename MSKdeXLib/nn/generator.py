@@ -1,6 +1,9 @@
 """The decomposition generator: a radiograph (1 channel) -> C non-negative channel images.
 
-Backbone: MONAI ``UNet`` (residual units, configurable widths/strides) or ``BasicUNet``.
+Backbone: MONAI ``UNet`` (residual units, configurable widths/strides) or ``BasicUNet``. Up-sampling
+(``upsample``): "nontrainable" (bilinear resize then a 3x3 convolution: no checkerboard artefacts,
+the default of new models) or "deconv" (MONAI's transposed convolutions; model configs written
+before this key existed mean "deconv", so old model files still load).
 Output channel ``c`` is ``softplus(raw_c) * scale_c``, so it is non-negative and in physical
 units per pixel (g or cm^3 per pixel at the model's pixel spacing); ``scale_c`` (stored in the
 model config as ``channel_scales``) is the typical per-pixel value of channel ``c`` in the
@@ -29,6 +32,7 @@ DEFAULT_ARCH: dict[str, Any] = {
     "num_res_units": 2,
     "norm": "instance",
     "dropout": 0.0,
+    "upsample": "nontrainable",    # "nontrainable" (resize + conv) or "deconv" (transposed conv)
     "recon_head": True,            # cycle consistency head (radiograph <- channels)
 }
 
@@ -50,7 +54,7 @@ class DecompositionGenerator(nn.Module):
 
     def __init__(self, n_channels: int, scales: Sequence[float], arch: dict[str, Any] | None = None):
         super().__init__()
-        arch = {**DEFAULT_ARCH, **(arch or {})}
+        arch = resolve_arch(arch)
         if len(scales) != n_channels:
             raise UserError(f"need one channel scale per channel ({n_channels}), got {len(scales)}")
         self.arch = arch
@@ -72,23 +76,64 @@ class DecompositionGenerator(nn.Module):
         return self.recon(channels / self.scales)
 
 
+UPSAMPLE_MODES = ("nontrainable", "deconv")
+
+
+def resolve_arch(arch: dict[str, Any] | None) -> dict[str, Any]:
+    """``arch`` completed by :data:`DEFAULT_ARCH`; a given arch without ``upsample`` (a model
+    config from before that key) keeps the transposed convolutions it was trained with."""
+    given = dict(arch or {})
+    if given and "upsample" not in given:
+        given["upsample"] = "deconv"
+    out = {**DEFAULT_ARCH, **given}
+    if out["upsample"] not in UPSAMPLE_MODES:
+        raise UserError(f"unknown model.upsample '{out['upsample']}' (use {' or '.join(UPSAMPLE_MODES)})")
+    return out
+
+
+def _resize_unet_class():
+    """MONAI's UNet with each transposed convolution replaced by bilinear up-sampling followed
+    by a 3x3 convolution (same widths, norm, activation and residual unit as MONAI's up layer)."""
+    from monai.networks.blocks import Convolution, ResidualUnit
+    from monai.networks.nets import UNet
+
+    class ResizeUNet(UNet):
+        def _get_up_layer(self, in_channels: int, out_channels: int, strides: int, is_top: bool) -> nn.Module:
+            conv = Convolution(self.dimensions, in_channels, out_channels, strides=1,
+                               kernel_size=self.up_kernel_size, act=self.act, norm=self.norm,
+                               dropout=self.dropout, bias=self.bias,
+                               conv_only=is_top and self.num_res_units == 0, adn_ordering=self.adn_ordering)
+            layers = [nn.Upsample(scale_factor=strides, mode="bilinear", align_corners=False), conv]
+            if self.num_res_units > 0:
+                layers.append(ResidualUnit(self.dimensions, out_channels, out_channels, strides=1,
+                                           kernel_size=self.kernel_size, subunits=1, act=self.act,
+                                           norm=self.norm, dropout=self.dropout, bias=self.bias,
+                                           last_conv_only=is_top, adn_ordering=self.adn_ordering))
+            return nn.Sequential(*layers)
+
+    return ResizeUNet
+
+
 def _backbone(arch: dict[str, Any], n_out: int) -> nn.Module:
     from monai.networks.nets import BasicUNet, UNet
 
     name = arch["backbone"]
     feats = [int(f) for f in arch["features"]]
+    resize = arch.get("upsample", "deconv") == "nontrainable"
     if name == "unet":
         strides = [int(s) for s in arch["strides"]]
         if len(strides) != len(feats) - 1:
             raise UserError(f"model.strides needs {len(feats) - 1} entries (len(features) - 1)")
-        return UNet(spatial_dims=2, in_channels=1, out_channels=n_out, channels=feats, strides=strides,
-                    num_res_units=int(arch["num_res_units"]), norm=arch["norm"],
-                    dropout=float(arch["dropout"]))
+        cls = _resize_unet_class() if resize else UNet
+        return cls(spatial_dims=2, in_channels=1, out_channels=n_out, channels=feats, strides=strides,
+                   num_res_units=int(arch["num_res_units"]), norm=arch["norm"],
+                   dropout=float(arch["dropout"]))
     if name == "basicunet":
         if len(feats) != 6:
             raise UserError("model.features of 'basicunet' needs 6 widths")
         return BasicUNet(spatial_dims=2, in_channels=1, out_channels=n_out, features=feats,
-                         norm=arch["norm"], dropout=float(arch["dropout"]))
+                         norm=arch["norm"], dropout=float(arch["dropout"]),
+                         upsample="nontrainable" if resize else "deconv")
     raise UserError(f"unknown generator backbone '{name}' (use 'unet' or 'basicunet')")
 
 
@@ -99,7 +144,7 @@ def build_generator(arch: dict[str, Any], n_channels: int, scales: Sequence[floa
 
 def min_image_size(arch: dict[str, Any]) -> int:
     """The image side must be a multiple of this (total down-sampling factor)."""
-    arch = {**DEFAULT_ARCH, **(arch or {})}
+    arch = resolve_arch(arch)
     if arch["backbone"] == "basicunet":
         return 16
     f = 1

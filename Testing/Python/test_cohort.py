@@ -152,3 +152,19 @@ def test_cli_refuses_bad_input(tmp_path, capsys):
     code = main(["cohort", "--ct", str(tmp_path / "missing.nii.gz"), "--labels", "x", "--n", "2",
                  "--out", str(tmp_path / "o")])
     assert code == 2 and "missing.nii.gz" in capsys.readouterr().err
+
+
+def test_body_wide_change_correlates_muscles():
+    """Muscle changes = one body-wide change per subject + a smaller per-muscle part, bounded."""
+    names = [f"m{i}" for i in range(8)]
+    r = co.CohortRanges(body_change=(-0.3, 0.2), change_probability=1.0, max_atrophy=0.1, max_hypertrophy=0.1)
+    specs = [co.sample_subject(0, i, names, r) for i in range(40)]
+    body = np.array([s.body_change for s in specs])
+    ch = np.array([[s.muscle_changes.get(n, 0.0) for n in names] for s in specs])
+    assert body.min() >= -0.3 and body.max() <= 0.2 and body.std() > 0.1
+    assert np.all(np.abs(ch - body[:, None]) <= 0.1 + 1e-12)
+    assert all(np.corrcoef(body, ch[:, k])[0, 1] > 0.8 for k in range(len(names)))
+    # no body-wide part: muscles independent of each other, changes within the per-muscle ranges
+    r0 = co.CohortRanges(body_change=(0.0, 0.0))
+    s0 = co.sample_subject(0, 1, names, r0)
+    assert s0.body_change == 0.0 and all(-r0.max_atrophy <= v <= r0.max_hypertrophy for v in s0.muscle_changes.values())

@@ -133,3 +133,22 @@ def test_one_step_lowers_each_loss(name, dataset, batch):
     opt.step()
     after = value()
     assert after < before, f"{name}: {before} -> {after}"
+
+
+def test_upsampling_modes_and_legacy_configs(batch):
+    """New models up-sample by resize + conv (no transposed conv: no checkerboard); a config
+    without ``upsample`` (written before the key existed) keeps its transposed convolutions."""
+    from MSKdeXLib.nn.generator import DEFAULT_ARCH, resolve_arch
+
+    def n_transposed(g):
+        return sum(isinstance(m, torch.nn.ConvTranspose2d) for m in g.modules())
+
+    new = build_generator({**TINY, "upsample": "nontrainable"}, 2, [1.0, 1.0])
+    old = build_generator(TINY, 2, [1.0, 1.0])
+    assert DEFAULT_ARCH["upsample"] == "nontrainable" and resolve_arch(None)["upsample"] == "nontrainable"
+    assert n_transposed(new) == 0 and n_transposed(old) == len(TINY["strides"])
+    # same parameter shapes otherwise; both keep the input size
+    assert sum(p.numel() for p in new.parameters()) == sum(p.numel() for p in old.parameters())
+    assert new(batch["xray"]).shape[-2:] == batch["xray"].shape[-2:]
+    with pytest.raises(Exception, match="upsample"):
+        build_generator({**TINY, "upsample": "bicubic"}, 2, [1.0, 1.0])

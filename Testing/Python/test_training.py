@@ -166,3 +166,18 @@ def test_two_process_gloo_ddp(data_dir, tmp_path):
     assert meta["world_size"] == 2 and meta["step"] == 2
     m = load_model(tmp_path / "ddp")
     assert all(torch.isfinite(v).all() for v in m.generator.state_dict().values())
+
+
+def test_learning_rate_schedules(data_dir, tmp_path):
+    from MSKdeXLib.training import learning_rate
+
+    const = {"lr": 1e-3}
+    assert all(learning_rate(const, s, 100) == 1e-3 for s in (0, 50, 99))
+    cos = {"lr": 2e-3, "schedule": "cosine", "warmup_steps": 10, "min_lr_fraction": 0.1}
+    lrs = [learning_rate(cos, s, 110) for s in range(110)]
+    assert lrs[0] == pytest.approx(2e-4) and lrs[9] == pytest.approx(2e-3)  # linear warm-up
+    assert lrs[10] == pytest.approx(2e-3) and lrs[-1] > 2e-4 and lrs[-1] == pytest.approx(2e-4, rel=0.01)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # monotone decay after warm-up
+    assert learning_rate(cos, 60, 110) == pytest.approx(2e-4 + 0.5 * 1.8e-3)  # half-way
+    with pytest.raises(UserError, match="schedule"):
+        train({**TINY, "optimizer": {"schedule": "step"}}, data_dir, tmp_path / "m")
