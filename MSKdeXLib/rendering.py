@@ -17,23 +17,32 @@ Two methods, each chosen for what it must guarantee:
   one sample per plane; but its samples are 2D lookups done by torch's vectorised 2D
   ``grid_sample`` (4 taps, contiguous memory) instead of 3D ones, which is several times
   faster, and the step length along each ray is exact (plane spacing / cosine). Planes are
-  processed in chunks, so memory stays bounded (a few tens of MB beyond the volume).
+  processed in chunks, and the only full-size array the renderer keeps is that one plane
+  stack of mu (float32, one CT's worth), so memory stays bounded (a few tens of MB beyond it).
   Differentiable w.r.t. the pose (the sample positions are built from it with torch ops).
-* **Channels** (:meth:`DRRRenderer.channels`) are made by *voxel splatting*: the mass (g;
-  muscles: lean voxels only, see :func:`MSKdeXLib.metrics.mass_weights`) or volume (cm^3) of
-  every voxel of every structure is projected through the cone beam and deposited on the
-  detector with bilinear weights that sum to one. Each voxel is supersampled into
-  s_i x s_j x s_k sub-voxels, with s per CT axis chosen so that neighbouring sub-voxels project
-  at most one pixel apart, so there are no holes (along the ray s is usually 1); sub-voxel
-  positions are the voxel centre's projection plus the linearised projection of the offsets
-  (error ~ |offset|^2 / z^2, below 0.01 pixel). A voxel is splatted only when all of its
-  sub-voxels land inside the detector; otherwise it is counted as lost and its structure is
-  flagged as not inside. Because every gram lands on some pixel, a channel's sum over the detector *equals* the
-  structure's CT mass / volume by construction, for any pose that keeps it inside the
-  detector; magnification only changes where the mass lands, never how much (a ray integral
-  would need its samples weighted by (distance / SID)^2 to achieve the same). All K channels
-  share one pass: one ``scatter_add`` per quantity and voxel chunk. Differentiable w.r.t. the
-  pose too (through the bilinear weights).
+* **Channels** (:meth:`DRRRenderer.channels`) are made by *voxel splatting* with a
+  separable box footprint: the mass (g; muscles: lean voxels only, see
+  :func:`MSKdeXLib.metrics.mass_weights`) or volume (cm^3) of every voxel of every structure is
+  projected through the cone beam and spread over the detector pixels as a uniform rectangle
+  centred on the projection of the voxel centre. The rectangle's width along u (columns) is
+  max(1, sqrt(sum_a (du/da)^2)) pixels, du/da being the projected length of the voxel's edge
+  along CT axis a (linearised at the voxel centre, so perspective is included): the box whose
+  variance matches that of the voxel's projected footprint (a convolution of three boxes);
+  likewise along v. Each pixel gets the exact overlap of the rectangle with it (the detector
+  pixel integrates what falls on it), normalised to sum to one, so
+  there are no holes whatever the magnification (a box of width >= 1 pixel always covers its
+  neighbours; for voxels smaller than a pixel this is bilinear splatting). A voxel is splatted
+  only when its whole rectangle lies on the detector; otherwise it is counted as lost and its
+  structure is flagged as not inside. Because every gram lands on some pixel, a channel's
+  sum over the detector *equals* the structure's CT mass / volume by construction, for any
+  pose that keeps it inside the detector; magnification only changes where the mass lands,
+  never how much (a ray integral would need its samples weighted by (distance / SID)^2 to
+  achieve the same). The voxel coordinates, per-voxel masses and channel ids of the selected
+  structures are gathered once (first call) and kept; each call costs one projection of the
+  voxel centres and, per chunk of voxels, one index and one weight tensor of
+  (voxels x taps_v x taps_u) and one ``scatter_add`` per quantity into the flattened
+  (channel, row, col) canvas: no loop over structures, no supersampling. Differentiable
+  w.r.t. the pose too (through the centres, widths and overlaps).
 """
 
 from __future__ import annotations
@@ -58,9 +67,14 @@ MU_WATER_PER_MM = 0.02
 QUANTITIES = ("mass", "volume")
 QUANTITY_NAMES = {"mass": "mass_g", "volume": "volume_cm3"}
 
-# Elements per processing chunk (bounds temporary memory: ~12 bytes per element).
-_PLANE_CHUNK_ELEMENTS = 1 << 18
-_SPLAT_CHUNK = 1 << 17
+# Elements per processing chunk (bounds temporary memory: ~12-24 bytes per element).
+_PLANE_CHUNK_ELEMENTS = 1 << 18  # best with 1 thread (cache-sized)
+# With several threads every torch op is an OpenMP region that waits for all threads; on a
+# busy machine a descheduled thread stalls each one, so use fewer, larger chunks there
+# (measured on 2 shared cores: 5-7x faster than 1 << 18 with 2 threads at load 3-4).
+_PLANE_CHUNK_ELEMENTS_MT = 1 << 22
+_SPLAT_CHUNK_ELEMENTS = 1 << 20
+_SLAB_VOXELS = 1 << 22  # label scans run over slabs of slices of about this many voxels
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,16 +107,26 @@ def isocentre_of(ct: Volume, labels=None) -> np.ndarray:
 def union_mask(labels, structures) -> np.ndarray:
     """Boolean [k, j, i] mask of the union of ``structures`` (one lookup pass per layer)."""
     mask = np.zeros(labels.grid.array.shape, dtype=bool)
+    for layer, lut in _layer_luts(labels, structures).items():
+        arr = labels.layers[layer]
+        step = max(1, _SLAB_VOXELS // max(1, arr[0].size))
+        for k0 in range(0, arr.shape[0], step):  # slabs: no full-size temporaries
+            mask[k0:k0 + step] |= np.take(lut, arr[k0:k0 + step], mode="clip")
+    return mask
+
+
+def _layer_luts(labels, structures) -> dict[int, np.ndarray]:
+    """Per label layer, a boolean lookup table of the label values of ``structures``."""
     by_layer: dict[int, list[int]] = {}
     for s in structures:
         layer, value = labels.entries[labels.resolve(s).label]
-        by_layer.setdefault(layer, []).append(value)
+        by_layer.setdefault(layer, []).append(int(value))
+    out = {}
     for layer, values in by_layer.items():
-        arr = labels.layers[layer]
-        lut = np.zeros(max(int(arr.max()), max(values)) + 1, dtype=bool)
-        lut[values] = True
-        mask |= lut[np.clip(arr, 0, None)]
-    return mask
+        lut = np.zeros(max(int(labels.layers[layer].max()), max(values)) + 2, dtype=bool)
+        lut[values] = True  # negative values clip to 0 (background, never selected)
+        out[layer] = lut
+    return out
 
 
 def default_view(ct: Volume, labels, camera: Camera, source_to_isocentre_mm: float | None = None
@@ -138,15 +162,36 @@ def _rigid_inverse(p: torch.Tensor) -> torch.Tensor:
     return torch.cat([top, bottom], dim=1)
 
 
+def _box_overlaps(centre: torch.Tensor, width: torch.Tensor, taps: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Overlap of boxes [centre - width/2, centre + width/2] (pixel units; pixel p spans
+    p +- 0.5) with ``taps`` consecutive pixels from the one holding the box's left edge.
+
+    Returns (weights (taps, n) normalised to sum to one per box, first pixel (n,) int64);
+    ``taps`` must be >= ceil(max width) + 1. Differentiable in centre and width. Taps are the
+    leading axis so that every elementwise operation runs over long contiguous rows.
+    """
+    lo = centre - 0.5 * width
+    hi = lo + width
+    first = torch.floor(lo.detach() + 0.5)
+    rows = []
+    for t in range(taps):  # pixel first + t spans [first + t - 0.5, first + t + 0.5]
+        left = first + (t - 0.5)
+        rows.append((torch.minimum(hi, left + 1.0) - torch.maximum(lo, left)).clamp_min(0.0))
+    ov = torch.stack(rows)
+    return ov / ov.sum(0, keepdim=True), first.long()
+
+
 @dataclass
 class ChannelResult:
     """Channels of one splatting pass: ``images[q]`` (B, K, rows, cols) per quantity
     ('mass' in g per pixel, 'volume' in cm^3 per pixel) and ``inside`` (B, K) bool: every
-    part of the structure projects inside the detector (so its sums are exact)."""
+    part of the structure projects inside the detector (so its sums are exact).
+    ``footprint_taps``: (rows, cols) of pixels the widest voxel footprint may touch."""
 
     images: dict
     inside: torch.Tensor
-    supersampling: tuple[int, int, int]
+    footprint_taps: tuple[int, int] = (0, 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,17 +226,22 @@ class DRRRenderer:
                 raise UserError("structures need a label map")
             self.structures = [labels.resolve(s) for s in structures]
         self._index_to_lps = torch.as_tensor(ct.index_to_lps(), device=self.device)
-        # mu = mu_water * max(0, 1 + HU/1000), built in place (one copy of the CT)
-        self._mu = torch.tensor(np.asarray(ct.array, dtype=np.float32), device=self.device)  # [k, j, i]
-        self._mu.mul_(self.mu_water_per_mm / 1000.0).add_(self.mu_water_per_mm).clamp_(min=0.0)
+        # mu is built per plane stack from ct.array (no persistent [k, j, i] copy: bounded memory)
         self._planes: dict = {}
         self._voxels = None
 
     # --- attenuation ---------------------------------------------------------------------
-    def _mu_of(self, structures) -> torch.Tensor:
-        if not structures:
-            return self._mu
-        return self._mu * torch.as_tensor(union_mask(self.labels, structures), device=self.device)
+    def mu_volume(self, structures=(), order: tuple[int, int, int] = (0, 1, 2)) -> torch.Tensor:
+        """mu = mu_water * max(0, 1 + HU/1000) [1/mm] as a new float32 tensor, array axes
+        [k, j, i] permuted by ``order``; with ``structures``, zero outside their voxels."""
+        src = torch.from_numpy(np.asarray(self.ct.array)).permute(order)
+        vol = torch.empty(tuple(src.shape), dtype=torch.float32, device=self.device)
+        vol.copy_(src)  # one copy of the CT, in the permuted memory order
+        vol.mul_(self.mu_water_per_mm / 1000.0).add_(self.mu_water_per_mm).clamp_(min=0.0)
+        if structures:
+            mask = torch.from_numpy(union_mask(self.labels, structures)).permute(order)
+            vol.mul_(mask.to(self.device))
+        return vol
 
     def _plane_stack(self, structures, axis: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(planes (n, 1, H, W), positions (n,) in voxel index units along ``axis``)."""
@@ -200,9 +250,8 @@ class DRRRenderer:
             return self._planes[key]
         if len(self._planes) >= 2:  # keep memory bounded: at most two stacks cached
             self._planes.pop(next(iter(self._planes)))
-        mu = self._mu_of(structures)
         x_ax, y_ax = [a for a in (0, 1, 2) if a != axis]
-        vol = mu.permute(2 - axis, 2 - y_ax, 2 - x_ax).contiguous()  # [axis, y, x]
+        vol = self.mu_volume(structures, (2 - axis, 2 - y_ax, 2 - x_ax))  # [axis, y, x]
         size = vol.shape[0]
         if n == size:
             pos = torch.arange(size, dtype=torch.float64, device=self.device)
@@ -274,7 +323,8 @@ class DRRRenderer:
         # step between planes along the ray, in mm: (plane spacing / |d_axis|) * |source->pixel|
         step = (size / n) * pix.norm(dim=-1) / da.abs()
         acc = torch.zeros(cam.rows, cam.cols, dtype=torch.float32, device=self.device)
-        chunk = max(1, _PLANE_CHUNK_ELEMENTS // (cam.rows * cam.cols))
+        per_chunk = _PLANE_CHUNK_ELEMENTS if torch.get_num_threads() == 1 else _PLANE_CHUNK_ELEMENTS_MT
+        chunk = max(1, per_chunk // (cam.rows * cam.cols))
         posf = pos.float()
         for m0 in range(0, n, chunk):
             p = posf[m0:m0 + chunk]
@@ -286,52 +336,89 @@ class DRRRenderer:
 
     # --- channels (voxel splatting) ------------------------------------------------------
     def _voxel_lists(self):
-        """Flat voxel indices, channel ids and per-voxel mass (g) of all structures (cached)."""
+        """Voxel indices (N, 3) float32 (i, j, k), channel ids (N,) int64 and per-voxel mass (N,)
+        float32 g of all structures, plus the voxel volume (cm^3). Built once, kept."""
         if self._voxels is None:
             hu = self.ct.array
             voxel_cm3 = self.ct.voxel_volume_mm3 / MM3_PER_CM3
+            muscle = np.array([s.kind == "muscle" for s in self.structures])
             idx, ch, mass = [], [], []
-            per_layer: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-            for c, s in enumerate(self.structures):
-                layer, value = self.labels.entries[s.label]
-                if layer not in per_layer:  # one scan per layer: voxels of all chosen structures
-                    flat_all = np.flatnonzero(union_mask(self.labels, [t for t in self.structures
-                                                                        if self.labels.entries[t.label][0] == layer]))
-                    per_layer[layer] = (flat_all, self.labels.layers[layer].ravel()[flat_all])
-                flat_all, values = per_layer[layer]
-                flat = flat_all[values == value]
-                h = hu.ravel()[flat].astype(np.float64)
-                g = self.density.density(h) * voxel_cm3
-                if s.kind == "muscle":  # lean mass, as metrics.mass_weights
-                    g = np.where(self.density.lean(h), g, 0.0)
-                idx.append(flat)
-                ch.append(np.full(flat.size, c, dtype=np.int32))
-                mass.append(g)
-            cat = (lambda a, t: np.concatenate(a).astype(t)) if idx else (lambda a, t: np.zeros(0, t))
-            self._voxels = (torch.as_tensor(cat(idx, np.int64), device=self.device),
-                            torch.as_tensor(cat(ch, np.int32), device=self.device),
-                            torch.as_tensor(cat(mass, np.float32), device=self.device),
+            todo = list(enumerate(self.structures))
+            while todo:  # rounds, in case two channels share a (layer, value)
+                seen, batch, rest = set(), [], []
+                for c, s in todo:
+                    key = self.labels.entries[s.label]
+                    (rest if key in seen else batch).append((c, s))
+                    seen.add(key)
+                todo = rest
+                for layer, lut in _layer_luts(self.labels, [s for _, s in batch]).items():
+                    arr = self.labels.layers[layer]
+                    code = np.full(lut.size, -1, dtype=np.int64)  # label value -> channel
+                    for c, s in batch:
+                        lay, value = self.labels.entries[s.label]
+                        if lay == layer:
+                            code[value] = c
+                    step = max(1, _SLAB_VOXELS // max(1, arr[0].size))
+                    for k0 in range(0, arr.shape[0], step):  # slabs: no full-size temporaries
+                        slab = arr[k0:k0 + step]
+                        flat = np.flatnonzero(np.take(lut, slab, mode="clip"))
+                        if not flat.size:
+                            continue
+                        c = code[np.clip(slab.ravel()[flat], 0, None)]
+                        h = hu[k0:k0 + step].ravel()[flat].astype(np.float64)
+                        g = self.density.density(h) * voxel_cm3
+                        g = np.where(muscle[c] & ~self.density.lean(h), 0.0, g)  # lean mass for muscles
+                        idx.append(flat + k0 * arr[0].size)
+                        ch.append(c)
+                        mass.append(g)
+            empty = not idx
+            flat = np.concatenate(idx) if not empty else np.zeros(0, np.int64)
+            nk, nj, ni = hu.shape
+            ijk = np.stack([flat % ni, (flat // ni) % nj, flat // (ni * nj)], axis=1).astype(np.float32)
+            self._voxels = (torch.as_tensor(ijk, device=self.device),
+                            torch.as_tensor(np.concatenate(ch) if not empty else np.zeros(0, np.int64),
+                                            device=self.device),
+                            torch.as_tensor((np.concatenate(mass) if not empty else np.zeros(0)).astype(np.float32),
+                                            device=self.device),
                             float(voxel_cm3))
         return self._voxels
 
-    def supersampling(self, pose) -> tuple[int, int, int]:
-        """Sub-voxels per CT axis (i, j, k) so that neighbours project <= 1 pixel apart."""
-        p = _as_pose_batch(pose, "cpu").detach()[0].double().numpy()
-        m = p @ self.ct.index_to_lps()
-        corners = (p @ np.c_[self.ct.corners_lps(), np.ones(8)].T)[:3].T
-        z_min = corners[:, 2].min()
-        if z_min <= 0:
-            raise UserError("the CT reaches behind the X-ray source for this pose")
-        rx = np.abs(corners[:, 0] / corners[:, 2]).max()
-        ry = np.abs(corners[:, 1] / corners[:, 2]).max()
-        fx = self.camera.sid_mm / self.camera.spacing_col_mm
-        fy = self.camera.sid_mm / self.camera.spacing_row_mm
-        out = []
-        for a in range(3):
-            e = m[:3, a]
-            px = max(fx * (abs(e[0]) + rx * abs(e[2])), fy * (abs(e[1]) + ry * abs(e[2]))) / z_min
-            out.append(max(1, math.ceil(px - 1e-9)))
-        return tuple(out)  # type: ignore[return-value]
+    def _project_voxels(self, pose: torch.Tensor, ijk: torch.Tensor):
+        """Voxel centres -> (u, v) pixel coordinates, depth z (mm) and footprint widths (px).
+
+        ``pose``: (4, 4) ct_to_camera. Widths: max(1, sqrt(sum_a (du/da)^2)) with du/da the
+        projected voxel edge along index axis a, linearised at the centre (likewise for v).
+        """
+        cam = self.camera
+        fx = cam.sid_mm / cam.spacing_col_mm
+        fy = cam.sid_mm / cam.spacing_row_mm
+        cx, cy = cam.principal_point
+        m = (pose @ self._index_to_lps.to(pose.dtype)).to(torch.float32)
+        m3, t = m[:3, :3], m[:3, 3]
+        p = torch.addmm(t, ijk, m3.T)
+        z = p[:, 2]
+        iz = 1.0 / z
+        ur, vr = p[:, 0] * iz * fx, p[:, 1] * iz * fy  # relative to the principal point
+        # du/da = (fx m3[0, a] - ur m3[2, a]) / z, so sum_a (du/da)^2 is a quadratic in ur with
+        # pose-only coefficients: (|fx m3[0]|^2 - 2 ur fx m3[0].m3[2] + ur^2 |m3[2]|^2) / z^2
+        e0, e1, e2 = m3[0], m3[1], m3[2]
+        b2 = (e2 * e2).sum()
+        iz2 = iz * iz
+        qu = fx * fx * (e0 * e0).sum() - 2.0 * fx * (e0 * e2).sum() * ur + b2 * ur * ur
+        qv = fy * fy * (e1 * e1).sum() - 2.0 * fy * (e1 * e2).sum() * vr + b2 * vr * vr
+        wu = torch.sqrt((iz2 * qu).clamp_min(1.0))  # = max(1, sqrt(.)), also guards rounding < 0
+        wv = torch.sqrt((iz2 * qv).clamp_min(1.0))
+        return ur + cx, vr + cy, z, wu, wv  # widths >= 1 px: no holes
+
+    def footprint_taps(self, pose) -> tuple[int, int]:
+        """(rows, cols): pixels the widest voxel footprint may touch for ``pose`` (4x4)."""
+        ijk = self._voxel_lists()[0]
+        with torch.no_grad():
+            _, _, z, wu, wv = self._project_voxels(_as_pose_batch(pose, self.device)[0].detach(), ijk)
+            ok = z > 0
+            if not bool(ok.any()):
+                return (2, 2)
+            return (math.ceil(float(wv[ok].max())) + 1, math.ceil(float(wu[ok].max())) + 1)
 
     def render_channels(self, pose, quantities: Iterable[str] = QUANTITIES) -> ChannelResult:
         """Mass and/or volume channels of all structures in one splatting pass."""
@@ -342,81 +429,50 @@ class DRRRenderer:
         if not self.structures:
             raise UserError("no structures to render channels of (give a label map)")
         poses = _as_pose_batch(pose, self.device)
-        flat, ch, mass, voxel_cm3 = self._voxel_lists()
+        ijk, ch, mass, voxel_cm3 = self._voxel_lists()
         K, R, C = len(self.structures), self.camera.rows, self.camera.cols
-        vals = torch.stack([mass if q == "mass" else torch.full_like(mass, voxel_cm3)
-                            for q in quantities], dim=1)  # (N, Q)
-        nk, nj, ni = self.ct.array.shape
-        a = self._index_to_lps
-        fx = self.camera.sid_mm / self.camera.spacing_col_mm
-        fy = self.camera.sid_mm / self.camera.spacing_row_mm
-        cx, cy = self.camera.principal_point
-        images, insides, ss_all = [], [], (1, 1, 1)
         track = torch.is_grad_enabled() and poses.requires_grad
-        rp, cp = R + 1, C + 1  # canvas padded by one row / column: no clamping of corner + 1
+        images, insides, taps_all = [], [], (0, 0)
         for b in range(poses.shape[0]):
-            ss = self.supersampling(poses[b])
-            ss_all = tuple(max(u, v) for u, v in zip(ss_all, ss))
-            m = (poses[b] @ a.to(poses.dtype)).to(torch.float32)
-            m3, t = m[:3, :3], m[:3, 3]
-            offs = torch.stack(torch.meshgrid(*[(torch.arange(s, device=self.device, dtype=torch.float32)
-                                                 + 0.5) / s - 0.5 for s in ss], indexing="ij"),
-                               dim=-1).reshape(-1, 3) @ m3.T  # (S, 3) camera mm
-            w_sub = 1.0 / offs.shape[0]
-            # projected sub-voxel offsets, linearised about the voxel centre (error ~ |o|^2/z^2
-            # pixels, < 0.01 px at radiographic distances); the voxel is kept only when all its
-            # sub-voxels land inside the detector, so the exact-sum property holds per voxel.
-            ox, oy, oz = (offs[:, 0] * fx).tolist(), (offs[:, 1] * fy).tolist(), offs[:, 2].tolist()
-            ax_x, ax_y, ax_z = max(map(abs, ox)), max(map(abs, oy)), max(map(abs, oz))
-            sox, soy, soz = (torch.tensor(x, dtype=torch.float32, device=self.device) for x in (ox, oy, oz))
-            corner_shift = torch.tensor([0, 1, cp, cp + 1], device=self.device)
+            u, v, z, wu, wv = self._project_voxels(poses[b], ijk)
+            # whole footprint [u - w/2, u + w/2] on the detector [-0.5, C - 0.5] (pixel c spans c +- 0.5)
+            ok = (z > 0) & (u - 0.5 * wu >= -0.5) & (u + 0.5 * wu <= C - 0.5) \
+                & (v - 0.5 * wv >= -0.5) & (v + 0.5 * wv <= R - 0.5)
+            okf = ok.to(torch.float32)
+            lost = torch.zeros(K, dtype=torch.float32, device=self.device).index_add_(0, ch, 1.0 - okf)
+            # dropped voxels: a unit footprint at the principal point with zero weight
+            cx, cy = self.camera.principal_point
+            one = torch.ones_like(wu)
+            u, v = torch.where(ok, u, torch.full_like(u, cx)), torch.where(ok, v, torch.full_like(v, cy))
+            wu, wv = torch.where(ok, wu, one), torch.where(ok, wv, one)
+            nu = math.ceil(float(wu.detach().max())) + 1 if wu.numel() else 2
+            nv = math.ceil(float(wv.detach().max())) + 1 if wv.numel() else 2
+            taps_all = (max(taps_all[0], nv), max(taps_all[1], nu))
+            rp, cp = R + nv, C + nu  # canvas padded so that taps past the last pixel need no clamp
             out = [torch.zeros(K * rp * cp, dtype=torch.float32, device=self.device) for _ in quantities]
-            lost = torch.zeros(K, dtype=torch.float32, device=self.device)
-            chunk = max(1 << 12, _SPLAT_CHUNK // len(ox))
-            for v0 in range(0, flat.numel(), chunk):
-                f = flat[v0:v0 + chunk]
-                chan = ch[v0:v0 + chunk].long()
-                ijk = torch.stack([f % ni, (f // ni) % nj, f // (ni * nj)], dim=1).to(torch.float32)
-                centre = torch.addmm(t, ijk, m3.T)
-                z = centre[:, 2]
-                iz = 1.0 / z
-                ur = centre[:, 0] * iz * fx  # relative to the principal point
-                vr = centre[:, 1] * iz * fy
-                mu_ = (ax_x + ur.abs() * ax_z) * iz + 1e-4  # largest sub-voxel displacement, px
-                mv_ = (ax_y + vr.abs() * ax_z) * iz + 1e-4
-                ok = (z > 0) & (ur - mu_ >= -cx) & (ur + mu_ <= C - 1 - cx) \
-                    & (vr - mv_ >= -cy) & (vr + mv_ <= R - 1 - cy)
-                okf = ok.to(torch.float32)
-                ur = ur * okf + cx * okf  # dropped voxels sit at pixel (0, 0) with zero weight
-                vr = vr * okf + cy * okf
-                iz = iz * okf
-                chan_base = chan * (rp * cp)
-                vq = [vals[v0:v0 + chunk, i] * (okf * w_sub) for i in range(len(quantities))]
-                ucx, vcy = ur - cx, vr - cy  # (u - cx) for the linearised offset
-                # all sub-voxels of the chunk at once: (S, n) tensors, one scatter per quantity
-                u = ur + (sox[:, None] - ucx[None] * soz[:, None]) * iz[None]
-                v = vr + (soy[:, None] - vcy[None] * soz[:, None]) * iz[None]
-                c0, r0 = u.floor(), v.floor()
-                fu, fv = u - c0, v - r0
-                i00 = (chan_base[None] + r0.long() * cp + c0.long()).reshape(-1)
-                index = (i00[None] + corner_shift[:, None]).reshape(-1)
-                fu, fv = fu.reshape(-1), fv.reshape(-1)
-                for qi, val in enumerate(vq):
-                    val = val.repeat(len(ox))
-                    b = val * fv
-                    a = val - b
-                    afu, bfu = a * fu, b * fu
-                    w = torch.stack([a - afu, afu, b - bfu, bfu]).reshape(-1)
+            vals = [mass * okf if q == "mass" else okf * voxel_cm3 for q in quantities]
+            itype = torch.int32 if K * rp * cp < 2 ** 31 else torch.int64  # int32: less traffic
+            tu = torch.arange(nu, device=self.device, dtype=itype)
+            tv = torch.arange(nv, device=self.device, dtype=itype)
+            tap_offset = (tv[:, None] * cp + tu[None]).reshape(-1, 1)  # (nv * nu, 1)
+            chan_base = ch.to(itype) * (rp * cp)
+            chunk = max(1 << 12, _SPLAT_CHUNK_ELEMENTS // (nu * nv))
+            for v0 in range(0, u.numel(), chunk):
+                sl = slice(v0, v0 + chunk)
+                ou, c0 = _box_overlaps(u[sl], wu[sl], nu)  # (nu, n), (n,)
+                ov, r0 = _box_overlaps(v[sl], wv[sl], nv)  # (nv, n), (n,)
+                index = (tap_offset + (chan_base[sl] + (r0 * cp + c0).to(itype))[None]).reshape(-1)
+                for qi, val in enumerate(vals):
+                    w = ((ov * val[sl][None])[:, None, :] * ou[None, :, :]).reshape(-1)
                     if track:
                         out[qi] = out[qi].index_add(0, index, w)
                     else:
-                        out[qi].scatter_add_(0, index, w)
-                lost.index_add_(0, chan, (~ok).to(torch.float32))
+                        out[qi].index_add_(0, index, w)
             images.append(torch.stack([o.reshape(K, rp, cp)[:, :R, :C] for o in out]))
             insides.append(lost == 0)
         stacked = torch.stack(images)  # (B, Q, K, R, C)
         return ChannelResult({q: stacked[:, i] for i, q in enumerate(quantities)},
-                             torch.stack(insides), ss_all)  # type: ignore[arg-type]
+                             torch.stack(insides), taps_all)  # type: ignore[arg-type]
 
     def channels(self, pose, quantity: str = "mass") -> torch.Tensor:
         """(B, K, rows, cols): g per pixel ('mass') or cm^3 per pixel ('volume').
@@ -434,24 +490,16 @@ class DRRRenderer:
         """
         masks = self.channels(pose, "volume") > 0
         poses = _as_pose_batch(pose, self.device).detach()
-        flat, ch, _, _ = self._voxel_lists()
-        nk, nj, ni = self.ct.array.shape
+        ijk, ch, _, _ = self._voxel_lists()
         K, R, C = len(self.structures), self.camera.rows, self.camera.cols
-        fx = self.camera.sid_mm / self.camera.spacing_col_mm
-        fy = self.camera.sid_mm / self.camera.spacing_row_mm
-        cx, cy = self.camera.principal_point
-        for b in range(poses.shape[0]):
-            m = (poses[b] @ self._index_to_lps.to(poses.dtype)).to(torch.float32)
-            flat_mask = masks[b].reshape(-1)
-            for v0 in range(0, flat.numel(), _SPLAT_CHUNK):
-                f = flat[v0:v0 + _SPLAT_CHUNK]
-                ijk = torch.stack([f % ni, (f // ni) % nj, f // (ni * nj)], dim=1).to(torch.float32)
-                p = torch.addmm(m[:3, 3], ijk, m[:3, :3].T)
-                u = torch.round(fx * p[:, 0] / p[:, 2] + cx).long()
-                v = torch.round(fy * p[:, 1] / p[:, 2] + cy).long()
-                ok = (p[:, 2] > 0) & (u >= 0) & (u < C) & (v >= 0) & (v < R)
-                flat_mask[(ch[v0:v0 + _SPLAT_CHUNK].long() * (R * C) + v * C + u)[ok]] = True
-            masks[b] = flat_mask.reshape(K, R, C)
+        with torch.no_grad():
+            for b in range(poses.shape[0]):
+                u, v, z, _, _ = self._project_voxels(poses[b], ijk)
+                u, v = torch.round(u).long(), torch.round(v).long()
+                ok = (z > 0) & (u >= 0) & (u < C) & (v >= 0) & (v < R)
+                flat_mask = masks[b].reshape(-1)
+                flat_mask[(ch * (R * C) + v * C + u)[ok]] = True
+                masks[b] = flat_mask.reshape(K, R, C)
         return masks
 
     def inside_detector(self, pose) -> torch.Tensor:

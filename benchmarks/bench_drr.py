@@ -3,10 +3,15 @@
 Same CT (the real pelvis CT and DiffDRR's chest CT), same attenuation volume (our mu array is
 loaded into DiffDRR's density buffer), same cone-beam geometry (our pose converted to
 DiffDRR's camera-to-world extrinsic, see ``diffdrr_extrinsic``), same detector (256^2 and
-512^2 covering 410 mm at SID 1000 mm), same samples per ray, same device and threads (CPU,
-2 torch threads). Each measurement runs in its own subprocess so peak memory (ru_maxrss) is
-per renderer. Reports ms per DRR, peak memory, the speed ratio and the NCC of the two DRRs;
-plus our per-structure channels (K = 22 and K = 1) and a 512x512x300 CT memory check.
+512^2 covering 410 mm at SID 1000 mm), same samples per ray, same device and the same torch
+thread count (``--threads``, default 1 and 2: each setting is a separate pass, the count is
+set with torch.set_num_threads and OMP_NUM_THREADS for both renderers). Each measurement runs
+in its own subprocess so peak memory (VmHWM) is per renderer. Reports the median (and the
+minimum) ms per DRR over the repeats, peak memory, the speed ratio of the medians and the NCC
+of the two DRRs, and the 1-minute load average when each measurement ended (the machine may be
+shared); plus our per-structure channels (K = 22 mass channels, and mass + volume = 2K
+channels) timed in one process interleaved with the attenuation DRR (so their ratio sees the
+same load), and a 512x512x300 CT memory check.
 
 DiffDRR's imports need torchvision, which conflicts with the project venv, so run it from a
 separate venv (torch 2.14.1 + torchvision 0.29.1 + diffdrr 0.6.1 + this project, no-deps):
@@ -29,7 +34,6 @@ from pathlib import Path
 
 import numpy as np
 
-THREADS = 2
 FOV_MM = 409.6  # detector side at SID: 256 x 1.6 mm
 
 
@@ -99,8 +103,9 @@ def _reset_peak() -> None:
         pass
 
 
-def _time(fn, repeats: int) -> list[float]:
-    fn()  # warm-up (also builds caches)
+def _time(fn, repeats: int, warm: bool = True) -> list[float]:
+    if warm:
+        fn()  # warm-up (also builds caches)
     out = []
     for _ in range(repeats):
         t = time.perf_counter()
@@ -127,7 +132,7 @@ def diffdrr_extrinsic(pose: np.ndarray) -> np.ndarray:
 def worker(spec: dict) -> dict:
     import torch
 
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(spec.get("threads", 1))
     from MSKdeXLib.rendering import DRRRenderer, default_view
 
     ct, labels = _load(spec["case"])
@@ -153,16 +158,26 @@ def worker(spec: dict) -> dict:
                 img = r.attenuation(pose)[0]
                 res["ms"] = _time(lambda: r.attenuation(pose), spec["repeats"])
                 np.save(spec["image"], img.numpy())
-            elif kind == "channels":
+            elif kind == "channels":  # interleaved: attenuation, K mass, K mass + K volume
                 res["k"] = len(structures)
-                res["ms"] = _time(lambda: r.render_channels(pose, ("mass",)), spec["repeats"])
-                res["supersampling"] = list(r.supersampling(pose))
+                fns = {"attenuation": lambda: r.attenuation(pose),
+                       "mass": lambda: r.render_channels(pose, ("mass",)),
+                       "mass_volume": lambda: r.render_channels(pose, ("mass", "volume"))}
+                for fn in fns.values():
+                    fn()  # warm-up (builds the plane stack and the voxel lists)
+                res["ms"] = {name: [] for name in fns}
+                for _ in range(spec["repeats"]):
+                    for name, fn in fns.items():
+                        res["ms"][name] += _time(fn, 1, warm=False)
+                res["footprint_taps"] = list(r.footprint_taps(pose))
+                res["voxels"] = int(r._voxel_lists()[1].numel())
             else:  # memory: attenuation + mass and volume channels of K structures
                 r.attenuation(pose)
                 out = r.render_channels(pose)
                 res["k"] = len(structures)
                 res["inside"] = int(out.inside.sum())
         res["rss_before_mb"], res["peak_rss_mb"] = before, _rss_mb()
+        res["load1"] = os.getloadavg()[0]
         return res
     # DiffDRR trilinear
     from diffdrr.data import read
@@ -190,13 +205,14 @@ def worker(spec: dict) -> dict:
         res["ms"] = _time(lambda: drr(extr, n_points=n), spec["repeats"])
     res["samples_per_ray"] = n
     res["rss_before_mb"], res["peak_rss_mb"] = before, _rss_mb()
+    res["load1"] = os.getloadavg()[0]
     np.save(spec["image"], img.numpy())
     return res
 
 
 def _run(spec: dict) -> dict:
     out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
-                         text=True, env={**os.environ, "OMP_NUM_THREADS": str(THREADS)})
+                         text=True, env={**os.environ, "OMP_NUM_THREADS": str(spec.get("threads", 1))})
     if out.returncode != 0:
         raise SystemExit(f"worker failed: {spec}\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -213,51 +229,59 @@ def main(argv=None) -> int:
     p.add_argument("--cases", nargs="+", default=["pelvis", "chest"])
     p.add_argument("--sizes", nargs="+", type=int, default=[256, 512])
     p.add_argument("--repeats", type=int, default=5, help="timed repeats for our renderer")
-    p.add_argument("--diffdrr-repeats", type=int, default=2)
+    p.add_argument("--diffdrr-repeats", type=int, default=3)
+    p.add_argument("--threads", nargs="+", type=int, default=[1, 2], help="torch thread counts to measure")
     p.add_argument("--markdown", default=None, help="also write the result table to this file")
     args = p.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
     tmp = Path(tempfile.mkdtemp(prefix="bench_drr_"))
-    lines = ["| CT (k,j,i) | detector | samples/ray | ours ms | DiffDRR ms | speed-up | ours peak MB* | "
-             "DiffDRR peak MB* | NCC |", "|---|---|---|---|---|---|---|---|---|"]
-    chan_lines = ["| CT | detector | K | supersampling | channels ms (mass) | 1 channel ms | attenuation ms | "
-                  "K / attenuation | K / 1 channel |", "|---|---|---|---|---|---|---|---|---|"]
-    for case in args.cases:
-        for size in args.sizes:
-            ours = _run({"case": case, "size": size, "renderer": "ours", "repeats": args.repeats,
-                         "image": str(tmp / f"{case}{size}_ours.npy")})
-            n = ours["samples_per_ray"]
-            dd = _run({"case": case, "size": size, "renderer": "diffdrr", "repeats": args.diffdrr_repeats,
-                       "samples": n, "image": str(tmp / f"{case}{size}_dd.npy")})
-            a, b = np.load(tmp / f"{case}{size}_ours.npy"), np.load(tmp / f"{case}{size}_dd.npy")
-            o_ms, d_ms = float(np.min(ours["ms"])), float(np.min(dd["ms"]))
-            lines.append(f"| {case} {tuple(ours['ct_shape_kji'])} | {size}^2 | {n} | {o_ms:.0f} | {d_ms:.0f} | "
-                         f"{d_ms / o_ms:.1f}x | {ours['peak_rss_mb'] - ours['rss_before_mb']:.0f} | "
-                         f"{dd['peak_rss_mb'] - dd['rss_before_mb']:.0f} | "
-                         f"{_ncc(a, b):.4f} |")
-            print(lines[-1], flush=True)
-            k22 = _run({"case": case, "size": size, "renderer": "channels", "k": 22, "repeats": args.repeats})
-            k1 = _run({"case": case, "size": size, "renderer": "channels", "k": 1, "repeats": args.repeats})
-            c_ms, c1_ms = float(np.min(k22["ms"])), float(np.min(k1["ms"]))
-            chan_lines.append(f"| {case} | {size}^2 | {k22['k']} | {tuple(k22['supersampling'])} | {c_ms:.0f} | "
-                              f"{c1_ms:.0f} | {o_ms:.0f} | {c_ms / o_ms:.2f} | {c_ms / c1_ms:.2f} |")
-            print(chan_lines[-1], flush=True)
-    mem = _run({"case": "chest", "size": 512, "renderer": "memory", "slices": 300, "k": 22})
+    lines = ["| threads | CT (k,j,i) | detector | samples/ray | ours ms median (min) | DiffDRR ms median (min) | "
+             "speed-up (medians) | ours peak MB* | DiffDRR peak MB* | NCC | load1 ours / DiffDRR |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    chan_lines = ["| threads | CT | detector | K | voxels | footprint taps (rows, cols) | attenuation ms | "
+                  "K mass ms | K mass + K volume ms | K mass / attenuation | 2K / attenuation | load1 |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    med = lambda v: float(np.median(v))  # noqa: E731
+    for threads in args.threads:
+        for case in args.cases:
+            for size in args.sizes:
+                base = {"case": case, "size": size, "threads": threads}
+                ours = _run({**base, "renderer": "ours", "repeats": args.repeats,
+                             "image": str(tmp / f"{case}{size}_ours.npy")})
+                n = ours["samples_per_ray"]
+                dd = _run({**base, "renderer": "diffdrr", "repeats": args.diffdrr_repeats,
+                           "samples": n, "image": str(tmp / f"{case}{size}_dd.npy")})
+                a, b = np.load(tmp / f"{case}{size}_ours.npy"), np.load(tmp / f"{case}{size}_dd.npy")
+                o_ms, d_ms = med(ours["ms"]), med(dd["ms"])
+                lines.append(f"| {threads} | {case} {tuple(ours['ct_shape_kji'])} | {size}^2 | {n} | "
+                             f"{o_ms:.0f} ({min(ours['ms']):.0f}) | {d_ms:.0f} ({min(dd['ms']):.0f}) | "
+                             f"{d_ms / o_ms:.1f}x | {ours['peak_rss_mb'] - ours['rss_before_mb']:.0f} | "
+                             f"{dd['peak_rss_mb'] - dd['rss_before_mb']:.0f} | {_ncc(a, b):.4f} | "
+                             f"{ours['load1']:.1f} / {dd['load1']:.1f} |")
+                print(lines[-1], flush=True)
+                ch = _run({**base, "renderer": "channels", "k": 22, "repeats": args.repeats})
+                t_att, t_m, t_mv = (med(ch["ms"][q]) for q in ("attenuation", "mass", "mass_volume"))
+                chan_lines.append(f"| {threads} | {case} | {size}^2 | {ch['k']} | {ch['voxels']} | "
+                                  f"{tuple(ch['footprint_taps'])} | {t_att:.0f} | {t_m:.0f} | {t_mv:.0f} | "
+                                  f"{t_m / t_att:.2f} | {t_mv / t_att:.2f} | {ch['load1']:.1f} |")
+                print(chan_lines[-1], flush=True)
+    mem = _run({"case": "chest", "size": 512, "renderer": "memory", "slices": 300, "k": 22, "threads": 1})
     mem_line = (f"512x512x300 CT (chest resampled), 512^2 detector, attenuation + mass and volume channels of "
-                f"K={mem['k']} structures: peak RSS of the process {mem['peak_rss_mb']:.0f} MB, of which "
-                f"{mem['rss_before_mb']:.0f} MB is the loaded CT + labels + torch before the renderer exists; "
-                f"renderer + rendering: {mem['peak_rss_mb'] - mem['rss_before_mb']:.0f} MB")
+                f"K={mem['k']} structures ({mem['inside']} inside): peak RSS of the process "
+                f"{mem['peak_rss_mb']:.0f} MB, of which {mem['rss_before_mb']:.0f} MB is the loaded CT + labels + "
+                f"torch before the renderer exists; renderer + rendering: "
+                f"{mem['peak_rss_mb'] - mem['rss_before_mb']:.0f} MB")
     print(mem_line)
     import torch
 
     cpu = next((ln.split(":", 1)[1].strip() for ln in subprocess.run(["lscpu"], capture_output=True, text=True)
                 .stdout.splitlines() if ln.startswith("Model name")), platform.processor())
-    header = (f"Machine: {cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, {THREADS} torch "
-              f"threads, load average at the end of the run {os.getloadavg()[0]:.2f}. Times are the best of "
-              f"{args.repeats} (ours) / {args.diffdrr_repeats} (DiffDRR) repeats after one warm-up (the machine "
-              f"is shared, so the minimum is the least noisy estimate).")
+    header = (f"Machine: {cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, torch threads "
+              f"{args.threads} (same for both renderers), load average at the end of the run "
+              f"{os.getloadavg()[0]:.2f}. Times: median (min) of {args.repeats} (ours) / {args.diffdrr_repeats} "
+              f"(DiffDRR) repeats after one warm-up.")
     note = ("*peak MB: peak resident memory of the renderer (construction + rendering) above the process "
             "with the CT loaded.")
     text = "\n".join([header, "", *lines, note, "", *chan_lines, "", mem_line, ""])
