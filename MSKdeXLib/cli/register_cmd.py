@@ -15,7 +15,9 @@ def add_parser(sub, name: str):
     p = sub.add_parser(name, help="register CT bones (pelvis, femurs ...) to a radiograph",
                        description="Intensity-based rigid 2D-3D registration: each rigid body's "
                        "bone-only DRR is matched to the radiograph (patch-wise gradient NCC; CMA-ES "
-                       "on a coarse level, then gradient refinement through the DRR). Writes "
+                       "on a coarse level, then gradient refinement through the DRR). A body touching one "
+                       "registered before it (a femur after the pelvis) rotates about the joint centre, "
+                       "starting from that body's pose (hip = ball joint). Writes "
                        "registration.json (ct_to_camera per body), qa.png and the registered bone "
                        "mass channels (g per pixel) as NRRD.")
     add_ct_args(p)

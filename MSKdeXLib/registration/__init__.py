@@ -4,5 +4,7 @@
 * :mod:`.optimize`   - pose parameters, CMA-ES global search, gradient refinement;
 * :mod:`.initialise` - default view, landmarks (PnP), in-plane rotation + shift search;
 * :mod:`.pipeline`   - bodies, pyramid, :func:`~.pipeline.register`, mTRE;
-* :mod:`.qa`         - the QA picture.
+* :mod:`.qa`         - the QA picture;
+* :mod:`.articulated` - simulated radiographs with bodies at their own poses (hip rotations), for
+  tests and benchmarks.
 """

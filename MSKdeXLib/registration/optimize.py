@@ -93,19 +93,30 @@ class StageResult:
     history: list = field(default_factory=list)
 
 
-def cma_search(objective: Objective, space: PoseSpace, x0, sigma_deg: float, sigma_mm: float,
-               bounds_deg: float, bounds_mm: float, popsize: int = 16, max_evals: int = 400,
+#: optional penalty on the parameters: (B, 6) float64 tensor -> (B,), subtracted from the objective
+Penalty = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _six(a, b) -> np.ndarray:
+    """(6,) from a rotation value/array (3) and a translation value/array (3)."""
+    return np.r_[np.broadcast_to(np.asarray(a, dtype=np.float64), 3), np.broadcast_to(np.asarray(b, dtype=np.float64), 3)]
+
+
+def cma_search(objective: Objective, space: PoseSpace, x0, sigma_deg, sigma_mm,
+               bounds_deg, bounds_mm, popsize: int = 16, max_evals: int = 400,
                seed: int = 0, dtype=torch.float32, device="cpu",
-               callback: Callable[[int, float], None] | None = None) -> StageResult:
+               callback: Callable[[int, float], None] | None = None,
+               penalty: Penalty | None = None) -> StageResult:
     """Global CMA-ES over the 6 pose parameters (rotations scaled by ``sigma_deg``, translations
-    by ``sigma_mm``), bounded to +-``bounds_deg`` / +-``bounds_mm`` around ``x0``. Each
-    generation is rendered as one batch. Maximises ``objective``."""
+    by ``sigma_mm``; scalars or one value per axis), bounded to +-``bounds_deg`` / +-``bounds_mm``
+    around ``x0``. Each generation is rendered as one batch. Maximises ``objective`` minus
+    ``penalty`` (if given)."""
     import cma
 
     t0 = time.time()
     x0 = np.asarray(x0, dtype=np.float64)
-    scale = np.array([sigma_deg] * 3 + [sigma_mm] * 3)
-    half = np.array([bounds_deg] * 3 + [bounds_mm] * 3) / scale
+    scale = _six(sigma_deg, sigma_mm)
+    half = _six(bounds_deg, bounds_mm) / scale
     opts = {"popsize": popsize, "maxfevals": max_evals, "seed": int(seed) + 1, "verbose": -9,
             "bounds": [list(-half), list(half)], "tolfun": 1e-5, "tolx": 1e-3}
     es = cma.CMAEvolutionStrategy(np.zeros(6), 1.0, opts)
@@ -114,8 +125,12 @@ def cma_search(objective: Objective, space: PoseSpace, x0, sigma_deg: float, sig
         while not es.stop():
             z = np.asarray(es.ask())
             xs = x0 + z * scale
-            poses = space.matrices(torch.as_tensor(xs, dtype=torch.float64)).to(dtype=dtype, device=device)
-            f = objective(poses).double().cpu().numpy()
+            xt = torch.as_tensor(xs, dtype=torch.float64)
+            poses = space.matrices(xt).to(dtype=dtype, device=device)
+            f = objective(poses).double().cpu()
+            if penalty is not None:
+                f = f - penalty(xt)
+            f = f.numpy()
             f = np.where(np.isfinite(f), f, -1.0)
             es.tell(list(z), list(-f))
             n += len(xs)
@@ -130,9 +145,13 @@ def cma_search(objective: Objective, space: PoseSpace, x0, sigma_deg: float, sig
 
 def gradient_refine(objective: Objective, space: PoseSpace, x0, steps: int = 60, lr_deg: float = 0.3,
                     lr_mm: float = 1.0, dtype=torch.float32, device="cpu", patience: int = 15,
-                    callback: Callable[[int, float], None] | None = None) -> StageResult:
+                    callback: Callable[[int, float], None] | None = None,
+                    bounds: tuple[np.ndarray, np.ndarray] | None = None,
+                    penalty: Penalty | None = None) -> StageResult:
     """Local refinement: Adam on the 6 parameters through the differentiable renderer, with
-    step sizes ``lr_deg`` / ``lr_mm`` (decayed); returns the best pose seen. Maximises."""
+    step sizes ``lr_deg`` / ``lr_mm`` (decayed); returns the best pose seen. Maximises.
+    ``bounds`` = (lower (6,), upper (6,)) keeps the parameters inside a box; ``penalty`` is
+    subtracted from the objective."""
     t0 = time.time()
     scale = torch.tensor([lr_deg] * 3 + [lr_mm] * 3, dtype=torch.float64)
     x0_t = torch.as_tensor(np.asarray(x0, dtype=np.float64))
@@ -145,6 +164,8 @@ def gradient_refine(objective: Objective, space: PoseSpace, x0, steps: int = 60,
         x = x0_t + z * scale
         pose = space.matrices(x[None]).to(dtype=dtype, device=device)
         f = objective(pose)[0]
+        if penalty is not None:
+            f = f - penalty(x[None])[0].to(f.dtype)
         fv = float(f.detach())
         if fv > best_f + 1e-6:
             best_f, best_x, since = fv, x.detach().numpy().copy(), 0
@@ -158,4 +179,9 @@ def gradient_refine(objective: Objective, space: PoseSpace, x0, steps: int = 60,
         (-f).backward()
         opt.step()
         sched.step()
+        if bounds is not None:
+            with torch.no_grad():
+                lo = (torch.as_tensor(bounds[0], dtype=torch.float64) - x0_t) / scale
+                hi = (torch.as_tensor(bounds[1], dtype=torch.float64) - x0_t) / scale
+                z.copy_(torch.maximum(torch.minimum(z, hi), lo))
     return StageResult(best_x, best_f, len(hist), time.time() - t0, hist)

@@ -6,13 +6,20 @@ a vertebra ...) gets its own ``ct_to_camera`` pose. Bodies are registered one af
 registered poses and added to its DRR as a fixed background. Per body:
 
 1. start pose (given, or the previous body's, or the default AP view) and, optionally, a 2D
-   search over in-plane rotation and shift (:func:`~.initialise.inplane_search`);
+   search over in-plane rotation and shift (:func:`~.initialise.inplane_search`). A body that
+   touches an already registered one (a femur after the pelvis: :func:`joint_centre`) is a
+   *ball joint*: it starts from that body's registered pose and its 6 parameters become
+   rotations about the joint centre (+-``joint_bounds_deg``, with a Gaussian prior of SD
+   ``joint_prior_deg`` on them) and small translations (+-``joint_bounds_mm`` in the image
+   plane, +-``joint_bounds_depth_mm`` in depth), searched on the finest level, with the
+   similarity restricted to ``roi_margin_mm`` around the body's projection;
 2. global CMA-ES over the 6 pose parameters on the coarsest pyramid level;
 3. gradient refinement (Adam through the differentiable DRR) on each finer level.
 
 The similarity compares the radiograph with the bone-only DRR (line integral of attenuation of
 the bodies' voxels), so the radiograph's soft tissue and contrast do not need to be modelled.
-A body whose final similarity is below ``doubtful_below`` is flagged *doubtful*.
+A body whose final similarity is below ``doubtful_below`` is flagged *doubtful*; so is a joint
+body whose rotation ends at its bound.
 """
 
 from __future__ import annotations
@@ -105,6 +112,16 @@ class RegistrationSettings:
     border_px: int = 2
     roi_margin_mm: float = 40.0   # later bodies: similarity only near the body's start projection
     later_body_bounds: float = 0.6  # later bodies start near the first one's pose: smaller search
+    joint_pivot: bool = True      # a body touching a registered one (femur - pelvis) rotates about the joint
+    joint_contact_mm: float = 7.5  # voxels this close to the registered body form the joint surface
+    joint_sigma_deg: float = 8.0
+    joint_bounds_deg: float = 30.0  # hip rotation searched, about the joint centre, relative to the parent
+    joint_sigma_mm: float = 1.0
+    joint_bounds_mm: float = 3.0    # in-plane joint translation allowed relative to the parent's pose
+    joint_bounds_depth_mm: float = 1.0  # depth (unobservable): the head stays in the acetabulum
+    joint_prior_deg: float = 10.0   # prior SD of the joint rotation (relative to the CT's posture)
+    joint_prior_weight: float = 0.01  # similarity units per (rotation / prior SD)^2; 0: no prior
+    joint_search_fine: bool = True  # CMA-ES of a joint body on the finest level (small bones)
     doubtful_below: float = 0.2   # calibrated on simulated radiographs (benchmarks/RESULTS_registration.md)
     seed: int = 0
 
@@ -159,6 +176,46 @@ def resample_to(pixels: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 def body_centre(labels: LabelMap, body: Body) -> np.ndarray:
     """Centre (LPS mm) of the body's voxels."""
     return labels.grid.voxel_centres_lps(body.mask(labels)).mean(0)
+
+
+def fit_sphere(points: np.ndarray) -> tuple[np.ndarray, float]:
+    """Least-squares sphere (centre mm, radius mm) through (N, 3) points (algebraic fit)."""
+    p = np.asarray(points, dtype=np.float64)
+    a = np.c_[2 * p, np.ones(len(p))]
+    sol, *_ = np.linalg.lstsq(a, (p * p).sum(1), rcond=None)
+    centre = sol[:3]
+    return centre, float(np.sqrt(max(sol[3] + centre @ centre, 0.0)))
+
+
+def joint_centre(labels: LabelMap, body: Body, parent: Body, contact_mm: float = 7.5,
+                 radius_mm: tuple[float, float] = (10.0, 45.0)) -> np.ndarray | None:
+    """Centre (LPS mm) of the ball joint between ``body`` and ``parent`` (e.g. the femoral head
+    in the acetabulum): a sphere fitted to the body's voxels within ``contact_mm`` of the
+    parent's voxels. None when they do not touch or the fit is not a plausible joint
+    (radius outside ``radius_mm``, centre far from the contact surface)."""
+    from scipy import ndimage
+
+    own, other = body.mask(labels), parent.mask(labels)
+    if not own.any() or not other.any():
+        return None
+    spacing = np.asarray(labels.grid.spacing, dtype=np.float64)[::-1]  # array axes (k, j, i)
+    # work in the body's bounding box grown by the contact distance (large CTs stay fast)
+    idx = np.argwhere(own)
+    pad = np.ceil(contact_mm / spacing).astype(int) + 1
+    lo, hi = np.maximum(idx.min(0) - pad, 0), idx.max(0) + pad + 1
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    dist = ndimage.distance_transform_edt(~other[box], sampling=spacing)
+    contact = np.zeros_like(own)
+    contact[box] = own[box] & (dist <= contact_mm)
+    if contact.sum() < 10:
+        return None
+    pts = labels.grid.voxel_centres_lps(contact)
+    centre, radius = fit_sphere(pts)
+    if not (radius_mm[0] <= radius <= radius_mm[1]):
+        return None
+    if np.linalg.norm(centre - pts.mean(0)) > radius_mm[1]:
+        return None
+    return centre
 
 
 def mtre_mm(points_lps: np.ndarray, true_pose: np.ndarray, estimate: np.ndarray) -> float:
@@ -225,8 +282,14 @@ def register(ct: Volume, labels: LabelMap, pixels: np.ndarray, camera: Camera, b
     prev = np.asarray(initial_pose, dtype=np.float64)
     for body in bodies:
         t0 = time.time()
-        start = np.asarray((initial_poses or {}).get(body.name, prev), dtype=np.float64)
-        space = PoseSpace(start, body_centre(labels, body))
+        joint = _joint(labels, body, registered, s) if s.joint_pivot else None
+        if joint is not None:  # a ball joint: start from the parent's pose, rotate about the joint
+            parent_pose, centre = joint
+            start = np.asarray((initial_poses or {}).get(body.name, parent_pose), dtype=np.float64)
+            space = PoseSpace(start, centre)
+        else:
+            start = np.asarray((initial_poses or {}).get(body.name, prev), dtype=np.float64)
+            space = PoseSpace(start, body_centre(labels, body))
         backgrounds = []
         with torch.no_grad():
             for lv in levels:
@@ -258,6 +321,8 @@ def register(ct: Volume, labels: LabelMap, pixels: np.ndarray, camera: Camera, b
         x = np.zeros(6)
         init_sim = score(len(levels) - 1, x)
         history.append({"stage": "initial", "level_px": list(_shape(levels[-1])), "similarity": init_sim})
+        if joint is not None:
+            history.append({"stage": "joint", "centre_lps_mm": [round(float(v), 2) for v in joint[1]]})
         if s.inplane_search and not results and initial_poses is None:
             lv = levels[0]
             with torch.no_grad():
@@ -273,27 +338,48 @@ def register(ct: Volume, labels: LabelMap, pixels: np.ndarray, camera: Camera, b
             history.append({"stage": "inplane", "level_px": list(_shape(lv)), "similarity": score(0, x),
                             "angle_deg": ang, "shift_px": [dr, dc]})
             notify("inplane", body=body.name, similarity=history[-1]["similarity"])
-        if s.cma:
+        box, penalty = None, None
+        if joint is not None:
+            sig_deg, b_deg = s.joint_sigma_deg, s.joint_bounds_deg
+            b_mm = np.array([s.joint_bounds_mm, s.joint_bounds_mm, s.joint_bounds_depth_mm])
+            sig_mm = np.minimum(s.joint_sigma_mm, b_mm / 2)
+            half = np.r_[[b_deg] * 3, b_mm]
+            box = (-half, half)
+            if s.joint_prior_weight > 0:
+                w, sd = s.joint_prior_weight, s.joint_prior_deg
+                penalty = lambda xt: w * ((xt[:, :3] / sd) ** 2).sum(-1)  # noqa: E731
+        else:
             shrink = s.later_body_bounds if registered else 1.0
-            res = cma_search(objective_at(0), space, x, s.sigma_deg * shrink, s.sigma_mm * shrink,
-                             s.bounds_deg * shrink, s.bounds_mm * shrink,
+            sig_deg, sig_mm = s.sigma_deg * shrink, s.sigma_mm * shrink
+            b_deg, b_mm = s.bounds_deg * shrink, s.bounds_mm * shrink
+        # a joint body moves little from its parent's pose: search it at the finest level
+        cl = len(levels) - 1 if joint is not None and s.joint_search_fine else 0
+        if s.cma:
+            res = cma_search(objective_at(cl), space, x, sig_deg, sig_mm, b_deg, b_mm,
                              s.cma_popsize, s.cma_max_evals, s.seed, dtype, device,
-                             callback=lambda n, f: notify("cma", body=body.name, step=n, similarity=f))
-            if res.similarity > score(0, x):
+                             callback=lambda n, f: notify("cma", body=body.name, step=n, similarity=f),
+                             penalty=penalty)
+            if res.similarity > score(cl, x):
                 x = res.x
-            history.append({"stage": "cma-es", "level_px": list(_shape(levels[0])), "similarity": res.similarity,
+            history.append({"stage": "cma-es", "level_px": list(_shape(levels[cl])), "similarity": res.similarity,
                             "evaluations": res.evaluations, "seconds": round(res.seconds, 3)})
-        for i in range(len(levels)):
+        for i in range(cl, len(levels)):
             res = gradient_refine(objective_at(i), space, x, s.refine_steps, s.refine_lr_deg / (i + 1),
                                   s.refine_lr_mm / (i + 1), dtype, device,
-                                  callback=lambda n, f: notify("refine", body=body.name, step=n, similarity=f))
+                                  callback=lambda n, f: notify("refine", body=body.name, step=n, similarity=f),
+                                  bounds=box, penalty=penalty)
             x = res.x
             history.append({"stage": "refine", "level_px": list(_shape(levels[i])), "similarity": res.similarity,
                             "steps": res.evaluations, "seconds": round(res.seconds, 3)})
         pose = space.matrix(x)
         final = score(len(levels) - 1, x)
+        doubtful = final < s.doubtful_below
+        if joint is not None:  # a joint rotation stuck at its bound is not a plausible hip posture
+            doubtful = doubtful or bool(np.any(np.abs(x[:3]) >= s.joint_bounds_deg - 1.0))
+            history.append({"stage": "joint-rotation", "deg": [round(float(v), 2) for v in x[:3]],
+                            "translation_mm": [round(float(v), 2) for v in x[3:]]})
         result = BodyResult(body.name, [st.name for st in body.structures], pose, start, init_sim, final,
-                            bool(final < s.doubtful_below), time.time() - t0, history)
+                            bool(doubtful), time.time() - t0, history)
         if true_poses and body.name in true_poses:
             pts = labels.grid.voxel_centres_lps(body.mask(labels))
             result.mtre_mm = mtre_mm(pts, np.asarray(true_poses[body.name]), pose)
@@ -303,6 +389,17 @@ def register(ct: Volume, labels: LabelMap, pixels: np.ndarray, camera: Camera, b
         prev = pose
         notify("body-done", body=body.name, similarity=final, doubtful=result.doubtful)
     return results
+
+
+def _joint(labels: LabelMap, body: Body, registered: list[tuple[Body, np.ndarray]],
+           s: RegistrationSettings) -> tuple[np.ndarray, np.ndarray] | None:
+    """(parent's registered pose, joint centre LPS mm) when ``body`` forms a ball joint with an
+    already registered body (the femoral head in the pelvis's acetabulum), else None."""
+    for parent, pose in registered:
+        c = joint_centre(labels, body, parent, s.joint_contact_mm)
+        if c is not None:
+            return np.asarray(pose, dtype=np.float64), c
+    return None
 
 
 def _shape(level: _Level) -> tuple[int, int]:
