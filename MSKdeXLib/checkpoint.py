@@ -13,7 +13,6 @@ Everything is written atomically (temporary name, then rename).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -81,15 +80,9 @@ def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
 
 
 def _read_json(path: Path, what: str) -> dict:
-    if not path.exists():
-        raise UserError(f"{what} missing", path)
-    try:
-        d = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read {what} ({exc})", path) from None
-    if not isinstance(d, dict):
-        raise UserError(f"{what} is not a JSON object", path)
-    return d
+    from .io.documents import read_json
+
+    return read_json(path, what)
 
 
 # ---------------------------------------------------------------------------------------------

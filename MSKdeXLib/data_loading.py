@@ -12,7 +12,6 @@ function of (seed, epoch, record index), so a resumed run sees exactly the same 
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 from torch.nn import functional as F
 
 from .errors import UserError
+from .io.documents import read_json
 from .structures import Structure
 
 FORMAT = "mskdex-dataset/1"
@@ -74,10 +74,7 @@ def load_dataset_info(folder: str | Path) -> DatasetInfo:
     path = folder / "dataset.json"
     if not path.exists():
         raise UserError("not a training-set folder (dataset.json missing)", folder)
-    try:
-        d = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read dataset description ({exc})", path) from None
+    d = read_json(path, "dataset description")
     if d.get("format") != FORMAT:
         raise UserError(f"unsupported data-set format {d.get('format')!r} (expected {FORMAT})", path)
     try:

@@ -32,6 +32,7 @@ import numpy as np
 
 from .errors import UserError
 from .geometry import Camera
+from .io.documents import read_json
 from .structures import Structure
 
 FORMAT = "mskdex-dataset/1"
@@ -305,10 +306,7 @@ def _structures_of_case(case: Case) -> list[Structure]:
 # Building one record
 # ------------------------------------------------------------------------------------------------
 def _read_metrics(path: Path) -> dict[str, dict]:
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError):
-        raise UserError("cannot read metrics", path) from None
+    doc = read_json(path, "metrics")
     return {r["name"]: r for r in doc["structures"]}
 
 
@@ -365,10 +363,7 @@ def read_registration(path: Path) -> tuple[Camera, list[RegisteredBody]]:
     ``ct_to_camera`` (with ``camera`` or ``geometry``) is one body holding every bone."""
     from .geometry import check_rigid
 
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError):
-        raise UserError("cannot read registration", path) from None
+    doc = read_json(path, "registration")
     cam = doc.get("geometry") or doc.get("camera")
     if not isinstance(cam, dict):
         raise UserError("registration lacks its camera 'geometry'", path)

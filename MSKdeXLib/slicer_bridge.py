@@ -30,6 +30,7 @@ from vtk.util import numpy_support
 from .errors import UserError
 from .geometry import check_rigid, pose_from_slicer_ras, pose_to_slicer_ras
 from .image import Radiograph, Volume
+from .io.documents import read_json
 from .io.volumes import LabelMap
 from .structures import (Structure, StructureTable, _colour, _kind_of, _side_of, detect_table,
                          detect_table_from_names, get_table, normalize_name)
@@ -703,16 +704,10 @@ ESTIMATE_COLUMNS = ("structure", "kind", "mass_g", "mass_g_low", "mass_g_high", 
 
 def read_estimates(out_dir) -> dict:
     """estimates.json of a ``mskdex predict`` output folder (format mskdex-estimates/1)."""
-    import json
     from pathlib import Path
 
     p = Path(out_dir) / "estimates.json"
-    if not p.is_file():
-        raise UserError("estimates.json not found", p)
-    try:
-        doc = json.loads(p.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise UserError(f"estimates.json is not valid JSON ({exc})", p) from None
+    doc = read_json(p, "estimates.json")
     if not str(doc.get("format", "")).startswith("mskdex-estimates/") or "structures" not in doc:
         raise UserError("not an mskdex estimates file (format mskdex-estimates/1 expected)", p)
     return doc
@@ -892,18 +887,12 @@ def registration_to_nodes(path, scene, radiograph_node=None, prefix: str = "MSKd
     attributes MSKdeX.similarity / MSKdeX.doubtful), a table of the bodies and, when
     ``radiograph_node`` is given, the registered bone mass channels summed into one volume on the
     radiograph's pixel grid (the camera's detector) for visual QA."""
-    import json
     from pathlib import Path
 
     p = Path(path)
     if p.is_dir():
         p = p / "registration.json"
-    if not p.is_file():
-        raise UserError("registration.json not found", p)
-    try:
-        doc = json.loads(p.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise UserError(f"registration.json is not valid JSON ({exc})", p) from None
+    doc = read_json(p, "registration.json")
     if not doc.get("bodies"):
         raise UserError("registration.json has no 'bodies'", p)
     res = nodes or RegistrationNodes()

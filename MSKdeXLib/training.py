@@ -105,15 +105,9 @@ def merge_config(user: dict[str, Any] | None, source: str = "config") -> dict[st
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.exists():
-        raise UserError("training config not found", path)
-    try:
-        user = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read training config ({exc})", path) from None
-    if not isinstance(user, dict):
-        raise UserError("training config must be a JSON object", path)
+    from .io.documents import read_json
+
+    user = read_json(path, "training config")
     return merge_config(user, str(path))
 
 

@@ -6,6 +6,7 @@ import json
 import time
 from pathlib import Path
 
+from ..io.documents import read_json
 from .common import add_ct_args, add_device, add_force, add_progress, load_case
 
 OUTPUTS = ("registration.json", "qa.png", "channels")
@@ -63,12 +64,7 @@ def _read_json_arg(text: str, what: str):
         except json.JSONDecodeError as exc:
             raise UserError(f"{what}: invalid inline JSON ({exc.msg})") from None
     p = Path(text)
-    if not p.exists():
-        raise UserError(f"{what} not found", p)
-    try:
-        return json.loads(p.read_text()), p
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{what} is not valid JSON ({getattr(exc, 'msg', exc)})", p) from None
+    return read_json(p, what, require_object=False), p
 
 
 def load_init_poses(text: str):
@@ -102,10 +98,7 @@ def load_geometry(xray_path: str, radiograph, sid_mm: float):
     side = sidecar_path(xray_path)
     doc = None
     if side.exists():
-        try:
-            doc = json.loads(side.read_text())
-        except json.JSONDecodeError as exc:
-            raise UserError(f"radiograph sidecar is not valid JSON ({exc.msg})", side) from None
+        doc = read_json(side, "radiograph sidecar")
     rows, cols = radiograph.shape
     if doc and doc.get("geometry"):
         g = dict(doc["geometry"])
