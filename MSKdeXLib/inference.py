@@ -244,9 +244,9 @@ def predict(model: Model, radiograph: Radiograph, tta: int = 8, seed: int = 0, r
 def overlay_rgb(est: Estimates) -> tuple[np.ndarray, list[tuple[str, tuple[float, float, float]]]]:
     """(RGB float image (H, W, 3) in 0..1, legend [(name, rgb)]): each structure's channel
     (mass, else volume) blended in its colour over the grey radiograph."""
-    x = est.input_image.astype(np.float64)
-    lo, hi = np.percentile(x, [1, 99])
-    grey = np.clip((x - lo) / max(hi - lo, 1e-9), 0, 1)
+    from .visualize import window
+
+    grey = window(est.input_image, 1, 99).astype(np.float64)
     rgb = np.repeat(grey[..., None], 3, axis=2) * 0.8
     colours = {s.name: tuple(c / 255 for c in s.color) for s in est.structures}
     legend, seen = [], set()

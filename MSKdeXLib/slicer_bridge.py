@@ -493,18 +493,12 @@ def set_overlay(composite_node, background=None, foreground=None, label=None,
 
 
 def checkerboard(a: np.ndarray, b: np.ndarray, tiles: int = 8) -> np.ndarray:
-    """Checkerboard of two same-shape 2D images (registration QA), each scaled to [0, 1]."""
+    """Checkerboard of two same-shape 2D images (registration QA), each windowed to [0, 1]."""
+    from .visualize import checkerboard as tiles_of, window
+
     if a.shape != b.shape:
         raise UserError(f"checkerboard needs images of one shape, got {a.shape} and {b.shape}")
-
-    def unit(x):
-        x = np.asarray(x, np.float32)
-        lo, hi = np.percentile(x, [1, 99])
-        return np.clip((x - lo) / max(hi - lo, 1e-12), 0, 1)
-
-    r = (np.arange(a.shape[0]) * tiles // a.shape[0])[:, None]
-    c = (np.arange(a.shape[1]) * tiles // a.shape[1])[None, :]
-    return np.where((r + c) % 2 == 0, unit(a), unit(b)).astype(np.float32)
+    return tiles_of(window(a, 1, 99), window(b, 1, 99), tiles)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,16 +14,29 @@ from typing import Sequence
 
 import numpy as np
 
+from .errors import UserError
 from .io.outputs import atomic_path
 
 
-def window(image: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5) -> np.ndarray:
-    """Grey levels in [0, 1] between two percentiles of ``image`` (float32)."""
+def window(image: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5,
+           mask: np.ndarray | None = None) -> np.ndarray:
+    """Grey levels in [0, 1] between two percentiles of ``image`` (float32); the percentiles
+    are taken over the ``mask`` pixels when a non-empty mask is given."""
     img = np.asarray(image, dtype=np.float64)
-    lo, hi = np.percentile(img, [low_pct, high_pct]) if img.size else (0.0, 1.0)
+    vals = img[mask] if mask is not None and np.any(mask) else img
+    lo, hi = np.percentile(vals, [low_pct, high_pct]) if vals.size else (0.0, 1.0)
     if hi <= lo:
         hi = lo + 1.0
     return np.clip((img - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+def checkerboard(a: np.ndarray, b: np.ndarray, tiles: int = 8) -> np.ndarray:
+    """``tiles`` x ``tiles`` alternating tiles of two same-shape 2D images (registration QA)."""
+    if a.shape != b.shape:
+        raise UserError(f"checkerboard needs images of one shape, got {a.shape} and {b.shape}")
+    r = (np.arange(a.shape[0]) * tiles // a.shape[0])[:, None]
+    c = (np.arange(a.shape[1]) * tiles // a.shape[1])[None, :]
+    return np.where((r + c) % 2 == 0, a, b)
 
 
 def colour_composite(channels: np.ndarray, colours: Sequence[Sequence[int]],

@@ -8,13 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..io.outputs import atomic_path
-
-
-def _normalise(img: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
-    """Map the 1st..99th percentile to 0..1 (clipped)."""
-    vals = img[mask] if mask is not None and mask.any() else img.ravel()
-    lo, hi = np.percentile(vals, [1, 99])
-    return np.clip((img - lo) / (hi - lo if hi > lo else 1.0), 0, 1)
+from ..visualize import checkerboard, window
 
 
 def edges(drr: np.ndarray, sigma: float = 1.0) -> np.ndarray:
@@ -23,15 +17,7 @@ def edges(drr: np.ndarray, sigma: float = 1.0) -> np.ndarray:
 
     if not np.any(drr > 0):
         return np.zeros(drr.shape, dtype=bool)
-    return canny(_normalise(drr, drr > 0), sigma=sigma, low_threshold=0.05, high_threshold=0.15)
-
-
-def checkerboard(a: np.ndarray, b: np.ndarray, tiles: int = 8) -> np.ndarray:
-    """Alternate square tiles of ``a`` and ``b`` (same shape)."""
-    h, w = a.shape
-    size = max(1, max(h, w) // tiles)
-    rr, cc = np.meshgrid(np.arange(h) // size, np.arange(w) // size, indexing="ij")
-    return np.where((rr + cc) % 2 == 0, a, b)
+    return canny(window(drr, 1, 99, drr > 0), sigma=sigma, low_threshold=0.05, high_threshold=0.15)
 
 
 def qa_figure(path: str | Path, radiograph: np.ndarray, body_drrs: dict[str, np.ndarray],
@@ -44,7 +30,7 @@ def qa_figure(path: str | Path, radiograph: np.ndarray, body_drrs: dict[str, np.
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    xr = _normalise(np.asarray(radiograph, dtype=np.float64))
+    xr = window(radiograph, 1, 99)
     overlay = np.repeat(xr[..., None], 3, axis=2)
     palette = [(255, 60, 60), (60, 220, 60), (70, 140, 255), (255, 200, 0), (255, 0, 255), (0, 230, 230)]
     total = np.zeros_like(xr)
@@ -52,7 +38,7 @@ def qa_figure(path: str | Path, radiograph: np.ndarray, body_drrs: dict[str, np.
         rgb = np.array((colours or {}).get(name, palette[k % len(palette)]), dtype=np.float64) / 255.0
         overlay[edges(drr)] = rgb
         total = total + drr
-    board = checkerboard(xr, _normalise(total, total > 0))
+    board = checkerboard(xr, window(total, 1, 99, total > 0))
     h, w = xr.shape
     fig, axes = plt.subplots(1, 2, figsize=(10, 5.4 * h / w + 0.4), dpi=110)
     axes[0].imshow(overlay, interpolation="nearest")
