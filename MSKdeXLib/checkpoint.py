@@ -20,6 +20,7 @@ import torch
 
 from .errors import UserError
 from .io.outputs import atomic_path, write_json
+from .io.documents import read_json
 
 MODEL_FORMAT = "mskdex-model/1"
 CHECKPOINT_FORMAT = "mskdex-checkpoint/1"
@@ -79,12 +80,6 @@ def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         raise UserError(f"not a valid safetensors file ({msg}); pickle files are never loaded", path) from None
 
 
-def _read_json(path: Path, what: str) -> dict:
-    from .io.documents import read_json
-
-    return read_json(path, what)
-
-
 # ---------------------------------------------------------------------------------------------
 # Training checkpoints
 # ---------------------------------------------------------------------------------------------
@@ -118,7 +113,7 @@ def load_checkpoint(folder: str | Path) -> tuple[dict[str, dict[str, torch.Tenso
     """(tensors by part, json) of ``folder``'s checkpoint. Parts: generator, discriminator,
     opt_g, opt_d (rebuilt state dicts), rng."""
     folder = Path(folder)
-    meta = _read_json(folder / "checkpoint.json", "checkpoint description")
+    meta = read_json(folder / "checkpoint.json", "checkpoint description")
     st_path = folder / "checkpoint.safetensors"
     if not st_path.exists():
         raise UserError("checkpoint weights missing", st_path)
@@ -175,7 +170,7 @@ def load_model_files(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in _PICKLE_SUFFIXES)
         hint = f" (found {pickles[0]}: pickle files are never loaded)" if pickles else ""
         raise UserError(f"model folder has no model.safetensors{hint}", folder)
-    config = _read_json(folder / "config.json", "model config")
+    config = read_json(folder / "config.json", "model config")
     if config.get("format") != MODEL_FORMAT:
         raise UserError(f"unsupported model format {config.get('format')!r} (expected {MODEL_FORMAT})",
                         folder / "config.json")
