@@ -625,7 +625,8 @@ def build_cohort(config: CohortConfig, n: int, out_dir: str | Path, workers: int
                  force: bool = False, on_subject: Callable[[dict], None] | None = None,
                  start: int = 0) -> dict:
     """Build subjects ``start .. start+n-1`` into ``out_dir`` (in parallel with ``workers``
-    spawn processes, one torch thread each) and write ``out_dir/cohort.json``."""
+    spawn processes; one torch thread per subject in either mode, so that a subject is
+    bit-identical however it was built) and write ``out_dir/cohort.json``."""
     from .io.outputs import prepare_out_dir, write_json
 
     if n < 1:
@@ -651,12 +652,20 @@ def build_cohort(config: CohortConfig, n: int, out_dir: str | Path, workers: int
     entries = []
     t0 = time.time()
     if workers <= 1:
-        _worker_init(max(1, _torch_threads()))
-        for i in indices:
-            e = make_subject(config, i, out, force)
-            entries.append(e)
-            if on_subject:
-                on_subject(e)
+        # one torch thread, as in the workers: parallel float reductions sum in an order that
+        # depends on the thread count, and a subject must depend only on (seed, index)
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for i in indices:
+                e = make_subject(config, i, out, force)
+                entries.append(e)
+                if on_subject:
+                    on_subject(e)
+        finally:
+            torch.set_num_threads(threads)
     else:
         import multiprocessing as mp
 
@@ -671,9 +680,3 @@ def build_cohort(config: CohortConfig, n: int, out_dir: str | Path, workers: int
            "seconds": round(time.time() - t0, 3)}
     write_json(out / "cohort.json", doc, force=True)
     return doc
-
-
-def _torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
