@@ -68,11 +68,11 @@ QUANTITIES = ("mass", "volume")
 QUANTITY_NAMES = {"mass": "mass_g", "volume": "volume_cm3"}
 
 # Elements per processing chunk (bounds temporary memory: ~12-24 bytes per element).
-_PLANE_CHUNK_ELEMENTS = 1 << 18  # best with 1 thread (cache-sized)
-# With several threads every torch op is an OpenMP region that waits for all threads; on a
-# busy machine a descheduled thread stalls each one, so use fewer, larger chunks there
-# (measured on 2 shared cores: 5-7x faster than 1 << 18 with 2 threads at load 3-4).
-_PLANE_CHUNK_ELEMENTS_MT = 1 << 22
+# Measured on an idle 2-core Xeon (benchmarks/RESULTS.md, run F): with 1 thread 1 << 18 is best
+# (cache-sized); with 2 threads 1 << 19 (pelvis 256^2: 12 ms vs 55 ms with 1 << 22; chest 512^2:
+# 0.30 s vs 0.74 s). Larger chunks only pay off on an overloaded machine (fewer OpenMP barriers).
+_PLANE_CHUNK_ELEMENTS = 1 << 18
+_PLANE_CHUNK_ELEMENTS_MT = 1 << 19
 _SPLAT_CHUNK_ELEMENTS = 1 << 20
 _SLAB_VOXELS = 1 << 22  # label scans run over slabs of slices of about this many voxels
 
