@@ -13,13 +13,16 @@ Pipeline (every step settable in :class:`SimulationSettings`; units in the names
    of a tungsten spectrum: Kramers' law, fluence per keV ~ (kVp - E) / E, hardened by
    ``filtration_mm_al`` of aluminium (default 2.5 mm, the usual total filtration), in 5 keV
    bins from 15 keV to kVp. Mass attenuation coefficients (cm^2/g) of water, cortical bone
-   (ICRU-44) and aluminium are NIST XCOM values (table :data:`MASS_ATTENUATION_CM2_G`),
-   interpolated log-log. At 75 kVp the mean detected energy is about 43 keV.
+   (ICRU-44) and aluminium are the NIST tables of Hubbell & Seltzer (NISTIR 5632, SRD 126:
+   Table 4 'Water, Liquid' and 'Bone, Cortical (ICRU-44)', Table 3 Z = 13; checked value by
+   value, :data:`MASS_ATTENUATION_CM2_G`), interpolated log-log. At 75 kVp the mean detected energy is about 43 keV.
 3. **Blur**: focal spot (Gaussian, FWHM ``focal_spot_mm`` at the tube, times (M - 1) at the
    detector, M = SID / source-to-isocentre distance), detector unsharpness (sigma
    ``detector_blur_mm``), and **scatter**: S = SPR * G(P), a wide Gaussian (sigma
    ``scatter_sigma_mm``) of the primary P with SPR = f / (1 - f), f = ``scatter_fraction``
-   (mean share of scatter in the detected signal).
+   (mean share of scatter in the detected signal). The default f = 0.3 (SPR 0.43) is the
+   scatter behind an anti-scatter grid for an adult AP pelvis; without a grid f is about
+   0.7-0.8 (set it when simulating grid-less bedside images).
 4. **Noise**: quantum noise, Poisson on expected photon counts N0 * (T_blurred + S) with
    N0 = ``photons_per_mm2`` * pixel area (unattenuated field; settable dose), or N0 chosen
    so the relative noise at the median signal in the field equals ``noise_level``; plus
@@ -47,7 +50,7 @@ from .errors import UserError
 from .geometry import Camera, check_rigid
 from .image import Radiograph, Volume
 
-#: NIST XCOM mass attenuation coefficients (cm^2/g) at ``ENERGIES_KEV``.
+#: NIST (Hubbell & Seltzer, SRD 126) mass attenuation coefficients mu/rho (cm^2/g) at ``ENERGIES_KEV``.
 ENERGIES_KEV = np.array([10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 80.0, 100.0, 150.0])
 MASS_ATTENUATION_CM2_G = {
     "water": np.array([5.329, 1.673, 0.8096, 0.3756, 0.2683, 0.2269, 0.2059, 0.1837, 0.1707, 0.1505]),
