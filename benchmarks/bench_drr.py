@@ -17,6 +17,12 @@ DiffDRR's imports need torchvision, which conflicts with the project venv, so ru
 separate venv (torch 2.14.1 + torchvision 0.29.1 + diffdrr 0.6.1 + this project, no-deps):
 
     /work/bench-venv/bin/python benchmarks/bench_drr.py --markdown benchmarks/bench_drr_table.md
+
+On a GPU (``--device cuda``) both renderers run on the device, timings synchronise the device
+before reading the clock, and the memory columns are the peak device memory allocated by torch
+(``torch.cuda.max_memory_allocated``) above what the loaded volume used; the thread count then
+only affects host-side work. The issue-3 GPU targets are the 512^2 rows: attenuation <= 2 ms and
+22 mass channels <= 10 ms.
 """
 
 from __future__ import annotations
@@ -103,15 +109,41 @@ def _reset_peak() -> None:
         pass
 
 
-def _time(fn, repeats: int, warm: bool = True) -> list[float]:
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _time(fn, repeats: int, warm: bool = True, device: str = "cpu") -> list[float]:
+    """Wall-clock ms of ``fn`` per repeat; on CUDA the device is synchronised around each call."""
     if warm:
         fn()  # warm-up (also builds caches)
     out = []
     for _ in range(repeats):
+        _sync(device)
         t = time.perf_counter()
         fn()
+        _sync(device)
         out.append((time.perf_counter() - t) * 1000.0)
     return out
+
+
+def _gpu_mb(device: str) -> float | None:
+    """Peak device memory (MB) allocated by torch since the last reset, None on the CPU."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+def _gpu_reset(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
 
 
 def diffdrr_extrinsic(pose: np.ndarray) -> np.ndarray:
@@ -135,6 +167,8 @@ def worker(spec: dict) -> dict:
     torch.set_num_threads(spec.get("threads", 1))
     from MSKdeXLib.rendering import DRRRenderer, default_view
 
+    dev = spec.get("device", "cpu")
+
     ct, labels = _load(spec["case"])
     if spec.get("slices"):
         ct, labels = _stretch_to(ct, labels, spec["slices"])
@@ -149,15 +183,16 @@ def worker(spec: dict) -> dict:
         gc.collect()
         res["rss_data_mb"] = _current_mb()  # CT + labels + torch loaded
         _reset_peak()
-        r = DRRRenderer(ct, cam, labels, structures, samples_per_ray=spec.get("samples"))
+        _gpu_reset(dev)
+        r = DRRRenderer(ct, cam, labels, structures, samples_per_ray=spec.get("samples"), device=dev)
         axis = r.dominant_axis(pose)
         res["samples_per_ray"] = r._samples(axis)
         before = res["rss_data_mb"]
         with torch.no_grad():
             if kind == "ours":
                 img = r.attenuation(pose)[0]
-                res["ms"] = _time(lambda: r.attenuation(pose), spec["repeats"])
-                np.save(spec["image"], img.numpy())
+                res["ms"] = _time(lambda: r.attenuation(pose), spec["repeats"], device=dev)
+                np.save(spec["image"], img.cpu().numpy())
             elif kind == "channels":  # interleaved: attenuation, K mass, K mass + K volume
                 res["k"] = len(structures)
                 fns = {"attenuation": lambda: r.attenuation(pose),
@@ -168,7 +203,7 @@ def worker(spec: dict) -> dict:
                 res["ms"] = {name: [] for name in fns}
                 for _ in range(spec["repeats"]):
                     for name, fn in fns.items():
-                        res["ms"][name] += _time(fn, 1, warm=False)
+                        res["ms"][name] += _time(fn, 1, warm=False, device=dev)
                 res["footprint_taps"] = list(r.footprint_taps(pose))
                 res["voxels"] = int(r._voxel_lists()[1].numel())
             else:  # memory: attenuation + mass and volume channels of K structures
@@ -177,6 +212,7 @@ def worker(spec: dict) -> dict:
                 res["k"] = len(structures)
                 res["inside"] = int(out.inside.sum())
         res["rss_before_mb"], res["peak_rss_mb"] = before, _rss_mb()
+        res["peak_gpu_mb"] = _gpu_mb(dev)
         res["load1"] = os.getloadavg()[0]
         return res
     # DiffDRR trilinear
@@ -186,13 +222,14 @@ def worker(spec: dict) -> dict:
     from torchio import ScalarImage
 
     mu = 0.02 * np.maximum(0.0, 1.0 + ct.array.astype(np.float32) / 1000.0)
-    data = torch.as_tensor(np.ascontiguousarray(mu.transpose(2, 1, 0)))[None]  # (1, I, J, K)
+    data = torch.as_tensor(np.ascontiguousarray(mu.transpose(2, 1, 0)))[None]  # (1, I, J, K), host
     affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ ct.index_to_lps()  # index -> RAS
     subject = read(ScalarImage(tensor=data, affine=affine), orientation=None, center_volume=False)
     drr = DRR(subject, sdd=cam.sid_mm, height=cam.rows, delx=cam.spacing_col_mm, width=cam.cols,
               dely=cam.spacing_row_mm, renderer="trilinear", reverse_x_axis=True)
     drr.density = data[0].clone()  # our mu, not DiffDRR's own HU->density mapping
-    extr = RigidTransform(torch.as_tensor(diffdrr_extrinsic(pose), dtype=torch.float32))
+    drr = drr.to(dev)
+    extr = RigidTransform(torch.as_tensor(diffdrr_extrinsic(pose), dtype=torch.float32, device=dev))
     n = spec["samples"]
     import gc
 
@@ -200,13 +237,15 @@ def worker(spec: dict) -> dict:
     gc.collect()
     before = _current_mb()
     _reset_peak()
+    _gpu_reset(dev)
     with torch.no_grad():
         img = drr(extr, n_points=n)[0, 0]
-        res["ms"] = _time(lambda: drr(extr, n_points=n), spec["repeats"])
+        res["ms"] = _time(lambda: drr(extr, n_points=n), spec["repeats"], device=dev)
     res["samples_per_ray"] = n
     res["rss_before_mb"], res["peak_rss_mb"] = before, _rss_mb()
+    res["peak_gpu_mb"] = _gpu_mb(dev)
     res["load1"] = os.getloadavg()[0]
-    np.save(spec["image"], img.numpy())
+    np.save(spec["image"], img.cpu().numpy())
     return res
 
 
@@ -231,6 +270,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5, help="timed repeats for our renderer")
     p.add_argument("--diffdrr-repeats", type=int, default=3)
     p.add_argument("--threads", nargs="+", type=int, default=[1, 2], help="torch thread counts to measure")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]: both renderers run there")
+    p.add_argument("--no-memory-check", action="store_true", help="skip the 512x512x300 host-memory check")
     p.add_argument("--markdown", default=None, help="also write the result table to this file")
     args = p.parse_args(argv)
     if args.worker:
@@ -247,7 +288,7 @@ def main(argv=None) -> int:
     for threads in args.threads:
         for case in args.cases:
             for size in args.sizes:
-                base = {"case": case, "size": size, "threads": threads}
+                base = {"case": case, "size": size, "threads": threads, "device": args.device}
                 ours = _run({**base, "renderer": "ours", "repeats": args.repeats,
                              "image": str(tmp / f"{case}{size}_ours.npy")})
                 n = ours["samples_per_ray"]
@@ -257,8 +298,7 @@ def main(argv=None) -> int:
                 o_ms, d_ms = med(ours["ms"]), med(dd["ms"])
                 lines.append(f"| {threads} | {case} {tuple(ours['ct_shape_kji'])} | {size}^2 | {n} | "
                              f"{o_ms:.0f} ({min(ours['ms']):.0f}) | {d_ms:.0f} ({min(dd['ms']):.0f}) | "
-                             f"{d_ms / o_ms:.1f}x | {ours['peak_rss_mb'] - ours['rss_before_mb']:.0f} | "
-                             f"{dd['peak_rss_mb'] - dd['rss_before_mb']:.0f} | {_ncc(a, b):.4f} | "
+                             f"{d_ms / o_ms:.1f}x | {_peak(ours):.0f} | {_peak(dd):.0f} | {_ncc(a, b):.4f} | "
                              f"{ours['load1']:.1f} / {dd['load1']:.1f} |")
                 print(lines[-1], flush=True)
                 ch = _run({**base, "renderer": "channels", "k": 22, "repeats": args.repeats})
@@ -267,29 +307,46 @@ def main(argv=None) -> int:
                                   f"{tuple(ch['footprint_taps'])} | {t_att:.0f} | {t_m:.0f} | {t_mv:.0f} | "
                                   f"{t_m / t_att:.2f} | {t_mv / t_att:.2f} | {ch['load1']:.1f} |")
                 print(chan_lines[-1], flush=True)
-    mem = _run({"case": "chest", "size": 512, "renderer": "memory", "slices": 300, "k": 22, "threads": 1})
-    mem_line = (f"512x512x300 CT (chest resampled), 512^2 detector, attenuation + mass and volume channels of "
-                f"K={mem['k']} structures ({mem['inside']} inside): peak RSS of the process "
-                f"{mem['peak_rss_mb']:.0f} MB, of which {mem['rss_before_mb']:.0f} MB is the loaded CT + labels + "
-                f"torch before the renderer exists; renderer + rendering: "
-                f"{mem['peak_rss_mb'] - mem['rss_before_mb']:.0f} MB")
+    mem_line = "512x512x300 memory check skipped (--no-memory-check)"
+    if not args.no_memory_check:
+        mem_line = _memory_check()
     print(mem_line)
     import torch
 
     cpu = next((ln.split(":", 1)[1].strip() for ln in subprocess.run(["lscpu"], capture_output=True, text=True)
                 .stdout.splitlines() if ln.startswith("Model name")), platform.processor())
-    header = (f"Machine: {cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, torch threads "
+    gpu = (f", device {args.device} ({torch.cuda.get_device_name()})" if args.device.startswith("cuda")
+           else ", device cpu")
+    header = (f"Machine: {cpu}, {os.cpu_count()} logical CPUs{gpu}, torch {torch.__version__}, torch threads "
               f"{args.threads} (same for both renderers), load average at the end of the run "
               f"{os.getloadavg()[0]:.2f}. Times: median (min) of {args.repeats} (ours) / {args.diffdrr_repeats} "
               f"(DiffDRR) repeats after one warm-up.")
     note = ("*peak MB: peak resident memory of the renderer (construction + rendering) above the process "
-            "with the CT loaded.")
+            "with the CT loaded" + ("; on CUDA: peak device memory allocated by torch." if args.device != "cpu"
+                                    else "."))
     text = "\n".join([header, "", *lines, note, "", *chan_lines, "", mem_line, ""])
     if args.markdown:
         Path(args.markdown).write_text(text)
     print(text)
     return 0
 
+
+def _peak(res: dict) -> float:
+    """Peak memory (MB) of one measurement: device memory on CUDA, else resident memory above the
+    process with the CT loaded."""
+    if res.get("peak_gpu_mb") is not None:
+        return res["peak_gpu_mb"]
+    return res["peak_rss_mb"] - res["rss_before_mb"]
+
+
+def _memory_check() -> str:
+    """Host memory of a 512x512x300 CT rendered to 512^2 (attenuation + 2 x 22 channels), 1 thread."""
+    mem = _run({"case": "chest", "size": 512, "renderer": "memory", "slices": 300, "k": 22, "threads": 1})
+    return (f"512x512x300 CT (chest resampled), 512^2 detector, attenuation + mass and volume channels of "
+            f"K={mem['k']} structures ({mem['inside']} inside): peak RSS of the process "
+            f"{mem['peak_rss_mb']:.0f} MB, of which {mem['rss_before_mb']:.0f} MB is the loaded CT + labels + "
+            f"torch before the renderer exists; renderer + rendering: "
+            f"{mem['peak_rss_mb'] - mem['rss_before_mb']:.0f} MB")
 
 if __name__ == "__main__":
     sys.exit(main())
