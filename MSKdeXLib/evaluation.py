@@ -9,8 +9,14 @@ Statistics (n paired cases per structure/quantity):
 * Bland-Altman: ``bias`` (mean of pred - truth) and 95 % limits of agreement
   ``bias +- 1.96 * SD`` (SD with ddof=1).
 
-Rows are dicts ``{id, structure, quantity, value}`` (``quantity`` "mass_g" or "volume_cm3");
-pairs match on (id, structure name loosely normalised, quantity). File readers accept
+Interval coverage: when predictions carry an interval (``low``/``high``, as ``mskdex predict``
+writes, with its nominal ``level``), ``coverage`` is the fraction of cases whose truth lies in
+[low, high], per structure/quantity and overall (:meth:`Evaluation.coverage`), next to the
+nominal level and the mean relative half-width of the intervals.
+
+Rows are dicts ``{id, structure, quantity, value}`` (``quantity`` "mass_g" or "volume_cm3"),
+optionally with ``low``, ``high`` and ``level``; pairs match on (id, structure name loosely
+normalised, quantity). File readers accept
 ``mskdex predict`` outputs (estimates.json / estimates.csv), ``mskdex metrics --json`` files and
 CSVs with ``id,structure,mass_g,volume_cm3`` (wide) or ``id,structure,quantity,value`` (long),
 or folders of them (searched recursively). The id of a file without an explicit id is its name,
@@ -88,6 +94,39 @@ class Evaluation:
     unmatched_pred: int = 0
     unmatched_truth: int = 0
     notes: list[str] = field(default_factory=list)
+    #: (structure, quantity) -> [(id, low, high, truth, level)] for predictions with an interval
+    intervals: dict[tuple[str, str], list[tuple[str, float, float, float, float]]] = field(default_factory=dict)
+
+    def coverage(self) -> dict[str, Any]:
+        """Empirical coverage of the prediction intervals: overall, per quantity, with the
+        nominal level(s) and counts; empty when no prediction carries an interval."""
+        allv = [v for vs in self.intervals.values() for v in vs]
+        if not allv:
+            return {}
+
+        def summary(vals) -> dict[str, Any]:
+            hit = [lo <= t <= hi for _, lo, hi, t, _ in vals]
+            levels = sorted({round(lv, 6) for *_, lv in vals if np.isfinite(lv)})
+            return {"coverage": float(np.mean(hit)), "n": len(hit),
+                    "nominal": levels[0] if len(levels) == 1 else (levels or None)}
+
+        out = {"overall": summary(allv)}
+        for q in QUANTITIES:
+            vq = [v for (s, qq), vs in self.intervals.items() if qq == q for v in vs]
+            if vq:
+                out[q] = summary(vq)
+        return out
+
+    def coverage_text(self) -> str:
+        """One line: overall and per-quantity coverage against the nominal level ('' if none)."""
+        cov = self.coverage()
+        if not cov:
+            return ""
+        nom = cov["overall"]["nominal"]
+        nom_t = f"{nom:.0%}" if isinstance(nom, float) else str(nom)
+        parts = [f"{q} {cov[q]['coverage']:.1%}" for q in QUANTITIES if q in cov]
+        return (f"interval coverage of the truth: {cov['overall']['coverage']:.1%} overall "
+                f"(n = {cov['overall']['n']}; {', '.join(parts)}); nominal {nom_t}")
 
     def headline(self) -> dict[str, float]:
         """Mean PCC over structures, per quantity (structures with a defined PCC)."""
@@ -101,24 +140,33 @@ class Evaluation:
     def to_csv(self) -> str:
         cols = ["structure", "quantity", "n", "pcc", "icc", "mae", "mape_percent", "bias", "loa_low", "loa_high",
                 "truth_mean", "pred_mean"]
+        if self.intervals:
+            cols += ["coverage", "n_interval", "nominal_level", "mean_half_width_percent"]
         buf = io.StringIO()
         w = csv.DictWriter(buf, cols, extrasaction="ignore", lineterminator="\n")
         w.writeheader()
         for s in self.stats:
-            w.writerow({c: (f"{s[c]:.6g}" if isinstance(s[c], float) else s[c]) for c in cols})
+            w.writerow({c: (f"{s[c]:.6g}" if isinstance(s.get(c), float) else s.get(c, "")) for c in cols})
         return buf.getvalue()
 
     def to_markdown(self) -> str:
-        lines = ["| structure | quantity | n | PCC | ICC(2,1) | MAE | MAPE % | bias | 95 % LoA |",
-                 "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+        cov = bool(self.intervals)
+        lines = ["| structure | quantity | n | PCC | ICC(2,1) | MAE | MAPE % | bias | 95 % LoA |"
+                 + (" coverage |" if cov else ""),
+                 "|---|---|---:|---:|---:|---:|---:|---:|---|" + ("---:|" if cov else "")]
         for s in self.stats:
+            c = ""
+            if cov:
+                c = f" {s['coverage']:.0%} |" if np.isfinite(s.get("coverage", float("nan"))) else " - |"
             lines.append(f"| {s['structure']} | {s['quantity']} | {s['n']} | {s['pcc']:.3f} | {s['icc']:.3f} | "
                          f"{s['mae']:.4g} | {s['mape_percent']:.2f} | {s['bias']:.4g} | "
-                         f"{s['loa_low']:.4g} .. {s['loa_high']:.4g} |")
+                         f"{s['loa_low']:.4g} .. {s['loa_high']:.4g} |" + c)
         head = self.headline()
         lines.append("")
         for q, v in head.items():
             lines.append(f"Mean PCC over structures ({q}): **{v:.3f}**")
+        if cov:
+            lines += ["", self.coverage_text()[0].upper() + self.coverage_text()[1:] + "."]
         return "\n".join(lines) + "\n"
 
 
@@ -137,6 +185,7 @@ def evaluate(pred_rows: Iterable[dict[str, Any]], truth_rows: Iterable[dict[str,
         truth[k] = float(r["value"])
         names.setdefault(k[1], str(r["structure"]))
     pairs: dict[tuple[str, str], list[tuple[str, float, float]]] = {}
+    intervals: dict[tuple[str, str], list[tuple[str, float, float, float, float]]] = {}
     unmatched = 0
     seen = set()
     for r in pred_rows:
@@ -146,22 +195,48 @@ def evaluate(pred_rows: Iterable[dict[str, Any]], truth_rows: Iterable[dict[str,
             continue
         seen.add(k)
         pairs.setdefault((names[k[1]], k[2]), []).append((k[0], float(r["value"]), truth[k]))
+        lo, hi = _number(r.get("low")), _number(r.get("high"))
+        if np.isfinite(lo) and np.isfinite(hi):
+            intervals.setdefault((names[k[1]], k[2]), []).append(
+                (k[0], lo, hi, truth[k], _number(r.get("level"))))
     stats, notes = [], []
     for (s, q), v in sorted(pairs.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         if len(v) < 2:
             notes.append(f"{s} {q}: only {len(v)} pair(s), no statistics")
             continue
         _, p, t = zip(*v)
-        stats.append({"structure": s, "quantity": q, **agreement(np.array(p), np.array(t))})
+        stats.append({"structure": s, "quantity": q, **agreement(np.array(p), np.array(t)),
+                      **interval_stats(intervals.get((s, q), []))})
     if not pairs:
         raise UserError("no prediction matches a truth row (check the ids, structure names and quantities)")
-    return Evaluation(pairs, stats, unmatched, len(set(truth) - seen), notes)
+    return Evaluation(pairs, stats, unmatched, len(set(truth) - seen), notes, intervals)
+
+
+def _number(v: Any) -> float:
+    try:
+        return float(v) if v not in (None, "") else float("nan")
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def interval_stats(vals: list[tuple[str, float, float, float, float]]) -> dict[str, Any]:
+    """coverage (fraction of truths in [low, high]), n_interval, nominal_level and the mean
+    half-width in % of the truth; {} without intervals."""
+    if not vals:
+        return {}
+    _, lo, hi, t, lv = map(np.array, zip(*vals))
+    levels = np.unique(lv[np.isfinite(lv)])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        hw = np.where(t != 0, (hi - lo) / 2 / np.abs(t) * 100, np.nan)
+    return {"coverage": float(np.mean((lo <= t) & (t <= hi))), "n_interval": int(len(t)),
+            "nominal_level": float(levels[0]) if len(levels) == 1 else float("nan"),
+            "mean_half_width_percent": float(np.nanmean(hw)) if np.isfinite(hw).any() else float("nan")}
 
 
 # ---------------------------------------------------------------------------------------------
 # Reading files
 # ---------------------------------------------------------------------------------------------
-def _wide_to_long(rid: str, items: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+def _wide_to_long(rid: str, items: Iterable[dict[str, Any]], level: Any = None) -> list[dict[str, Any]]:
     out = []
     for it in items:
         name = it.get("structure", it.get("name"))
@@ -169,8 +244,19 @@ def _wide_to_long(rid: str, items: Iterable[dict[str, Any]]) -> list[dict[str, A
         for q in QUANTITIES:
             v = it.get(q)
             if name is not None and v not in (None, ""):
-                out.append({"id": rid_i, "structure": str(name), "quantity": q, "value": float(v)})
+                row = {"id": rid_i, "structure": str(name), "quantity": q, "value": float(v)}
+                if it.get(f"{q}_low") not in (None, "") and it.get(f"{q}_high") not in (None, ""):
+                    row.update(low=float(it[f"{q}_low"]), high=float(it[f"{q}_high"]),
+                               level=_number(it.get("level", level)))
+                out.append(row)
     return out
+
+
+def _interval_fields(r: dict[str, Any], level: Any) -> dict[str, float]:
+    """low / high / level of a long-format row when it has an interval."""
+    if r.get("low") in (None, "") or r.get("high") in (None, ""):
+        return {}
+    return {"low": float(r["low"]), "high": float(r["high"]), "level": _number(r.get("level", level))}
 
 
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
@@ -205,10 +291,11 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
             raise UserError(f"not valid JSON ({exc})", path) from None
         if isinstance(d, dict) and isinstance(d.get("rows"), list):
             rid = str(d.get("id") or rid)
+            level = d.get("interval")
             return [{"id": str(r.get("id") or rid), "structure": r["structure"], "quantity": r["quantity"],
-                     "value": float(r["value"])} for r in d["rows"]]
+                     "value": float(r["value"]), **_interval_fields(r, level)} for r in d["rows"]]
         if isinstance(d, dict) and isinstance(d.get("structures"), list):
-            rows = _wide_to_long(str(d.get("id") or rid), d["structures"])
+            rows = _wide_to_long(str(d.get("id") or rid), d["structures"], d.get("interval"))
             if rows:
                 return rows
         raise UserError("JSON is neither estimates (mskdex predict) nor metrics (mskdex metrics --json)", path)
@@ -218,7 +305,7 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
         recs = [{(k or "").strip().lower(): (v or "").strip() for k, v in r.items()} for r in reader]
         if {"structure", "quantity", "value"} <= cols:
             return [{"id": r.get("id") or rid, "structure": r["structure"], "quantity": r["quantity"],
-                     "value": float(r["value"])} for r in recs if r["value"] != ""]
+                     "value": float(r["value"]), **_interval_fields(r, None)} for r in recs if r["value"] != ""]
         if ({"structure"} <= cols or {"name"} <= cols) and cols & set(QUANTITIES):
             try:
                 return _wide_to_long(rid, recs)
@@ -297,6 +384,7 @@ def write_report(ev: Evaluation, out_dir: str | Path, force: bool = False) -> di
     files = {"csv": write_text(out / "evaluation.csv", ev.to_csv(), force),
              "markdown": write_text(out / "evaluation.md", ev.to_markdown(), force),
              "json": write_json(out / "evaluation.json", {"statistics": ev.stats, "headline_mean_pcc": ev.headline(),
+                                                          "interval_coverage": ev.coverage(),
                                                           "icc": "ICC(2,1), two-way random, absolute agreement",
                                                           "unmatched_predictions": ev.unmatched_pred,
                                                           "unmatched_truth": ev.unmatched_truth, "notes": ev.notes},

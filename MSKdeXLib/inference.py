@@ -9,7 +9,17 @@ the generator and sums each channel (g or cm^3 per pixel -> g or cm^3).
 Uncertainty: test-time augmentation (TTA) with ``tta`` extra passes on small random shifts,
 scales, rotations and brightness/contrast changes of the normalised input (the training
 augmentation keeps channel sums, so sums should be invariant); the estimate is the mean over
-all passes (identity included) and the interval the 5th-95th percentiles (90 %).
+all passes (identity included).
+
+The 90 % interval is *calibrated* when the model config holds a ``calibration`` record
+(written by training, :func:`calibrate`): split-conformal on held-out (validation) records,
+per channel, with the nonconformity score |truth - estimate| / u, u = max(TTA standard
+deviation, ``floor_fraction`` * |estimate|); the interval is estimate +- q_c * u with q_c the
+conformal quantile of channel c (pooled over channels when there are too few records). Two
+quantile sets are stored: ``tta`` (for predictions with >= 3 passes) and ``single`` (fewer: u is
+the floor, i.e. a relative-error interval). Without calibration (older models) the interval is
+the 5th-95th percentile of the TTA sums and is reported as uncalibrated (it is usually far too
+narrow: TTA spread is not the model's error).
 
 Warnings flag inputs unlike the training data: no pixel spacing, spacing far from the
 model's, intensity quantiles outside the training range, estimates outside the training range.
@@ -34,6 +44,12 @@ from .structures import Structure
 TTA_AUGMENT = {"enabled": True, "rotation_deg": 2.0, "scale": [0.97, 1.03], "translation": 0.02,
                "brightness": 0.05, "contrast": [0.95, 1.05]}
 INTERVAL = 0.90
+CALIBRATION_FORMAT = "mskdex-calibration/1"
+#: relative floor of the interval scale u (fraction of the estimate), so a zero TTA spread
+#: (or no TTA) still gives a non-degenerate, relative-error interval
+FLOOR_FRACTION = 0.01
+#: below this many calibration records the conformal quantile is pooled over channels
+MIN_PER_CHANNEL = 20
 
 
 @dataclass
@@ -102,14 +118,48 @@ class Estimates:
     pixel_spacing_mm: tuple[float, float]
     warnings: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] | None = None
 
     @property
     def mean(self) -> np.ndarray:
         return self.samples.mean(axis=0)
 
-    def interval(self, level: float = INTERVAL) -> tuple[np.ndarray, np.ndarray]:
-        a = (1 - level) / 2 * 100
+    @property
+    def level(self) -> float:
+        """Nominal coverage of :meth:`interval` (the calibration's level when calibrated)."""
+        return float(self.calibration["level"]) if self.calibration else INTERVAL
+
+    def interval(self, level: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(low, high) per channel: calibrated (conformal) when the model carries a calibration
+        and ``level`` is None or its level; else the TTA percentiles (uncalibrated)."""
+        cal = self.calibration
+        if cal is not None and (level is None or abs(level - float(cal["level"])) < 1e-9):
+            passes = self.samples.shape[0]
+            q = calibration_quantiles(cal, passes)
+            m = self.mean
+            spread = self.samples if calibration_mode(cal, passes) == "tta" else m[None]  # single: floor only
+            half = q * interval_scale(spread, float(cal.get("floor_fraction", FLOOR_FRACTION)))
+            return np.maximum(m - half, 0.0), m + half
+        a = (1 - (INTERVAL if level is None else level)) / 2 * 100
         return np.percentile(self.samples, a, axis=0), np.percentile(self.samples, 100 - a, axis=0)
+
+    def interval_method(self) -> dict[str, Any]:
+        """How :meth:`interval` was made (recorded in estimates.json)."""
+        cal = self.calibration
+        if cal is None:
+            return {"calibrated": False, "level": INTERVAL,
+                    "method": f"{(1 - INTERVAL) / 2 * 100:g}th-{(1 + INTERVAL) / 2 * 100:g}th percentiles of "
+                              f"{self.samples.shape[0]} test-time-augmentation passes",
+                    "note": "uncalibrated: the model has no calibration record, so the interval's coverage of "
+                            "the truth is unknown (TTA spread alone usually under-covers); re-train or "
+                            "calibrate the model"}
+        mode = calibration_mode(cal, self.samples.shape[0])
+        return {"calibrated": True, "level": float(cal["level"]), "method": cal.get("method"),
+                "mode": mode, "score": cal.get("score"), "floor_fraction": cal.get("floor_fraction"),
+                "calibration_split": cal.get("split"), "calibration_records": cal.get("n"),
+                "pooled_over_channels": bool(cal.get(mode, {}).get("pooled")),
+                "calibration_tta_passes": cal.get("tta", {}).get("passes") if mode == "tta" else 1,
+                "quantiles": [float(v) for v in calibration_quantiles(cal, self.samples.shape[0])]}
 
     def rows(self) -> list[dict[str, Any]]:
         """Long format: {id, structure, kind, quantity, value, low, high} per channel."""
@@ -129,8 +179,9 @@ class Estimates:
         return list(out.values())
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": "mskdex-estimates/1", "id": self.id, "interval": INTERVAL,
-                "tta_passes": int(self.samples.shape[0]), "pixel_spacing_mm": list(self.pixel_spacing_mm),
+        return {"format": "mskdex-estimates/1", "id": self.id, "interval": self.level,
+                "interval_method": self.interval_method(), "tta_passes": int(self.samples.shape[0]),
+                "pixel_spacing_mm": list(self.pixel_spacing_mm),
                 "structures": self.table(), "rows": self.rows(), "warnings": self.warnings, **self.info}
 
     def to_csv(self) -> str:
@@ -142,6 +193,107 @@ class Estimates:
         for r in self.table():
             w.writerow({c: (f"{r[c]:.6g}" if isinstance(r.get(c), float) else r.get(c, "")) for c in cols})
         return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration of the interval (split conformal)
+# ---------------------------------------------------------------------------------------------
+def interval_scale(samples: np.ndarray, floor_fraction: float = FLOOR_FRACTION) -> np.ndarray:
+    """u (C,): the TTA standard deviation of the channel sums (0 with a single pass), at least
+    ``floor_fraction`` * |mean| (same units as the sums)."""
+    s = np.asarray(samples, np.float64)
+    sd = s.std(axis=0, ddof=1) if s.shape[0] > 1 else np.zeros(s.shape[1])
+    return np.maximum(sd, floor_fraction * np.abs(s.mean(axis=0)) + 1e-12)
+
+
+def conformal_scores(samples: np.ndarray, truth: np.ndarray, floor_fraction: float = FLOOR_FRACTION) -> np.ndarray:
+    """Nonconformity scores (C,) of one record: |truth - mean| / u."""
+    s = np.asarray(samples, np.float64)
+    return np.abs(np.asarray(truth, np.float64) - s.mean(axis=0)) / interval_scale(s, floor_fraction)
+
+
+def conformal_quantile(scores: np.ndarray, level: float) -> float:
+    """The split-conformal quantile of 1-D ``scores``: the ceil((n + 1) level)-th smallest
+    (inf when n is too small for ``level``)."""
+    v = np.sort(np.asarray(scores, np.float64).ravel())
+    k = int(np.ceil((len(v) + 1) * level))
+    return float(v[k - 1]) if 1 <= k <= len(v) else float("inf")
+
+
+def quantile_set(scores: np.ndarray, level: float, min_per_channel: int = MIN_PER_CHANNEL) -> dict[str, Any]:
+    """Per-channel conformal quantiles of scores (n, C); pooled over channels (one quantile for
+    all) when n < ``min_per_channel``."""
+    n, c = scores.shape
+    if n >= min_per_channel:
+        return {"quantiles": [conformal_quantile(scores[:, j], level) for j in range(c)], "pooled": False}
+    return {"quantiles": [conformal_quantile(scores, level)] * c, "pooled": True}
+
+
+def calibration_mode(cal: dict[str, Any], passes: int) -> str:
+    """"tta" (TTA-spread-scaled quantiles) for predictions with >= 3 passes (a spread estimate
+    from fewer is too noisy), else "single" (relative-error quantiles)."""
+    return "tta" if passes >= 3 and "tta" in cal else "single"
+
+
+def calibration_quantiles(cal: dict[str, Any], passes: int) -> np.ndarray:
+    """The quantiles (C,) of a calibration record for a prediction with ``passes`` passes."""
+    return np.asarray(cal[calibration_mode(cal, passes)]["quantiles"], np.float64)
+
+
+@torch.no_grad()
+def channel_sums(generator: torch.nn.Module, x: np.ndarray, tta: int, seed: int, device: torch.device,
+                 batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """(sums (1 + tta, C) of every pass, un-augmented channels (C, H, W)) of one normalised
+    input (H, W); row 0 is the un-augmented pass."""
+    batch = _tta_batch(x, max(0, int(tta)), seed)
+    sums, first = [], None
+    for i in range(0, batch.shape[0], batch_size):
+        y = generator(batch[i:i + batch_size].to(device)).float()
+        if first is None:
+            first = y[0].cpu().numpy()
+        sums.append(y.double().sum(dim=(2, 3)).cpu().numpy())
+    return np.concatenate(sums), first
+
+
+def calibrate(generator: torch.nn.Module, xrays: list[np.ndarray], truths: list[np.ndarray], *,
+              level: float = INTERVAL, tta: int = 8, seed: int = 0, floor_fraction: float = FLOOR_FRACTION,
+              device: str | torch.device = "cpu", split: str = "val",
+              min_per_channel: int = MIN_PER_CHANNEL) -> dict[str, Any]:
+    """The calibration record (JSON-ready) of a generator from held-out normalised inputs
+    (each (H, W)) and their truths (C,): split-conformal quantiles for TTA and single-pass
+    predictions. Needs enough records: n >= level / (1 - level) per channel, or pooled."""
+    if not xrays:
+        raise UserError(f"no '{split}' records to calibrate the interval on")
+    dev = torch.device(device)
+    was = generator.training
+    generator.eval()
+    s_tta, s_one = [], []
+    try:
+        for i, (x, t) in enumerate(zip(xrays, truths)):
+            samples, _ = channel_sums(generator, np.asarray(x, np.float32), tta, seed + i, dev)
+            s_tta.append(conformal_scores(samples, t, floor_fraction))
+            s_one.append(conformal_scores(samples[:1], t, floor_fraction))
+    finally:
+        generator.train(was)
+    s_tta, s_one = np.array(s_tta), np.array(s_one)
+    out = {"format": CALIBRATION_FORMAT, "method": "split conformal, per channel (pooled when few records)",
+           "score": "|truth - estimate| / max(TTA SD, floor_fraction * |estimate|)",
+           "level": float(level), "floor_fraction": float(floor_fraction), "split": split, "n": len(xrays),
+           "tta": {"passes": 1 + int(tta), "seed": int(seed), **quantile_set(s_tta, level, min_per_channel)},
+           "single": {"passes": 1, **quantile_set(s_one, level, min_per_channel)}}
+    if not np.all(np.isfinite(out["tta"]["quantiles"] + out["single"]["quantiles"])):
+        raise UserError(f"too few '{split}' records ({len(xrays)}) to calibrate a {level:.0%} interval")
+    return out
+
+
+def calibrate_on_split(generator: torch.nn.Module, info, split: str = "val", **kw) -> dict[str, Any]:
+    """:func:`calibrate` on the (un-augmented) records of a data set's split."""
+    from .data_loading import load_record
+
+    recs = info.split(split)
+    tensors = [load_record(info, r) for r in recs]
+    return calibrate(generator, [t["xray"][0].numpy() for t in tensors], [t["truth"].numpy() for t in tensors],
+                     split=split, **kw)
 
 
 def prepare_input(model: Model, radiograph: Radiograph) -> tuple[np.ndarray, list[str], dict[str, Any]]:
@@ -215,16 +367,10 @@ def case_id_from_path(path: str | Path) -> str:
 @torch.no_grad()
 def predict(model: Model, radiograph: Radiograph, tta: int = 8, seed: int = 0, rec_id: str | None = None,
             batch_size: int = 8) -> Estimates:
-    """Estimates of one radiograph (mean over 1 + ``tta`` passes, 90 % interval)."""
+    """Estimates of one radiograph (mean over 1 + ``tta`` passes; 90 % interval, calibrated
+    when the model carries a calibration record)."""
     x, warnings, placement = prepare_input(model, radiograph)
-    batch = _tta_batch(x, max(0, int(tta)), seed)
-    sums, first = [], None
-    for i in range(0, batch.shape[0], batch_size):
-        y = model.generator(batch[i:i + batch_size].to(model.device)).float()
-        if first is None:
-            first = y[0].cpu().numpy()
-        sums.append(y.double().sum(dim=(2, 3)).cpu().numpy())
-    samples = np.concatenate(sums)
+    samples, first = channel_sums(model.generator, x, tta, seed, model.device, batch_size)
     rng = model.config.get("data_summary", {}).get("truth_range")
     if rng and len(rng) == samples.shape[1]:
         out = [f"{c['structure']} {c['quantity']}" for c, (a, b), v in zip(model.channels, rng, samples.mean(0))
@@ -235,7 +381,7 @@ def predict(model: Model, radiograph: Radiograph, tta: int = 8, seed: int = 0, r
     info = {"model": str(model.folder), "radiograph": radiograph.source,
             **placement, "code_version": model.config.get("code_version")}
     return Estimates(rid, model.structures, model.channels, samples, first, x, model.pixel_spacing_mm,
-                     warnings, info)
+                     warnings, info, model.config.get("calibration"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ DEFAULT_LOSSES = {"l1": 100.0, "gradient_correlation": 1.0, "gan": 1.0, "feature
 XRAY_QUANTILES = (5.0, 25.0, 50.0, 75.0, 95.0)
 
 #: keys that may change between a run and its resumption
-RESUMABLE_KEYS = ("steps", "checkpoint_every", "log_every", "val_every")
+RESUMABLE_KEYS = ("steps", "checkpoint_every", "log_every", "val_every", "calibration")
 
 
 def default_config() -> dict[str, Any]:
@@ -67,6 +67,10 @@ def default_config() -> dict[str, Any]:
                          "to min_lr_fraction * lr at the last step, after warmup_steps of linear warm-up)",
             "steps": "optimisation steps in total; checkpoint_every / log_every / val_every in steps",
             "amp": "mixed precision (bfloat16 autocast) on CUDA; ignored on CPU",
+            "calibration": "after the last step, split-conformal calibration of the estimates' interval on the "
+                           "'split' records (level, tta passes, floor_fraction of the estimate); stored in the "
+                           "model config and applied by predict; skipped (interval uncalibrated) when the split "
+                           "has too few records",
         },
         "seed": 0,
         "data": {"dir": None, "train_split": "train", "val_split": "val", "batch_size": 4,
@@ -83,6 +87,7 @@ def default_config() -> dict[str, Any]:
         "log_every": 50,
         "val_every": 1000,
         "amp": True,
+        "calibration": {"enabled": True, "split": "val", "level": 0.9, "tta": 8, "floor_fraction": 0.01},
     }
 
 
@@ -395,6 +400,8 @@ def train(config: dict[str, Any] | None, data_dir: str | Path | None, out_dir: s
         if not dist_info.main:
             return
         mc = model_config(cfg, info, scales, summary, step)
+        if final:
+            mc.update(calibration_record(gen, info, cfg["calibration"], seed, dev))
         meta = {"step": step, "epoch": step // steps_per_epoch, "steps_per_epoch": steps_per_epoch,
                 "seeds": {"seed": seed}, "config": cfg, "history": history, "channel_scales": scales,
                 "data_summary": summary, "code_version": __version__, "model_config": mc,
@@ -454,7 +461,26 @@ def train(config: dict[str, Any] | None, data_dir: str | Path | None, out_dir: s
         import torch.distributed as dist
 
         dist.barrier()
-    return TrainResult(out, step, history, model_config(cfg, info, scales, summary, step))
+    final_cfg = model_config(cfg, info, scales, summary, step)
+    if dist_info.main and (out / "config.json").exists():
+        final_cfg = json.loads((out / "config.json").read_text())
+    return TrainResult(out, step, history, final_cfg)
+
+
+def calibration_record(gen, info, ccfg: dict[str, Any], seed: int, dev) -> dict[str, Any]:
+    """{"calibration": record} of the trained generator on ``ccfg["split"]``, or
+    {"calibration": None, "calibration_note": why} when disabled or too few records."""
+    from .inference import calibrate_on_split
+
+    ccfg = {"enabled": True, "split": "val", "level": 0.9, "tta": 8, "floor_fraction": 0.01, **(ccfg or {})}
+    if not ccfg["enabled"]:
+        return {"calibration": None, "calibration_note": "calibration switched off in the training config"}
+    try:
+        cal = calibrate_on_split(gen, info, str(ccfg["split"]), level=float(ccfg["level"]), tta=int(ccfg["tta"]),
+                                 seed=seed, floor_fraction=float(ccfg["floor_fraction"]), device=dev)
+    except UserError as exc:
+        return {"calibration": None, "calibration_note": str(exc.args[0]) if exc.args else str(exc)}
+    return {"calibration": cal}
 
 
 def learning_rate(ocfg: dict[str, Any], step: int, total: int) -> float:
@@ -515,3 +541,29 @@ def plot_history(history: list[dict[str, float]], path: Path) -> None:
     with atomic_path(path, force=True) as tmp:
         fig.savefig(tmp, dpi=100)
     plt.close(fig)
+
+
+def recalibrate(model_dir: str | Path, data_dir: str | Path, *, split: str = "val", level: float = 0.9, tta: int = 8,
+                floor_fraction: float = 0.01, seed: int = 0, device: str = "cpu", force: bool = False
+                ) -> dict[str, Any]:
+    """(Re)calibrate a model folder's interval on a data set's ``split`` (e.g. a model trained
+    before calibration existed) and rewrite its config.json atomically; a model that already
+    carries a calibration is only changed with ``force``. Returns the calibration record."""
+    from .checkpoint import MODEL_FORMAT
+    from .data_loading import load_dataset_info
+    from .inference import calibrate_on_split, load_model
+    from .io.outputs import write_json
+
+    model = load_model(model_dir, device)
+    info = load_dataset_info(data_dir)
+    if info.channels != model.channels or list(info.image_size) != list(model.image_size):
+        raise UserError("data set channels / image size differ from the model's", Path(data_dir) / "dataset.json")
+    if model.config.get("calibration") and not force:
+        raise UserError("model is already calibrated; pass --force to replace its calibration",
+                        Path(model_dir) / "config.json")
+    cal = calibrate_on_split(model.generator, info, split, level=level, tta=tta, seed=seed,
+                             floor_fraction=floor_fraction, device=model.device)
+    cfg = {k: v for k, v in model.config.items() if k not in ("format", "calibration_note")}
+    cfg["calibration"] = {**cal, "dataset": str(Path(data_dir).resolve())}
+    write_json(Path(model_dir) / "config.json", {"format": MODEL_FORMAT, **cfg}, force=True)
+    return cfg["calibration"]

@@ -31,6 +31,22 @@ def add_parser(sub, name: str):
     p.add_argument("--keep-ct", action="store_true", help="also write each subject's modified CT + labels")
     p.add_argument("--no-deformation", action="store_true", help="no elastic deformation")
     p.add_argument("--no-pose-change", action="store_true", help="every subject at the default AP view")
+    g = p.add_argument_group("body composition (fractions of a muscle's voxels; override --ranges)")
+    g.add_argument("--ranges", default=None, metavar="FILE|demo",
+                   help="JSON file with any of the cohort's variation ranges (keys of "
+                        "MSKdeXLib.cohort.CohortRanges, e.g. body_change, max_atrophy, noise), or 'demo' for "
+                        "the demo's ranges (muscle change wide, nuisance moderate)")
+    g.add_argument("--body-change", nargs=2, type=float, metavar=("LOW", "HIGH"), default=None,
+                   help="body-wide muscle change shared by all muscles of a subject, U(LOW, HIGH) "
+                        "(default -0.25 0.15: sarcopenic to muscular)")
+    g.add_argument("--max-atrophy", type=float, default=None,
+                   help="per-muscle extra atrophy: up to this fraction becomes fat (default 0.15)")
+    g.add_argument("--max-hypertrophy", type=float, default=None,
+                   help="per-muscle extra growth into nearby fat, up to this fraction (default 0.15)")
+    g.add_argument("--max-infiltration", type=float, default=None,
+                   help="fat infiltration: up to this fraction of lean voxels become fatty (default 0.20)")
+    g.add_argument("--subcutaneous-fat-mm", type=float, default=None,
+                   help="subcutaneous fat thickness change in [-MM, +MM] (default 9)")
     add_density_args(p)
     add_force(p)
     add_progress(p)
@@ -39,7 +55,7 @@ def add_parser(sub, name: str):
 
 
 def run(args) -> int:
-    from ..cohort import CohortConfig, CohortRanges, build_cohort
+    from ..cohort import CohortConfig, build_cohort
     from ..errors import UserError, require_file
     from .common import Progress
 
@@ -49,7 +65,7 @@ def run(args) -> int:
         raise UserError(f"--n must be at least 1, got {args.n}")
     if args.workers < 1:
         raise UserError(f"--workers must be at least 1, got {args.workers}")
-    ranges = CohortRanges()
+    ranges = ranges_from_args(args)
     if args.no_deformation:
         ranges.elastic_mm = 0.0
     if args.no_pose_change:
@@ -69,3 +85,49 @@ def run(args) -> int:
     if args.progress != "json":
         print(f"{len(doc['subjects'])} subjects in {args.out} ({doc['seconds']:.1f} s)")
     return 0
+
+
+def ranges_from_args(args):
+    """The cohort's :class:`~MSKdeXLib.cohort.CohortRanges` from --ranges and the body-composition
+    flags (UserError naming the file or flag when invalid)."""
+    import dataclasses
+    import json
+
+    from ..cohort import MAX_TOTAL_ATROPHY, MAX_TOTAL_HYPERTROPHY, CohortRanges
+    from ..errors import UserError
+
+    base: dict = {}
+    if args.ranges == "demo":
+        from ..demo import demo_ranges
+
+        base = demo_ranges()
+    elif args.ranges:
+        from ..io.documents import read_json
+
+        base = read_json(args.ranges, "cohort ranges")
+        if not isinstance(base, dict):
+            raise UserError("cohort ranges must be a JSON object", args.ranges)
+        known = {f.name for f in dataclasses.fields(CohortRanges)}
+        unknown = sorted(set(base) - known)
+        if unknown:
+            raise UserError(f"unknown cohort range key(s) {unknown}; known: {sorted(known)}", args.ranges)
+    flags = {"body_change": args.body_change, "max_atrophy": args.max_atrophy,
+             "max_hypertrophy": args.max_hypertrophy, "max_infiltration": args.max_infiltration,
+             "subcutaneous_fat_mm": args.subcutaneous_fat_mm}
+    values = {**base, **{k: v for k, v in flags.items() if v is not None}}
+    try:
+        ranges = CohortRanges(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items()})
+        json.dumps(ranges.to_dict())
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"invalid cohort ranges ({exc})", args.ranges or None) from None
+    lo, hi = ranges.body_change
+    if not (-MAX_TOTAL_ATROPHY <= lo <= hi <= MAX_TOTAL_HYPERTROPHY):
+        raise UserError(f"--body-change must satisfy {-MAX_TOTAL_ATROPHY} <= LOW <= HIGH <= {MAX_TOTAL_HYPERTROPHY}, "
+                        f"got {lo} {hi}")
+    for name in ("max_atrophy", "max_hypertrophy", "max_infiltration"):
+        v = float(getattr(ranges, name))
+        if not 0.0 <= v <= 0.9:
+            raise UserError(f"--{name.replace('_', '-')} must be a fraction in [0, 0.9], got {v}")
+    if ranges.subcutaneous_fat_mm < 0:
+        raise UserError(f"--subcutaneous-fat-mm must be >= 0, got {ranges.subcutaneous_fat_mm}")
+    return ranges

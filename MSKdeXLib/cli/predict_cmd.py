@@ -8,8 +8,10 @@ from .common import add_device, add_force
 def add_parser(sub, name: str):
     p = sub.add_parser(name, help="estimate per-structure mass_g / volume_cm3 from a radiograph",
                        description="Decompose a radiograph with a trained model (folder with model.safetensors "
-                       "+ config.json). Writes estimates.csv, estimates.json (mean and 90 %% interval over "
-                       "test-time augmentation), overlay.png and channels/*.nrrd.")
+                       "+ config.json). Writes estimates.csv, estimates.json (mean over test-time augmentation and a "
+                       "90 %% "
+                       "interval, calibrated on held-out data when the model carries a calibration, else the "
+                       "uncalibrated TTA percentiles), overlay.png and channels/*.nrrd.")
     p.add_argument("--model", required=True, help="model folder (model.safetensors + config.json)")
     p.add_argument("--xray", required=True, help="radiograph (DICOM, PNG, JPEG, TIFF)")
     p.add_argument("--out", required=True, help="output folder")
@@ -47,9 +49,13 @@ def run(args) -> int:
     est = predict(model, rg, tta=args.tta, seed=args.seed, rec_id=args.id)
     write_outputs(args.out, est, force=True, image_format=args.format)
     lo, hi = est.interval()
-    print(f"{'structure':<30}{'quantity':<12}{'estimate':>12}{'90% interval':>26}")
+    how = est.interval_method()
+    head = f"{how['level']:.0%} interval" + ("" if how["calibrated"] else " (uncalibrated)")
+    print(f"{'structure':<30}{'quantity':<12}{'estimate':>12}{head:>30}")
     for c, m, a, b in zip(est.channels, est.mean, lo, hi):
-        print(f"{c['structure']:<30}{c['quantity']:<12}{m:>12.2f}{f'{a:.2f} .. {b:.2f}':>26}")
+        print(f"{c['structure']:<30}{c['quantity']:<12}{m:>12.2f}{f'{a:.2f} .. {b:.2f}':>30}")
+    if not how["calibrated"]:
+        print(f"note: {how['note']}")
     for w in est.warnings:
         print(f"warning: {w}")
     print(f"wrote {args.out}")

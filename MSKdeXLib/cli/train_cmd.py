@@ -17,6 +17,10 @@ def add_parser(sub, name: str):
     p.add_argument("--out", default=None, help="output model folder")
     p.add_argument("--resume", action="store_true", help="continue from OUT's last checkpoint")
     p.add_argument("--steps", type=int, default=None, help="override the config's total steps")
+    p.add_argument("--calibrate-only", action="store_true",
+                   help="no training: (re)calibrate the interval of the model in --out on --data's validation "
+                        "split (split conformal, 90 %%, 8 TTA passes) and update its config.json (--force to "
+                        "replace an existing calibration)")
     add_device(p)
     add_progress(p)
     add_force(p)
@@ -37,6 +41,17 @@ def run(args) -> int:
         return 0
     if not args.out:
         raise UserError("--out is required (the model folder to write)")
+    if args.calibrate_only:
+        from ..training import recalibrate
+        from .common import resolve_device
+
+        if not args.data:
+            raise UserError("--calibrate-only needs --data (a data set with a 'val' split)")
+        cal = recalibrate(args.out, args.data, device=str(resolve_device(args.device)), force=args.force)
+        q = cal["tta"]["quantiles"]
+        print(f"calibrated {args.out} on {cal['n']} '{cal['split']}' records: {cal['level']:.0%} interval, "
+              f"quantiles {min(q):.3g}..{max(q):.3g}" + (" (pooled over channels)" if cal["tta"]["pooled"] else ""))
+        return 0
     cfg = load_config(args.config) if args.config else (None if args.resume else merge_config({}))
     if args.steps is not None:
         if cfg is None:

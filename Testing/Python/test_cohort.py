@@ -168,3 +168,33 @@ def test_body_wide_change_correlates_muscles():
     r0 = co.CohortRanges(body_change=(0.0, 0.0))
     s0 = co.sample_subject(0, 1, names, r0)
     assert s0.body_change == 0.0 and all(-r0.max_atrophy <= v <= r0.max_hypertrophy for v in s0.muscle_changes.values())
+
+
+def test_cli_body_composition_ranges(tmp_path, capsys):
+    """--ranges FILE|demo and the body-composition flags give the cohort's ranges; bad values and
+    unknown keys are one-line errors (exit 2) naming the flag or file."""
+    import json
+
+    from MSKdeXLib.cli import build_parser, main
+    from MSKdeXLib.cli.cohort_cmd import ranges_from_args
+    from MSKdeXLib.demo import demo_ranges
+
+    base = ["cohort", "--ct", "ct.nii.gz", "--labels", "l.nii.gz", "--n", "1", "--out", str(tmp_path / "o")]
+    parse = build_parser().parse_args
+    assert ranges_from_args(parse(base)) == co.CohortRanges()
+    (tmp_path / "r.json").write_text(json.dumps({"noise": [0.001, 0.002], "max_atrophy": 0.3}))
+    r = ranges_from_args(parse(base + ["--ranges", str(tmp_path / "r.json"), "--body-change", "-0.4", "0.1",
+                                       "--max-infiltration", "0.05", "--subcutaneous-fat-mm", "2"]))
+    assert r.noise == (0.001, 0.002) and r.max_atrophy == 0.3 and r.body_change == (-0.4, 0.1)
+    assert r.max_infiltration == 0.05 and r.subcutaneous_fat_mm == 2.0 and r.max_hypertrophy == 0.15
+    assert ranges_from_args(parse(base + ["--ranges", "demo"])).to_dict() == demo_ranges()
+    (tmp_path / "bad.json").write_text(json.dumps({"atrophy_max": 0.3}))
+    ct = tmp_path / "ct.nii.gz"
+    ct.write_bytes(b"x")
+    run = ["cohort", "--ct", str(ct), "--labels", str(ct), "--n", "1", "--out", str(tmp_path / "o")]
+    for extra, words in ((["--ranges", str(tmp_path / "bad.json")], "atrophy_max"),
+                         (["--body-change", "0.2", "-0.1"], "--body-change"),
+                         (["--max-atrophy", "1.5"], "--max-atrophy")):
+        assert main(run + extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and words in err

@@ -32,9 +32,16 @@ def test_demo_quick_writes_report_with_estimates_vs_truth(tmp_path, capsys):
         assert len(cells) == len(muscles)
         for cell, m in zip(cells, muscles):
             assert cell.split(" / ")[1].split(" (")[0] == _fmt(truth[m]["mass_g"])
-    # held-out subjects were not trained on
+    # held-out subjects were not trained on, nor calibrated on; the calibration subjects are the val split
     records = json.loads((out / "dataset" / "dataset.json").read_text())["records"]
     assert not {r["source"].split("/")[-1] for r in records} & set(held)
+    val = [r for r in records if r["split"] == "val"]
+    assert len(val) == 3 and len(records) == 7
+    # the interval is calibrated on them, and its held-out coverage is reported
+    assert summary["interval"]["calibrated"] and summary["interval"]["calibration_records"] == 3
+    cov = summary["interval_coverage"]["overall"]
+    assert cov["n"] == 3 * len(summary["channels"]) and 0 <= cov["coverage"] <= 1
+    assert f"covers the truth for **{cov['coverage']:.0%}**" in report
     # an existing output folder is refused without --force (one-line error, exit code 2)
     assert main(["demo", "--quick", "--out", str(out)]) == 2
     assert "--force" in capsys.readouterr().err

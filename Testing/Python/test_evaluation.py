@@ -120,3 +120,66 @@ def test_files_pairing_and_cli(cohort, tmp_path, capsys):
                  "--out", str(tmp_path / "ev2")]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "nope" in err
+
+
+def test_interval_coverage_from_files(cohort, tmp_path, capsys):
+    """Predictions with intervals (estimates.json rows, wide CSV with *_low/_high): coverage per
+    structure/quantity and overall equals an independent count; the reports carry it."""
+    pred, truth = cohort
+    tv = {(t["id"], t["structure"], t["quantity"]): t["value"] for t in truth}
+    rng = np.random.default_rng(1)
+    for i in range(8):
+        sid = f"s{i}"
+        rows = []
+        for r in (r for r in pred if r["id"] == sid):
+            half = abs(r["value"]) * rng.uniform(0.02, 0.15)
+            rows.append(dict(r, low=r["value"] - half, high=r["value"] + half))
+        d = tmp_path / "pred" / sid
+        d.mkdir(parents=True)
+        (d / "estimates.json").write_text(json.dumps({"format": "mskdex-estimates/1", "id": sid, "interval": 0.8,
+                                                      "rows": rows}))
+    rows = read_rows(tmp_path / "pred")
+    assert all({"low", "high"} <= set(r) and r["level"] == 0.8 for r in rows)
+    ev = evaluate(rows, truth)
+    from MSKdeXLib.structures import normalize_name
+
+    names = {normalize_name(n): n for n in STRUCTS}
+    hit = {}
+    for r in rows:
+        t = tv[(r["id"], names[normalize_name(r["structure"])], r["quantity"])]
+        hit.setdefault((names[normalize_name(r["structure"])], r["quantity"]), []).append(r["low"] <= t <= r["high"])
+    for s in ev.stats:
+        assert s["coverage"] == pytest.approx(np.mean(hit[(s["structure"], s["quantity"])]))
+        assert s["n_interval"] == 8 and s["nominal_level"] == 0.8
+    allhit = [h for v in hit.values() for h in v]
+    cov = ev.coverage()
+    assert cov["overall"]["coverage"] == pytest.approx(np.mean(allhit)) and cov["overall"]["n"] == len(allhit)
+    assert cov["overall"]["nominal"] == 0.8 and 0 < cov["overall"]["coverage"] < 1
+    # wide CSV (estimates.csv layout) gives the same coverage
+    with open(tmp_path / "wide.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["id", "structure", "mass_g", "mass_g_low", "mass_g_high", "volume_cm3", "volume_cm3_low",
+                    "volume_cm3_high"])
+        by = {(r["id"], r["structure"], r["quantity"]): r for r in rows}
+        for (i, s, q), r in by.items():
+            if q == "mass_g":
+                v = by[(i, s, "volume_cm3")]
+                w.writerow([i, s, r["value"], r["low"], r["high"], v["value"], v["low"], v["high"]])
+    ev2 = evaluate(read_rows(tmp_path / "wide.csv"), truth)
+    assert ev2.coverage()["overall"]["coverage"] == pytest.approx(cov["overall"]["coverage"])
+    # reports: CSV column, Markdown line, JSON, command-line headline
+    with open(tmp_path / "truth.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["id", "structure", "quantity", "value"])
+        w.writerows([t["id"], t["structure"], t["quantity"], repr(t["value"])] for t in truth)
+    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--truth", str(tmp_path / "truth.csv"),
+                 "--out", str(tmp_path / "ev")]) == 0
+    out = capsys.readouterr().out
+    assert f"{cov['overall']['coverage']:.1%} overall" in out and "nominal 80%" in out
+    table = list(csv.DictReader(open(tmp_path / "ev" / "evaluation.csv")))
+    assert float(table[0]["coverage"]) == pytest.approx(ev.stats[0]["coverage"], rel=1e-5)
+    assert "coverage" in (tmp_path / "ev" / "evaluation.md").read_text()
+    doc = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
+    assert doc["interval_coverage"]["overall"]["coverage"] == pytest.approx(cov["overall"]["coverage"])
+    # predictions without intervals: no coverage column
+    assert evaluate(pred, truth).coverage() == {} and "coverage" not in evaluate(pred, truth).to_csv()

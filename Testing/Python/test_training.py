@@ -19,6 +19,19 @@ from MSKdeXLib.errors import UserError
 from MSKdeXLib.inference import load_model
 from MSKdeXLib.training import default_config, load_config, merge_config, train
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models: one torch thread is faster, and immune to a busy 2-core machine (where a
+    2-thread pool spin-waits: measured 10-40x slower under load)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 TINY = {"model": {"features": [8, 16, 32], "strides": [2, 2], "num_res_units": 1},
         "discriminator": {"width": 8, "n_layers": 2, "n_scales": 2},
         "data": {"batch_size": 2}, "log_every": 1, "checkpoint_every": 2, "val_every": 2}
@@ -73,6 +86,8 @@ def test_outputs_and_model_config(trained, data_dir):
     assert cfg["image_size"] == ds["image_size"] and cfg["pixel_spacing_mm"] == ds["pixel_spacing_mm"]
     assert len(cfg["channel_scales"]) == len(cfg["channels"]) and min(cfg["channel_scales"]) > 0
     assert cfg["code_version"] and cfg["data_summary"]["records"]["train"] == 3
+    # one validation record is too few for a 90 % conformal interval: left uncalibrated, with the reason
+    assert cfg["calibration"] is None and "too few" in cfg["calibration_note"]
     assert all(np.isfinite(h["total"]) for h in res.history)
     assert (out / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -181,3 +196,49 @@ def test_learning_rate_schedules(data_dir, tmp_path):
     assert learning_rate(cos, 60, 110) == pytest.approx(2e-4 + 0.5 * 1.8e-3)  # half-way
     with pytest.raises(UserError, match="schedule"):
         train({**TINY, "optimizer": {"schedule": "step"}}, data_dir, tmp_path / "m")
+
+
+def test_training_calibrates_the_interval_and_it_round_trips(pelvis, tmp_path):
+    """With enough validation records, training stores a conformal calibration in config.json;
+    load -> predict applies it (mean +- q * u) and estimates.json says how the interval was made."""
+    from MSKdeXLib.checkpoint import save_model
+    from MSKdeXLib.image import Radiograph
+    from MSKdeXLib.inference import interval_scale, predict
+
+    ct, labels = pelvis
+    d = tmp_path / "ds"
+    parallel_projection_dataset(ct, labels, d, ["hip_left", "gluteus_maximus_left"], ("mass_g",), n_records=24,
+                                size=32, seed=5, val_records=20)
+    res = train({**TINY, "steps": 1, "calibration": {"tta": 2}}, d, tmp_path / "m")
+    cal = res.model_config["calibration"]
+    assert cal["n"] == 20 and cal["level"] == 0.9 and cal["tta"]["passes"] == 3 and cal["split"] == "val"
+    assert all(np.isfinite(q) and q > 0 for q in cal["tta"]["quantiles"] + cal["single"]["quantiles"])
+    m = load_model(tmp_path / "m")
+    assert m.config["calibration"] == json.loads(json.dumps(cal))
+    save_model(tmp_path / "copy", m.generator, {k: v for k, v in m.config.items() if k != "format"})
+    m2 = load_model(tmp_path / "copy")
+    rad = Radiograph(np.random.default_rng(0).random((32, 32)).astype(np.float32) + 1, m.pixel_spacing_mm)
+    for tta, part in ((3, "tta"), (0, "single"), (1, "single")):
+        a, b = predict(m, rad, tta=tta, seed=1), predict(m2, rad, tta=tta, seed=1)
+        lo, hi = a.interval()
+        assert np.array_equal(lo, b.interval()[0]) and np.array_equal(hi, b.interval()[1])
+        spread = a.samples if part == "tta" else a.mean[None]  # single-pass quantiles: relative floor only
+        half = np.asarray(cal[part]["quantiles"]) * interval_scale(spread, cal["floor_fraction"])
+        assert hi == pytest.approx(a.mean + half) and lo == pytest.approx(np.maximum(a.mean - half, 0))
+        doc = a.to_json()
+        how = doc["interval_method"]
+        assert doc["interval"] == 0.9 and how["calibrated"] and how["mode"] == part
+    # a model without calibration (an older model folder) still predicts, and says so
+    old = {k: v for k, v in m.config.items() if k not in ("format", "calibration")}
+    save_model(tmp_path / "old", m.generator, old)
+    est = predict(load_model(tmp_path / "old"), rad, tta=2)
+    how = est.to_json()["interval_method"]
+    assert not how["calibrated"] and "uncalibrated" in how["note"]
+    lo, hi = est.interval()
+    assert np.array_equal(lo, np.percentile(est.samples, 5, axis=0))
+    # ... and can be calibrated afterwards from the command line (same record as training made)
+    assert main(["train", "--calibrate-only", "--out", str(tmp_path / "old"), "--data", str(d),
+                 "--device", "cpu"]) == 0
+    again = load_model(tmp_path / "old").config["calibration"]
+    assert again["single"]["quantiles"] == pytest.approx(cal["single"]["quantiles"]) and again["n"] == 20
+    assert main(["train", "--calibrate-only", "--out", str(tmp_path / "old"), "--data", str(d)]) == 2  # no --force

@@ -1,0 +1,348 @@
+"""Benchmarks of the decomposition network: inference time, training throughput, ablation.
+
+Three parts (``--part``, default ``all``):
+
+* ``inference``: seconds per radiograph of :func:`MSKdeXLib.inference.predict` (resampling,
+  normalisation, generator, channel sums) for a 512 x 512 radiograph (projected density of the
+  real pelvis CT) -> a ``--image-size`` model grid (default 256 x 256), with the default
+  generator architecture and the 22-class hip/thigh set's 41 channels (19 muscles x mass +
+  volume, 3 bones x mass), without and with test-time augmentation (4 or 8 extra passes). Timing
+  does not depend on the weights, so the generator is untrained. Median over ``--repeats``.
+* ``throughput``: training images per second of one full optimisation step (generator forward,
+  discriminator step, generator losses of the full model, backward, AdamW) at ``--image-size``
+  with the default architecture, batch ``--batch-size``, on ``--device`` (``cuda`` uses bf16
+  autocast, as ``mskdex train`` does with ``amp``).
+* ``ablation``: the paper's ablation on a virtual cohort of the real pelvis CT (muscle changes,
+  deformation, pose and acquisition changes; :mod:`MSKdeXLib.cohort`): ``--subjects`` training,
+  ``--val`` calibration and ``--heldout`` test subjects, records of ``--ablation-size`` px,
+  ``--steps`` steps per variant, same seed. Variants: ``full`` (paired bone L1 + gradient
+  correlation, unpaired muscle GAN + feature matching, cycle, intensity sum), ``no_owis``
+  (intensity-sum loss off), ``no_bone_paired`` (bone L1 + GC off), ``paired_muscles`` (full +
+  paired muscle L1: what unpairing costs on virtual data). Reports held-out muscle mean PCC
+  (mass, volume), muscle MAPE and the calibrated interval's coverage (``--tta`` passes).
+
+Each part writes ``OUT/<part>.json``; ``--markdown`` prints the tables. The same script runs on
+a GPU (``--device cuda``) at full scale, e.g.::
+
+    python benchmarks/bench_network.py --part ablation --device cuda --subjects 200 --val 40 \\
+        --heldout 50 --ablation-size 256 --detector 512 --steps 20000 --out bench_gpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+VARIANTS = {
+    "full": {},
+    "no_owis": {"intensity_sum": 0.0},
+    "no_bone_paired": {"l1": 0.0, "gradient_correlation": 0.0},
+    "paired_muscles": {"muscle_l1": 100.0},
+}
+
+
+def machine(device: str) -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device}
+    try:
+        info["load_average_1_5_15"] = [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        pass
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# ------------------------------------------------------------------------------------------------
+# Inference
+# ------------------------------------------------------------------------------------------------
+def hip22_channels():
+    from MSKdeXLib.structures import get_table
+
+    table = get_table("hip22")
+    structs = list(table.structures)
+    channels = [{"structure": s.name, "quantity": q, "kind": s.kind} for q in ("mass_g", "volume_cm3")
+                for s in structs if s.kind == "muscle" or q == "mass_g"]
+    return structs, channels
+
+
+def pelvis_radiograph(size: int = 512):
+    """A radiograph-like image of the real pelvis CT (parallel projected density)."""
+    from scipy.ndimage import zoom
+
+    from MSKdeXLib import sample_data
+    from MSKdeXLib.image import Radiograph
+    from MSKdeXLib.io.volumes import load_ct
+
+    case = sample_data.pelvis_ct() or sample_data.default_case()
+    ct = load_ct(case.ct)
+    rho = np.clip(1 + ct.array.astype(np.float64) / 1000, 0, None).sum(axis=1)[::-1]
+    img = zoom(rho, (size / rho.shape[0], size / rho.shape[1]), order=1)
+    sp = (ct.spacing[2] * rho.shape[0] / size, ct.spacing[0] * rho.shape[1] / size)
+    return Radiograph(img.astype(np.float32), sp, "file", "bench/xray.dcm")
+
+
+def bench_inference(args) -> dict:
+    from MSKdeXLib.inference import Model, predict
+    from MSKdeXLib.nn.generator import DEFAULT_ARCH, build_generator
+
+    dev = torch.device(args.device)
+    structs, channels = hip22_channels()
+    arch = {**DEFAULT_ARCH, "recon_head": False}
+    gen = build_generator(arch, len(channels), [0.01] * len(channels)).to(dev).eval()
+    n = args.image_size
+    rad = pelvis_radiograph(512)
+    fov = (rad.pixels.shape[0] * rad.pixel_spacing[0], rad.pixels.shape[1] * rad.pixel_spacing[1])
+    config = {"channels": channels, "structures": [s.to_dict() for s in structs], "image_size": [n, n],
+              "pixel_spacing_mm": [fov[0] / n, fov[1] / n], "normalisation": {"method": "zscore"},
+              "channel_scales": [0.01] * len(channels), "architecture": arch}
+    model = Model(gen, config, Path("untrained"), dev)
+    out = {"image_size": [n, n], "input_size": list(rad.pixels.shape), "channels": len(channels),
+           "architecture": arch, "parameters": sum(p.numel() for p in gen.parameters())}
+    for tta in (0, 4, 8):
+        predict(model, rad, tta=tta)  # warm-up
+        times = []
+        for r in range(args.repeats):
+            _sync(dev)
+            t0 = time.perf_counter()
+            predict(model, rad, tta=tta, seed=r)
+            _sync(dev)
+            times.append(time.perf_counter() - t0)
+        out[f"tta{tta}"] = {"passes": 1 + tta, "median_s": statistics.median(times), "min_s": min(times),
+                            "max_s": max(times), "repeats": len(times)}
+        print(f"inference {n}x{n}, {1 + tta} pass(es): median {statistics.median(times):.3f} s", flush=True)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Training throughput
+# ------------------------------------------------------------------------------------------------
+def bench_throughput(args) -> dict:
+    from MSKdeXLib.nn.discriminator import MultiScaleDiscriminator
+    from MSKdeXLib.nn.generator import DEFAULT_ARCH, build_generator
+    from MSKdeXLib.training import DEFAULT_LOSSES, channel_groups, discriminator_loss, generator_losses
+
+    dev = torch.device(args.device)
+    _, channels = hip22_channels()
+    c, n, b = len(channels), args.image_size, args.batch_size
+    torch.manual_seed(0)
+    gen = build_generator({**DEFAULT_ARCH, "recon_head": True}, c, [0.01] * c).to(dev)
+    groups = channel_groups(channels, ["muscle"])
+    disc = MultiScaleDiscriminator(int(groups["gan"].sum()), 32, 3, 2).to(dev)
+    opt_g = torch.optim.AdamW(gen.parameters(), lr=1e-4, betas=(0.5, 0.999))
+    opt_d = torch.optim.AdamW(disc.parameters(), lr=1e-4, betas=(0.5, 0.999))
+    # a batch of the right shapes and magnitudes (timing does not depend on the values)
+    g = torch.Generator().manual_seed(0)
+    targets = torch.rand(b, c, n, n, generator=g) * 0.01
+    batch = {"xray": torch.randn(b, 1, n, n, generator=g), "targets": targets,
+             "paired": torch.ones(b, c, dtype=torch.bool), "truth": targets.double().sum(dim=(2, 3))}
+    batch = {k: v.to(dev) for k, v in batch.items()}
+    amp = dev.type == "cuda" and not args.no_amp
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else nullcontext
+    weights = dict(DEFAULT_LOSSES)
+
+    def step() -> None:
+        with autocast():
+            pred, recon = gen(batch["xray"], reconstruct=True)
+        opt_d.zero_grad(set_to_none=True)
+        with autocast():
+            loss_d = discriminator_loss(pred, batch, gen.scales, groups, disc)
+        loss_d.float().backward()
+        opt_d.step()
+        opt_g.zero_grad(set_to_none=True)
+        with autocast():
+            losses = generator_losses(pred.float(), recon.float(), batch, gen.scales, groups, weights, disc, disc)
+        losses["total"].float().backward()
+        opt_g.step()
+
+    for _ in range(args.warmup):
+        step()
+    _sync(dev)
+    times = []
+    for _ in range(args.train_steps):
+        t0 = time.perf_counter()
+        step()
+        _sync(dev)
+        times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    print(f"training {n}x{n}, batch {b}: {med:.3f} s/step, {b / med:.2f} images/s", flush=True)
+    return {"image_size": [n, n], "batch_size": b, "channels": c, "amp_bf16": amp, "steps_timed": len(times),
+            "median_s_per_step": med, "images_per_s": b / med, "losses": weights}
+
+
+# ------------------------------------------------------------------------------------------------
+# Ablation
+# ------------------------------------------------------------------------------------------------
+def ablation_data(args, root: Path) -> tuple[Path, list[Path]]:
+    """Cohort (train + val + held-out subjects) and the training set (train + val splits)."""
+    from MSKdeXLib import sample_data
+    from MSKdeXLib.cohort import CohortConfig, build_cohort
+    from MSKdeXLib.dataset import DatasetSettings, build_dataset
+    from MSKdeXLib.demo import demo_ranges
+
+    case = sample_data.pelvis_ct() or sample_data.default_case()
+    n_total = args.subjects + args.val + args.heldout
+    config = CohortConfig(ct=str(case.ct), labels=str(case.labels), table=case.table, seed=args.seed,
+                          rows=args.detector, cols=args.detector, voxel_mm=args.voxel_mm, ranges=demo_ranges())
+    cohort = root / "cohort"
+    t0 = time.time()
+    if not (cohort / "cohort.json").exists() or len(json.loads((cohort / "cohort.json").read_text())["subjects"]) < n_total:
+        build_cohort(config, n_total, cohort, workers=args.workers, force=True)
+    print(f"cohort of {n_total}: {time.time() - t0:.0f} s", flush=True)
+    subjects = sorted(p for p in cohort.iterdir() if p.is_dir())[:n_total]
+    train_c, val_c = subjects[:args.subjects], subjects[args.subjects:args.subjects + args.val]
+    held = subjects[args.subjects + args.val:]
+    cam = json.loads((subjects[0] / "subject.json").read_text())["camera"]
+    fov = cam["spacing_row_mm"] * cam["rows"], cam["spacing_col_mm"] * cam["cols"]
+    size = args.ablation_size
+    common = dict(image_size=(size, size), pixel_spacing_mm=(fov[0] / size, fov[1] / size))
+    data = root / "dataset"
+    t0 = time.time()
+    build_dataset(train_c, data, DatasetSettings(**common, split="train"))
+    build_dataset(val_c, data, DatasetSettings(**common, split="val"))
+    print(f"training set: {time.time() - t0:.0f} s", flush=True)
+    return data, held
+
+
+def variant_config(args, losses: dict) -> dict:
+    from MSKdeXLib.training import DEFAULT_LOSSES
+
+    return {"seed": args.seed, "steps": args.steps, "checkpoint_every": args.steps, "val_every": args.steps,
+            "log_every": max(1, args.steps // 20), "amp": True,
+            "data": {"batch_size": args.batch_size, "augment": {"enabled": False}},
+            "model": {"features": [16, 32, 64, 128], "strides": [2, 2, 2], "num_res_units": 1,
+                      "upsample": "nontrainable"},
+            "discriminator": {"width": 16, "n_layers": 2, "n_scales": 2},
+            "losses": {**DEFAULT_LOSSES, "intensity_sum": 20.0, **losses},
+            "optimizer": {"lr": 2e-3, "schedule": "cosine", "warmup_steps": 50, "min_lr_fraction": 0.0},
+            "calibration": {"enabled": True, "split": "val", "level": 0.9, "tta": args.tta,
+                            "floor_fraction": 0.01}}
+
+
+def bench_ablation(args) -> dict:
+    from MSKdeXLib.evaluation import evaluate
+    from MSKdeXLib.inference import load_model, predict
+    from MSKdeXLib.io.radiographs import load_radiograph
+    from MSKdeXLib.training import train
+
+    root = Path(args.out) / "ablation_work"
+    data, held = ablation_data(args, root)
+    truths = {f.name: {r["name"]: r for r in json.loads((f / "metrics.json").read_text())["structures"]}
+              for f in held}
+    rads = {f.name: load_radiograph(f / "xray.dcm") for f in held}
+    results = {}
+    for name in args.variants:
+        t0 = time.time()
+        res = train(variant_config(args, VARIANTS[name]), data, root / f"model_{name}", device=args.device,
+                    force=True)
+        t_train = time.time() - t0
+        model = load_model(root / f"model_{name}", args.device)
+        pred, truth = [], []
+        for sid, rad in rads.items():
+            est = predict(model, rad, tta=args.tta, seed=args.seed, rec_id=sid)
+            pred += [{**r, "level": est.level} for r in est.rows()]
+            truth += [{"id": sid, "structure": c["structure"], "quantity": c["quantity"],
+                       "value": truths[sid][c["structure"]][c["quantity"]]} for c in model.channels]
+        ev = evaluate(pred, truth)
+        muscles = {c["structure"] for c in model.channels if c["kind"] == "muscle"}
+        summ = {}
+        for q in ("mass_g", "volume_cm3"):
+            st = [s for s in ev.stats if s["quantity"] == q and s["structure"] in muscles]
+            summ[q] = {"mean_pcc": float(np.nanmean([s["pcc"] for s in st])),
+                       "mean_mape_percent": float(np.mean([s["mape_percent"] for s in st])),
+                       "coverage": float(np.mean([s["coverage"] for s in st]))}
+        results[name] = {"losses": res.model_config["training"]["losses"], "train_seconds": round(t_train, 1),
+                         "muscles": summ, "coverage_all_channels": ev.coverage(),
+                         "calibration": (res.model_config.get("calibration") or {}).get("tta", {}).get("pooled"),
+                         "calibration_note": res.model_config.get("calibration_note"),
+                         "statistics": ev.stats, "history_last": res.history[-1] if res.history else {}}
+        print(f"{name}: muscle PCC mass {summ['mass_g']['mean_pcc']:.3f} volume {summ['volume_cm3']['mean_pcc']:.3f}"
+              f", MAPE {summ['mass_g']['mean_mape_percent']:.1f} %, coverage "
+              f"{ev.coverage().get('overall', {}).get('coverage', float('nan')):.2f} ({t_train:.0f} s)", flush=True)
+    return {"subjects": {"train": args.subjects, "val": args.val, "heldout": args.heldout},
+            "image_size": args.ablation_size, "detector_px": args.detector, "voxel_mm": args.voxel_mm,
+            "steps": args.steps, "batch_size": args.batch_size, "seed": args.seed, "tta": args.tta,
+            "config_example": variant_config(args, {}), "variants": results}
+
+
+def markdown(results: dict) -> str:
+    lines = []
+    if "inference" in results:
+        r = results["inference"]
+        lines += [f"Inference ({r['image_size'][0]}x{r['image_size'][1]}, {r['channels']} channels): "
+                  f"1 pass {r['tta0']['median_s']:.3f} s, 5 passes (TTA 4) {r['tta4']['median_s']:.3f} s, "
+                  f"9 passes (TTA 8) {r['tta8']['median_s']:.3f} s", ""]
+    if "throughput" in results:
+        r = results["throughput"]
+        lines += [f"Training throughput ({r['image_size'][0]}x{r['image_size'][1]}, batch {r['batch_size']}): "
+                  f"{r['images_per_s']:.2f} images/s ({r['median_s_per_step']:.2f} s/step)", ""]
+    if "ablation" in results:
+        a = results["ablation"]
+        lines += ["| variant | muscle PCC mass | muscle PCC volume | MAPE mass % | MAPE volume % | "
+                  "coverage (90 % nominal) | train s |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for name, v in a["variants"].items():
+            m, vol = v["muscles"]["mass_g"], v["muscles"]["volume_cm3"]
+            cov = v["coverage_all_channels"].get("overall", {}).get("coverage", float("nan"))
+            lines.append(f"| {name} | {m['mean_pcc']:.3f} | {vol['mean_pcc']:.3f} | {m['mean_mape_percent']:.1f} | "
+                         f"{vol['mean_mape_percent']:.1f} | {cov:.1%} | {v['train_seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--part", choices=("all", "inference", "throughput", "ablation"), default="all")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (inference / throughput)")
+    p.add_argument("--image-size", type=int, default=256, help="model grid of inference / throughput")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--train-steps", type=int, default=3, help="timed steps of the throughput part")
+    p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
+    p.add_argument("--subjects", type=int, default=60)
+    p.add_argument("--val", type=int, default=20)
+    p.add_argument("--heldout", type=int, default=20)
+    p.add_argument("--ablation-size", type=int, default=64)
+    p.add_argument("--detector", type=int, default=128)
+    p.add_argument("--voxel-mm", type=float, default=4.0)
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--tta", type=int, default=8)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--out", default="bench_network_out")
+    p.add_argument("--markdown", action="store_true")
+    args = p.parse_args()
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    parts = ("inference", "throughput", "ablation") if args.part == "all" else (args.part,)
+    for part in parts:
+        t0 = time.time()
+        results[part] = {"machine": machine(args.device),
+                         **{"inference": bench_inference, "throughput": bench_throughput,
+                            "ablation": bench_ablation}[part](args)}
+        results[part]["seconds"] = round(time.time() - t0, 1)
+        (out / f"{part}.json").write_text(json.dumps(results[part], indent=1, default=float))
+    if args.markdown:
+        print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
