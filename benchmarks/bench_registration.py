@@ -2,23 +2,23 @@
 
 Two modes (``--mode``):
 
-* ``chain`` (pelvis CT, default): what ``mskdex register`` does for an AP hip radiograph. The
-  radiograph is simulated (:mod:`MSKdeXLib.registration.articulated`: same physics as
-  simulate.simulate_radiograph, CT continued below its last slice so no artificial edge shows)
-  with the pelvis at a random pose and each femur additionally rotated about its hip joint
-  centre (random axis, angle uniform up to the range's degrees, plus up to ``--hip-mm`` of
-  joint translation). The pelvis starts from a random perturbation up to the range (random
-  direction, magnitude uniform up to the range, camera frame about its centre); pelvis,
-  femur_left, femur_right are then registered in one call (the femurs from the registered
-  pelvis pose, rotating about the joint).
+* ``chain`` (default): what ``mskdex register`` does. The radiograph is simulated
+  (:mod:`MSKdeXLib.registration.articulated`: same physics as simulate.simulate_radiograph)
+  with the first body at a random pose and every later body moved relative to it (see
+  :func:`run_chain`); the first body starts from a random perturbation up to the range (random
+  direction, magnitude uniform up to the range, camera frame about its centre) and all bodies
+  are registered in one call. Pelvis CT: pelvis, then the femurs as ball joints (hip rotations
+  up to the range's degrees; CT continued below its last slice so no artificial edge shows).
+  Chest CT: every bone ('bones'), then the spine and two vertebrae as parts (small motions).
 * ``independent``: each body starts from its own random perturbation of the (shared) true
-  pose and is registered alone (the chest CT's vertebrae, and the old femur protocol).
+  pose and is registered alone (the old protocol).
 
-Reports success rate (mTRE < 2 mm over the body's voxel centres), median mTRE, median
-projection distance, runtime per body, and the final similarity of successes / failures (to
-calibrate the 'doubtful' threshold).
+Reports per case, body and range: success rate (mTRE < 2 mm over the body's voxel centres),
+median mTRE, median projection distance, runtime per body, how many successes / failures the
+pipeline's doubtful rule flags, and the final similarity of successes / failures per body kind
+(to calibrate the thresholds). ``--json`` keeps every trial; ``--from-json`` re-tabulates.
 
-    python benchmarks/bench_registration.py --trials 10 --out benchmarks/RESULTS_registration.md
+    python benchmarks/bench_registration.py --trials 10 --json trials.json --out table.md
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from MSKdeXLib.rendering import default_view
 from MSKdeXLib.simulate import simulate_radiograph
 
 CASES = {"pelvis": ("pelvis_ct", "pelvis,femur_left,femur_right"),
-         "chest": ("chest_ct", "vertebrae_T9,vertebrae_T12")}
+         "chest": ("chest_ct", "bones,spine=vertebrae_T6..vertebrae_L1,vertebrae_T9,vertebrae_T12")}
 
 
 def _direction(rng) -> np.ndarray:
@@ -53,43 +53,88 @@ def perturbation(rng, max_deg: float, max_mm: float) -> np.ndarray:
 
 
 def run_chain(args, case, ct, labels, bodies, base) -> list[dict]:
-    """Pelvis, then each femur rotated about its hip (ball joint), in one `register` call: the
-    radiograph is simulated from a CT whose femurs were rotated about their joint centres by a
-    random hip rotation (random axis, angle uniform up to the range's degrees, plus up to
-    ``--hip-mm`` of joint translation); the pelvis starts from a random perturbation up to the
-    range, each femur from the registered pelvis pose (zero hip rotation)."""
+    """The first body, then the others in one `register` call. The radiograph is simulated with
+    the first body at a random pose and every later body moved relative to it: a femur by a hip
+    rotation about its joint centre (random axis, angle uniform up to the range's degrees, plus
+    up to ``--hip-mm`` of joint translation), a part (the spine within 'bones', a vertebra within
+    the spine) relative to its group by a small rotation about its own centre (up to
+    ``--part-deg``, plus up to ``--part-mm``); every voxel is rendered at the pose of the last
+    body holding it. The first
+    body starts from a random perturbation up to the range, the others from the registered
+    first body's pose."""
     rows = []
     parent = bodies[0]
+    cam = cam_of(args)
+    # a ball joint with the first body (femur - pelvis); a part of an earlier group (vertebra) is none
+    joints = {b.name: None if any({st.label for st in b.structures} < {st.label for st in e.structures}
+                                  for e in bodies[:i])
+              else pipeline.joint_centre(labels, b, parent) for i, b in enumerate(bodies) if i > 0}
+    if case == "pelvis":  # the CT stops at the lesser trochanters: continue it (no artificial edge)
+        big, pad = extend_inferior(ct, labels, [b for b in bodies[1:] if joints[b.name] is not None])
+    else:
+        big, pad = ct, (lambda m: m)
     for max_mm, max_deg in args.ranges:
         for trial in range(args.trials):
             rng = np.random.default_rng(1000 * trial + int(max_mm) + 7)
             truth = PoseSpace(base, pipeline.body_centre(labels, parent)).matrix(
                 np.r_[rng.uniform(-5, 5, 3), rng.uniform(-15, 15, 3)])
-            big, pad = extend_inferior(ct, labels, bodies[1:])
-            parts, true_poses, hip = [], {parent.name: truth}, {}
-            for body in bodies[1:]:
-                c = pipeline.joint_centre(labels, body, parent)
-                motion = rotate_about(c, _direction(rng) * rng.uniform(0, max_deg))
-                motion[:3, 3] += _direction(rng) * rng.uniform(0, args.hip_mm)
-                true_poses[body.name] = truth @ motion
-                parts.append((pad(body.mask(labels)), true_poses[body.name]))
-                hip[body.name] = float(np.degrees(np.arccos(np.clip((np.trace(motion[:3, :3]) - 1) / 2, -1, 1))))
-            xray = simulate_articulated(big, cam_of(args), truth, parts, seed=trial)
+            true_poses, moved = {parent.name: truth}, {}
+            for i, body in enumerate(bodies[1:], start=1):
+                c = joints[body.name]
+                if c is not None:
+                    deg, mm = rng.uniform(0, max_deg), rng.uniform(0, args.hip_mm)
+                else:
+                    c = pipeline.body_centre(labels, body)
+                    deg, mm = rng.uniform(0, args.part_deg), rng.uniform(0, args.part_mm)
+                motion = rotate_about(c, _direction(rng) * deg)
+                motion[:3, 3] += _direction(rng) * mm
+                true_poses[body.name] = group_pose(body, bodies[:i], true_poses) @ motion
+                moved[body.name] = deg
+            # each voxel is rendered once, at the pose of the last body holding it
+            parts, taken = [], np.zeros(ct.array.shape, dtype=bool)
+            for body in bodies[:0:-1]:
+                m = body.mask(labels) & ~taken
+                taken |= m
+                parts.append((pad(m), true_poses[body.name]))
+            xray = simulate_articulated(big, cam, truth, parts, seed=trial)
             start = PoseSpace(truth, pipeline.body_centre(labels, parent)).matrix(perturbation(rng, max_deg, max_mm))
-            settings = pipeline.RegistrationSettings(seed=trial)
+            settings = make_settings(args, trial)
             t0 = time.time()
-            res = pipeline.register(ct, labels, xray, cam_of(args), bodies, start, settings, true_poses=true_poses)
+            res = pipeline.register(ct, labels, xray, cam, bodies, start, settings, true_poses=true_poses)
             for body, r in zip(bodies, res):
                 pts = labels.grid.voxel_centres_lps(body.mask(labels))
-                row = {"case": case, "mode": "chain", "body": body.name, "range": f"{max_mm:g} mm / {max_deg:g} deg",
-                       "trial": trial, "start_mtre_mm": pipeline.mtre_mm(pts, true_poses[body.name], r.initial_pose),
-                       "hip_deg": hip.get(body.name, 0.0), "mtre_mm": r.mtre_mm, "mpd_px": r.mpd_px,
-                       "similarity": r.final_similarity, "doubtful": r.doubtful, "seconds": r.runtime_s}
+                row = {"case": case, "mode": "chain", "body": body.name, "kind": r.kind,
+                       "range": f"{max_mm:g} mm / {max_deg:g} deg", "trial": trial,
+                       "start_mtre_mm": pipeline.mtre_mm(pts, true_poses[body.name], r.initial_pose),
+                       "moved_deg": moved.get(body.name, 0.0), "mtre_mm": r.mtre_mm, "mpd_px": r.mpd_px,
+                       "similarity": r.final_similarity, "doubtful": r.doubtful, "seconds": r.runtime_s,
+                       "motion": next((h for h in r.history if h["stage"] in ("joint-rotation", "part-motion")), None),
+                       "parent": next((h["of"] for h in r.history if h["stage"] in ("joint", "part")), None)}
                 rows.append(row)
                 print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}),
                       flush=True)
             print(f"# trial total {time.time() - t0:.1f} s", flush=True)
     return rows
+
+
+def group_pose(body, earlier, true_poses) -> np.ndarray:
+    """True pose of the last earlier body holding all of ``body``'s structures (a vertebra's
+    'spine', the spine's 'bones'), else of the first body: a part moves relative to its group."""
+    own = {st.label for st in body.structures}
+    for other in earlier[::-1]:
+        if own < {st.label for st in other.structures}:
+            return true_poses[other.name]
+    return true_poses[earlier[0].name]
+
+
+def make_settings(args, trial: int) -> pipeline.RegistrationSettings:
+    """Default settings (seeded by the trial) with the ``--set NAME=VALUE`` overrides."""
+    s = pipeline.RegistrationSettings(seed=trial)
+    for item in args.set or []:
+        key, value = item.split("=", 1)
+        setattr(s, key, type(getattr(s, key))(value) if not isinstance(getattr(s, key), bool)
+                else value.lower() in ("1", "true", "yes"))
+    return s
 
 
 def cam_of(args) -> Camera:
@@ -115,7 +160,7 @@ def run(args) -> list[dict]:
             base = ap_pose(ct.voxel_centres_lps(every).mean(0), cam)
         else:  # the default AP view (centred on all labelled bones), as `mskdex register` starts
             base = default_view(ct, labels, cam)
-        if args.mode == "chain" and case == "pelvis":
+        if args.mode == "chain":
             rows += run_chain(args, case, ct, labels, bodies, base)
             continue
         for max_mm, max_deg in args.ranges:
@@ -127,7 +172,7 @@ def run(args) -> list[dict]:
                 for body in bodies:
                     space = PoseSpace(truth, pipeline.body_centre(labels, body))
                     start = space.matrix(perturbation(rng, max_deg, max_mm))
-                    settings = pipeline.RegistrationSettings(seed=trial)
+                    settings = make_settings(args, trial)
                     t0 = time.time()
                     res = pipeline.register(ct, labels, xray, cam, [body], start, settings,
                                             true_poses={body.name: truth})[0]
@@ -142,30 +187,61 @@ def run(args) -> list[dict]:
     return rows
 
 
+def flagged(row: dict, settings: pipeline.RegistrationSettings, rows: list[dict] | None = None) -> bool:
+    """The pipeline's doubtful rule applied to a recorded trial with ``settings``' thresholds
+    (so that a table can be re-made after calibrating them): similarity below the kind's
+    threshold; for a joint / part, its motion at a bound or its parent (the first body of the
+    trial, or for a vertebra its group) doubtful."""
+    kind = row.get("kind", "first")
+    flag = row["similarity"] < settings.doubtful_threshold(kind)
+    if row.get("motion"):
+        if kind == "joint":
+            b_deg, b_mm = settings.joint_bounds_deg, settings.joint_bounds_mm
+        else:
+            b_deg, b_mm = settings.part_bounds_deg, settings.part_bounds_mm
+        flag = flag or any(abs(v) >= b_deg - 1.0 for v in row["motion"]["deg"]) \
+            or any(abs(v) >= b_mm - 0.05 for v in row["motion"]["translation_mm"][:2])
+        parent = row.get("parent")
+        if rows is not None and parent:
+            same = [r for r in rows if r["case"] == row["case"] and r["range"] == row["range"]
+                    and r["trial"] == row["trial"] and r["body"] == parent]
+            flag = flag or any(flagged(r, settings, rows) for r in same)
+    return bool(flag)
+
+
 def table(rows: list[dict], args) -> str:
-    lines = [f"Detector {args.size}x{args.size} at {args.spacing} mm, SID 1000 mm, view '{args.view}', {args.threads} CPU threads, "
-             f"{args.trials} trials per body and range; default RegistrationSettings.", "",
-             "| case | mode | body | perturbation (up to) | success (mTRE < 2 mm) | median mTRE mm | median start mTRE mm "
-             "| median proj. dist px | median s/body | flagged doubtful |",
+    st = pipeline.RegistrationSettings()
+    lines = [f"Detector {args.size}x{args.size} at {args.spacing} mm, SID 1000 mm, view '{args.view}', "
+             f"{args.threads} torch thread(s); settings: defaults{' + ' + ' '.join(args.set) if args.set else ''}. "
+             f"Doubtful thresholds: {st.doubtful_below} (first / free), {st.doubtful_below_joint} (joint), "
+             f"{st.doubtful_below_part} (part).", "",
+             "| case | body (kind) | perturbation (up to) | success (mTRE < 2 mm) | median mTRE mm | median start mTRE mm "
+             "| median proj. dist px | median s/body | doubtful among successes | doubtful among failures |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     keys = []
     for r in rows:
-        k = (r["case"], r["mode"], r["body"], r["range"])
+        k = (r["case"], r["body"], r.get("kind", "first"), r["range"])
         if k not in keys:
             keys.append(k)
     for k in keys:
-        g = [r for r in rows if (r["case"], r["mode"], r["body"], r["range"]) == k]
-        ok = sum(r["mtre_mm"] < 2 for r in g)
-        lines.append(f"| {k[0]} | {k[1]} | {k[2]} | {k[3]} | {ok}/{len(g)} ({100 * ok / len(g):.0f} %) | "
+        g = [r for r in rows if (r["case"], r["body"], r.get("kind", "first"), r["range"]) == k]
+        ok = [r for r in g if r["mtre_mm"] < 2]
+        bad = [r for r in g if r["mtre_mm"] >= 2]
+        lines.append(f"| {k[0]} | {k[1]} ({k[2]}) | {k[3]} | {len(ok)}/{len(g)} ({100 * len(ok) / len(g):.0f} %) | "
                      f"{np.median([r['mtre_mm'] for r in g]):.2f} | {np.median([r['start_mtre_mm'] for r in g]):.1f} | "
                      f"{np.median([r['mpd_px'] for r in g]):.2f} | {np.median([r['seconds'] for r in g]):.1f} | "
-                     f"{sum(r['doubtful'] for r in g)} |")
-    succ = [r["similarity"] for r in rows if r["mtre_mm"] < 2]
-    fail = [r["similarity"] for r in rows if r["mtre_mm"] >= 2]
-    lines += ["", f"Final similarity (pgncc): successes min {min(succ, default=float('nan')):.3f} / median "
-              f"{np.median(succ) if succ else float('nan'):.3f}; failures max {max(fail, default=float('nan')):.3f} / "
-              f"median {np.median(fail) if fail else float('nan'):.3f} (doubtful threshold "
-              f"{pipeline.RegistrationSettings().doubtful_below})."]
+                     f"{sum(flagged(r, st, rows) for r in ok)}/{len(ok)} | "
+                     f"{sum(flagged(r, st, rows) for r in bad)}/{len(bad)} |")
+    lines.append("")
+    for kinds, label in ((("first", "free"), "first / free bodies"), (("joint",), "joint bodies"),
+                         (("part",), "part bodies")):
+        succ = [r["similarity"] for r in rows if r.get("kind", "first") in kinds and r["mtre_mm"] < 2]
+        fail = [r["similarity"] for r in rows if r.get("kind", "first") in kinds and r["mtre_mm"] >= 2]
+        if succ or fail:
+            lines.append(f"- final similarity (pgncc), {label}: successes min {min(succ, default=float('nan')):.3f} / "
+                         f"median {np.median(succ) if succ else float('nan'):.3f} (n={len(succ)}); failures max "
+                         f"{max(fail, default=float('nan')):.3f} / median {np.median(fail) if fail else float('nan'):.3f} "
+                         f"(n={len(fail)})")
     return "\n".join(lines) + "\n"
 
 
@@ -176,9 +252,9 @@ def main() -> None:
     p.add_argument("--chest-bodies", default=None)
     p.add_argument("--ranges", nargs="+", default=["15,10", "30,20"], help="MM,DEG pairs")
     p.add_argument("--trials", type=int, default=10)
-    p.add_argument("--size", type=int, default=128)
-    p.add_argument("--spacing", type=float, default=3.0)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--spacing", type=float, default=1.5)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--view", choices=("default", "bodies"), default=None,
                    help="true view: the default AP view (centred on all labelled bones), or centred on the "
                         "benchmarked bodies (default: 'bodies' in chain mode - an AP hip view holding the "
@@ -187,14 +263,25 @@ def main() -> None:
                    help="pelvis case: 'chain' registers pelvis then femurs (hip rotations simulated); "
                         "'independent' registers each body alone from its own perturbation")
     p.add_argument("--hip-mm", type=float, default=1.0, help="chain mode: max joint translation, mm")
+    p.add_argument("--part-deg", type=float, default=3.0, help="chain mode: max rotation of a part (vertebra), deg")
+    p.add_argument("--part-mm", type=float, default=1.0, help="chain mode: max translation of a part, mm")
+    p.add_argument("--set", nargs="*", default=None, metavar="NAME=VALUE",
+                   help="override RegistrationSettings fields (e.g. joint_bounds_depth_mm=0.25)")
     p.add_argument("--json", default=None, help="write every trial as JSON")
+    p.add_argument("--from-json", nargs="+", default=None, help="only tabulate trials recorded with --json")
     p.add_argument("--out", default=None, help="write the table (markdown) here")
     args = p.parse_args()
     if args.view is None:
         args.view = "bodies" if args.mode == "chain" else "default"
     args.ranges = [tuple(float(v) for v in r.split(",")) for r in args.ranges]
     args.bodies = {k: v for k, v in (("pelvis", args.pelvis_bodies), ("chest", args.chest_bodies)) if v}
-    rows = run(args)
+    if args.from_json:  # re-make the table of recorded trials (e.g. after calibrating thresholds)
+        rows = []
+        for f in args.from_json:
+            with open(f) as fh:
+                rows += json.load(fh)
+    else:
+        rows = run(args)
     text = table(rows, args) if rows else "no results\n"
     print(text)
     if args.json:

@@ -16,18 +16,24 @@ def add_parser(sub, name: str):
     p = sub.add_parser(name, help="register CT bones (pelvis, femurs ...) to a radiograph",
                        description="Intensity-based rigid 2D-3D registration: each rigid body's "
                        "bone-only DRR is matched to the radiograph (patch-wise gradient NCC; CMA-ES "
-                       "on a coarse level, then gradient refinement through the DRR). A body touching one "
-                       "registered before it (a femur after the pelvis) rotates about the joint centre, "
-                       "starting from that body's pose (hip = ball joint). Writes "
+                       "on a coarse level, then gradient refinement through the DRR). Bodies are registered "
+                       "in order; the first one carries the big search. A later body touching one registered "
+                       "before it (a femur after the pelvis) rotates about the joint centre, starting from that "
+                       "body's pose (hip = ball joint); a later body made of some of a registered body's "
+                       "structures (a vertebra after 'spine') moves a little about its own centre from that "
+                       "body's pose. Both are searched at fine pixels in a window around them. Writes "
                        "registration.json (ct_to_camera per body), qa.png and the registered bone "
                        "mass channels (g per pixel) as NRRD.")
     add_ct_args(p)
     p.add_argument("--xray", required=True, help="radiograph (DICOM, PNG, TIFF); a simulated one's "
                    "JSON sidecar (FILE.json) gives the geometry and the true pose")
     p.add_argument("--bones", default=None,
-                   help="comma-separated rigid bodies, registered in order: structure names or groups "
-                        "NAME=a+b+c (default: pelvis,femur_left,femur_right; pelvis = "
-                        "hip_left+hip_right+sacrum)")
+                   help="comma-separated rigid bodies, registered in order: structure names, groups "
+                        "NAME=a+b+c, ranges NAME=a..b (every structure of the label map from a to b in table "
+                        "order), 'pelvis' (= hip_left+hip_right+sacrum) and 'bones' (every bone of the label "
+                        "map). Default: pelvis,femur_left,femur_right. A chest / spine radiograph: "
+                        "bones,spine=vertebrae_T6..vertebrae_L1,vertebrae_T9 (all bones first, then the "
+                        "spine and each vertebra as parts with small motions)")
     p.add_argument("--init-pose", default=None,
                    help="start pose: JSON file (or inline JSON) with a 4x4 ct_to_camera, "
                         "{'ct_to_camera': ...}, or a previous registration.json")
@@ -178,19 +184,25 @@ def run(args) -> int:
     finally:
         prog.close()
 
-    # registered bone channels (mass g per pixel) and the QA picture, at full resolution
+    # registered bone channels (mass g per pixel) and the QA picture, at full resolution; a
+    # structure in several bodies (a vertebra in 'bones' and on its own) is drawn and written once,
+    # for the last body holding it
+    owner = {st: r.name for r in results for st in r.structures}
     drrs, written = {}, {}
     with torch.no_grad():
         for body, res in zip(bodies, results):
-            r = DRRRenderer(ct, camera, labels=labels, structures=body.structures, device=device)
+            own = [st for st in body.structures if owner[st.name] == body.name]
+            if not own:
+                continue
+            r = DRRRenderer(ct, camera, labels=labels, structures=own, device=device)
             pose = torch.as_tensor(res.ct_to_camera)
-            drrs[body.name] = r.attenuation(pose, body.structures)[0].float().cpu().numpy()
+            drrs[body.name] = r.attenuation(pose, own)[0].float().cpu().numpy()
             ch = r.channels(pose, "mass")[0].float().cpu().numpy()
             for k, st in enumerate(r.structures):
                 path = out / "channels" / f"{body.name}__{st.name}_mass_g.nrrd"
                 _write_channel(path, ch[k], camera, args.force, atomic_path)
                 written[f"{body.name}/{st.name}"] = str(path.relative_to(out))
-    worst = max((r.final_similarity < settings.doubtful_below for r in results), default=False)
+    worst = any(r.doubtful for r in results)
     qa_figure(out / "qa.png", xray.pixels, drrs, None,
               title=f"{Path(args.xray).name}: " + ", ".join(
                   f"{r.name} sim {r.final_similarity:.3f}{' DOUBTFUL' if r.doubtful else ''}" for r in results),
@@ -203,9 +215,18 @@ def run(args) -> int:
                            "landmark_rms_px": pnp_rms},
         "similarity": {"measure": settings.similarity, "patch_px": settings.patch_px,
                        "higher_is_better": True, "doubtful_below": settings.doubtful_below,
-                       "doubtful_threshold_note": "calibrated on simulated radiographs of the pelvis CT "
-                                                  "(benchmarks/RESULTS_registration.md)"},
+                       "doubtful_below_joint": settings.doubtful_below_joint,
+                       "doubtful_below_part": settings.doubtful_below_part,
+                       "doubtful_threshold_note": "doubtful_below: first / free bodies (whole detector); "
+                                                  "doubtful_below_joint / _part: joint / part bodies "
+                                                  "(their window); also doubtful: a joint / part at its "
+                                                  "motion bound or with a doubtful parent; "
+                                                  "calibrated on simulated radiographs of the pelvis and chest "
+                                                  "CTs (benchmarks/RESULTS_registration.md)"},
         "bodies": [r.to_dict() for r in results],
+        # a structure in several bodies (a vertebra in 'bones', 'spine' and its own) is placed by
+        # the last body registered that holds it: the most specific one
+        "structure_body": owner,
         "doubtful": bool(worst),
         "channels": written, "channel_units": "g per pixel (mass channels at the registered pose)",
         "settings": settings.to_dict(),

@@ -1,25 +1,35 @@
 """Rigid 2D-3D registration of CT bones to a radiograph.
 
 Each *body* (a rigid group of bone structures: pelvis = hip_left + hip_right + sacrum, a femur,
-a vertebra ...) gets its own ``ct_to_camera`` pose. Bodies are registered one after the other
-(the pelvis first); while a body moves, the bodies already registered are rendered at their
-registered poses and added to its DRR as a fixed background. Per body:
+a vertebra, a 'spine' of several vertebrae ...) gets its own ``ct_to_camera`` pose. Bodies are
+registered one after the other (the first one carries the big search); while a body moves, the
+bodies already registered are rendered at their registered poses and added to its DRR as a
+fixed background. A body is of one *kind*:
 
-1. start pose (given, or the previous body's, or the default AP view) and, optionally, a 2D
-   search over in-plane rotation and shift (:func:`~.initialise.inplane_search`). A body that
-   touches an already registered one (a femur after the pelvis: :func:`joint_centre`) is a
-   *ball joint*: it starts from that body's registered pose and its 6 parameters become
-   rotations about the joint centre (+-``joint_bounds_deg``, with a Gaussian prior of SD
-   ``joint_prior_deg`` on them) and small translations (+-``joint_bounds_mm`` in the image
-   plane, +-``joint_bounds_depth_mm`` in depth), searched on the finest level, with the
-   similarity restricted to ``roi_margin_mm`` around the body's projection;
-2. global CMA-ES over the 6 pose parameters on the coarsest pyramid level;
-3. gradient refinement (Adam through the differentiable DRR) on each finer level.
+* ``first``: start pose (given, or the default AP view), a 2D search over in-plane rotation and
+  shift (:func:`~.initialise.inplane_search`), global CMA-ES over the 6 pose parameters on the
+  coarsest pyramid level, then gradient refinement (Adam through the differentiable DRR) on
+  each finer level;
+* ``joint``: a body touching an already registered one (a femur after the pelvis:
+  :func:`joint_centre`) is a *ball joint*: it starts from that body's registered pose and its
+  parameters are rotations about the joint centre (+-``joint_bounds_deg``, Gaussian prior of SD
+  ``joint_prior_deg``) and small translations;
+* ``part``: a body whose structures are a subset of a registered body's (a vertebra after a
+  'spine' group) starts from that group's pose and moves a little about its own centre
+  (+-``part_bounds_deg``, prior SD ``part_prior_deg``, small translations);
+* ``free``: any other later body (the first body's path with smaller bounds).
+
+Joint and part bodies are searched (CMA-ES, ``roi_cma_restarts`` runs, then gradient
+refinement) on one level of about ``roi_fine_mm`` pixels, in a detector window around their
+projection (``roi_margin_mm``): small bones get fine pixels at little cost. Every body's DRR is
+rendered from its own cropped, block-averaged bone volume (:mod:`.bodyvolume`).
 
 The similarity compares the radiograph with the bone-only DRR (line integral of attenuation of
 the bodies' voxels), so the radiograph's soft tissue and contrast do not need to be modelled.
-A body whose final similarity is below ``doubtful_below`` is flagged *doubtful*; so is a joint
-body whose rotation ends at its bound.
+A body whose final similarity is below its kind's threshold (``doubtful_below`` for first /
+free bodies, ``doubtful_below_joint`` / ``doubtful_below_part`` for joint / part bodies, whose
+similarity is measured in their window) is flagged *doubtful*; so is a joint / part body whose
+rotation or in-plane translation ends at its bound, or whose parent is doubtful.
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ from ..io.volumes import LabelMap
 from ..image import Volume
 from ..structures import Structure
 from . import initialise
+from .bodyvolume import body_volume, crop_camera, mask_box
 from .optimize import PoseSpace, cma_search, gradient_refine
 from .similarity import get_similarity, valid_mask
 
@@ -46,6 +57,8 @@ DEFAULT_GROUPS = {
     "pelvis": ("hip_left", "hip_right", "sacrum"),
 }
 DEFAULT_BODIES = "pelvis,femur_left,femur_right"
+#: body name meaning every bone structure of the label map (e.g. a chest: spine, ribs, sternum ...)
+ALL_BONES = "bones"
 
 
 @dataclass
@@ -62,17 +75,44 @@ class Body:
         return m
 
 
+def _expand_range(item: str, labels: LabelMap) -> list[str]:
+    """'a..b' -> the structures of the label map's table from a to b (inclusive, table order,
+    either direction) that are present in the label map."""
+    a, b = (v.strip() for v in item.split("..", 1))
+    found = []
+    for n in (a, b):
+        st = labels.table.find(n)
+        if st is None:
+            raise UserError(f"range '{item}': unknown structure '{n}' (table '{labels.table.name}')",
+                            labels.notes.get("source"))
+        found.append(st.label)
+    lo, hi = sorted(found)
+    return [st.name for st in labels.structures if lo <= st.label <= hi]
+
+
 def parse_bodies(text: str | None, labels: LabelMap) -> list[Body]:
-    """Bodies from 'pelvis,femur_left,name=a+b+c' (comma-separated; 'pelvis' is
-    hip_left+hip_right+sacrum). Unknown or absent structures raise UserError."""
+    """Bodies from 'pelvis,femur_left,name=a+b+c,spine=vertebrae_T6..vertebrae_L1'
+    (comma-separated; 'pelvis' is hip_left+hip_right+sacrum; 'bones' is every bone structure of
+    the label map; 'a..b' is every structure of the label map from a to b in table order).
+    Unknown or absent structures raise UserError."""
     text = text or DEFAULT_BODIES
     bodies = []
     for item in [t.strip() for t in text.split(",") if t.strip()]:
         if "=" in item:
             name, members = (v.strip() for v in item.split("=", 1))
-            names = [m.strip() for m in members.split("+") if m.strip()]
+            names = []
+            for m in (m.strip() for m in members.split("+")):
+                if m:
+                    names += _expand_range(m, labels) if ".." in m else [m]
+            if any(".." in m for m in members.split("+")) and not names:
+                raise UserError(f"body '{name}': no structure of the range is in the label map",
+                                labels.notes.get("source"))
         elif item in DEFAULT_GROUPS:
             name, names = item, list(DEFAULT_GROUPS[item])
+        elif item == ALL_BONES:
+            name, names = item, [st.name for st in labels.select(kinds=["bone"])]
+            if not names:
+                raise UserError("body 'bones': the label map has no bone structures", labels.notes.get("source"))
         else:
             name, names = item, [item]
         if not name or not names:
@@ -102,6 +142,7 @@ class RegistrationSettings:
     cma: bool = True
     cma_popsize: int = 16
     cma_max_evals: int = 480
+    cma_restarts: int = 3         # first / free bodies: CMA-ES runs (different seeds), best kept
     sigma_deg: float = 6.0
     sigma_mm: float = 12.0
     bounds_deg: float = 25.0
@@ -118,15 +159,32 @@ class RegistrationSettings:
     joint_bounds_deg: float = 30.0  # hip rotation searched, about the joint centre, relative to the parent
     joint_sigma_mm: float = 1.0
     joint_bounds_mm: float = 3.0    # in-plane joint translation allowed relative to the parent's pose
-    joint_bounds_depth_mm: float = 1.0  # depth (unobservable): the head stays in the acetabulum
+    joint_bounds_depth_mm: float = 0.25  # depth (unobservable): the head stays in the acetabulum
     joint_prior_deg: float = 10.0   # prior SD of the joint rotation (relative to the CT's posture)
     joint_prior_weight: float = 0.01  # similarity units per (rotation / prior SD)^2; 0: no prior
-    joint_search_fine: bool = True  # CMA-ES of a joint body on the finest level (small bones)
-    doubtful_below: float = 0.2   # calibrated on simulated radiographs (benchmarks/RESULTS_registration.md)
+    part_of_group: bool = True     # a body inside a registered group (vertebra in 'spine') moves a little
+    part_sigma_deg: float = 2.0
+    part_bounds_deg: float = 6.0    # rotation about its own centre, relative to the group's pose
+    part_sigma_mm: float = 1.0
+    part_bounds_mm: float = 3.0     # in-plane translation relative to the group's pose
+    part_bounds_depth_mm: float = 0.25  # depth is barely observable: stays with the group
+    part_prior_deg: float = 3.0     # prior SD of a part's rotation (weight: joint_prior_weight)
+    roi_fine_mm: float = 1.5        # joint / part bodies: one level with pixels of about this size
+    roi_cma_restarts: int = 2       # joint / part bodies: CMA-ES runs (different seeds), best kept
+    volume_mm: float = 1.5          # bone volumes are block-averaged to about this voxel size
+    max_hu: float = 0.0             # > 0: CT numbers above it (metal) count as it in the DRR
+    # doubtful below these final similarities (calibrated: benchmarks/RESULTS_registration.md)
+    doubtful_below: float = 0.2        # first / free bodies (whole detector)
+    doubtful_below_joint: float = 0.53  # joint bodies (similarity in their window)
+    doubtful_below_part: float = 0.2   # part bodies (similarity in their window)
     seed: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def doubtful_threshold(self, kind: str) -> float:
+        """Final-similarity threshold below which a body of ``kind`` is flagged doubtful."""
+        return {"joint": self.doubtful_below_joint, "part": self.doubtful_below_part}.get(kind, self.doubtful_below)
 
 
 @dataclass
@@ -140,6 +198,8 @@ class BodyResult:
     doubtful: bool
     runtime_s: float
     history: list = field(default_factory=list)
+    kind: str = "first"           # first | free | joint (ball joint) | part (of a registered group)
+    doubtful_below: float | None = None
     mtre_mm: float | None = None
     mpd_px: float | None = None
 
@@ -148,7 +208,8 @@ class BodyResult:
              "ct_to_camera": np.asarray(self.ct_to_camera).tolist(),
              "initial_ct_to_camera": np.asarray(self.initial_pose).tolist(),
              "initial_similarity": self.initial_similarity, "final_similarity": self.final_similarity,
-             "doubtful": self.doubtful, "runtime_s": round(self.runtime_s, 3), "history": self.history}
+             "doubtful": self.doubtful, "doubtful_below": self.doubtful_below, "kind": self.kind,
+             "runtime_s": round(self.runtime_s, 3), "history": self.history}
         if self.mtre_mm is not None:
             d["mtre_mm"] = self.mtre_mm
             d["mean_projection_distance_px"] = self.mpd_px
@@ -236,19 +297,79 @@ def mean_projection_distance_px(camera: Camera, points_lps: np.ndarray, true_pos
 
 
 class _Level:
-    """One pyramid level: a renderer on a scaled camera and the matching radiograph."""
+    """One pyramid level of the whole detector: its camera, the radiograph and the valid mask."""
 
-    def __init__(self, ct, labels, camera: Camera, structures, pixels: torch.Tensor, settings, device, dtype):
-        from ..rendering import DRRRenderer
-
-        self.camera = camera
-        self.renderer = DRRRenderer(ct, camera, labels=labels, structures=structures, device=device)
+    def __init__(self, camera: Camera, pixels: torch.Tensor, settings, device, dtype):
+        self.camera, self.source = camera, pixels
         self.fixed = resample_to(pixels, camera.rows, camera.cols).to(device=device, dtype=dtype)
         self.mask = torch.from_numpy(valid_mask(self.fixed.cpu().numpy(), settings.border_px)).to(device)
         self.device, self.dtype = device, dtype
 
-    def drr(self, poses: torch.Tensor, structures) -> torch.Tensor:
-        return self.renderer.attenuation(poses.to(device=self.device, dtype=self.dtype), structures=structures)
+
+class _Volumes:
+    """Bone-only volumes (:func:`~.bodyvolume.body_volume`) per set of structures, and their
+    renderers per camera; built on first use, kept for the whole registration."""
+
+    def __init__(self, ct: Volume, labels: LabelMap, settings, device, dtype):
+        self.ct, self.labels, self.s, self.device, self.dtype = ct, labels, settings, device, dtype
+        self._vols: dict = {}
+        self._renderers: dict = {}
+
+    def renderer(self, structures, camera: Camera):
+        from ..rendering import DRRRenderer
+
+        key = tuple(sorted(st.label for st in structures))
+        if key not in self._vols:
+            self._vols[key] = body_volume(self.ct, self.labels, structures, target_mm=self.s.volume_mm,
+                                          max_hu=self.s.max_hu if self.s.max_hu > 0 else None)
+        rkey = (key, camera)
+        if rkey not in self._renderers:
+            if len(self._renderers) > 24:  # bounded: drop the oldest
+                self._renderers.pop(next(iter(self._renderers)))
+            self._renderers[rkey] = DRRRenderer(self._vols[key], camera, device=self.device)
+        return self._renderers[rkey]
+
+    def drr(self, structures, camera: Camera, poses) -> torch.Tensor:
+        """(B, rows, cols) bone-only DRR of ``structures`` at ``poses`` ((B,)4x4)."""
+        poses = torch.as_tensor(poses)
+        if poses.dim() == 2:
+            poses = poses[None]
+        return self.renderer(structures, camera).attenuation(poses.to(device=self.device, dtype=self.dtype))
+
+
+class _View:
+    """What one body is compared with on one level: a detector window (the whole detector, or
+    the box around the body's region of interest), the radiograph and mask in it, and the DRR
+    of the bodies already registered (fixed background)."""
+
+    def __init__(self, camera: Camera, fixed: torch.Tensor, mask: torch.Tensor, background: torch.Tensor):
+        self.camera, self.fixed, self.mask, self.background = camera, fixed, mask, background
+
+
+def _parent_group(body: Body, registered: list[tuple[Body, np.ndarray]]) -> tuple[Body, np.ndarray] | None:
+    """The last registered body that holds all of ``body``'s structures and more (a vertebra
+    inside a registered 'spine'), with its pose; else None."""
+    own = {st.label for st in body.structures}
+    for other, pose in reversed(registered):
+        theirs = {st.label for st in other.structures}
+        if own < theirs:
+            return other, pose
+    return None
+
+
+def _background_groups(body: Body, registered: list[tuple[Body, np.ndarray]]) -> list[tuple[list, np.ndarray]]:
+    """[(structures, pose)]: every registered structure not in ``body``, at the pose of the
+    last registered body that holds it."""
+    own = {st.label for st in body.structures}
+    latest: dict[int, tuple[Structure, int]] = {}
+    for i, (other, _) in enumerate(registered):
+        for st in other.structures:
+            latest[st.label] = (st, i)
+    groups: dict[int, list] = {}
+    for label, (st, i) in latest.items():
+        if label not in own:
+            groups.setdefault(i, []).append(st)
+    return [(sts, registered[i][1]) for i, sts in sorted(groups.items())]
 
 
 def register(ct: Volume, labels: LabelMap, pixels: np.ndarray, camera: Camera, bodies: list[Body],
@@ -259,8 +380,9 @@ def register(ct: Volume, labels: LabelMap, pixels: np.ndarray, camera: Camera, b
     """Register each body of ``bodies`` (in order) to the radiograph ``pixels`` (rows, cols; bone
     bright) seen by ``camera``. ``initial_pose``: start for the first body (default: the AP view
     of the renderer's :func:`default_view`); later bodies start from the previous body's result
-    unless ``initial_poses`` names them. ``true_poses`` (body name -> pose, e.g. from a simulated
-    radiograph's sidecar) adds ``mtre_mm``. ``progress(event, **info)`` is called per step."""
+    (a joint or part body: from its parent's) unless ``initial_poses`` names them.
+    ``true_poses`` (body name -> pose, e.g. from a simulated radiograph's sidecar) adds
+    ``mtre_mm``. ``progress(event, **info)`` is called per step."""
     from ..rendering import default_view
 
     s = settings or RegistrationSettings()
@@ -270,10 +392,10 @@ def register(ct: Volume, labels: LabelMap, pixels: np.ndarray, camera: Camera, b
         raise UserError("no bodies to register")
     dtype = torch.float32
     sim = get_similarity(s.similarity, s.patch_px)
-    all_structs = [st for b in bodies for st in b.structures]
     full = torch.as_tensor(np.asarray(pixels, dtype=np.float32))
-    levels = [_Level(ct, labels, camera.scaled(f) if f != 1.0 else camera, all_structs, full, s, device, dtype)
+    levels = [_Level(camera.scaled(f) if f != 1.0 else camera, full, s, device, dtype)
               for f in pyramid_factors(camera, s.coarse_px, s.fine_px)]
+    vols = _Volumes(ct, labels, s, device, dtype)
     if initial_pose is None:
         initial_pose = default_view(ct, labels, camera)
     notify = progress or (lambda *a, **k: None)
@@ -282,36 +404,26 @@ def register(ct: Volume, labels: LabelMap, pixels: np.ndarray, camera: Camera, b
     prev = np.asarray(initial_pose, dtype=np.float64)
     for body in bodies:
         t0 = time.time()
-        joint = _joint(labels, body, registered, s) if s.joint_pivot else None
+        group = _parent_group(body, registered) if s.part_of_group else None
+        joint = _joint(labels, body, registered, s) if s.joint_pivot and group is None else None
+        kind = "joint" if joint is not None else "part" if group is not None else "free"
+        if not results:
+            kind = "first"
         if joint is not None:  # a ball joint: start from the parent's pose, rotate about the joint
-            parent_pose, centre = joint
+            _, parent_pose, centre = joint
             start = np.asarray((initial_poses or {}).get(body.name, parent_pose), dtype=np.float64)
             space = PoseSpace(start, centre)
+        elif group is not None:  # part of a registered group: small motions about its own centre
+            start = np.asarray((initial_poses or {}).get(body.name, group[1]), dtype=np.float64)
+            space = PoseSpace(start, body_centre(labels, body))
         else:
             start = np.asarray((initial_poses or {}).get(body.name, prev), dtype=np.float64)
             space = PoseSpace(start, body_centre(labels, body))
-        backgrounds = []
-        with torch.no_grad():
-            for lv in levels:
-                bg = torch.zeros(1, lv.camera.rows, lv.camera.cols, dtype=dtype, device=device)
-                for other, pose in registered:
-                    bg = bg + lv.drr(torch.as_tensor(pose)[None], other.structures)
-                backgrounds.append(bg)
-
-        masks = [lv.mask for lv in levels]
-        if registered and s.roi_margin_mm > 0:
-            # later bodies: only the region around the body's projection at the start pose counts
-            masks = []
-            with torch.no_grad():
-                for lv in levels:
-                    own = lv.drr(torch.as_tensor(start)[None], body.structures)[0] > 0
-                    k = 2 * int(round(s.roi_margin_mm / lv.camera.spacing_col_mm)) + 1
-                    roi = F.max_pool2d(own[None, None].float(), k, stride=1, padding=k // 2)[0, 0] > 0
-                    masks.append(lv.mask & roi)
+        views = _views(body, kind, start, registered, levels, camera, vols, s, device, dtype)
 
         def objective_at(i):
-            lv, bg, mk = levels[i], backgrounds[i], masks[i]
-            return lambda poses: sim(lv.fixed, lv.drr(poses, body.structures) + bg, mk)
+            v = views[i]
+            return lambda poses: sim(v.fixed, vols.drr(body.structures, v.camera, poses) + v.background, v.mask)
 
         def score(i, x):
             with torch.no_grad():
@@ -319,67 +431,89 @@ def register(ct: Volume, labels: LabelMap, pixels: np.ndarray, camera: Camera, b
 
         history = []
         x = np.zeros(6)
-        init_sim = score(len(levels) - 1, x)
-        history.append({"stage": "initial", "level_px": list(_shape(levels[-1])), "similarity": init_sim})
+        last = len(views) - 1
+        init_sim = score(last, x)
+        history.append({"stage": "initial", "kind": kind, "level_px": list(_shape(views[-1])),
+                        "similarity": init_sim})
         if joint is not None:
-            history.append({"stage": "joint", "centre_lps_mm": [round(float(v), 2) for v in joint[1]]})
-        if s.inplane_search and not results and initial_poses is None:
-            lv = levels[0]
+            history.append({"stage": "joint", "of": joint[0].name,
+                            "centre_lps_mm": [round(float(v), 2) for v in joint[2]]})
+        if group is not None:
+            history.append({"stage": "part", "of": group[0].name})
+        if s.inplane_search and kind == "first" and initial_poses is None:
+            v = views[0]
             with torch.no_grad():
-                drr = (lv.drr(space.matrices(torch.zeros(1, 6, dtype=torch.float64)), body.structures)
-                       + backgrounds[0])[0]
+                drr = (vols.drr(body.structures, v.camera, space.matrices(torch.zeros(1, 6, dtype=torch.float64)))
+                       + v.background)[0]
             from ..geometry import project
 
-            c_rc = project(lv.camera, start, space.centre_lps[None])[0]
-            ang, dr, dc, val = initialise.inplane_search(lv.fixed, drr, lv.mask, sim, (float(c_rc[0]), float(c_rc[1])))
-            x_ip = initialise.inplane_params(ang, (dr, dc), lv.camera, float(space.centre_camera[2]))
+            c_rc = project(v.camera, start, space.centre_lps[None])[0]
+            ang, dr, dc, val = initialise.inplane_search(v.fixed, drr, v.mask, sim, (float(c_rc[0]), float(c_rc[1])))
+            x_ip = initialise.inplane_params(ang, (dr, dc), v.camera, float(space.centre_camera[2]))
             if score(0, x_ip) > score(0, x):
                 x = x_ip
-            history.append({"stage": "inplane", "level_px": list(_shape(lv)), "similarity": score(0, x),
+            history.append({"stage": "inplane", "level_px": list(_shape(v)), "similarity": score(0, x),
                             "angle_deg": ang, "shift_px": [dr, dc]})
             notify("inplane", body=body.name, similarity=history[-1]["similarity"])
-        box, penalty = None, None
-        if joint is not None:
-            sig_deg, b_deg = s.joint_sigma_deg, s.joint_bounds_deg
-            b_mm = np.array([s.joint_bounds_mm, s.joint_bounds_mm, s.joint_bounds_depth_mm])
-            sig_mm = np.minimum(s.joint_sigma_mm, b_mm / 2)
+        box, penalty, restarts = None, None, max(1, s.cma_restarts)
+        if kind in ("joint", "part"):
+            if kind == "joint":
+                sig_deg, b_deg, prior_sd = s.joint_sigma_deg, s.joint_bounds_deg, s.joint_prior_deg
+                b_mm = np.array([s.joint_bounds_mm, s.joint_bounds_mm, s.joint_bounds_depth_mm])
+                sig_mm = np.minimum(s.joint_sigma_mm, b_mm / 2)
+            else:
+                sig_deg, b_deg, prior_sd = s.part_sigma_deg, s.part_bounds_deg, s.part_prior_deg
+                b_mm = np.array([s.part_bounds_mm, s.part_bounds_mm, s.part_bounds_depth_mm])
+                sig_mm = np.minimum(s.part_sigma_mm, b_mm / 2)
             half = np.r_[[b_deg] * 3, b_mm]
             box = (-half, half)
+            restarts = max(1, s.roi_cma_restarts)
             if s.joint_prior_weight > 0:
-                w, sd = s.joint_prior_weight, s.joint_prior_deg
+                w, sd = s.joint_prior_weight, prior_sd
                 penalty = lambda xt: w * ((xt[:, :3] / sd) ** 2).sum(-1)  # noqa: E731
         else:
             shrink = s.later_body_bounds if registered else 1.0
             sig_deg, sig_mm = s.sigma_deg * shrink, s.sigma_mm * shrink
             b_deg, b_mm = s.bounds_deg * shrink, s.bounds_mm * shrink
-        # a joint body moves little from its parent's pose: search it at the finest level
-        cl = len(levels) - 1 if joint is not None and s.joint_search_fine else 0
         if s.cma:
-            res = cma_search(objective_at(cl), space, x, sig_deg, sig_mm, b_deg, b_mm,
-                             s.cma_popsize, s.cma_max_evals, s.seed, dtype, device,
-                             callback=lambda n, f: notify("cma", body=body.name, step=n, similarity=f),
-                             penalty=penalty)
-            if res.similarity > score(cl, x):
-                x = res.x
-            history.append({"stage": "cma-es", "level_px": list(_shape(levels[cl])), "similarity": res.similarity,
-                            "evaluations": res.evaluations, "seconds": round(res.seconds, 3)})
-        for i in range(cl, len(levels)):
-            res = gradient_refine(objective_at(i), space, x, s.refine_steps, s.refine_lr_deg / (i + 1),
-                                  s.refine_lr_mm / (i + 1), dtype, device,
+            best = None
+            for r in range(restarts):
+                res = cma_search(objective_at(0), space, x, sig_deg, sig_mm, b_deg, b_mm,
+                                 s.cma_popsize, s.cma_max_evals, s.seed + 1000 * r, dtype, device,
+                                 callback=lambda n, f: notify("cma", body=body.name, step=n, similarity=f),
+                                 penalty=penalty)
+                history.append({"stage": "cma-es", "level_px": list(_shape(views[0])), "similarity": res.similarity,
+                                "evaluations": res.evaluations, "seconds": round(res.seconds, 3), "restart": r})
+                if best is None or res.similarity > best.similarity:
+                    best = res
+            pen0 = float(penalty(torch.as_tensor(x, dtype=torch.float64)[None])[0]) if penalty else 0.0
+            if best.similarity > score(0, x) - pen0:
+                x = best.x
+        for i in range(len(views)):
+            div = 2 if box is not None else i + 1  # steps shrink on finer levels
+            res = gradient_refine(objective_at(i), space, x, s.refine_steps, s.refine_lr_deg / div,
+                                  s.refine_lr_mm / div, dtype, device,
                                   callback=lambda n, f: notify("refine", body=body.name, step=n, similarity=f),
                                   bounds=box, penalty=penalty)
             x = res.x
-            history.append({"stage": "refine", "level_px": list(_shape(levels[i])), "similarity": res.similarity,
+            history.append({"stage": "refine", "level_px": list(_shape(views[i])), "similarity": res.similarity,
                             "steps": res.evaluations, "seconds": round(res.seconds, 3)})
         pose = space.matrix(x)
-        final = score(len(levels) - 1, x)
-        doubtful = final < s.doubtful_below
-        if joint is not None:  # a joint rotation stuck at its bound is not a plausible hip posture
-            doubtful = doubtful or bool(np.any(np.abs(x[:3]) >= s.joint_bounds_deg - 1.0))
-            history.append({"stage": "joint-rotation", "deg": [round(float(v), 2) for v in x[:3]],
+        final = score(last, x)
+        threshold = s.doubtful_threshold(kind)
+        doubtful = final < threshold
+        if box is not None:
+            # a motion stuck at its bound is not a plausible posture (or the body slid along a
+            # repeated pattern: a vertebra onto its neighbour's edges); a doubtful parent
+            # makes its joint / part doubtful too
+            at_bound = bool(np.any(np.abs(x[:3]) >= b_deg - 1.0) or np.any(np.abs(x[3:5]) >= b_mm[:2] - 0.05))
+            parent = (joint[0] if joint is not None else group[0]).name
+            doubtful = doubtful or at_bound or any(r.doubtful for r in results if r.name == parent)
+            history.append({"stage": "joint-rotation" if kind == "joint" else "part-motion",
+                            "deg": [round(float(v), 2) for v in x[:3]],
                             "translation_mm": [round(float(v), 2) for v in x[3:]]})
         result = BodyResult(body.name, [st.name for st in body.structures], pose, start, init_sim, final,
-                            bool(doubtful), time.time() - t0, history)
+                            bool(doubtful), time.time() - t0, history, kind=kind, doubtful_below=threshold)
         if true_poses and body.name in true_poses:
             pts = labels.grid.voxel_centres_lps(body.mask(labels))
             result.mtre_mm = mtre_mm(pts, np.asarray(true_poses[body.name]), pose)
@@ -391,14 +525,58 @@ def register(ct: Volume, labels: LabelMap, pixels: np.ndarray, camera: Camera, b
     return results
 
 
+def _views(body: Body, kind: str, start: np.ndarray, registered, levels: list[_Level], camera: Camera,
+           vols: _Volumes, s: RegistrationSettings, device, dtype) -> list[_View]:
+    """The levels a body is registered on (coarse to fine), each cut to its region of interest.
+
+    The first and free bodies use the whole pyramid and the whole detector. Later bodies count
+    only pixels within ``roi_margin_mm`` of their projection at the start pose, and their
+    DRRs are rendered in that window only; joint and part bodies (small, starting close) use
+    one level whose pixels are about ``roi_fine_mm`` (never finer than the detector)."""
+    if kind in ("joint", "part"):
+        f = max(1.0, s.roi_fine_mm / min(camera.spacing_row_mm, camera.spacing_col_mm))
+        lv_list = [_level_at(levels, camera, f, s, device, dtype)]
+    else:
+        lv_list = levels
+    groups = _background_groups(body, registered)
+    views = []
+    with torch.no_grad():
+        for lv in lv_list:
+            cam, fixed, mask = lv.camera, lv.fixed, lv.mask
+            if registered and s.roi_margin_mm > 0:
+                own = vols.drr(body.structures, cam, torch.as_tensor(start))[0] > 0
+                k = 2 * int(round(s.roi_margin_mm / cam.spacing_col_mm)) + 1
+                roi = F.max_pool2d(own[None, None].float(), k, stride=1, padding=k // 2)[0, 0] > 0
+                roi = roi & mask
+                b = mask_box(roi.cpu().numpy())
+                if b is not None:
+                    r0, r1, c0, c1 = b
+                    cam = crop_camera(cam, r0, r1, c0, c1)
+                    fixed, mask = fixed[r0:r1, c0:c1], roi[r0:r1, c0:c1]
+            bg = torch.zeros(1, cam.rows, cam.cols, dtype=dtype, device=device)
+            for sts, pose in groups:
+                bg = bg + vols.drr(sts, cam, torch.as_tensor(pose))
+            views.append(_View(cam, fixed, mask, bg))
+    return views
+
+
+def _level_at(levels: list[_Level], camera: Camera, factor: float, s, device, dtype) -> _Level:
+    """A level with pixels ``factor`` times the detector's: one of ``levels`` when it matches,
+    else re-sampled from the full radiograph."""
+    for lv in levels:
+        if lv.camera == (camera.scaled(factor) if factor > 1.0 else camera):
+            return lv
+    return _Level(camera.scaled(factor) if factor > 1.0 else camera, levels[-1].source, s, device, dtype)
+
+
 def _joint(labels: LabelMap, body: Body, registered: list[tuple[Body, np.ndarray]],
-           s: RegistrationSettings) -> tuple[np.ndarray, np.ndarray] | None:
-    """(parent's registered pose, joint centre LPS mm) when ``body`` forms a ball joint with an
-    already registered body (the femoral head in the pelvis's acetabulum), else None."""
+           s: RegistrationSettings) -> tuple[Body, np.ndarray, np.ndarray] | None:
+    """(parent body, its registered pose, joint centre LPS mm) when ``body`` forms a ball joint
+    with an already registered body (the femoral head in the pelvis's acetabulum), else None."""
     for parent, pose in registered:
         c = joint_centre(labels, body, parent, s.joint_contact_mm)
         if c is not None:
-            return np.asarray(pose, dtype=np.float64), c
+            return parent, np.asarray(pose, dtype=np.float64), c
     return None
 
 

@@ -1,0 +1,78 @@
+"""Small volumes and detector windows that make registering one body cheap.
+
+* :func:`body_volume`: the attenuation of a set of bone structures only, cropped to their
+  bounding box (+ margin) and block-averaged to about ``target_mm`` voxels, stored as a
+  :class:`~MSKdeXLib.image.Volume` of HU whose DRR (``DRRRenderer(volume, camera)``, no label
+  map) is the bone-only DRR of those structures. Voxels outside the structures are air
+  (-1000 HU: mu = 0). Block averaging is done on mu (1/mm), so partial voxels keep their
+  attenuation; with a factor of 1 the DRR equals the full CT's structure-masked DRR.
+* :func:`crop_camera`: a detector window (rows r0:r1, cols c0:c1) as a camera of its own
+  (same rays: the principal point is shifted).
+
+Frames: CT LPS mm; voxel arrays [k, j, i].
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..geometry import Camera
+from ..image import Volume
+from ..rendering import MU_WATER_PER_MM, union_mask
+
+
+def block_factors(spacing_ijk, target_mm: float) -> tuple[int, int, int]:
+    """Integer down-sampling factor per axis (i, j, k): voxels become about ``target_mm``
+    (never finer than they are, never coarser than ``target_mm``)."""
+    return tuple(max(1, int(np.floor(target_mm / s + 1e-6))) for s in spacing_ijk)  # type: ignore[return-value]
+
+
+def body_volume(ct: Volume, labels, structures, margin_mm: float = 6.0, target_mm: float = 1.5,
+                mu_water_per_mm: float = MU_WATER_PER_MM, max_hu: float | None = None) -> Volume:
+    """Bone-only volume (HU) of ``structures``: cropped, block-averaged on mu (see module doc).
+    ``max_hu``: CT numbers above it (metal implants) count as ``max_hu``: a radiograph's
+    beam-hardened metal is much less bright than a linear DRR of it."""
+    mask = union_mask(labels, structures)
+    if not mask.any():
+        raise ValueError("structures have no voxels")
+    spacing = np.asarray(ct.spacing, dtype=np.float64)          # (i, j, k)
+    f_ijk = np.array(block_factors(spacing, target_mm))
+    f_kji = f_ijk[::-1]
+    shape = np.array(mask.shape)
+    hit = [np.flatnonzero(mask.any(axis=tuple(b for b in range(3) if b != a))) for a in range(3)]
+    pad = np.ceil(margin_mm / spacing[::-1]).astype(int)
+    lo = np.maximum([h[0] for h in hit] - pad, 0)
+    hi = np.minimum([h[-1] + 1 for h in hit] + pad, shape)
+    hi = lo + np.ceil((hi - lo) / f_kji).astype(int) * f_kji  # whole blocks (may pass the edge)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    hu = np.full(tuple(hi - lo), -1000.0, dtype=np.float32)
+    m = np.zeros(tuple(hi - lo), dtype=bool)
+    src = ct.array[box]
+    hu[tuple(slice(0, n) for n in src.shape)] = src if max_hu is None else np.minimum(src, max_hu)
+    m[tuple(slice(0, n) for n in src.shape)] = mask[box]
+    mu = np.where(m, mu_water_per_mm * np.maximum(0.0, 1.0 + hu / 1000.0), 0.0).astype(np.float32)
+    if np.any(f_kji > 1):
+        k, j, i = mu.shape
+        mu = mu.reshape(k // f_kji[0], f_kji[0], j // f_kji[1], f_kji[1], i // f_kji[2], f_kji[2]).mean((1, 3, 5))
+    hu_out = ((mu / mu_water_per_mm - 1.0) * 1000.0).astype(np.float32)
+    # centre of the first block, in index units of the original grid
+    first = np.r_[lo[::-1] + (f_ijk - 1) / 2.0, 1.0]
+    origin = (ct.index_to_lps() @ first)[:3]
+    return Volume(hu_out, tuple(spacing * f_ijk), tuple(origin), ct.direction.copy(), ct.source,
+                  {"body_volume": [s.name for s in structures], "block_factors_ijk": f_ijk.tolist()})
+
+
+def crop_camera(camera: Camera, r0: int, r1: int, c0: int, c1: int) -> Camera:
+    """The detector window rows r0:r1, cols c0:c1 of ``camera`` as a camera (same rays)."""
+    cx, cy = camera.principal_point
+    return Camera(int(r1 - r0), int(c1 - c0), camera.spacing_row_mm, camera.spacing_col_mm, camera.sid_mm,
+                  cx - c0, cy - r0)
+
+
+def mask_box(mask: np.ndarray, pad: int = 0) -> tuple[int, int, int, int] | None:
+    """(r0, r1, c0, c1) bounding box of a 2D bool mask grown by ``pad`` px (clipped), None if empty."""
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    if not rows.size:
+        return None
+    h, w = mask.shape
+    return (max(0, rows[0] - pad), min(h, rows[-1] + 1 + pad), max(0, cols[0] - pad), min(w, cols[-1] + 1 + pad))
