@@ -404,7 +404,9 @@ def build_real_record(case: Case, channels: list[dict], settings: DatasetSetting
     metrics = {r["name"]: r for r in metrics_document(ct, labels, structures, density)["structures"]}
     groups: list[tuple[list, np.ndarray, bool]] = []
     placed: set[str] = set()
-    for b in bodies:
+    # a structure held by several bodies (bones, then spine, then one vertebra) is placed by the
+    # last of them, as `mskdex register` does (its most specific, last registered body)
+    for b in reversed(bodies):
         members = [s for s in structures if s.kind == "bone" and s.name not in placed
                    and (s.name in b.structures or (b.name == "all" and not b.structures))]
         placed |= {s.name for s in members}

@@ -454,7 +454,7 @@ def write_channel_image(path: Path, image: np.ndarray, spacing_rc: tuple[float, 
 
 def write_outputs(out_dir: str | Path, est: Estimates, force: bool = False, image_format: str = "nrrd") -> dict[str, Path]:
     """Write estimates.csv, estimates.json, overlay.png and channels/<structure>__<quantity>.<fmt>."""
-    from .io.outputs import prepare_out_dir, write_json, write_text
+    from .io.outputs import prepare_out_dir, remove_stale, write_json, write_text
 
     names = ("estimates.csv", "estimates.json", "overlay.png", "channels")
     out = prepare_out_dir(out_dir, force, expected=names)
@@ -467,4 +467,6 @@ def write_outputs(out_dir: str | Path, est: Estimates, force: bool = False, imag
     for c, img in zip(est.channels, est.channel_images):
         p = out / "channels" / f"{c['structure']}__{c['quantity']}{ext}"
         files[f"{c['structure']}:{c['quantity']}"] = write_channel_image(p, img, est.pixel_spacing_mm, force)
+    if force:  # an earlier run's channels that this model does not predict would mislead
+        remove_stale(out / "channels", [v for k, v in files.items() if ":" in k])
     return files

@@ -125,7 +125,7 @@ def run(args) -> int:
     import numpy as np
     import torch
 
-    from ..io.outputs import atomic_path, prepare_out_dir, write_json
+    from ..io.outputs import atomic_path, prepare_out_dir, remove_stale, write_json
     from ..io.radiographs import UncalibratedWarning, load_radiograph
     from ..registration import initialise, pipeline
     from ..registration.qa import qa_figure
@@ -202,6 +202,8 @@ def run(args) -> int:
                 path = out / "channels" / f"{body.name}__{st.name}_mass_g.nrrd"
                 _write_channel(path, ch[k], camera, args.force, atomic_path)
                 written[f"{body.name}/{st.name}"] = str(path.relative_to(out))
+    if args.force:  # channels of an earlier run (other bodies) would not match this report
+        remove_stale(out / "channels", [out / v for v in written.values()])
     worst = any(r.doubtful for r in results)
     qa_figure(out / "qa.png", xray.pixels, drrs, None,
               title=f"{Path(args.xray).name}: " + ", ".join(

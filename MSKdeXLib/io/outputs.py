@@ -7,7 +7,7 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from ..errors import UserError
 
@@ -33,6 +33,24 @@ def prepare_out_dir(path: str | Path, force: bool = False, expected: tuple[str, 
                             "pass --force to overwrite", p)
     p.mkdir(parents=True, exist_ok=True)
     return p
+
+
+def remove_stale(folder: str | Path, written: Iterable[str | Path],
+                 suffixes: tuple[str, ...] = (".nrrd", ".nii.gz", ".nii")) -> list[Path]:
+    """After a ``--force`` rewrite of a folder of images this run owns (e.g. ``OUT/channels``):
+    delete the images with ``suffixes`` that this run did not write (an earlier run's, e.g. of a
+    structure no longer requested), so the folder holds exactly what the run's report lists.
+    Returns the deleted paths."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    keep = {Path(w).resolve() for w in written}
+    gone = []
+    for f in sorted(folder.iterdir()):
+        if f.is_file() and not f.name.startswith(".") and f.name.endswith(suffixes) and f.resolve() not in keep:
+            f.unlink()
+            gone.append(f)
+    return gone
 
 
 @contextmanager

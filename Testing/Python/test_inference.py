@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,6 +86,15 @@ def test_predict_256_outputs(model_dir, xray_256, tmp_path, capsys):
     # outputs are never overwritten without force
     with pytest.raises(UserError, match="--force"):
         write_outputs(tmp_path / "p", est)
+    # with --force the folder ends up holding exactly this run's channels: an earlier run's channel
+    # of another structure is removed, a user's note beside it is not an image and stays
+    stale = tmp_path / "p" / "channels" / "adductor_longus__mass_g.nrrd"
+    stale.write_bytes(b"old")
+    (tmp_path / "p" / "channels" / "notes.txt").write_text("mine")
+    files = write_outputs(tmp_path / "p", est, force=True)
+    images = sorted(f.name for f in (tmp_path / "p" / "channels").iterdir() if f.suffix == ".nrrd")
+    assert images == sorted(Path(v).name for k, v in files.items() if ":" in k)
+    assert not stale.exists() and (tmp_path / "p" / "channels" / "notes.txt").exists()
 
 
 def test_overlay_uses_structure_colours(model_dir, xray_256):

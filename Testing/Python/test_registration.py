@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -128,6 +130,13 @@ def test_cli_register_writes_outputs(tmp_path, pelvis_case):
     assert ch.shape == (64, 64) and ch.sum() > 0
     # never overwrites without --force
     assert main(args) == 2
+    # with --force, channels of an earlier run that this report does not list are removed
+    stale = out / "channels" / "femur_left__femur_left_mass_g.nrrd"
+    stale.write_bytes(b"old")
+    assert main(args + ["--force"]) == 0
+    rep = json.loads((out / "registration.json").read_text())
+    assert sorted(p.name for p in (out / "channels").iterdir()) == sorted(
+        Path(v).name for v in rep["channels"].values())
 
 
 def test_fit_sphere_and_hip_joint_centres(pelvis):
