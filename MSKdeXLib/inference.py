@@ -44,6 +44,10 @@ from .structures import Structure
 TTA_AUGMENT = {"enabled": True, "rotation_deg": 2.0, "scale": [0.97, 1.03], "translation": 0.02,
                "brightness": 0.05, "contrast": [0.95, 1.05]}
 INTERVAL = 0.90
+#: test-time augmentation passes beyond the plain one, when neither the caller nor the model's
+#: calibration says otherwise: 1 + 4 passes take 0.72 s at 256 x 256 on 2 CPU cores (the issue's
+#: <= 1 s budget; 1 + 8 take 1.26 s), see benchmarks/RESULTS_network.md
+DEFAULT_TTA = 4
 CALIBRATION_FORMAT = "mskdex-calibration/1"
 #: relative floor of the interval scale u (fraction of the estimate), so a zero TTA spread
 #: (or no TTA) still gives a non-degenerate, relative-error interval
@@ -256,7 +260,7 @@ def channel_sums(generator: torch.nn.Module, x: np.ndarray, tta: int, seed: int,
 
 
 def calibrate(generator: torch.nn.Module, xrays: list[np.ndarray], truths: list[np.ndarray], *,
-              level: float = INTERVAL, tta: int = 8, seed: int = 0, floor_fraction: float = FLOOR_FRACTION,
+              level: float = INTERVAL, tta: int = DEFAULT_TTA, seed: int = 0, floor_fraction: float = FLOOR_FRACTION,
               device: str | torch.device = "cpu", split: str = "val",
               min_per_channel: int = MIN_PER_CHANNEL) -> dict[str, Any]:
     """The calibration record (JSON-ready) of a generator from held-out normalised inputs
@@ -365,10 +369,20 @@ def case_id_from_path(path: str | Path) -> str:
 
 
 @torch.no_grad()
-def predict(model: Model, radiograph: Radiograph, tta: int = 8, seed: int = 0, rec_id: str | None = None,
+def default_tta(model: Model) -> int:
+    """Extra TTA passes matching the model's calibration (its interval is valid for the number of
+    passes it was calibrated with), else :data:`DEFAULT_TTA`."""
+    cal = model.config.get("calibration") or {}
+    passes = (cal.get("tta") or {}).get("passes")
+    return int(passes) - 1 if passes else DEFAULT_TTA
+
+
+def predict(model: Model, radiograph: Radiograph, tta: int | None = None, seed: int = 0, rec_id: str | None = None,
             batch_size: int = 8) -> Estimates:
-    """Estimates of one radiograph (mean over 1 + ``tta`` passes; 90 % interval, calibrated
-    when the model carries a calibration record)."""
+    """Estimates of one radiograph (mean over 1 + ``tta`` passes, default :func:`default_tta`;
+    90 % interval, calibrated when the model carries a calibration record)."""
+    if tta is None:
+        tta = default_tta(model)
     x, warnings, placement = prepare_input(model, radiograph)
     samples, first = channel_sums(model.generator, x, tta, seed, model.device, batch_size)
     rng = model.config.get("data_summary", {}).get("truth_range")

@@ -87,7 +87,7 @@ def default_config() -> dict[str, Any]:
         "log_every": 50,
         "val_every": 1000,
         "amp": True,
-        "calibration": {"enabled": True, "split": "val", "level": 0.9, "tta": 8, "floor_fraction": 0.01},
+        "calibration": {"enabled": True, "split": "val", "level": 0.9, "tta": 4, "floor_fraction": 0.01},
     }
 
 
@@ -472,7 +472,7 @@ def calibration_record(gen, info, ccfg: dict[str, Any], seed: int, dev) -> dict[
     {"calibration": None, "calibration_note": why} when disabled or too few records."""
     from .inference import calibrate_on_split
 
-    ccfg = {"enabled": True, "split": "val", "level": 0.9, "tta": 8, "floor_fraction": 0.01, **(ccfg or {})}
+    ccfg = {"enabled": True, "split": "val", "level": 0.9, "tta": 4, "floor_fraction": 0.01, **(ccfg or {})}
     if not ccfg["enabled"]:
         return {"calibration": None, "calibration_note": "calibration switched off in the training config"}
     try:
@@ -543,7 +543,7 @@ def plot_history(history: list[dict[str, float]], path: Path) -> None:
     plt.close(fig)
 
 
-def recalibrate(model_dir: str | Path, data_dir: str | Path, *, split: str = "val", level: float = 0.9, tta: int = 8,
+def recalibrate(model_dir: str | Path, data_dir: str | Path, *, split: str = "val", level: float = 0.9, tta: int = 4,
                 floor_fraction: float = 0.01, seed: int = 0, device: str = "cpu", force: bool = False
                 ) -> dict[str, Any]:
     """(Re)calibrate a model folder's interval on a data set's ``split`` (e.g. a model trained

@@ -15,7 +15,9 @@ def add_parser(sub, name: str):
     p.add_argument("--model", required=True, help="model folder (model.safetensors + config.json)")
     p.add_argument("--xray", required=True, help="radiograph (DICOM, PNG, JPEG, TIFF)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--tta", type=int, default=8, help="extra test-time-augmentation passes (default 8; 0 = none)")
+    p.add_argument("--tta", type=int, default=None,
+                   help="extra test-time-augmentation passes (default: as many as the model's interval was "
+                        "calibrated with, else 4; 0 = none)")
     p.add_argument("--pixel-spacing", type=float, nargs="+", default=None, metavar="MM",
                    help="pixel spacing (mm; one value or row col) overriding the file's")
     p.add_argument("--id", default=None, help="case id in the outputs (default: from the file name)")
@@ -36,7 +38,7 @@ def run(args) -> int:
     from ..io.radiographs import load_radiograph
     from .common import resolve_device
 
-    if args.tta < 0:
+    if args.tta is not None and args.tta < 0:
         raise UserError("--tta must be >= 0")
     prepare_out_dir(args.out, args.force, expected=("estimates.csv", "estimates.json", "overlay.png", "channels"))
     model = load_model(args.model, resolve_device(args.device))

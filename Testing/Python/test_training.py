@@ -228,9 +228,14 @@ def test_training_calibrates_the_interval_and_it_round_trips(pelvis, tmp_path):
         doc = a.to_json()
         how = doc["interval_method"]
         assert doc["interval"] == 0.9 and how["calibrated"] and how["mode"] == part
+    # by default predict runs as many passes as the interval was calibrated with
+    assert predict(m, rad).samples.shape[0] == cal["tta"]["passes"] == 3
     # a model without calibration (an older model folder) still predicts, and says so
     old = {k: v for k, v in m.config.items() if k not in ("format", "calibration")}
     save_model(tmp_path / "old", m.generator, old)
+    from MSKdeXLib.inference import DEFAULT_TTA
+
+    assert predict(load_model(tmp_path / "old"), rad).samples.shape[0] == 1 + DEFAULT_TTA
     est = predict(load_model(tmp_path / "old"), rad, tta=2)
     how = est.to_json()["interval_method"]
     assert not how["calibrated"] and "uncalibrated" in how["note"]
