@@ -447,6 +447,8 @@ class MSKdeXWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 logging.warning(f"MSKdeX estimate: {w}")
             if self._layers.warnings:
                 self._jobNote = _(" with warnings: ") + "; ".join(self._layers.warnings)
+            if p.estimatesTable and p.estimatesTable.GetAttribute("MSKdeX.interval_calibrated") != "true":
+                self._jobNote += _(" (90 % intervals uncalibrated)")
             for name in self.logic.lastStructureNames:
                 item = qt.QListWidgetItem(name)
                 item.setFlags(item.flags() | qt.Qt.ItemIsUserCheckable)

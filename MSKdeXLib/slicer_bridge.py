@@ -719,6 +719,9 @@ def estimates_table_node(doc: dict, scene, name: str = "MSKdeX estimates", node=
             if c.startswith(q):
                 node.SetColumnUnitLabel(c, unit)
     node.SetAttribute(ATTR + "interval", str(doc.get("interval", "")))
+    how = doc.get("interval_method") or {}
+    node.SetAttribute(ATTR + "interval_calibrated", "true" if how.get("calibrated") else "false")
+    node.SetAttribute(ATTR + "interval_method", str(how.get("method") or how.get("note") or ""))
     return node
 
 

@@ -382,6 +382,10 @@ def test_prediction_channels_sit_where_inference_resampled_the_radiograph(pelvis
             assert got[k] == (pytest.approx(v, rel=1e-12) if isinstance(v, float) else str(v)), k
     assert layers.table.GetColumnUnitLabel("mass_g_low") == "g"
     assert layers.table.GetColumnUnitLabel("volume_cm3") == "cm^3"
+    # whether the interval is calibrated travels with the table (the GUI states it)
+    calibrated = doc["interval_method"]["calibrated"]
+    assert layers.table.GetAttribute("MSKdeX.interval_calibrated") == ("true" if calibrated else "false")
+    assert layers.table.GetAttribute("MSKdeX.interval_method")
 
     # one volume per channel, holding the file's image, summing to the estimate (no TTA)
     assert len(layers.volumes) == len(doc["rows"]) == 4
