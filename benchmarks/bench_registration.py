@@ -74,7 +74,7 @@ def run_chain(args, case, ct, labels, bodies, base) -> list[dict]:
     else:
         big, pad = ct, (lambda m: m)
     for max_mm, max_deg in args.ranges:
-        for trial in range(args.trials):
+        for trial in (args.trial_ids or range(args.trials)):
             rng = np.random.default_rng(1000 * trial + int(max_mm) + 7)
             truth = PoseSpace(base, pipeline.body_centre(labels, parent)).matrix(
                 np.r_[rng.uniform(-5, 5, 3), rng.uniform(-15, 15, 3)])
@@ -97,6 +97,10 @@ def run_chain(args, case, ct, labels, bodies, base) -> list[dict]:
                 taken |= m
                 parts.append((pad(m), true_poses[body.name]))
             xray = simulate_articulated(big, cam, truth, parts, seed=trial)
+            if args.scan_parts:
+                rows += scan_parts(case, f"{max_mm:g} mm / {max_deg:g} deg", trial, ct, labels, bodies, xray,
+                                   cam, true_poses, make_settings(args, trial))
+                continue
             start = PoseSpace(truth, pipeline.body_centre(labels, parent)).matrix(perturbation(rng, max_deg, max_mm))
             settings = make_settings(args, trial)
             t0 = time.time()
@@ -115,6 +119,42 @@ def run_chain(args, case, ct, labels, bodies, base) -> list[dict]:
                       flush=True)
             print(f"# trial total {time.time() - t0:.1f} s", flush=True)
     return rows
+
+
+def scan_parts(case, rng_label, trial, ct, labels, bodies, xray, cam, true_poses, settings,
+               half_mm: float = 3.0, step_mm: float = 0.5) -> list[dict]:
+    """Diagnostic: every part body's similarity over in-plane translations (camera x = columns,
+    y = rows, +-``half_mm``) about its true pose, with every other body at its true pose (what
+    the part's search sees when its group is registered perfectly). Reports where the plain
+    and the prior-penalised similarity peak: a peak away from (0, 0) is a bias of the objective,
+    not of the search."""
+    sim = pipeline.get_similarity(settings.similarity, settings.patch_px)
+    full = torch.as_tensor(np.asarray(xray, dtype=np.float32))
+    f = max(1.0, settings.roi_fine_mm / cam.spacing_col_mm)
+    levels = [pipeline._Level(cam.scaled(f) if f > 1 else cam, full, settings, "cpu", torch.float32)]
+    vols = pipeline._Volumes(ct, labels, settings, "cpu", torch.float32)
+    pen = pipeline._prior_penalty(settings.joint_prior_weight, settings.part_prior_deg, settings.part_prior_mm)
+    g = np.arange(-half_mm, half_mm + 1e-9, step_mm)
+    xs = torch.as_tensor([[0, 0, 0, a, b, 0] for b in g for a in g], dtype=torch.float64)
+    out = []
+    for i, body in enumerate(bodies):
+        registered = [(b, true_poses[b.name]) for b in bodies[:i]]
+        if i == 0 or pipeline._parent_group(body, registered) is None:
+            continue
+        v = pipeline._views(body, "part", true_poses[body.name], registered, levels, cam, vols, settings,
+                            "cpu", torch.float32)[0]
+        space = PoseSpace(true_poses[body.name], pipeline.body_centre(labels, body))
+        with torch.no_grad():
+            val = sim(v.fixed, vols.drr(body.structures, v.camera, space.matrices(xs)) + v.background, v.mask)
+        val = val.double()
+        a, b = int(val.argmax()), int((val - pen(xs)).argmax())
+        row = {"case": case, "scan": "part-translation", "body": body.name, "range": rng_label, "trial": trial,
+               "at_truth": float(val[len(xs) // 2]), "max": float(val[a]),
+               "max_at_mm": xs[a, 3:5].tolist(), "penalised_max_at_mm": xs[b, 3:5].tolist(),
+               "part_roi_mm": settings.part_roi_mm}
+        out.append(row)
+        print(json.dumps(row), flush=True)
+    return out
 
 
 def group_pose(body, earlier, true_poses) -> np.ndarray:
@@ -245,6 +285,23 @@ def table(rows: list[dict], args) -> str:
     return "\n".join(lines) + "\n"
 
 
+def scan_table(scans: list[dict]) -> str:
+    """Summary of --scan-parts rows: how far the plain / penalised similarity peaks lie from the truth."""
+    if not scans:
+        return ""
+    lines = ["", "| body | window | scans | plain peak off truth (median / max mm) | plain peak at the 3-mm edge "
+             "| penalised peak off truth (median / max mm) |", "|---|---|---|---|---|---|"]
+    for key in sorted({(r["body"], r["part_roi_mm"]) for r in scans}):
+        g = [r for r in scans if (r["body"], r["part_roi_mm"]) == key]
+        d = [float(np.hypot(*r["max_at_mm"])) for r in g]
+        dp = [float(np.hypot(*r["penalised_max_at_mm"])) for r in g]
+        edge = sum(max(abs(v) for v in r["max_at_mm"]) >= 3.0 - 1e-9 for r in g)
+        win = f"{key[1]:g} mm of its projection" if key[1] > 0 else "wide (roi_margin_mm)"
+        lines.append(f"| {key[0]} | {win} | {len(g)} | {np.median(d):.2f} / {max(d):.2f} | {edge}/{len(g)} | "
+                     f"{np.median(dp):.2f} / {max(dp):.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", nargs="+", default=["pelvis", "chest"], choices=list(CASES))
@@ -252,6 +309,11 @@ def main() -> None:
     p.add_argument("--chest-bodies", default=None)
     p.add_argument("--ranges", nargs="+", default=["15,10", "30,20"], help="MM,DEG pairs")
     p.add_argument("--trials", type=int, default=10)
+    p.add_argument("--trial-ids", nargs="+", type=int, default=None,
+                   help="chain mode: run only these trial numbers (same random draws as in a full run)")
+    p.add_argument("--scan-parts", action="store_true",
+                   help="chain mode, diagnostic: scan each part's similarity over in-plane translations about "
+                        "its truth (others at truth) instead of registering")
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--spacing", type=float, default=1.5)
     p.add_argument("--threads", type=int, default=1)
@@ -282,11 +344,13 @@ def main() -> None:
                 rows += json.load(fh)
     else:
         rows = run(args)
-    text = table(rows, args) if rows else "no results\n"
+    scans = [r for r in rows if r.get("scan")]
+    rows = [r for r in rows if not r.get("scan")]
+    text = (table(rows, args) if rows else "") + scan_table(scans) if rows or scans else "no results\n"
     print(text)
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=1)
+            json.dump(rows + scans, fh, indent=1)
     if args.out:
         with open(args.out, "w") as fh:
             fh.write("## Registration\n\n" + text)

@@ -16,7 +16,9 @@ fixed background. A body is of one *kind*:
   ``joint_prior_deg``) and small translations;
 * ``part``: a body whose structures are a subset of a registered body's (a vertebra after a
   'spine' group) starts from that group's pose and moves a little about its own centre
-  (+-``part_bounds_deg``, prior SD ``part_prior_deg``, small translations);
+  (+-``part_bounds_deg``, prior SD ``part_prior_deg``; in-plane translations +-``part_bounds_mm``,
+  prior SD ``part_prior_mm``: a vertebra's edges repeat every level, and soft-tissue edges beside
+  the spine pull a bone-only DRR by up to 3 mm, so the prior keeps it near its group's pose);
 * ``free``: any other later body (the first body's path with smaller bounds).
 
 Joint and part bodies are searched (CMA-ES, ``roi_cma_restarts`` runs, then gradient
@@ -169,6 +171,9 @@ class RegistrationSettings:
     part_bounds_mm: float = 3.0     # in-plane translation relative to the group's pose
     part_bounds_depth_mm: float = 0.25  # depth is barely observable: stays with the group
     part_prior_deg: float = 3.0     # prior SD of a part's rotation (weight: joint_prior_weight)
+    part_prior_mm: float = 1.5      # prior SD of a part's in-plane translation, mm (0: none)
+    part_roi_mm: float = 0.0        # > 0: a part counts only pixels within this of its own projection
+                                    # (0: the wide ``roi_margin_mm`` window; 10 mm was measured worse)
     roi_fine_mm: float = 1.5        # joint / part bodies: one level with pixels of about this size
     roi_cma_restarts: int = 2       # joint / part bodies: CMA-ES runs (different seeds), best kept
     volume_mm: float = 1.5          # bone volumes are block-averaged to about this voxel size
@@ -469,8 +474,8 @@ def register(ct: Volume, labels: LabelMap, pixels: np.ndarray, camera: Camera, b
             box = (-half, half)
             restarts = max(1, s.roi_cma_restarts)
             if s.joint_prior_weight > 0:
-                w, sd = s.joint_prior_weight, prior_sd
-                penalty = lambda xt: w * ((xt[:, :3] / sd) ** 2).sum(-1)  # noqa: E731
+                penalty = _prior_penalty(s.joint_prior_weight, prior_sd,
+                                         s.part_prior_mm if kind == "part" else 0.0)
         else:
             shrink = s.later_body_bounds if registered else 1.0
             sig_deg, sig_mm = s.sigma_deg * shrink, s.sigma_mm * shrink
@@ -525,6 +530,19 @@ def register(ct: Volume, labels: LabelMap, pixels: np.ndarray, camera: Camera, b
     return results
 
 
+def _prior_penalty(weight: float, sd_deg: float, sd_mm: float = 0.0):
+    """Gaussian prior on a joint / part motion as a penalty (similarity units): ``weight`` per
+    (rotation deg / ``sd_deg``)^2, plus per (in-plane translation mm / ``sd_mm``)^2 when
+    ``sd_mm`` > 0; maps (B, 6) parameters to (B,)."""
+    def penalty(xt: torch.Tensor) -> torch.Tensor:
+        p = ((xt[:, :3] / sd_deg) ** 2).sum(-1)
+        if sd_mm > 0:
+            p = p + ((xt[:, 3:5] / sd_mm) ** 2).sum(-1)
+        return weight * p
+
+    return penalty
+
+
 def _views(body: Body, kind: str, start: np.ndarray, registered, levels: list[_Level], camera: Camera,
            vols: _Volumes, s: RegistrationSettings, device, dtype) -> list[_View]:
     """The levels a body is registered on (coarse to fine), each cut to its region of interest.
@@ -532,7 +550,9 @@ def _views(body: Body, kind: str, start: np.ndarray, registered, levels: list[_L
     The first and free bodies use the whole pyramid and the whole detector. Later bodies count
     only pixels within ``roi_margin_mm`` of their projection at the start pose, and their
     DRRs are rendered in that window only; joint and part bodies (small, starting close) use
-    one level whose pixels are about ``roi_fine_mm`` (never finer than the detector)."""
+    one level whose pixels are about ``roi_fine_mm`` (never finer than the detector). With
+    ``part_roi_mm`` > 0 a part counts only pixels within that distance of its own projection
+    (off by default: it made a vertebra's bias worse, benchmarks/RESULTS_registration.md)."""
     if kind in ("joint", "part"):
         f = max(1.0, s.roi_fine_mm / min(camera.spacing_row_mm, camera.spacing_col_mm))
         lv_list = [_level_at(levels, camera, f, s, device, dtype)]
@@ -545,7 +565,8 @@ def _views(body: Body, kind: str, start: np.ndarray, registered, levels: list[_L
             cam, fixed, mask = lv.camera, lv.fixed, lv.mask
             if registered and s.roi_margin_mm > 0:
                 own = vols.drr(body.structures, cam, torch.as_tensor(start))[0] > 0
-                k = 2 * int(round(s.roi_margin_mm / cam.spacing_col_mm)) + 1
+                margin = s.part_roi_mm if kind == "part" and s.part_roi_mm > 0 else s.roi_margin_mm
+                k = 2 * int(round(margin / cam.spacing_col_mm)) + 1
                 roi = F.max_pool2d(own[None, None].float(), k, stride=1, padding=k // 2)[0, 0] > 0
                 roi = roi & mask
                 b = mask_box(roi.cpu().numpy())

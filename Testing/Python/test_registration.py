@@ -288,3 +288,41 @@ def test_part_of_a_registered_group_moves_a_little(pelvis):
     motion = next(h for h in res[1].history if h["stage"] == "part-motion")
     assert np.all(np.abs(motion["deg"]) <= settings.part_bounds_deg)
     assert abs(motion["translation_mm"][2]) <= settings.part_bounds_depth_mm + 1e-9
+
+
+def test_part_prior_and_tight_window(chest):
+    """A part's prior penalises rotation and in-plane translation (never depth), as the
+    Gaussian formula gives; its similarity window holds its own projection and nothing farther
+    than ``part_roi_mm`` from it (the wide window holds neighbours)."""
+    from MSKdeXLib.geometry import ap_pose, project
+
+    pen = pipeline._prior_penalty(0.01, 3.0, 1.5)
+    x = torch.tensor([[0, 0, 0, 0, 0, 0], [3.0, 0, -6.0, 1.5, -3.0, 0.25], [0, 0, 0, 0, 0, 5.0]], dtype=torch.float64)
+    want = [0.0, 0.01 * (1 + 4 + 1 + 4), 0.0]
+    assert pen(x).tolist() == pytest.approx(want)
+    assert pipeline._prior_penalty(0.01, 3.0)(x)[1].item() == pytest.approx(0.05)
+
+    ct, labels = chest
+    bodies = pipeline.parse_bodies("bones,vertebrae_T9", labels)
+    cam = Camera(96, 96, 4.0, 4.0, 1000.0)
+    pose = ap_pose(pipeline.body_centre(labels, bodies[1]), cam)
+    pixels = torch.rand(96, 96).numpy()
+    windows = {}
+    for roi in (10.0, 0.0):
+        s = pipeline.RegistrationSettings(part_roi_mm=roi, roi_fine_mm=4.0)
+        vols = pipeline._Volumes(ct, labels, s, "cpu", torch.float32)
+        levels = [pipeline._Level(cam, torch.as_tensor(pixels), s, "cpu", torch.float32)]
+        windows[roi] = pipeline._views(bodies[1], "part", pose, [(bodies[0], pose)], levels, cam, vols, s,
+                                       "cpu", torch.float32)[0]
+    tight, wide = windows[10.0], windows[0.0]
+    assert tight.mask.sum() < 0.6 * wide.mask.sum()
+    # every counted pixel lies within 10 mm (+ a pixel) of the projected T9 voxels, on the detector
+    pts = labels.grid.voxel_centres_lps(bodies[1].mask(labels))[::7]
+    rc = project(cam, pose, pts)
+    cx, cy = tight.camera.principal_point
+    dx, dy = cam.principal_point[0] - cx, cam.principal_point[1] - cy  # window offset (cols, rows)
+    rr, cc = np.nonzero(tight.mask.numpy())
+    d = np.sqrt(((rr[:, None] + dy - rc[None, :, 0]) ** 2 + (cc[:, None] + dx - rc[None, :, 1]) ** 2).min(1))
+    assert d.max() * 4.0 <= 10.0 + 2 * 4.0 * np.sqrt(2)
+    # the background (ribs, neighbours) is rendered in the window
+    assert float(tight.background.max()) > 0
