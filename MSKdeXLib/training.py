@@ -14,7 +14,8 @@ off, for ablations):
 * ``muscle_l1`` (0): L1 on paired muscle channels (virtual cohort data);
 * ``gan`` (1) and ``feature_matching`` (10): unpaired adversarial terms on ``gan_kinds``;
 * ``cycle`` (1): radiograph rebuilt from the channels by a small learned head vs the input;
-* ``intensity_sum`` (1): OWIS, mean_c |sum(pred_c) - truth_c| / truth_c, on every channel.
+* ``intensity_sum`` (1): OWIS, mean_c |sum(pred_c) - truth_c| / truth_c, on every channel;
+* ``intensity_sum_sq`` (0): its squared form, mean_c ((sum(pred_c) - truth_c) / truth_c)^2.
 
 Pixel losses use channels divided by their scale (``channel_scales``, per-pixel values in g or
 cm^3; "auto" = mean of the positive target pixels of the training split).
@@ -38,7 +39,11 @@ from . import __version__
 from .errors import UserError
 
 DEFAULT_LOSSES = {"l1": 100.0, "gradient_correlation": 1.0, "gan": 1.0, "feature_matching": 10.0,
-                  "cycle": 1.0, "intensity_sum": 1.0, "muscle_l1": 0.0}
+                  "cycle": 1.0, "intensity_sum": 1.0, "muscle_l1": 0.0, "intensity_sum_sq": 0.0}
+
+#: balance of the adversarial game (see ``default_config()["_doc"]["adversarial"]``)
+DEFAULT_ADVERSARIAL = {"start_step": 0, "ramp_steps": 0, "d_lr_ratio": 1.0, "instance_noise": 0.0,
+                       "real_label": 1.0}
 
 #: percentiles of the normalised radiograph recorded per record (out-of-distribution check)
 XRAY_QUANTILES = (5.0, 25.0, 50.0, 75.0, 95.0)
@@ -60,7 +65,17 @@ def default_config() -> dict[str, Any]:
             "model": "generator: backbone 'unet' (MONAI UNet: features, strides, num_res_units) or "
                      "'basicunet' (6 features); outputs softplus * channel scale",
             "discriminator": "multi-scale PatchGAN: width, n_layers, n_scales",
-            "losses": "weights; 0 switches a loss off (ablation)",
+            "losses": "weights; 0 switches a loss off (ablation): l1 + gradient_correlation (paired bones), "
+                      "muscle_l1 (paired muscles, virtual data), gan + feature_matching (unpaired, gan_kinds), "
+                      "cycle, intensity_sum (OWIS, relative |sum - truth|) and intensity_sum_sq (its square)",
+            "adversarial": "balance of generator and discriminator (step counts; a value in (0, 1) is a fraction of "
+                           "'steps'): start_step (GAN + feature matching off, "
+                           "discriminator not trained, before this step: the generator first learns from the "
+                           "paired, intensity-sum and cycle losses), ramp_steps (their weights then rise "
+                           "linearly from 0), d_lr_ratio (discriminator lr / generator lr), instance_noise "
+                           "(SD of Gaussian noise added to the discriminator's normalised inputs, real and "
+                           "generated, decaying linearly to 0 at the last step), real_label (LSGAN target of "
+                           "real channels; < 1 = one-sided label smoothing)",
             "gan_kinds": "structure kinds whose channels get the adversarial + feature-matching losses",
             "channel_scales": "'auto' or one per-pixel scale per channel (g or cm^3 per pixel)",
             "optimizer": "AdamW for generator and discriminator; schedule 'constant' or 'cosine' (lr decays "
@@ -78,6 +93,7 @@ def default_config() -> dict[str, Any]:
         "model": dict(DEFAULT_ARCH),
         "discriminator": {"width": 32, "n_layers": 3, "n_scales": 2},
         "losses": dict(DEFAULT_LOSSES),
+        "adversarial": dict(DEFAULT_ADVERSARIAL),
         "gan_kinds": ["muscle"],
         "channel_scales": "auto",
         "optimizer": {"lr": 1e-4, "betas": [0.5, 0.999], "weight_decay": 0.01, "schedule": "constant",
@@ -190,8 +206,9 @@ def channel_groups(channels: list[dict], gan_kinds: list[str]) -> dict[str, torc
 
 def generator_losses(pred: torch.Tensor, recon: torch.Tensor | None, batch: dict[str, torch.Tensor],
                      scales: torch.Tensor, groups: dict[str, torch.Tensor], weights: dict[str, float],
-                     disc=None, disc_plain=None) -> dict[str, torch.Tensor]:
-    """Each switched-on generator loss (unweighted) plus ``total`` (weighted sum)."""
+                     disc=None, disc_plain=None, noise: float = 0.0) -> dict[str, torch.Tensor]:
+    """Each switched-on generator loss (unweighted) plus ``total`` (weighted sum). ``noise``: SD
+    of the instance noise added to the discriminator's inputs (normalised channels)."""
     from .nn import losses as L
 
     y = batch["targets"]
@@ -208,33 +225,55 @@ def generator_losses(pred: torch.Tensor, recon: torch.Tensor | None, batch: dict
         out["muscle_l1"] = L.paired_l1(pn, yn, paired & muscle)
     if weights["intensity_sum"] > 0:
         out["intensity_sum"] = L.intensity_sum(pred, batch["truth"])
+    if weights.get("intensity_sum_sq", 0.0) > 0:
+        out["intensity_sum_sq"] = L.intensity_sum(pred, batch["truth"], squared=True)
     if weights["cycle"] > 0 and recon is not None:
         out["cycle"] = L.cycle_l1(recon, batch["xray"])
     gan_idx = groups["gan"].nonzero().flatten().tolist()
     if disc is not None and gan_idx and (weights["gan"] > 0 or weights["feature_matching"] > 0):
-        fake = disc(pn[:, gan_idx])
+        fake = disc(_noisy(pn[:, gan_idx], noise))
         if weights["gan"] > 0:
             out["gan"] = L.lsgan_generator(fake)
         if weights["feature_matching"] > 0:
             with torch.no_grad():
-                real = disc_plain(yn[:, gan_idx])
+                real = disc_plain(_noisy(yn[:, gan_idx], noise))
             out["feature_matching"] = L.feature_matching(real, fake)
     out["total"] = sum(weights[k] * v for k, v in out.items())
     return out
 
 
+def _noisy(x: torch.Tensor, sd: float) -> torch.Tensor:
+    """``x`` plus Gaussian instance noise of SD ``sd`` (``x`` itself when ``sd`` is 0)."""
+    return x + sd * torch.randn_like(x) if sd > 0 else x
+
+
 def discriminator_loss(pred: torch.Tensor, batch: dict[str, torch.Tensor], scales: torch.Tensor,
-                       groups: dict[str, torch.Tensor], disc) -> torch.Tensor:
+                       groups: dict[str, torch.Tensor], disc, noise: float = 0.0,
+                       real_label: float = 1.0) -> torch.Tensor:
     """LSGAN loss of the discriminator: real targets vs generated (detached) channels, in one
-    forward call (real and fake concatenated along the batch)."""
+    forward call (real and fake concatenated along the batch); ``noise`` = SD of the instance
+    noise on both, ``real_label`` = LSGAN target of the real ones."""
     from .nn import losses as L
 
     idx = groups["gan"].nonzero().flatten().tolist()
     real = (batch["targets"] / scales)[:, idx]
     fake = (pred.detach() / scales)[:, idx]
-    outs = disc(torch.cat([real, fake]))
+    outs = disc(_noisy(torch.cat([real, fake]), noise))
     b = real.shape[0]
-    return L.lsgan_discriminator([[f[:b] for f in o] for o in outs], [[f[b:] for f in o] for o in outs])
+    return L.lsgan_discriminator([[f[:b] for f in o] for o in outs], [[f[b:] for f in o] for o in outs],
+                                 real_label)
+
+
+def adversarial_schedule(acfg: dict[str, Any], step: int, total: int) -> tuple[float, float]:
+    """(factor of the GAN + feature-matching weights, instance-noise SD) at (0-based) ``step`` of
+    ``total``: factor 0 before ``start_step``, then a linear ramp over ``ramp_steps`` to 1 (either
+    a value in (0, 1) is a fraction of ``total``); the noise SD decays linearly from
+    ``instance_noise`` to 0 at the last step."""
+    a = {**DEFAULT_ADVERSARIAL, **(acfg or {})}
+    start, ramp = (int(round(v * total)) if 0 < v < 1 else int(v) for v in (a["start_step"], a["ramp_steps"]))
+    factor = 0.0 if step < start else (1.0 if ramp <= 0 else min(1.0, (step - start + 1) / ramp))
+    noise = float(a["instance_noise"]) * max(0.0, 1.0 - step / max(1, total))
+    return factor, noise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,7 +310,8 @@ def model_config(cfg: dict, info, scales: list[float], summary: dict, step: int)
         "image_size": list(info.image_size),
         "pixel_spacing_mm": list(info.pixel_spacing_mm),
         "data_summary": summary,
-        "training": {"step": step, "seed": cfg["seed"], "losses": cfg["losses"], "gan_kinds": cfg["gan_kinds"]},
+        "training": {"step": step, "seed": cfg["seed"], "losses": cfg["losses"], "gan_kinds": cfg["gan_kinds"],
+                     "adversarial": cfg.get("adversarial", dict(DEFAULT_ADVERSARIAL))},
         "units": "channels in g (mass_g) or cm^3 (volume_cm3) per pixel at pixel_spacing_mm",
     }
 
@@ -316,7 +356,8 @@ def train(config: dict[str, Any] | None, data_dir: str | Path | None, out_dir: s
         raise UserError(f"image size {h}x{w} must be a multiple of {m} for this model", Path(data_dir) / "dataset.json")
 
     if ckpt is not None:
-        old = {k: v for k, v in ckpt[1]["config"].items() if k not in RESUMABLE_KEYS + ("_doc",)}
+        old_cfg = merge_config({k: v for k, v in ckpt[1]["config"].items() if k != "_doc"})  # keys added since
+        old = {k: v for k, v in old_cfg.items() if k not in RESUMABLE_KEYS + ("_doc",)}
         new = {k: v for k, v in cfg.items() if k not in RESUMABLE_KEYS + ("_doc",)}
         if json.dumps(old, sort_keys=True) != json.dumps(new, sort_keys=True):
             diff = sorted(k for k in set(old) | set(new) if json.dumps(old.get(k), sort_keys=True)
@@ -350,7 +391,9 @@ def train(config: dict[str, Any] | None, data_dir: str | Path | None, out_dir: s
         raise UserError(f"unknown optimizer.schedule '{ocfg['schedule']}' (use constant or cosine)")
     opt_kw = dict(lr=float(ocfg["lr"]), betas=tuple(ocfg["betas"]), weight_decay=float(ocfg["weight_decay"]))
     opt_g = torch.optim.AdamW(gen.parameters(), **opt_kw)
-    opt_d = torch.optim.AdamW(disc.parameters(), **opt_kw) if disc is not None else None
+    acfg = {**DEFAULT_ADVERSARIAL, **cfg["adversarial"]}
+    d_ratio = float(acfg["d_lr_ratio"])
+    opt_d = torch.optim.AdamW(disc.parameters(), **{**opt_kw, "lr": opt_kw["lr"] * d_ratio}) if disc is not None else None
 
     step, history = 0, []
     if ckpt is not None:
@@ -422,25 +465,30 @@ def train(config: dict[str, Any] | None, data_dir: str | Path | None, out_dir: s
             if step >= total:
                 break
             batch = _to(batch, dev)
-            for opt in (opt_g, opt_d):
+            lr = learning_rate(ocfg, step, total)
+            for opt, ratio in ((opt_g, 1.0), (opt_d, d_ratio)):
                 if opt is not None:
                     for group in opt.param_groups:
-                        group["lr"] = learning_rate(ocfg, step, total)
+                        group["lr"] = lr * ratio
+            adv, noise = adversarial_schedule(acfg, step, total)
+            w_step = weights if adv == 1.0 else {**weights, "gan": weights["gan"] * adv,
+                                                 "feature_matching": weights["feature_matching"] * adv}
             with autocast():
                 out_g = gen_run(batch["xray"], reconstruct=weights["cycle"] > 0)
             pred, recon = out_g if isinstance(out_g, tuple) else (out_g, None)
             rec: dict[str, float] = {"step": step + 1}
-            if disc is not None:
+            if disc is not None and adv > 0:
                 opt_d.zero_grad(set_to_none=True)
                 with autocast():
-                    loss_d = discriminator_loss(pred, batch, scales_t, groups, disc_run)
+                    loss_d = discriminator_loss(pred, batch, scales_t, groups, disc_run, noise,
+                                                float(acfg["real_label"]))
                 loss_d.float().backward()
                 opt_d.step()
                 rec["discriminator"] = float(loss_d.detach())
             opt_g.zero_grad(set_to_none=True)
             with autocast():
                 losses = generator_losses(pred.float(), None if recon is None else recon.float(), batch,
-                                          scales_t, groups, weights, disc_run, disc)
+                                          scales_t, groups, w_step, disc_run if adv > 0 else None, disc, noise)
             losses["total"].float().backward()
             opt_g.step()
             step += 1

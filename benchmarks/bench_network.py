@@ -44,7 +44,7 @@ import torch
 
 VARIANTS = {
     "full": {},
-    "no_owis": {"intensity_sum": 0.0},
+    "no_owis": {"intensity_sum": 0.0, "intensity_sum_sq": 0.0},
     "no_bone_paired": {"l1": 0.0, "gradient_correlation": 0.0},
     "paired_muscles": {"muscle_l1": 100.0},
 }
@@ -225,9 +225,13 @@ def variant_config(args, losses: dict) -> dict:
             "log_every": max(1, args.steps // 20), "amp": True,
             "data": {"batch_size": args.batch_size, "augment": {"enabled": False}},
             "model": {"features": [16, 32, 64, 128], "strides": [2, 2, 2], "num_res_units": 1,
-                      "upsample": "nontrainable"},
+                      "upsample": "nontrainable", "norm": args.norm},
             "discriminator": {"width": 16, "n_layers": 2, "n_scales": 2},
-            "losses": {**DEFAULT_LOSSES, "intensity_sum": 20.0, **losses},
+            "losses": {**DEFAULT_LOSSES, "intensity_sum": args.owis_weight,
+                       "intensity_sum_sq": args.owis_sq_weight, **losses},
+            "adversarial": {"start_step": int(round(args.adv_start * args.steps)),
+                            "ramp_steps": int(round(args.adv_ramp * args.steps)), "d_lr_ratio": args.d_lr_ratio,
+                            "instance_noise": args.instance_noise, "real_label": args.real_label},
             "optimizer": {"lr": 2e-3, "schedule": "cosine", "warmup_steps": 50, "min_lr_fraction": 0.0},
             "calibration": {"enabled": True, "split": "val", "level": 0.9, "tta": args.tta,
                             "floor_fraction": 0.01}}
@@ -323,6 +327,16 @@ def main() -> None:
     p.add_argument("--tta", type=int, default=8)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--owis-weight", type=float, default=20.0, help="intensity-sum loss weight (ablation)")
+    p.add_argument("--owis-sq-weight", type=float, default=0.0,
+                   help="weight of the squared intensity-sum loss (ablation)")
+    p.add_argument("--norm", default="instance", help="generator normalisation (ablation): instance, batch")
+    p.add_argument("--adv-start", type=float, default=0.0,
+                   help="GAN + feature matching start at this fraction of --steps (ablation)")
+    p.add_argument("--adv-ramp", type=float, default=0.0, help="then ramp up over this fraction of --steps")
+    p.add_argument("--d-lr-ratio", type=float, default=1.0, help="discriminator lr / generator lr (ablation)")
+    p.add_argument("--instance-noise", type=float, default=0.0, help="discriminator input noise SD (ablation)")
+    p.add_argument("--real-label", type=float, default=1.0, help="LSGAN real target (ablation)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--out", default="bench_network_out")
     p.add_argument("--markdown", action="store_true")

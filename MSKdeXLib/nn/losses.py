@@ -43,8 +43,9 @@ def gradient_correlation(pred: torch.Tensor, target: torch.Tensor, mask: torch.T
 
 
 def intensity_sum(pred: torch.Tensor, truth: torch.Tensor, mask: torch.Tensor | None = None,
-                  eps: float = 1e-6) -> torch.Tensor:
-    """Object-wise intensity-sum loss (OWIS): mean_c |sum(pred_c) - truth_c| / truth_c.
+                  eps: float = 1e-6, squared: bool = False) -> torch.Tensor:
+    """Object-wise intensity-sum loss (OWIS): mean_c |sum(pred_c) - truth_c| / truth_c (with
+    ``squared``: mean_c of the squared relative error).
 
     ``pred`` physical channels (B, C, H, W), ``truth`` (B, C) in the same units (summed over
     pixels). Exactly 0 iff every channel sum equals its truth; > 0 otherwise.
@@ -52,12 +53,16 @@ def intensity_sum(pred: torch.Tensor, truth: torch.Tensor, mask: torch.Tensor | 
     sums = pred.double().sum(dim=(2, 3))
     t = truth.double()
     rel = (sums - t).abs() / t.abs().clamp_min(eps)
+    if squared:
+        rel = rel * rel
     return _masked_mean(rel, mask).to(pred.dtype)
 
 
-def lsgan_discriminator(real: list[list[torch.Tensor]], fake: list[list[torch.Tensor]]) -> torch.Tensor:
-    """LSGAN discriminator loss over scales: 0.5 * (E(D(real) - 1)^2 + E D(fake)^2)."""
-    loss = sum(0.5 * ((r[-1] - 1) ** 2).mean() + 0.5 * (f[-1] ** 2).mean() for r, f in zip(real, fake))
+def lsgan_discriminator(real: list[list[torch.Tensor]], fake: list[list[torch.Tensor]],
+                        real_label: float = 1.0) -> torch.Tensor:
+    """LSGAN discriminator loss over scales: 0.5 * (E(D(real) - a)^2 + E D(fake)^2), with
+    ``a = real_label`` (1; below 1 = one-sided label smoothing)."""
+    loss = sum(0.5 * ((r[-1] - real_label) ** 2).mean() + 0.5 * (f[-1] ** 2).mean() for r, f in zip(real, fake))
     return loss / len(real)
 
 

@@ -68,6 +68,9 @@ def test_owis_zero_exactly_when_sums_equal_truth(batch):
         # independent: mean over (sample, channel) of |sum - truth| / truth
         s = z.double().numpy().sum(axis=(2, 3))
         assert got == pytest.approx(np.mean(np.abs(s - truth.numpy()) / truth.numpy()), rel=1e-5)
+        sq = float(L.intensity_sum(z, truth, squared=True))  # squared form: mean of squared rel. errors
+        assert sq == pytest.approx(np.mean((np.abs(s - truth.numpy()) / truth.numpy()) ** 2), rel=1e-5)
+    assert float(L.intensity_sum(y, truth, squared=True)) == 0.0
 
 
 def test_gradient_correlation_and_l1_invariants(batch):
@@ -99,7 +102,7 @@ WEIGHTS0 = {k: 0.0 for k in ("l1", "gradient_correlation", "gan", "feature_match
                              "muscle_l1")}
 
 
-@pytest.mark.parametrize("name", ["l1", "gradient_correlation", "intensity_sum", "cycle", "gan",
+@pytest.mark.parametrize("name", ["l1", "gradient_correlation", "intensity_sum", "intensity_sum_sq", "cycle", "gan",
                                   "feature_matching", "muscle_l1", "discriminator"])
 def test_one_step_lowers_each_loss(name, dataset, batch):
     torch.manual_seed(0)
@@ -152,3 +155,19 @@ def test_upsampling_modes_and_legacy_configs(batch):
     assert new(batch["xray"]).shape[-2:] == batch["xray"].shape[-2:]
     with pytest.raises(Exception, match="upsample"):
         build_generator({**TINY, "upsample": "bicubic"}, 2, [1.0, 1.0])
+
+
+def test_lsgan_label_smoothing_and_instance_noise(batch):
+    """One-sided label smoothing moves the real target: a discriminator scoring reals at exactly
+    ``real_label`` and fakes at 0 has zero loss; instance noise leaves the mean input unchanged."""
+    from MSKdeXLib.training import _noisy
+
+    real = [[torch.full((2, 1, 4, 4), 0.9)]]
+    fake = [[torch.zeros(2, 1, 4, 4)]]
+    assert float(L.lsgan_discriminator(real, fake, real_label=0.9)) == 0.0
+    assert float(L.lsgan_discriminator(real, fake)) == pytest.approx(0.5 * 0.01)
+    x = batch["targets"]
+    assert _noisy(x, 0.0) is x
+    torch.manual_seed(0)
+    n = _noisy(x, 0.5) - x
+    assert float(n.std()) == pytest.approx(0.5, rel=0.05) and abs(float(n.mean())) < 0.02

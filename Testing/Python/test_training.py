@@ -247,3 +247,33 @@ def test_training_calibrates_the_interval_and_it_round_trips(pelvis, tmp_path):
     again = load_model(tmp_path / "old").config["calibration"]
     assert again["single"]["quantiles"] == pytest.approx(cal["single"]["quantiles"]) and again["n"] == 20
     assert main(["train", "--calibrate-only", "--out", str(tmp_path / "old"), "--data", str(d)]) == 2  # no --force
+
+
+def test_adversarial_warmup_schedule_and_balance(data_dir, tmp_path):
+    """GAN + feature matching (and the discriminator's updates) start at ``start_step`` and ramp
+    up linearly; the discriminator's lr is ``d_lr_ratio`` x the generator's; the instance noise
+    decays to 0; the settings are recorded in the model config."""
+    from MSKdeXLib.training import adversarial_schedule
+
+    a = {"start_step": 4, "ramp_steps": 4, "instance_noise": 0.2}
+    f = [adversarial_schedule(a, s, 12) for s in range(12)]
+    assert [x for x, _ in f[:4]] == [0.0] * 4 and [x for x, _ in f[4:8]] == [0.25, 0.5, 0.75, 1.0]
+    assert all(x == 1.0 for x, _ in f[8:]) and f[0][1] == pytest.approx(0.2)
+    assert all(n1 > n2 > 0 for (_, n1), (_, n2) in zip(f, f[1:]))
+    assert adversarial_schedule({}, 0, 10) == (1.0, 0.0)  # defaults: the plain GAN from step 0
+    frac = {"start_step": 0.5, "ramp_steps": 0.25}  # fractions of the total: same schedule as 4 / 2 of 8
+    assert [adversarial_schedule(frac, s, 8)[0] for s in range(8)] == [0, 0, 0, 0, 0.5, 1, 1, 1]
+    adv = {"start_step": 2, "ramp_steps": 0, "d_lr_ratio": 0.5, "instance_noise": 0.1, "real_label": 0.9}
+    res = train({**TINY, "steps": 3, "adversarial": adv}, data_dir, tmp_path / "m")
+    h = res.history
+    for r in h[:2]:  # before start_step: no adversarial term, discriminator untouched
+        assert "gan" not in r and "feature_matching" not in r and "discriminator" not in r
+        assert "intensity_sum" in r and "l1" in r
+    assert {"gan", "feature_matching", "discriminator"} <= set(h[2])
+    assert res.model_config["training"]["adversarial"]["d_lr_ratio"] == 0.5
+    from MSKdeXLib.checkpoint import load_checkpoint
+
+    parts, meta = load_checkpoint(tmp_path / "m")
+    lr_g = meta["config"]["optimizer"]["lr"]
+    assert parts["opt_d"]["param_groups"][0]["lr"] == pytest.approx(0.5 * parts["opt_g"]["param_groups"][0]["lr"])
+    assert parts["opt_g"]["param_groups"][0]["lr"] == pytest.approx(lr_g)
