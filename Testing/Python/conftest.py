@@ -7,6 +7,18 @@ import pytest
 from MSKdeXLib import sample_data
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a test module of tiny models: faster, and immune to a busy 2-core
+    machine (where a 2-thread pool spin-waits: measured 10-40x slower under load)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def pelvis_case():
     case = sample_data.pelvis_ct()

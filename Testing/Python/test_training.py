@@ -20,16 +20,7 @@ from MSKdeXLib.inference import load_model
 from MSKdeXLib.training import default_config, load_config, merge_config, train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models: one torch thread is faster, and immune to a busy 2-core machine (where a
-    2-thread pool spin-waits: measured 10-40x slower under load)."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models
 
 
 TINY = {"model": {"features": [8, 16, 32], "strides": [2, 2], "num_res_units": 1},
