@@ -368,7 +368,6 @@ def case_id_from_path(path: str | Path) -> str:
     return stem or p.name
 
 
-@torch.no_grad()
 def default_tta(model: Model) -> int:
     """Extra TTA passes matching the model's calibration (its interval is valid for the number of
     passes it was calibrated with), else :data:`DEFAULT_TTA`."""
@@ -377,6 +376,7 @@ def default_tta(model: Model) -> int:
     return int(passes) - 1 if passes else DEFAULT_TTA
 
 
+@torch.no_grad()
 def predict(model: Model, radiograph: Radiograph, tta: int | None = None, seed: int = 0, rec_id: str | None = None,
             batch_size: int = 8) -> Estimates:
     """Estimates of one radiograph (mean over 1 + ``tta`` passes, default :func:`default_tta`;
