@@ -37,6 +37,7 @@ import torch
 
 from . import __version__
 from .errors import UserError
+from .inference import DEFAULT_TTA, FLOOR_FRACTION, INTERVAL
 
 DEFAULT_LOSSES = {"l1": 100.0, "gradient_correlation": 1.0, "gan": 1.0, "feature_matching": 10.0,
                   "cycle": 1.0, "intensity_sum": 1.0, "muscle_l1": 0.0, "intensity_sum_sq": 0.0}
@@ -49,6 +50,10 @@ DEFAULT_ADVERSARIAL = {"start_step": 0, "ramp_steps": 0, "d_lr_ratio": 1.0, "ins
 XRAY_QUANTILES = (5.0, 25.0, 50.0, 75.0, 95.0)
 
 #: keys that may change between a run and its resumption
+#: interval calibration after training (:func:`MSKdeXLib.inference.calibrate`): its level, TTA
+#: passes and relative floor are the inference defaults, so a model's interval matches `predict`
+DEFAULT_CALIBRATION = {"enabled": True, "split": "val", "level": INTERVAL, "tta": DEFAULT_TTA,
+                       "floor_fraction": FLOOR_FRACTION}
 RESUMABLE_KEYS = ("steps", "checkpoint_every", "log_every", "val_every", "calibration")
 
 
@@ -103,7 +108,7 @@ def default_config() -> dict[str, Any]:
         "log_every": 50,
         "val_every": 1000,
         "amp": True,
-        "calibration": {"enabled": True, "split": "val", "level": 0.9, "tta": 4, "floor_fraction": 0.01},
+        "calibration": dict(DEFAULT_CALIBRATION),
     }
 
 
@@ -520,7 +525,7 @@ def calibration_record(gen, info, ccfg: dict[str, Any], seed: int, dev) -> dict[
     {"calibration": None, "calibration_note": why} when disabled or too few records."""
     from .inference import calibrate_on_split
 
-    ccfg = {"enabled": True, "split": "val", "level": 0.9, "tta": 4, "floor_fraction": 0.01, **(ccfg or {})}
+    ccfg = {**DEFAULT_CALIBRATION, **(ccfg or {})}
     if not ccfg["enabled"]:
         return {"calibration": None, "calibration_note": "calibration switched off in the training config"}
     try:
@@ -591,8 +596,9 @@ def plot_history(history: list[dict[str, float]], path: Path) -> None:
     plt.close(fig)
 
 
-def recalibrate(model_dir: str | Path, data_dir: str | Path, *, split: str = "val", level: float = 0.9, tta: int = 4,
-                floor_fraction: float = 0.01, seed: int = 0, device: str = "cpu", force: bool = False
+def recalibrate(model_dir: str | Path, data_dir: str | Path, *, split: str = "val", level: float = INTERVAL,
+                tta: int = DEFAULT_TTA, floor_fraction: float = FLOOR_FRACTION, seed: int = 0, device: str = "cpu",
+                force: bool = False
                 ) -> dict[str, Any]:
     """(Re)calibrate a model folder's interval on a data set's ``split`` (e.g. a model trained
     before calibration existed) and rewrite its config.json atomically; a model that already

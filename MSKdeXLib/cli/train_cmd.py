@@ -19,8 +19,8 @@ def add_parser(sub, name: str):
     p.add_argument("--steps", type=int, default=None, help="override the config's total steps")
     p.add_argument("--calibrate-only", action="store_true",
                    help="no training: (re)calibrate the interval of the model in --out on --data's validation "
-                        "split (split conformal, 90 %%, 8 TTA passes) and update its config.json (--force to "
-                        "replace an existing calibration)")
+                        "split (split conformal, 90 %%, 1 + 4 TTA passes as predict runs by default) and "
+                        "update its config.json (--force to replace an existing calibration)")
     add_device(p)
     add_progress(p)
     add_force(p)
