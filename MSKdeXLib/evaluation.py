@@ -166,7 +166,8 @@ class Evaluation:
         for q, v in head.items():
             lines.append(f"Mean PCC over structures ({q}): **{v:.3f}**")
         if cov:
-            lines += ["", self.coverage_text()[0].upper() + self.coverage_text()[1:] + "."]
+            text = self.coverage_text()
+            lines += ["", text[0].upper() + text[1:] + "."]
         return "\n".join(lines) + "\n"
 
 
@@ -244,11 +245,9 @@ def _wide_to_long(rid: str, items: Iterable[dict[str, Any]], level: Any = None) 
         for q in QUANTITIES:
             v = it.get(q)
             if name is not None and v not in (None, ""):
-                row = {"id": rid_i, "structure": str(name), "quantity": q, "value": float(v)}
-                if it.get(f"{q}_low") not in (None, "") and it.get(f"{q}_high") not in (None, ""):
-                    row.update(low=float(it[f"{q}_low"]), high=float(it[f"{q}_high"]),
-                               level=_number(it.get("level", level)))
-                out.append(row)
+                interval = {"low": it.get(f"{q}_low"), "high": it.get(f"{q}_high"), "level": it.get("level", level)}
+                out.append({"id": rid_i, "structure": str(name), "quantity": q, "value": float(v),
+                            **_interval_fields(interval, level)})
     return out
 
 
