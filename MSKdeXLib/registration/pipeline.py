@@ -187,6 +187,15 @@ class RegistrationSettings:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def bounded_motion(self, kind: str) -> tuple[float, float, float, np.ndarray, np.ndarray]:
+        """Search of a ``joint`` or ``part`` body relative to its parent's pose, from the
+        ``<kind>_*`` settings: (CMA-ES sigma deg, rotation bound deg, prior SD deg, translation
+        bounds mm (x, y in plane; z depth), CMA-ES sigma mm per axis (at most half the bound))."""
+        get = lambda name: getattr(self, f"{kind}_{name}")  # noqa: E731
+        b_mm = np.array([get("bounds_mm"), get("bounds_mm"), get("bounds_depth_mm")])
+        return (get("sigma_deg"), get("bounds_deg"), get("prior_deg"), b_mm,
+                np.minimum(get("sigma_mm"), b_mm / 2))
+
     def doubtful_threshold(self, kind: str) -> float:
         """Final-similarity threshold below which a body of ``kind`` is flagged doubtful."""
         return {"joint": self.doubtful_below_joint, "part": self.doubtful_below_part}.get(kind, self.doubtful_below)
@@ -462,14 +471,7 @@ def register(ct: Volume, labels: LabelMap, pixels: np.ndarray, camera: Camera, b
             notify("inplane", body=body.name, similarity=history[-1]["similarity"])
         box, penalty, restarts = None, None, max(1, s.cma_restarts)
         if kind in ("joint", "part"):
-            if kind == "joint":
-                sig_deg, b_deg, prior_sd = s.joint_sigma_deg, s.joint_bounds_deg, s.joint_prior_deg
-                b_mm = np.array([s.joint_bounds_mm, s.joint_bounds_mm, s.joint_bounds_depth_mm])
-                sig_mm = np.minimum(s.joint_sigma_mm, b_mm / 2)
-            else:
-                sig_deg, b_deg, prior_sd = s.part_sigma_deg, s.part_bounds_deg, s.part_prior_deg
-                b_mm = np.array([s.part_bounds_mm, s.part_bounds_mm, s.part_bounds_depth_mm])
-                sig_mm = np.minimum(s.part_sigma_mm, b_mm / 2)
+            sig_deg, b_deg, prior_sd, b_mm, sig_mm = s.bounded_motion(kind)
             half = np.r_[[b_deg] * 3, b_mm]
             box = (-half, half)
             restarts = max(1, s.roi_cma_restarts)
