@@ -51,7 +51,7 @@ DEMO_TRAINING: dict[str, Any] = {
 
 @dataclass
 class DemoSettings:
-    """Sizes of the demo. Defaults take about 4-5 minutes on 2 CPU cores; :meth:`quick` ~20 s.
+    """Sizes of the demo. Defaults take about 3-4 minutes on 2 CPU cores; :meth:`quick` ~20 s.
 
     150 training subjects and 4800 steps (instead of 55 and 2400) were measured to raise the
     muscles' mean PCC on the same 35 unseen subjects from 0.22 to 0.58 (mass) / 0.23 to 0.62
