@@ -16,7 +16,8 @@ Two modes (``--mode``):
 Reports per case, body and range: success rate (mTRE < 2 mm over the body's voxel centres),
 median mTRE, median projection distance, runtime per body, how many successes / failures the
 pipeline's doubtful rule flags, and the final similarity of successes / failures per body kind
-(to calibrate the thresholds). ``--json`` keeps every trial; ``--from-json`` re-tabulates.
+(to calibrate the thresholds); --precision adds truth-free precision measures (restart
+spread, similarity curvature) against success. ``--json`` keeps every trial; ``--from-json`` re-tabulates.
 
     python benchmarks/bench_registration.py --trials 10 --json trials.json --out table.md
 """
@@ -112,6 +113,11 @@ def run_chain(args, case, ct, labels, bodies, base) -> list[dict]:
                        "start_mtre_mm": pipeline.mtre_mm(pts, true_poses[body.name], r.initial_pose),
                        "moved_deg": moved.get(body.name, 0.0), "mtre_mm": r.mtre_mm, "mpd_px": r.mpd_px,
                        "similarity": r.final_similarity, "doubtful": r.doubtful, "seconds": r.runtime_s,
+                       "pose_error": [round(float(v), 3) for v in PoseSpace(
+                           true_poses[body.name], pipeline.body_centre(labels, body)).params_of(r.ct_to_camera)],
+                       "cma_x": [h["x"] for h in r.history if h["stage"] == "cma-es" and "x" in h],
+                       "profile": next((h for h in r.history if h["stage"] == "profile"), None),
+                       "initial_pose": np.asarray(r.initial_pose).tolist(),
                        "motion": next((h for h in r.history if h["stage"] in ("joint-rotation", "part-motion")), None),
                        "parent": next((h["of"] for h in r.history if h["stage"] in ("joint", "part")), None)}
                 rows.append(row)
@@ -302,6 +308,45 @@ def scan_table(scans: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def precision_table(rows: list[dict]) -> str:
+    """Truth-free precision measures of recorded chain trials (rows with ``cma_x`` / ``profile``)
+    against success: the spread of the CMA-ES restarts' best poses (max mTRE between them over
+    the body's voxels) and the curvature of the final similarity along depth and about the image's
+    row axis (-2 x the quadratic coefficient of a parabola fitted to the recorded profile, over
+    the value at the pose). A measure separates near misses when the failures' values lie outside
+    the successes' range."""
+    rows = [r for r in rows if r.get("profile") and r.get("cma_x") is not None]
+    if not rows:
+        return ""
+    cache: dict = {}
+    for r in rows:
+        if r["case"] not in cache:
+            sc = getattr(sample_data, CASES[r["case"]][0])()
+            ct = load_ct(sc.ct)
+            cache[r["case"]] = load_labels(sc.labels, ct)
+        labels = cache[r["case"]]
+        body = next(b for b in pipeline.parse_bodies(CASES[r["case"]][1], labels) if b.name == r["body"])
+        pts = labels.grid.voxel_centres_lps(body.mask(labels))[::20]
+        space = PoseSpace(np.asarray(r["initial_pose"]), pts.mean(0))
+        poses = [space.matrix(x) for x in r["cma_x"]]
+        r["_spread"] = max((pipeline.mtre_mm(pts, a, b) for a in poses for b in poses), default=float("nan"))
+        pr, st = r["profile"], np.asarray(r["profile"]["steps"])
+        h = len(st) // 2
+        xs = np.r_[st[:h], 0.0, st[h:]]
+        for key in ("depth_mm", "rot_y_deg"):
+            c = np.polyfit(xs, np.r_[pr[key][:h], pr["at"], pr[key][h:]], 2)
+            r["_curv_" + key] = float(-2 * c[0] / max(pr["at"], 1e-6))
+    lines = ["", "| body | measure | successes min / median / max (n) | failures (mTRE >= 2 mm) |", "|---|---|---|---|"]
+    for body in sorted({r["body"] for r in rows}):
+        for key, label in (("_spread", "restarts' spread mm"), ("_curv_depth_mm", "depth curvature /mm^2"),
+                           ("_curv_rot_y_deg", "row-axis rotation curvature /deg^2"), ("similarity", "final pgncc")):
+            ok = [r[key] for r in rows if r["body"] == body and r["mtre_mm"] < 2]
+            bad = [r[key] for r in rows if r["body"] == body and r["mtre_mm"] >= 2]
+            okt = f"{min(ok):.4f} / {np.median(ok):.4f} / {max(ok):.4f} ({len(ok)})" if ok else "-"
+            lines.append(f"| {body} | {label} | {okt} | {', '.join(f'{v:.4f}' for v in bad) or '-'} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", nargs="+", default=["pelvis", "chest"], choices=list(CASES))
@@ -332,6 +377,9 @@ def main() -> None:
     p.add_argument("--json", default=None, help="write every trial as JSON")
     p.add_argument("--from-json", nargs="+", default=None, help="only tabulate trials recorded with --json")
     p.add_argument("--out", default=None, help="write the table (markdown) here")
+    p.add_argument("--precision", action="store_true",
+                   help="also tabulate truth-free precision measures (restart spread, similarity curvature) "
+                        "of the trials against their success")
     args = p.parse_args()
     if args.view is None:
         args.view = "bodies" if args.mode == "chain" else "default"
@@ -347,6 +395,8 @@ def main() -> None:
     scans = [r for r in rows if r.get("scan")]
     rows = [r for r in rows if not r.get("scan")]
     text = (table(rows, args) if rows else "") + scan_table(scans) if rows or scans else "no results\n"
+    if args.precision:
+        text += precision_table(rows)
     print(text)
     if args.json:
         with open(args.json, "w") as fh:

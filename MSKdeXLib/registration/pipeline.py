@@ -9,7 +9,7 @@ fixed background. A body is of one *kind*:
 * ``first``: start pose (given, or the default AP view), a 2D search over in-plane rotation and
   shift (:func:`~.initialise.inplane_search`), global CMA-ES over the 6 pose parameters on the
   coarsest pyramid level, then gradient refinement (Adam through the differentiable DRR) on
-  each finer level;
+  each finer level, and (``refine_full_res``) once more on the detector's own pixels;
 * ``joint``: a body touching an already registered one (a femur after the pelvis:
   :func:`joint_centre`) is a *ball joint*: it starts from that body's registered pose and its
   parameters are rotations about the joint centre (+-``joint_bounds_deg``, Gaussian prior of SD
@@ -19,6 +19,8 @@ fixed background. A body is of one *kind*:
   (+-``part_bounds_deg``, prior SD ``part_prior_deg``; in-plane translations +-``part_bounds_mm``,
   prior SD ``part_prior_mm``: a vertebra's edges repeat every level, and soft-tissue edges beside
   the spine pull a bone-only DRR by up to 3 mm, so the prior keeps it near its group's pose);
+  optionally its depth bound grows with its size in pixels
+  (:meth:`RegistrationSettings.part_depth_bound`, off by default);
 * ``free``: any other later body (the first body's path with smaller bounds).
 
 Joint and part bodies are searched (CMA-ES, ``roi_cma_restarts`` runs, then gradient
@@ -170,12 +172,26 @@ class RegistrationSettings:
     part_sigma_mm: float = 1.0
     part_bounds_mm: float = 3.0     # in-plane translation relative to the group's pose
     part_bounds_depth_mm: float = 0.25  # depth is barely observable: stays with the group
+    # depth bound set by the part's size (0: off, every part gets ``part_bounds_depth_mm``): a depth
+    # shift moves a point at in-plane distance r from the part's centre in proportion to r on the
+    # detector (magnification), so a part's depth is observed in proportion to its in-plane RMS
+    # radius in pixels of its level, r / p; bound = clip(part_depth_per_radius_px * r / p,
+    # part_bounds_depth_mm, part_bounds_depth_max_mm). E.g. 0.025: a chest spine (T6-L1, r ~ 57 mm)
+    # at 1.5 mm gets 0.95 mm, a vertebra (r ~ 14-15 mm) 0.25 mm, a sacrum at 3 mm pixels 0.29 mm.
+    # Off by default: with refine_full_res it did not help (chest 30 / 20: T12 8/10 -> 7/10;
+    # the spine's depth ends at its +-1 mm bound in most trials), benchmarks/RESULTS_registration.md
+    part_depth_per_radius_px: float = 0.0
+    part_bounds_depth_max_mm: float = 1.0
     part_prior_deg: float = 3.0     # prior SD of a part's rotation (weight: joint_prior_weight)
     part_prior_mm: float = 1.5      # prior SD of a part's in-plane translation, mm (0: none)
     part_roi_mm: float = 0.0        # > 0: a part counts only pixels within this of its own projection
                                     # (0: the wide ``roi_margin_mm`` window; 10 mm was measured worse)
     roi_fine_mm: float = 1.5        # joint / part bodies: one level with pixels of about this size
     roi_cma_restarts: int = 2       # joint / part bodies: CMA-ES runs (different seeds), best kept
+    refine_full_res: bool = True    # first / free bodies: a last gradient refinement on the detector's own pixels
+    drr_match_blur: bool = False    # blur each level's DRR like the radiograph there (see drr_blur_sigma_mm)
+    drr_blur_mm: float = 0.2        # the radiograph's own blur (Gaussian sigma at the detector, mm; the
+                                    # simulation's focal spot + detector unsharpness is about this)
     volume_mm: float = 1.5          # bone volumes are block-averaged to about this voxel size
     max_hu: float = 0.0             # > 0: CT numbers above it (metal) count as it in the DRR
     # doubtful below these final similarities (calibrated: benchmarks/RESULTS_registration.md)
@@ -187,12 +203,37 @@ class RegistrationSettings:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def bounded_motion(self, kind: str) -> tuple[float, float, float, np.ndarray, np.ndarray]:
+    def part_depth_bound(self, radius_mm: float | None, pixel_mm: float = 1.5) -> float:
+        """Depth bound (mm) of a part body whose voxels have in-plane RMS radius ``radius_mm``
+        about its centre (camera frame), searched on a level with ``pixel_mm`` pixels:
+        ``part_bounds_depth_mm`` when the size rule is off (``part_depth_per_radius_px`` = 0) or
+        the radius is unknown, else the rule's value clipped to [``part_bounds_depth_mm``,
+        ``part_bounds_depth_max_mm``]."""
+        if self.part_depth_per_radius_px <= 0 or radius_mm is None:
+            return self.part_bounds_depth_mm
+        return float(np.clip(self.part_depth_per_radius_px * radius_mm / pixel_mm, self.part_bounds_depth_mm,
+                             max(self.part_bounds_depth_mm, self.part_bounds_depth_max_mm)))
+
+    def drr_blur_sigma_mm(self, level_px_mm: float, detector_px_mm: float) -> float:
+        """Gaussian sigma (mm at the detector) that makes a point-sampled DRR on a level with
+        pixels of ``level_px_mm`` as blurred as the radiograph there: its own blur
+        ``drr_blur_mm`` plus the area-averaging of ``detector_px_mm`` pixels into level pixels
+        (a box of width w has variance w^2 / 12); 0 when ``drr_match_blur`` is off."""
+        if not self.drr_match_blur:
+            return 0.0
+        pool = max(level_px_mm ** 2 - detector_px_mm ** 2, 0.0) / 12.0
+        return float(np.sqrt(self.drr_blur_mm ** 2 + pool))
+
+    def bounded_motion(self, kind: str, radius_mm: float | None = None, pixel_mm: float = 1.5
+                       ) -> tuple[float, float, float, np.ndarray, np.ndarray]:
         """Search of a ``joint`` or ``part`` body relative to its parent's pose, from the
         ``<kind>_*`` settings: (CMA-ES sigma deg, rotation bound deg, prior SD deg, translation
-        bounds mm (x, y in plane; z depth), CMA-ES sigma mm per axis (at most half the bound))."""
+        bounds mm (x, y in plane; z depth), CMA-ES sigma mm per axis (at most half the bound)).
+        ``radius_mm`` (a part's in-plane RMS radius) and ``pixel_mm`` (its level's pixels) set a
+        part's depth bound (:meth:`part_depth_bound`)."""
         get = lambda name: getattr(self, f"{kind}_{name}")  # noqa: E731
-        b_mm = np.array([get("bounds_mm"), get("bounds_mm"), get("bounds_depth_mm")])
+        depth = self.part_depth_bound(radius_mm, pixel_mm) if kind == "part" else get("bounds_depth_mm")
+        b_mm = np.array([get("bounds_mm"), get("bounds_mm"), depth])
         return (get("sigma_deg"), get("bounds_deg"), get("prior_deg"), b_mm,
                 np.minimum(get("sigma_mm"), b_mm / 2))
 
@@ -434,10 +475,18 @@ def register(ct: Volume, labels: LabelMap, pixels: np.ndarray, camera: Camera, b
             start = np.asarray((initial_poses or {}).get(body.name, prev), dtype=np.float64)
             space = PoseSpace(start, body_centre(labels, body))
         views = _views(body, kind, start, registered, levels, camera, vols, s, device, dtype)
+        last = len(views) - 1
+        if s.refine_full_res and kind in ("first", "free") and _shape(views[-1]) != (camera.rows, camera.cols):
+            views += _views(body, kind, start, registered, [_level_at(levels, camera, 1.0, s, device, dtype)],
+                            camera, vols, s, device, dtype)
+        det_px = min(camera.spacing_row_mm, camera.spacing_col_mm)
 
         def objective_at(i):
             v = views[i]
-            return lambda poses: sim(v.fixed, vols.drr(body.structures, v.camera, poses) + v.background, v.mask)
+            sig = s.drr_blur_sigma_mm(min(v.camera.spacing_row_mm, v.camera.spacing_col_mm), det_px)
+            sig_px = (sig / v.camera.spacing_row_mm, sig / v.camera.spacing_col_mm)
+            return lambda poses: sim(v.fixed, blur_batch(vols.drr(body.structures, v.camera, poses) + v.background,
+                                                         sig_px), v.mask)
 
         def score(i, x):
             with torch.no_grad():
@@ -445,9 +494,8 @@ def register(ct: Volume, labels: LabelMap, pixels: np.ndarray, camera: Camera, b
 
         history = []
         x = np.zeros(6)
-        last = len(views) - 1
         init_sim = score(last, x)
-        history.append({"stage": "initial", "kind": kind, "level_px": list(_shape(views[-1])),
+        history.append({"stage": "initial", "kind": kind, "level_px": list(_shape(views[last])),
                         "similarity": init_sim})
         if joint is not None:
             history.append({"stage": "joint", "of": joint[0].name,
@@ -471,7 +519,12 @@ def register(ct: Volume, labels: LabelMap, pixels: np.ndarray, camera: Camera, b
             notify("inplane", body=body.name, similarity=history[-1]["similarity"])
         box, penalty, restarts = None, None, max(1, s.cma_restarts)
         if kind in ("joint", "part"):
-            sig_deg, b_deg, prior_sd, b_mm, sig_mm = s.bounded_motion(kind)
+            radius = inplane_radius_mm(labels, body, start) if kind == "part" else None
+            px = min(views[0].camera.spacing_row_mm, views[0].camera.spacing_col_mm)
+            sig_deg, b_deg, prior_sd, b_mm, sig_mm = s.bounded_motion(kind, radius, px)
+            if kind == "part":
+                history.append({"stage": "part-bounds", "inplane_radius_mm": round(float(radius), 1),
+                                "pixel_mm": round(float(px), 3), "depth_mm": round(float(b_mm[2]), 3)})
             half = np.r_[[b_deg] * 3, b_mm]
             box = (-half, half)
             restarts = max(1, s.roi_cma_restarts)
@@ -490,13 +543,14 @@ def register(ct: Volume, labels: LabelMap, pixels: np.ndarray, camera: Camera, b
                                  callback=lambda n, f: notify("cma", body=body.name, step=n, similarity=f),
                                  penalty=penalty)
                 history.append({"stage": "cma-es", "level_px": list(_shape(views[0])), "similarity": res.similarity,
-                                "evaluations": res.evaluations, "seconds": round(res.seconds, 3), "restart": r})
+                                "evaluations": res.evaluations, "seconds": round(res.seconds, 3), "restart": r,
+                                "x": [round(float(v), 4) for v in res.x]})
                 if best is None or res.similarity > best.similarity:
                     best = res
             pen0 = float(penalty(torch.as_tensor(x, dtype=torch.float64)[None])[0]) if penalty else 0.0
             if best.similarity > score(0, x) - pen0:
                 x = best.x
-        for i in range(len(views)):
+        for i in range(len(views)):  # (a full-resolution level after the pyramid when refine_full_res)
             div = 2 if box is not None else i + 1  # steps shrink on finer levels
             res = gradient_refine(objective_at(i), space, x, s.refine_steps, s.refine_lr_deg / div,
                                   s.refine_lr_mm / div, dtype, device,
@@ -507,6 +561,7 @@ def register(ct: Volume, labels: LabelMap, pixels: np.ndarray, camera: Camera, b
                             "steps": res.evaluations, "seconds": round(res.seconds, 3)})
         pose = space.matrix(x)
         final = score(last, x)
+        history.append(_profile(objective_at(last), space, x, dtype, device))
         threshold = s.doubtful_threshold(kind)
         doubtful = final < threshold
         if box is not None:
@@ -530,6 +585,57 @@ def register(ct: Volume, labels: LabelMap, pixels: np.ndarray, camera: Camera, b
         prev = pose
         notify("body-done", body=body.name, similarity=final, doubtful=result.doubtful)
     return results
+
+
+#: offsets of the similarity profile recorded about a final pose (mm of depth, deg about the image's rows axis)
+PROFILE_STEPS = (-2.0, -1.0, -0.5, 0.5, 1.0, 2.0)
+
+
+def _profile(objective, space: PoseSpace, x: np.ndarray, dtype, device) -> dict:
+    """Similarity about the final parameters ``x`` along depth (camera z, mm) and the rotation
+    about the camera y axis (deg): how sharply the pose is determined in its two weakest
+    directions (a diagnostic recorded in the history; no truth used)."""
+    xs = [np.asarray(x, dtype=np.float64)]
+    for axis in (5, 1):
+        for d in PROFILE_STEPS:
+            v = xs[0].copy()
+            v[axis] += d
+            xs.append(v)
+    with torch.no_grad():
+        f = objective(space.matrices(torch.as_tensor(np.stack(xs))).to(dtype=dtype, device=device)).double().cpu()
+    f = [round(float(v), 5) for v in f]
+    n = len(PROFILE_STEPS)
+    return {"stage": "profile", "steps": list(PROFILE_STEPS), "at": f[0], "depth_mm": f[1:1 + n],
+            "rot_y_deg": f[1 + n:]}
+
+
+def inplane_radius_mm(labels: LabelMap, body: Body, pose: np.ndarray) -> float:
+    """In-plane RMS radius (mm) of the body's voxel centres about their centre, in the camera
+    frame of ``pose`` (ct_to_camera): depth (camera z) is left out."""
+    p = labels.grid.voxel_centres_lps(body.mask(labels)) @ np.asarray(pose)[:3, :3].T
+    d = p[:, :2] - p[:, :2].mean(0)
+    return float(np.sqrt((d * d).sum(1).mean()))
+
+
+def blur_batch(img: torch.Tensor, sigma_px: tuple[float, float]) -> torch.Tensor:
+    """Gaussian blur (separable, edges replicated, differentiable) of (B, H, W) images with
+    sigma (rows, cols) in pixels; unchanged when both are below 0.05 px."""
+    if max(sigma_px) < 0.05:
+        return img
+    x = img[:, None]
+    for dim, sg in ((2, sigma_px[0]), (3, sigma_px[1])):
+        if sg < 0.05:
+            continue
+        radius = min(max(1, int(np.ceil(3.0 * sg))), x.shape[dim] - 1)
+        if radius < 1:
+            continue
+        t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+        k = torch.exp(-0.5 * (t / sg) ** 2)
+        k = k / k.sum()
+        k = k.view(1, 1, -1, 1) if dim == 2 else k.view(1, 1, 1, -1)
+        pad = (0, 0, radius, radius) if dim == 2 else (radius, radius, 0, 0)
+        x = F.conv2d(F.pad(x, pad, mode="replicate"), k)
+    return x[:, 0]
 
 
 def _prior_penalty(weight: float, sd_deg: float, sd_mm: float = 0.0):

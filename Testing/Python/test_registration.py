@@ -287,7 +287,11 @@ def test_part_of_a_registered_group_moves_a_little(pelvis):
     assert res[1].mtre_mm < before + 0.25 and res[1].mtre_mm < 2.5, (before, res[1].mtre_mm)
     motion = next(h for h in res[1].history if h["stage"] == "part-motion")
     assert np.all(np.abs(motion["deg"]) <= settings.part_bounds_deg)
-    assert abs(motion["translation_mm"][2]) <= settings.part_bounds_depth_mm + 1e-9
+    # the depth bound is the size rule's (RegistrationSettings.part_depth_bound), recorded in the history
+    bounds = next(h for h in res[1].history if h["stage"] == "part-bounds")
+    radius = pipeline.inplane_radius_mm(labels, bodies[1], res[1].initial_pose)
+    assert bounds["depth_mm"] == pytest.approx(settings.part_depth_bound(radius, CAM.spacing_col_mm), abs=1e-3)
+    assert abs(motion["translation_mm"][2]) <= bounds["depth_mm"] + 0.005
 
 
 def test_part_prior_and_tight_window(chest):
