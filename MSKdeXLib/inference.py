@@ -248,11 +248,14 @@ def calibration_quantiles(cal: dict[str, Any], passes: int) -> np.ndarray:
 def channel_sums(generator: torch.nn.Module, x: np.ndarray, tta: int, seed: int, device: torch.device,
                  batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """(sums (1 + tta, C) of every pass, un-augmented channels (C, H, W)) of one normalised
-    input (H, W); row 0 is the un-augmented pass."""
+    input (H, W); row 0 is the un-augmented pass. A generator's sum head reads the
+    un-augmented input in every pass (its gain is not a geometric-TTA quantity)."""
     batch = _tta_batch(x, max(0, int(tta)), seed)
     sums, first = [], None
     for i in range(0, batch.shape[0], batch_size):
-        y = generator(batch[i:i + batch_size].to(device)).float()
+        part = batch[i:i + batch_size].to(device)
+        kw = {"sum_input": batch[:1].to(device).expand_as(part)} if getattr(generator, "sum_head", None) else {}
+        y = generator(part, **kw).float()
         if first is None:
             first = y[0].cpu().numpy()
         sums.append(y.double().sum(dim=(2, 3)).cpu().numpy())

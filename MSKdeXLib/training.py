@@ -15,7 +15,9 @@ off, for ablations):
 * ``gan`` (1) and ``feature_matching`` (10): unpaired adversarial terms on ``gan_kinds``;
 * ``cycle`` (1): radiograph rebuilt from the channels by a small learned head vs the input;
 * ``intensity_sum`` (1): OWIS, mean_c |sum(pred_c) - truth_c| / truth_c, on every channel;
-* ``intensity_sum_sq`` (0): its squared form, mean_c ((sum(pred_c) - truth_c) / truth_c)^2.
+* ``intensity_sum_sq`` (0): its squared form, mean_c ((sum(pred_c) - truth_c) / truth_c)^2;
+* ``intensity_sum_log`` (0): its log-ratio form, mean_c |log(sum(pred_c) / truth_c)|.
+The intensity-sum losses average over the channels of ``intensity_sum_kinds`` (null: all).
 
 Pixel losses use channels divided by their scale (``channel_scales``, per-pixel values in g or
 cm^3; "auto" = mean of the positive target pixels of the training split).
@@ -40,7 +42,8 @@ from .errors import UserError
 from .inference import DEFAULT_TTA, FLOOR_FRACTION, INTERVAL
 
 DEFAULT_LOSSES = {"l1": 100.0, "gradient_correlation": 1.0, "gan": 1.0, "feature_matching": 10.0,
-                  "cycle": 1.0, "intensity_sum": 1.0, "muscle_l1": 0.0, "intensity_sum_sq": 0.0}
+                  "cycle": 1.0, "intensity_sum": 1.0, "muscle_l1": 0.0, "intensity_sum_sq": 0.0,
+                  "intensity_sum_log": 0.0}
 
 #: balance of the adversarial game (see ``default_config()["_doc"]["adversarial"]``)
 DEFAULT_ADVERSARIAL = {"start_step": 0, "ramp_steps": 0, "d_lr_ratio": 1.0, "instance_noise": 0.0,
@@ -68,11 +71,16 @@ def default_config() -> dict[str, Any]:
             "data": "dir: training-set folder (mskdex-dataset/1), overridden by --data; batch_size per "
                     "process; augment: joint affine (sums kept) + brightness/contrast of the radiograph",
             "model": "generator: backbone 'unet' (MONAI UNet: features, strides, num_res_units) or "
-                     "'basicunet' (6 features); outputs softplus * channel scale",
+                     "'basicunet' (6 features); outputs softplus * channel scale; sum_head: a per-channel "
+                     "log-gain from the radiograph pooled to sum_head_pool^2 (makes the channel sums follow "
+                     "the image despite instance norm)",
             "discriminator": "multi-scale PatchGAN: width, n_layers, n_scales",
             "losses": "weights; 0 switches a loss off (ablation): l1 + gradient_correlation (paired bones), "
                       "muscle_l1 (paired muscles, virtual data), gan + feature_matching (unpaired, gan_kinds), "
-                      "cycle, intensity_sum (OWIS, relative |sum - truth|) and intensity_sum_sq (its square)",
+                      "cycle, intensity_sum (OWIS, relative |sum - truth|), intensity_sum_sq (its square) and "
+                      "intensity_sum_log (|log(sum / truth)|)",
+            "intensity_sum_kinds": "structure kinds whose channels the intensity-sum losses average over "
+                                   "(null: every channel)",
             "adversarial": "balance of generator and discriminator (step counts; a value in (0, 1) is a fraction of "
                            "'steps'): start_step (GAN + feature matching off, "
                            "discriminator not trained, before this step: the generator first learns from the "
@@ -100,6 +108,7 @@ def default_config() -> dict[str, Any]:
         "losses": dict(DEFAULT_LOSSES),
         "adversarial": dict(DEFAULT_ADVERSARIAL),
         "gan_kinds": ["muscle"],
+        "intensity_sum_kinds": None,
         "channel_scales": "auto",
         "optimizer": {"lr": 1e-4, "betas": [0.5, 0.999], "weight_decay": 0.01, "schedule": "constant",
                       "warmup_steps": 0, "min_lr_fraction": 0.0},
@@ -199,14 +208,35 @@ def summarise_data(info, split: str) -> tuple[dict[str, Any], list[float]]:
     return summary, scales
 
 
+def _with_legacy_arch(model: dict[str, Any], ckpt_model: dict[str, Any] | None) -> dict[str, Any]:
+    """``model`` with the architecture keys that a checkpoint's model config lacks (written
+    before they existed) set to the values that checkpoint was trained with."""
+    from .nn.generator import resolve_arch
+
+    if not ckpt_model:
+        return model
+    legacy = resolve_arch(ckpt_model)
+    return {**model, **{k: legacy[k] for k in ("upsample", "sum_head") if k not in ckpt_model}}
+
+
+def training_xrays(info, split: str) -> torch.Tensor:
+    """The un-augmented normalised radiographs (N, 1, H, W) of a split."""
+    from .data_loading import load_record
+
+    return torch.stack([load_record(info, r)["xray"].float() for r in info.split(split)])
+
+
 # ---------------------------------------------------------------------------------------------
 # Losses of one step
 # ---------------------------------------------------------------------------------------------
-def channel_groups(channels: list[dict], gan_kinds: list[str]) -> dict[str, torch.Tensor]:
-    """Boolean (C,) masks: muscle channels and adversarial channels."""
+def channel_groups(channels: list[dict], gan_kinds: list[str],
+                   owis_kinds: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Boolean (C,) masks: muscle channels, adversarial channels and the channels of the
+    intensity-sum losses (``owis_kinds`` None: every channel)."""
     muscle = torch.tensor([c.get("kind") == "muscle" for c in channels])
     gan = torch.tensor([c.get("kind") in gan_kinds for c in channels])
-    return {"muscle": muscle, "gan": gan}
+    owis = torch.tensor([owis_kinds is None or c.get("kind") in owis_kinds for c in channels])
+    return {"muscle": muscle, "gan": gan, "owis": owis}
 
 
 def generator_losses(pred: torch.Tensor, recon: torch.Tensor | None, batch: dict[str, torch.Tensor],
@@ -228,10 +258,11 @@ def generator_losses(pred: torch.Tensor, recon: torch.Tensor | None, batch: dict
         out["gradient_correlation"] = L.gradient_correlation(pn, yn, bone_mask)
     if weights["muscle_l1"] > 0:
         out["muscle_l1"] = L.paired_l1(pn, yn, paired & muscle)
-    if weights["intensity_sum"] > 0:
-        out["intensity_sum"] = L.intensity_sum(pred, batch["truth"])
-    if weights.get("intensity_sum_sq", 0.0) > 0:
-        out["intensity_sum_sq"] = L.intensity_sum(pred, batch["truth"], squared=True)
+    owis = groups.get("owis")
+    owis = None if owis is None or bool(owis.all()) else owis.to(pred.device)[None].expand(pred.shape[0], -1)
+    for key, form in (("intensity_sum", "relative"), ("intensity_sum_sq", "squared"), ("intensity_sum_log", "log")):
+        if weights.get(key, 0.0) > 0:
+            out[key] = L.intensity_sum(pred, batch["truth"], owis, form=form)
     if weights["cycle"] > 0 and recon is not None:
         out["cycle"] = L.cycle_l1(recon, batch["xray"])
     gan_idx = groups["gan"].nonzero().flatten().tolist()
@@ -316,6 +347,7 @@ def model_config(cfg: dict, info, scales: list[float], summary: dict, step: int)
         "pixel_spacing_mm": list(info.pixel_spacing_mm),
         "data_summary": summary,
         "training": {"step": step, "seed": cfg["seed"], "losses": cfg["losses"], "gan_kinds": cfg["gan_kinds"],
+                     "intensity_sum_kinds": cfg.get("intensity_sum_kinds"),
                      "adversarial": cfg.get("adversarial", dict(DEFAULT_ADVERSARIAL))},
         "units": "channels in g (mass_g) or cm^3 (volume_cm3) per pixel at pixel_spacing_mm",
     }
@@ -345,6 +377,8 @@ def train(config: dict[str, Any] | None, data_dir: str | Path | None, out_dir: s
             config = ckpt[1]["config"]
     cfg = merge_config({k: v for k, v in (config or {}).items() if k != "_doc"})
     cfg["model"] = {**cfg["model"], "recon_head": float(cfg["losses"]["cycle"]) > 0}
+    if ckpt is not None:  # architecture keys added since that checkpoint keep their legacy values
+        cfg["model"] = _with_legacy_arch(cfg["model"], ckpt[1]["config"].get("model"))
     dev = resolve_device(device)
     dist_info = init_distributed(dev)
     if dist_info.world > 1 and dev.type == "cuda":
@@ -362,6 +396,7 @@ def train(config: dict[str, Any] | None, data_dir: str | Path | None, out_dir: s
 
     if ckpt is not None:
         old_cfg = merge_config({k: v for k, v in ckpt[1]["config"].items() if k != "_doc"})  # keys added since
+        old_cfg["model"] = _with_legacy_arch(old_cfg["model"], ckpt[1]["config"].get("model"))
         old = {k: v for k, v in old_cfg.items() if k not in RESUMABLE_KEYS + ("_doc",)}
         new = {k: v for k, v in cfg.items() if k not in RESUMABLE_KEYS + ("_doc",)}
         if json.dumps(old, sort_keys=True) != json.dumps(new, sort_keys=True):
@@ -386,7 +421,7 @@ def train(config: dict[str, Any] | None, data_dir: str | Path | None, out_dir: s
     weights = {k: float(v) for k, v in cfg["losses"].items()}
     arch = cfg["model"]
     gen = build_generator(arch, len(info.channels), scales).to(dev)
-    groups = channel_groups(info.channels, cfg["gan_kinds"])
+    groups = channel_groups(info.channels, cfg["gan_kinds"], cfg.get("intensity_sum_kinds"))
     use_gan = bool(groups["gan"].any()) and (weights["gan"] > 0 or weights["feature_matching"] > 0)
     dcfg = cfg["discriminator"]
     disc = MultiScaleDiscriminator(int(groups["gan"].sum()), int(dcfg["width"]), int(dcfg["n_layers"]),
@@ -399,6 +434,9 @@ def train(config: dict[str, Any] | None, data_dir: str | Path | None, out_dir: s
     acfg = {**DEFAULT_ADVERSARIAL, **cfg["adversarial"]}
     d_ratio = float(acfg["d_lr_ratio"])
     opt_d = torch.optim.AdamW(disc.parameters(), **{**opt_kw, "lr": opt_kw["lr"] * d_ratio}) if disc is not None else None
+
+    if gen.sum_head is not None and ckpt is None:  # standardise its input on the training split
+        gen.sum_head.set_input_stats(training_xrays(info, cfg["data"]["train_split"]).to(dev))
 
     step, history = 0, []
     if ckpt is not None:

@@ -44,7 +44,7 @@ import torch
 
 VARIANTS = {
     "full": {},
-    "no_owis": {"intensity_sum": 0.0, "intensity_sum_sq": 0.0},
+    "no_owis": {"intensity_sum": 0.0, "intensity_sum_sq": 0.0, "intensity_sum_log": 0.0},
     "no_bone_paired": {"l1": 0.0, "gradient_correlation": 0.0},
     "paired_muscles": {"muscle_l1": 100.0},
 }
@@ -225,10 +225,14 @@ def variant_config(args, losses: dict) -> dict:
             "log_every": max(1, args.steps // 20), "amp": True,
             "data": {"batch_size": args.batch_size, "augment": {"enabled": False}},
             "model": {"features": [16, 32, 64, 128], "strides": [2, 2, 2], "num_res_units": 1,
-                      "upsample": "nontrainable", "norm": args.norm},
+                      "upsample": "nontrainable", "norm": args.norm,
+                      **({} if args.sum_head is None else {"sum_head": args.sum_head == "on"}),
+                      **({} if args.sum_head_pool is None else {"sum_head_pool": args.sum_head_pool})},
+            **({} if args.owis_kinds is None else {"intensity_sum_kinds": args.owis_kinds}),
             "discriminator": {"width": 16, "n_layers": 2, "n_scales": 2},
             "losses": {**DEFAULT_LOSSES, "intensity_sum": args.owis_weight,
-                       "intensity_sum_sq": args.owis_sq_weight, **losses},
+                       "intensity_sum_sq": args.owis_sq_weight, "intensity_sum_log": args.owis_log_weight,
+                       **losses},
             "adversarial": {"start_step": int(round(args.adv_start * args.steps)),
                             "ramp_steps": int(round(args.adv_ramp * args.steps)), "d_lr_ratio": args.d_lr_ratio,
                             "instance_noise": args.instance_noise, "real_label": args.real_label},
@@ -330,6 +334,14 @@ def main() -> None:
     p.add_argument("--owis-weight", type=float, default=20.0, help="intensity-sum loss weight (ablation)")
     p.add_argument("--owis-sq-weight", type=float, default=0.0,
                    help="weight of the squared intensity-sum loss (ablation)")
+    p.add_argument("--owis-log-weight", type=float, default=0.0,
+                   help="weight of the log-ratio intensity-sum loss |log(sum / truth)| (ablation)")
+    p.add_argument("--owis-kinds", nargs="+", default=None,
+                   help="structure kinds the intensity-sum losses average over (default: all channels)")
+    p.add_argument("--sum-head", choices=("on", "off"), default=None,
+                   help="generator sum head (per-channel log-gain from the pooled radiograph); default: "
+                        "the training default")
+    p.add_argument("--sum-head-pool", type=int, default=None, help="side of the radiograph pooled by the sum head")
     p.add_argument("--norm", default="instance", help="generator normalisation (ablation): instance, batch")
     p.add_argument("--adv-start", type=float, default=0.0,
                    help="GAN + feature matching start at this fraction of --steps (ablation)")

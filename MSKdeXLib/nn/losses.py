@@ -43,19 +43,27 @@ def gradient_correlation(pred: torch.Tensor, target: torch.Tensor, mask: torch.T
 
 
 def intensity_sum(pred: torch.Tensor, truth: torch.Tensor, mask: torch.Tensor | None = None,
-                  eps: float = 1e-6, squared: bool = False) -> torch.Tensor:
-    """Object-wise intensity-sum loss (OWIS): mean_c |sum(pred_c) - truth_c| / truth_c (with
-    ``squared``: mean_c of the squared relative error).
+                  eps: float = 1e-6, squared: bool = False, form: str = "relative") -> torch.Tensor:
+    """Object-wise intensity-sum loss (OWIS): mean_c |sum(pred_c) - truth_c| / truth_c.
 
-    ``pred`` physical channels (B, C, H, W), ``truth`` (B, C) in the same units (summed over
-    pixels). Exactly 0 iff every channel sum equals its truth; > 0 otherwise.
+    ``form``: "relative" (that), "squared" (mean_c of the squared relative error; also
+    ``squared=True``) or "log" (mean_c |log(sum(pred_c) / truth_c)|, symmetric in over- and
+    under-estimation). ``pred`` physical channels (B, C, H, W), ``truth`` (B, C) in the same
+    units (summed over pixels); ``mask`` (B, C) selects the (sample, channel) pairs averaged.
+    Exactly 0 iff every (selected) channel sum equals its truth; > 0 otherwise.
     """
+    form = "squared" if squared else form
     sums = pred.double().sum(dim=(2, 3))
-    t = truth.double()
-    rel = (sums - t).abs() / t.abs().clamp_min(eps)
-    if squared:
-        rel = rel * rel
-    return _masked_mean(rel, mask).to(pred.dtype)
+    t = truth.double().abs().clamp_min(eps)
+    if form == "log":
+        err = (torch.log(sums.clamp_min(eps)) - torch.log(t)).abs()
+    elif form in ("relative", "squared"):
+        err = (sums - truth.double()).abs() / t
+        if form == "squared":
+            err = err * err
+    else:
+        raise ValueError(f"unknown intensity-sum form '{form}' (relative, squared or log)")
+    return _masked_mean(err, mask).to(pred.dtype)
 
 
 def lsgan_discriminator(real: list[list[torch.Tensor]], fake: list[list[torch.Tensor]],

@@ -186,3 +186,36 @@ def test_calibrated_interval_covers_heldout_at_nominal_rate(pelvis, model_dir, t
     print(f"\ncalibrated coverage {coverage:.3f} (nominal 0.9), raw 90 % TTA percentiles {np.mean(raw_hits):.3f}")
     assert 0.78 <= coverage <= 1.0, coverage
     assert float(np.mean(raw_hits)) < coverage - 0.2
+
+
+def test_sum_head_gain_comes_from_the_unaugmented_input(pelvis):
+    """Test-time augmentation: every pass of a generator with a sum head uses the gain of the
+    un-augmented input (a 2 % shift would swamp the < 1 % intensity signal the head reads), so
+    pass by pass its sums are the plain backbone's times that one gain."""
+    import torch
+
+    from MSKdeXLib.inference import _tta_batch, channel_sums
+    from MSKdeXLib.nn.generator import build_generator
+
+    ct, _ = pelvis
+    img = np.clip(1 + ct.array.astype(np.float64) / 1000, 0, None).sum(axis=1)[::-1]
+    x = np.asarray(img[:96:3, :96:3], np.float32)
+    x = (x - x.mean()) / x.std()
+    arch = {"features": [8, 16, 32], "strides": [2, 2], "num_res_units": 1, "sum_head": True, "sum_head_pool": 4}
+    torch.manual_seed(0)
+    gen = build_generator(arch, 2, [1.0, 1.0]).eval()
+    head = gen.sum_head
+    with torch.no_grad():
+        x0 = torch.from_numpy(x)[None, None]
+        head.mean.copy_(head.features(x0)[0])
+        head.std.fill_(0.02)  # standardised like a trained head: shifts move its input a lot
+        head.linear.weight.normal_(0, 0.05)
+        head.linear.bias.copy_(torch.tensor([0.5, -0.5]))
+        gain = torch.exp(head(x0))[0].double().numpy()
+        own = torch.exp(head(_tta_batch(x, 4, 3))).double().numpy()  # what each pass alone would say
+    assert np.abs(np.log(gain)).max() > 0.2  # the head matters ...
+    assert np.abs(np.log(own[1:] / gain)).max() > 0.05  # ... and the augmented passes would change it
+    with_head, _ = channel_sums(gen, x, tta=4, seed=3, device=torch.device("cpu"))
+    gen.sum_head = None
+    plain, _ = channel_sums(gen, x, tta=4, seed=3, device=torch.device("cpu"))
+    np.testing.assert_allclose(with_head / plain, np.broadcast_to(gain, plain.shape), rtol=1e-4)

@@ -70,7 +70,14 @@ def test_owis_zero_exactly_when_sums_equal_truth(batch):
         assert got == pytest.approx(np.mean(np.abs(s - truth.numpy()) / truth.numpy()), rel=1e-5)
         sq = float(L.intensity_sum(z, truth, squared=True))  # squared form: mean of squared rel. errors
         assert sq == pytest.approx(np.mean((np.abs(s - truth.numpy()) / truth.numpy()) ** 2), rel=1e-5)
+        lg = float(L.intensity_sum(z, truth, form="log"))  # log-ratio form: mean |log(sum / truth)|
+        assert lg == pytest.approx(np.mean(np.abs(np.log(s / truth.numpy()))), rel=1e-5)
+        # restricted to the other channels (e.g. intensity_sum_kinds), the changed one is ignored
+        others = torch.ones(y.shape[:2], dtype=torch.bool)
+        others[:, c] = False
+        assert float(L.intensity_sum(z, truth, others)) == 0.0
     assert float(L.intensity_sum(y, truth, squared=True)) == 0.0
+    assert float(L.intensity_sum(y, truth, form="log")) == 0.0
 
 
 def test_gradient_correlation_and_l1_invariants(batch):
@@ -102,7 +109,8 @@ WEIGHTS0 = {k: 0.0 for k in ("l1", "gradient_correlation", "gan", "feature_match
                              "muscle_l1")}
 
 
-@pytest.mark.parametrize("name", ["l1", "gradient_correlation", "intensity_sum", "intensity_sum_sq", "cycle", "gan",
+@pytest.mark.parametrize("name", ["l1", "gradient_correlation", "intensity_sum", "intensity_sum_sq",
+                                  "intensity_sum_log", "cycle", "gan",
                                   "feature_matching", "muscle_l1", "discriminator"])
 def test_one_step_lowers_each_loss(name, dataset, batch):
     torch.manual_seed(0)
@@ -171,3 +179,69 @@ def test_lsgan_label_smoothing_and_instance_noise(batch):
     torch.manual_seed(0)
     n = _noisy(x, 0.5) - x
     assert float(n.std()) == pytest.approx(0.5, rel=0.05) and abs(float(n.mean())) < 0.02
+
+
+def test_sum_head_lets_the_sums_follow_the_image(batch):
+    """With instance normalisation the plain generator's channel sums hardly depend on the image;
+    the sum head's per-channel log-gain (from the pooled radiograph) lets a few intensity-sum
+    steps move each image's sums toward its own target (targets differing between images)."""
+    x = batch["xray"]
+    c = 2
+    factors = torch.linspace(0.6, 1.6, x.shape[0], dtype=torch.float64)[:, None]  # per-image targets
+    errors, spreads = {}, {}
+    for head in (False, True):
+        torch.manual_seed(0)
+        gen = build_generator({**TINY, "norm": "instance", "sum_head": head, "sum_head_pool": 4}, c, [1.0] * c)
+        with torch.no_grad():
+            base = gen(x).double().sum(dim=(2, 3)).mean(0, keepdim=True)
+        truth = base * factors  # start: right mean, wrong per-image spread
+        opt = torch.optim.Adam(gen.parameters(), lr=2e-2)
+        for _ in range(30):
+            loss = L.intensity_sum(gen(x), truth)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            sums = gen(x).double().sum(dim=(2, 3))
+        errors[head] = float(((sums - truth).abs() / truth).mean())
+        spreads[head] = float((sums[-1] / sums[0]).mean())  # wanted: 1.6 / 0.6 = 2.67
+    assert errors[True] < 0.1 and errors[True] < 0.5 * errors[False], errors
+    assert spreads[True] > 2.0, spreads
+
+
+def test_sum_head_round_trips_and_old_configs_load(batch, tmp_path):
+    """A model with the sum head saves and loads (safetensors + JSON) to identical outputs;
+    architectures without the key (older model configs) have no sum head."""
+    from MSKdeXLib.checkpoint import save_model
+    from MSKdeXLib.inference import load_model
+    from MSKdeXLib.nn.generator import DEFAULT_ARCH, resolve_arch
+
+    assert resolve_arch(TINY)["sum_head"] is False and build_generator(TINY, 2, [1.0, 1.0]).sum_head is None
+    assert resolve_arch(None)["sum_head"] == DEFAULT_ARCH["sum_head"]
+    torch.manual_seed(0)
+    arch = {**resolve_arch({**TINY, "sum_head": True, "sum_head_pool": 4}), "recon_head": False}
+    gen = build_generator(arch, 2, [0.5, 2.0])
+    with torch.no_grad():
+        assert float(gen.sum_head(batch["xray"]).abs().max()) == 0.0  # starts as the plain model
+        gen.sum_head.set_input_stats(batch["xray"])
+        gen.sum_head.linear.weight.normal_(0, 1.0)
+    gen.eval()
+    structures = [{"name": "a", "kind": "muscle"}, {"name": "b", "kind": "muscle"}]
+    config = {"architecture": arch, "channels": [{"structure": "a", "quantity": "mass_g", "kind": "muscle"},
+                                                 {"structure": "b", "quantity": "mass_g", "kind": "muscle"}],
+              "structures": structures, "channel_scales": [0.5, 2.0], "image_size": [32, 32],
+              "pixel_spacing_mm": [1.0, 1.0], "normalisation": {"method": "zscore"}}
+    save_model(tmp_path / "m", gen, config)
+    loaded = load_model(tmp_path / "m").generator
+    assert loaded.sum_head is not None and loaded.sum_head.pool == 4
+    with torch.no_grad():
+        gains = gen.sum_head(batch["xray"])
+        assert float(gains.abs().max()) > 0.1  # the head is really used
+        assert torch.equal(loaded(batch["xray"]), gen(batch["xray"]))
+    # the same weights under a config without the key are refused (one-line UserError), not silently changed
+    from MSKdeXLib.errors import UserError
+
+    old = {**config, "architecture": {k: v for k, v in arch.items() if not k.startswith("sum_head")}}
+    save_model(tmp_path / "old", gen, old)
+    with pytest.raises(UserError, match="do not match"):
+        load_model(tmp_path / "old")

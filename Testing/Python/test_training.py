@@ -268,3 +268,35 @@ def test_adversarial_warmup_schedule_and_balance(data_dir, tmp_path):
     lr_g = meta["config"]["optimizer"]["lr"]
     assert parts["opt_d"]["param_groups"][0]["lr"] == pytest.approx(0.5 * parts["opt_g"]["param_groups"][0]["lr"])
     assert parts["opt_g"]["param_groups"][0]["lr"] == pytest.approx(lr_g)
+
+
+def test_sum_head_is_standardised_on_the_training_split(data_dir, tmp_path):
+    """A model trained with the sum head stores it in its config and weights, with its input
+    standardisation = per-block mean / SD of the training radiographs (computed here by numpy)."""
+    from safetensors.numpy import load_file
+
+    cfg = {**TINY, "model": {**TINY["model"], "sum_head": True, "sum_head_pool": 4}, "steps": 2}
+    train(cfg, data_dir, tmp_path / "m")
+    model = load_model(tmp_path / "m")
+    assert model.config["architecture"]["sum_head"] is True
+    head = model.generator.sum_head
+    recs = [r for r in json.loads((data_dir / "dataset.json").read_text())["records"] if r["split"] == "train"]
+    x = np.stack([load_file(str(data_dir / r["file"]))["xray"][0] for r in recs]).astype(np.float64)
+    blocks = x.reshape(len(x), 4, x.shape[1] // 4, 4, x.shape[2] // 4).mean(axis=(2, 4)).reshape(len(x), -1)
+    np.testing.assert_allclose(head.mean.numpy(), blocks.mean(0), rtol=1e-5, atol=1e-6)
+    sd = blocks.std(0)
+    np.testing.assert_allclose(head.std.numpy(), np.maximum(sd, 0.05 * np.median(sd)), rtol=1e-4)
+
+
+def test_checkpoint_from_before_the_sum_head_resumes_without_it(data_dir, tmp_path):
+    """A checkpoint written before ``sum_head`` existed (no key in its model config) resumes as
+    the plain model it was trained as, whatever the current default."""
+    cfg = {**TINY, "model": {**TINY["model"], "sum_head": False}, "steps": 1}
+    train(cfg, data_dir, tmp_path / "m")
+    ck = tmp_path / "m" / "checkpoint.json"
+    meta = json.loads(ck.read_text())
+    for key in ("sum_head", "sum_head_pool"):
+        meta["config"]["model"].pop(key)
+    ck.write_text(json.dumps(meta))
+    res = train({**meta["config"], "steps": 2}, data_dir, tmp_path / "m", resume=True)
+    assert res.step == 2 and load_model(tmp_path / "m").generator.sum_head is None
