@@ -219,11 +219,12 @@ def _with_legacy_arch(model: dict[str, Any], ckpt_model: dict[str, Any] | None) 
     return {**model, **{k: legacy[k] for k in ("upsample", "sum_head") if k not in ckpt_model}}
 
 
-def training_xrays(info, split: str) -> torch.Tensor:
-    """The un-augmented normalised radiographs (N, 1, H, W) of a split."""
+def pooled_xrays(info, split: str, head) -> torch.Tensor:
+    """The sum head's pooled features (N, pool * pool) of a split's un-augmented normalised
+    radiographs, read one record at a time (a large split never sits in memory whole)."""
     from .data_loading import load_record
 
-    return torch.stack([load_record(info, r)["xray"].float() for r in info.split(split)])
+    return torch.cat([head.features(load_record(info, r)["xray"].float()[None]) for r in info.split(split)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,7 +437,7 @@ def train(config: dict[str, Any] | None, data_dir: str | Path | None, out_dir: s
     opt_d = torch.optim.AdamW(disc.parameters(), **{**opt_kw, "lr": opt_kw["lr"] * d_ratio}) if disc is not None else None
 
     if gen.sum_head is not None and ckpt is None:  # standardise its input on the training split
-        gen.sum_head.set_input_stats(training_xrays(info, cfg["data"]["train_split"]).to(dev))
+        gen.sum_head.set_feature_stats(pooled_xrays(info, cfg["data"]["train_split"], gen.sum_head).to(dev))
 
     step, history = 0, []
     if ckpt is not None:

@@ -74,9 +74,15 @@ class SumHead(nn.Module):
 
     @torch.no_grad()
     def set_input_stats(self, xrays: torch.Tensor) -> None:
-        """Standardise with the per-pooled-pixel mean and SD of ``xrays`` (N, 1, H, W); SDs are
-        floored at 5 % of their median (a pixel constant in training cannot blow up)."""
-        f = self.features(xrays).double()
+        """Standardise with the per-pooled-pixel mean and SD of ``xrays`` (N, 1, H, W)."""
+        self.set_feature_stats(self.features(xrays))
+
+    @torch.no_grad()
+    def set_feature_stats(self, features: torch.Tensor) -> None:
+        """Standardise with the mean and SD over N images of their pooled radiographs
+        ``features`` (N, pool * pool, from :meth:`features`); SDs are floored at 5 % of their
+        median (a pixel constant in training cannot blow up)."""
+        f = features.double()
         sd = f.std(dim=0, unbiased=False) if f.shape[0] > 1 else torch.ones_like(f[0])
         sd = sd.clamp_min(max(0.05 * float(sd.median()), 1e-6))
         self.mean.copy_(f.mean(dim=0).float())
