@@ -105,7 +105,8 @@ def run_chain(args, case, ct, labels, bodies, base) -> list[dict]:
             start = PoseSpace(truth, pipeline.body_centre(labels, parent)).matrix(perturbation(rng, max_deg, max_mm))
             settings = make_settings(args, trial)
             t0 = time.time()
-            res = pipeline.register(ct, labels, xray, cam, bodies, start, settings, true_poses=true_poses)
+            res = pipeline.register(ct, labels, xray, cam, bodies, start, settings, device=args.device,
+                                   true_poses=true_poses)
             for body, r in zip(bodies, res):
                 pts = labels.grid.voxel_centres_lps(body.mask(labels))
                 row = {"case": case, "mode": "chain", "body": body.name, "kind": r.kind,
@@ -220,7 +221,7 @@ def run(args) -> list[dict]:
                     start = space.matrix(perturbation(rng, max_deg, max_mm))
                     settings = make_settings(args, trial)
                     t0 = time.time()
-                    res = pipeline.register(ct, labels, xray, cam, [body], start, settings,
+                    res = pipeline.register(ct, labels, xray, cam, [body], start, settings, device=args.device,
                                             true_poses={body.name: truth})[0]
                     pts = labels.grid.voxel_centres_lps(body.mask(labels))
                     row = {"case": case, "mode": "independent", "body": body.name, "range": f"{max_mm:g} mm / {max_deg:g} deg",
@@ -258,7 +259,7 @@ def flagged(row: dict, settings: pipeline.RegistrationSettings, rows: list[dict]
 def table(rows: list[dict], args) -> str:
     st = pipeline.RegistrationSettings()
     lines = [f"Detector {args.size}x{args.size} at {args.spacing} mm, SID 1000 mm, view '{args.view}', "
-             f"{args.threads} torch thread(s); settings: defaults{' + ' + ' '.join(args.set) if args.set else ''}. "
+             f"{args.threads} torch thread(s), device {args.device}; settings: defaults{' + ' + ' '.join(args.set) if args.set else ''}. "
              f"Doubtful thresholds: {st.doubtful_below} (first / free), {st.doubtful_below_joint} (joint), "
              f"{st.doubtful_below_part} (part).", "",
              "| case | body (kind) | perturbation (up to) | success (mTRE < 2 mm) | median mTRE mm | median start mTRE mm "
@@ -362,6 +363,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--spacing", type=float, default=1.5)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="torch device of the registration (cpu, cuda[:N])")
     p.add_argument("--view", choices=("default", "bodies"), default=None,
                    help="true view: the default AP view (centred on all labelled bones), or centred on the "
                         "benchmarked bodies (default: 'bodies' in chain mode - an AP hip view holding the "
