@@ -19,6 +19,11 @@ def test_demo_quick_writes_report_with_estimates_vs_truth(tmp_path, capsys):
     for f in ("overlay.png", "report.html", "evaluation/scatter_mass_g.png", "evaluation/evaluation.csv",
               "model/model.safetensors", "model/config.json", "dataset/dataset.json"):
         assert (out / f).exists(), f
+    # the demo trains the paper's configuration: bones paired, muscles unpaired (GAN + OWIS), and says so
+    trained = json.loads((out / "model" / "config.json").read_text())["training"]["losses"]
+    assert trained == summary["losses"] and trained["muscle_l1"] == 0 and trained["gan"] > 0
+    assert trained["intensity_sum"] > 0 and trained["l1"] > 0
+    assert "as in the paper, the muscles were unpaired" in report and "paired L1 loss was used" not in report
     held = summary["heldout"]
     assert len(held) == 3 and len(list((out / "predictions").glob("*.json"))) == 3
     # every held-out subject has a table row whose truth values are its metrics.json
