@@ -214,6 +214,7 @@ def ablation_data(args, root: Path) -> tuple[Path, list[Path]]:
     t0 = time.time()
     build_dataset(train_c, data, DatasetSettings(**common, split="train"))
     build_dataset(val_c, data, DatasetSettings(**common, split="val"))
+    build_dataset(held, root / "heldout_records", DatasetSettings(**common, split="test"))  # true channels
     print(f"training set: {time.time() - t0:.0f} s", flush=True)
     return data, held
 
@@ -242,6 +243,7 @@ def variant_config(args, losses: dict) -> dict:
 
 
 def bench_ablation(args) -> dict:
+    from MSKdeXLib.channel_agreement import heldout_agreement
     from MSKdeXLib.evaluation import evaluate
     from MSKdeXLib.inference import load_model, predict
     from MSKdeXLib.io.radiographs import load_radiograph
@@ -259,13 +261,15 @@ def bench_ablation(args) -> dict:
                     force=True)
         t_train = time.time() - t0
         model = load_model(root / f"model_{name}", args.device)
-        pred, truth = [], []
+        pred, truth, ests = [], [], []
         for sid, rad in rads.items():
             est = predict(model, rad, tta=args.tta, seed=args.seed, rec_id=sid)
+            ests.append(est)
             pred += [{**r, "level": est.level} for r in est.rows()]
             truth += [{"id": sid, "structure": c["structure"], "quantity": c["quantity"],
                        "value": truths[sid][c["structure"]][c["quantity"]]} for c in model.channels]
         ev = evaluate(pred, truth)
+        agreement = heldout_agreement(ests, root / "heldout_records")
         muscles = {c["structure"] for c in model.channels if c["kind"] == "muscle"}
         summ = {}
         for q in ("mass_g", "volume_cm3"):
@@ -275,6 +279,7 @@ def bench_ablation(args) -> dict:
                        "coverage": float(np.mean([s["coverage"] for s in st]))}
         results[name] = {"losses": res.model_config["training"]["losses"], "train_seconds": round(t_train, 1),
                          "muscles": summ, "coverage_all_channels": ev.coverage(),
+                         "channel_agreement": agreement["kind_mean"],
                          "calibration": (res.model_config.get("calibration") or {}).get("tta", {}).get("pooled"),
                          "calibration_note": res.model_config.get("calibration_note"),
                          "statistics": ev.stats, "history_last": res.history[-1] if res.history else {}}
@@ -301,12 +306,17 @@ def markdown(results: dict) -> str:
     if "ablation" in results:
         a = results["ablation"]
         lines += ["| variant | muscle PCC mass | muscle PCC volume | MAPE mass % | MAPE volume % | "
-                  "coverage (90 % nominal) | train s |", "|---|---:|---:|---:|---:|---:|---:|"]
+                  "coverage (90 % nominal) | muscle channel r mass / volume | bone channel r | train s |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name, v in a["variants"].items():
             m, vol = v["muscles"]["mass_g"], v["muscles"]["volume_cm3"]
             cov = v["coverage_all_channels"].get("overall", {}).get("coverage", float("nan"))
+            ag = v.get("channel_agreement", {})
+            mr, br = ag.get("muscle", {}), ag.get("bone", {})
             lines.append(f"| {name} | {m['mean_pcc']:.3f} | {vol['mean_pcc']:.3f} | {m['mean_mape_percent']:.1f} | "
-                         f"{vol['mean_mape_percent']:.1f} | {cov:.1%} | {v['train_seconds']:.0f} |")
+                         f"{vol['mean_mape_percent']:.1f} | {cov:.1%} | {mr.get('mass_g', float('nan')):.3f} / "
+                         f"{mr.get('volume_cm3', float('nan')):.3f} | {br.get('mass_g', float('nan')):.3f} | "
+                         f"{v['train_seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -24,6 +24,12 @@ def test_demo_quick_writes_report_with_estimates_vs_truth(tmp_path, capsys):
     assert trained == summary["losses"] and trained["muscle_l1"] == 0 and trained["gan"] > 0
     assert trained["intensity_sum"] > 0 and trained["l1"] > 0
     assert "as in the paper, the muscles were unpaired" in report and "paired L1 loss was used" not in report
+    # the channel images are compared with the held-out subjects' true projections
+    agree = json.loads((out / "evaluation" / "channel_agreement.json").read_text())
+    assert agree["n_subjects"] == 3 and agree["kind_mean"] == summary["channel_agreement"]
+    assert {"muscle", "bone"} <= set(agree["kind_mean"])
+    assert all(-1 <= p["mean_r"] <= 1 and p["n"] == 3 for p in agree["per_channel"])
+    assert "true projections" in report and f"{agree['kind_mean']['muscle']['mass_g']:.2f}" in report
     held = summary["heldout"]
     assert len(held) == 3 and len(list((out / "predictions").glob("*.json"))) == 3
     # every held-out subject has a table row whose truth values are its metrics.json
