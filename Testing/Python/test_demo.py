@@ -56,3 +56,15 @@ def test_demo_quick_writes_report_with_estimates_vs_truth(tmp_path, capsys):
     # an existing output folder is refused without --force (one-line error, exit code 2)
     assert main(["demo", "--quick", "--out", str(out)]) == 2
     assert "--force" in capsys.readouterr().err
+
+
+def test_paired_muscles_option_swaps_the_gan_for_muscle_l1_and_the_report_says_so():
+    from MSKdeXLib.demo import DemoSettings, losses_text, training_config
+
+    paper, paired = training_config(DemoSettings()), training_config(DemoSettings(paired_muscles=True))
+    assert paper["losses"]["muscle_l1"] == 0 and paper["losses"]["gan"] > 0 and paper["losses"]["feature_matching"] > 0
+    assert paired["losses"]["muscle_l1"] > 0 and paired["losses"]["gan"] == 0 and paired["losses"]["feature_matching"] == 0
+    assert {k: v for k, v in paper.items() if k != "losses"} == {k: v for k, v in paired.items() if k != "losses"}
+    assert "as in the paper, the muscles were unpaired" in losses_text(paper["losses"])
+    assert "paired L1 loss was used" in losses_text(paired["losses"])
+    assert "GAN, feature-matching, cycle losses were off" in losses_text(paired["losses"])
