@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -114,6 +115,7 @@ def run_chain(args, case, ct, labels, bodies, base) -> list[dict]:
                        "start_mtre_mm": pipeline.mtre_mm(pts, true_poses[body.name], r.initial_pose),
                        "moved_deg": moved.get(body.name, 0.0), "mtre_mm": r.mtre_mm, "mpd_px": r.mpd_px,
                        "similarity": r.final_similarity, "doubtful": r.doubtful, "seconds": r.runtime_s,
+                       "soft_tissue": settings.soft_tissue,
                        "pose_error": [round(float(v), 3) for v in PoseSpace(
                            true_poses[body.name], pipeline.body_centre(labels, body)).params_of(r.ct_to_camera)],
                        "cma_x": [h["x"] for h in r.history if h["stage"] == "cma-es" and "x" in h],
@@ -227,7 +229,7 @@ def run(args) -> list[dict]:
                     row = {"case": case, "mode": "independent", "body": body.name, "range": f"{max_mm:g} mm / {max_deg:g} deg",
                            "trial": trial, "start_mtre_mm": pipeline.mtre_mm(pts, truth, start),
                            "mtre_mm": res.mtre_mm, "mpd_px": res.mpd_px, "similarity": res.final_similarity,
-                           "doubtful": res.doubtful, "seconds": time.time() - t0}
+                           "doubtful": res.doubtful, "seconds": time.time() - t0, "soft_tissue": settings.soft_tissue}
                     rows.append(row)
                     print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}),
                           flush=True)
@@ -240,6 +242,8 @@ def flagged(row: dict, settings: pipeline.RegistrationSettings, rows: list[dict]
     threshold; for a joint / part, its motion at a bound or its parent (the first body of the
     trial, or for a vertebra its group) doubtful."""
     kind = row.get("kind", "first")
+    # a trial recorded before soft tissue existed (no key) used bone-only DRRs
+    settings = replace(settings, soft_tissue=bool(row.get("soft_tissue", False)))
     flag = row["similarity"] < settings.doubtful_threshold(kind)
     if row.get("motion"):
         if kind == "joint":
@@ -260,8 +264,9 @@ def table(rows: list[dict], args) -> str:
     st = pipeline.RegistrationSettings()
     lines = [f"Detector {args.size}x{args.size} at {args.spacing} mm, SID 1000 mm, view '{args.view}', "
              f"{args.threads} torch thread(s), device {args.device}; settings: defaults{' + ' + ' '.join(args.set) if args.set else ''}. "
-             f"Doubtful thresholds: {st.doubtful_below} (first / free), {st.doubtful_below_joint} (joint), "
-             f"{st.doubtful_below_part} (part).", "",
+             f"Doubtful thresholds (bone-only DRRs / with soft tissue): {st.doubtful_below} / "
+             f"{st.doubtful_below_tissue} (first / free), {st.doubtful_below_joint} / {st.doubtful_below_joint_tissue} "
+             f"(joint), {st.doubtful_below_part} / {st.doubtful_below_part_tissue} (part).", "",
              "| case | body (kind) | perturbation (up to) | success (mTRE < 2 mm) | median mTRE mm | median start mTRE mm "
              "| median proj. dist px | median s/body | doubtful among successes | doubtful among failures |",
              "|---|---|---|---|---|---|---|---|---|---|"]

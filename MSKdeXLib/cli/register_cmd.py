@@ -51,6 +51,10 @@ def add_parser(sub, name: str):
     p.add_argument("--max-evals", type=int, default=None, help="CMA-ES evaluations per body (default 480)")
     p.add_argument("--refine-steps", type=int, default=None,
                    help="gradient steps per pyramid level (default 40)")
+    p.add_argument("--soft-tissue", choices=("on", "off"), default=None,
+                   help="model the radiograph's soft tissue: the first body's DRR also holds the CT's other "
+                        "tissue, which stays with it for the later bodies (default on; off: bone-only DRRs, "
+                        "for a radiograph whose soft tissue differs much from the CT's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the CMA-ES search")
     p.add_argument("--out", required=True, help="output folder")
     add_device(p)
@@ -164,6 +168,8 @@ def run(args) -> int:
         settings.cma = args.max_evals > 0
     if args.refine_steps is not None:
         settings.refine_steps = max(0, args.refine_steps)
+    if args.soft_tissue is not None:
+        settings.soft_tissue = args.soft_tissue == "on"
     if args.no_inplane_search or landmarks is not None or args.init_pose:
         settings.inplane_search = False
     truth = None
@@ -216,10 +222,12 @@ def run(args) -> int:
         "initialisation": {"source": init_source, "ct_to_camera": np.asarray(init_pose).tolist(),
                            "landmark_rms_px": pnp_rms},
         "similarity": {"measure": settings.similarity, "patch_px": settings.patch_px,
-                       "higher_is_better": True, "doubtful_below": settings.doubtful_below,
-                       "doubtful_below_joint": settings.doubtful_below_joint,
-                       "doubtful_below_part": settings.doubtful_below_part,
-                       "doubtful_threshold_note": "doubtful_below: first / free bodies (whole detector); "
+                       "higher_is_better": True, "soft_tissue": settings.soft_tissue,
+                       "doubtful_below": settings.doubtful_threshold("first"),
+                       "doubtful_below_joint": settings.doubtful_threshold("joint"),
+                       "doubtful_below_part": settings.doubtful_threshold("part"),
+                       "doubtful_threshold_note": "the thresholds of this run's DRRs (soft_tissue on or off); "
+                                                  "doubtful_below: first / free bodies (whole detector); "
                                                   "doubtful_below_joint / _part: joint / part bodies "
                                                   "(their window); also doubtful: a joint / part at its "
                                                   "motion bound or with a doubtful parent; "

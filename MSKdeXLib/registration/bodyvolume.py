@@ -6,6 +6,8 @@
   map) is the bone-only DRR of those structures. Voxels outside the structures are air
   (-1000 HU: mu = 0). Block averaging is done on mu (1/mm), so partial voxels keep their
   attenuation; with a factor of 1 the DRR equals the full CT's structure-masked DRR.
+* :func:`tissue_volume`: the rest of the CT (soft tissue ...), the same way, for a DRR that models
+  the radiograph's soft tissue.
 * :func:`crop_camera`: a detector window (rows r0:r1, cols c0:c1) as a camera of its own
   (same rays: the principal point is shifted).
 
@@ -35,6 +37,43 @@ def body_volume(ct: Volume, labels, structures, margin_mm: float = 6.0, target_m
     mask = union_mask(labels, structures)
     if not mask.any():
         raise ValueError("structures have no voxels")
+    out = masked_volume(ct, mask, margin_mm, target_mm, mu_water_per_mm, max_hu)
+    out.metadata["body_volume"] = [s.name for s in structures]
+    return out
+
+
+def tissue_volume(ct: Volume, labels, excluded, target_mm: float = 1.5, mu_water_per_mm: float = MU_WATER_PER_MM,
+                  max_hu: float | None = None, body_only: bool = True) -> Volume:
+    """Everything of the CT but the voxels of ``excluded`` structures (soft tissue, unregistered
+    bones ...), block-averaged like :func:`body_volume`: what moves with the first body when the
+    DRR models the radiograph's soft tissue. ``body_only``: only the patient (:func:`body_mask`),
+    not the CT's table or other objects, which a radiograph does not share."""
+    keep = ~union_mask(labels, excluded)
+    if body_only:
+        keep &= body_mask(ct)
+    out = masked_volume(ct, keep, 0.0, target_mm, mu_water_per_mm, max_hu)
+    out.metadata["body_volume"] = "tissue"
+    return out
+
+
+def body_mask(ct: Volume, threshold_hu: float = -400.0) -> np.ndarray:
+    """The patient [k, j, i]: the largest 26-connected region of voxels above ``threshold_hu``
+    (the CT's table, cushions and clothes apart from the body are left out; the lungs' air is
+    below the threshold either way and adds no attenuation)."""
+    from scipy import ndimage
+
+    lab, n = ndimage.label(ct.array > threshold_hu, structure=np.ones((3, 3, 3), dtype=bool))
+    if n == 0:
+        return np.zeros(ct.array.shape, dtype=bool)
+    return lab == 1 + int(np.argmax(np.bincount(lab.ravel())[1:]))
+
+
+def masked_volume(ct: Volume, mask: np.ndarray, margin_mm: float = 6.0, target_mm: float = 1.5,
+                  mu_water_per_mm: float = MU_WATER_PER_MM, max_hu: float | None = None) -> Volume:
+    """The CT's voxels in ``mask`` [k, j, i] (others air), cropped to the mask's bounding box +
+    ``margin_mm`` and block-averaged on mu to about ``target_mm`` voxels (see module doc)."""
+    if not mask.any():
+        raise ValueError("mask has no voxels")
     spacing = np.asarray(ct.spacing, dtype=np.float64)          # (i, j, k)
     f_ijk = np.array(block_factors(spacing, target_mm))
     f_kji = f_ijk[::-1]
@@ -59,7 +98,7 @@ def body_volume(ct: Volume, labels, structures, margin_mm: float = 6.0, target_m
     first = np.r_[lo[::-1] + (f_ijk - 1) / 2.0, 1.0]
     origin = (ct.index_to_lps() @ first)[:3]
     return Volume(hu_out, tuple(spacing * f_ijk), tuple(origin), ct.direction.copy(), ct.source,
-                  {"body_volume": [s.name for s in structures], "block_factors_ijk": f_ijk.tolist()})
+                  {"block_factors_ijk": f_ijk.tolist()})
 
 
 def crop_camera(camera: Camera, r0: int, r1: int, c0: int, c1: int) -> Camera:

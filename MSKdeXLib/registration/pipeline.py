@@ -28,8 +28,14 @@ refinement) on one level of about ``roi_fine_mm`` pixels, in a detector window a
 projection (``roi_margin_mm``): small bones get fine pixels at little cost. Every body's DRR is
 rendered from its own cropped, block-averaged bone volume (:mod:`.bodyvolume`).
 
-The similarity compares the radiograph with the bone-only DRR (line integral of attenuation of
-the bodies' voxels), so the radiograph's soft tissue and contrast do not need to be modelled.
+The similarity compares the radiograph with a DRR (line integral of attenuation) of the bodies'
+bones and, with ``soft_tissue`` (default), of the CT's other tissue (:func:`~.bodyvolume.tissue_volume`:
+the patient's voxels outside every body, at ``tissue_mm`` voxels), which moves with the first body
+and is background for the later ones. A bone-only DRR (``soft_tissue`` off) needs no model of the
+radiograph's soft tissue, but that tissue's edges (skin, lungs, fat planes) then pull the pose:
+measured on the chest CT, the first body's depth was off by up to 2.3 mm with bone-only DRRs and
+about 0.1 mm with a bone-only radiograph (benchmarks/RESULTS_registration.md, round 5). Contrast
+needs no model either way (the similarities are normalised).
 A body whose final similarity is below its kind's threshold (``doubtful_below`` for first /
 free bodies, ``doubtful_below_joint`` / ``doubtful_below_part`` for joint / part bodies, whose
 similarity is measured in their window) is flagged *doubtful*; so is a joint / part body whose
@@ -52,7 +58,7 @@ from ..io.volumes import LabelMap
 from ..image import Volume
 from ..structures import Structure
 from . import initialise
-from .bodyvolume import body_volume, crop_camera, mask_box
+from .bodyvolume import body_volume, crop_camera, mask_box, tissue_volume
 from .optimize import PoseSpace, cma_search, gradient_refine
 from .similarity import get_similarity, valid_mask
 
@@ -189,15 +195,26 @@ class RegistrationSettings:
     roi_fine_mm: float = 1.5        # joint / part bodies: one level with pixels of about this size
     roi_cma_restarts: int = 2       # joint / part bodies: CMA-ES runs (different seeds), best kept
     refine_full_res: bool = True    # first / free bodies: a last gradient refinement on the detector's own pixels
+    # the first body's DRR also holds the CT's other tissue (soft tissue, bones of no body, table:
+    # :func:`~.bodyvolume.tissue_volume`), which then stays with it as later bodies' background
+    soft_tissue: bool = True
+    tissue_mm: float = 3.0          # voxel size of that tissue volume (smooth: coarser than the bones)
+    tissue_search: bool = False     # the tissue in the global search too (in-plane, CMA-ES); off: there bone-only
+                                    # (measured: the body outline then lured pelvis starts at 60 mm / 40 deg away)
     drr_match_blur: bool = False    # blur each level's DRR like the radiograph there (see drr_blur_sigma_mm)
     drr_blur_mm: float = 0.2        # the radiograph's own blur (Gaussian sigma at the detector, mm; the
                                     # simulation's focal spot + detector unsharpness is about this)
     volume_mm: float = 1.5          # bone volumes are block-averaged to about this voxel size
     max_hu: float = 0.0             # > 0: CT numbers above it (metal) count as it in the DRR
     # doubtful below these final similarities (calibrated: benchmarks/RESULTS_registration.md)
-    doubtful_below: float = 0.2        # first / free bodies (whole detector)
-    doubtful_below_joint: float = 0.53  # joint bodies (similarity in their window)
-    doubtful_below_part: float = 0.2   # part bodies (similarity in their window)
+    doubtful_below: float = 0.2        # first / free bodies (whole detector), bone-only DRRs
+    doubtful_below_joint: float = 0.53  # joint bodies (similarity in their window), bone-only DRRs
+    doubtful_below_part: float = 0.2   # part bodies (similarity in their window), bone-only DRRs
+    # the same with soft_tissue (the DRR explains more of the radiograph: higher similarities);
+    # calibrated on deliberately failed starts, benchmarks/RESULTS_registration.md (round 5)
+    doubtful_below_tissue: float = 0.3
+    doubtful_below_joint_tissue: float = 0.65
+    doubtful_below_part_tissue: float = 0.4
     seed: int = 0
 
     def to_dict(self) -> dict:
@@ -239,7 +256,9 @@ class RegistrationSettings:
 
     def doubtful_threshold(self, kind: str) -> float:
         """Final-similarity threshold below which a body of ``kind`` is flagged doubtful."""
-        return {"joint": self.doubtful_below_joint, "part": self.doubtful_below_part}.get(kind, self.doubtful_below)
+        suffix = "_tissue" if self.soft_tissue else ""
+        name = {"joint": "doubtful_below_joint", "part": "doubtful_below_part"}.get(kind, "doubtful_below")
+        return float(getattr(self, name + suffix))
 
 
 @dataclass
@@ -361,22 +380,31 @@ class _Level:
         self.device, self.dtype = device, dtype
 
 
+#: key of the tissue volume among the bone volumes (:class:`_Volumes`)
+TISSUE = ("tissue",)
+
+
 class _Volumes:
     """Bone-only volumes (:func:`~.bodyvolume.body_volume`) per set of structures, and their
     renderers per camera; built on first use, kept for the whole registration."""
 
-    def __init__(self, ct: Volume, labels: LabelMap, settings, device, dtype):
+    def __init__(self, ct: Volume, labels: LabelMap, settings, device, dtype, bodies: list[Body] = ()):
         self.ct, self.labels, self.s, self.device, self.dtype = ct, labels, settings, device, dtype
         self._vols: dict = {}
         self._renderers: dict = {}
+        #: the structures of every body: not part of the tissue volume
+        self.body_structures = list({st.label: st for b in bodies for st in b.structures}.values())
 
     def renderer(self, structures, camera: Camera):
+        """Renderer of the bone-only volume of ``structures`` (None: the tissue volume)."""
         from ..rendering import DRRRenderer
 
-        key = tuple(sorted(st.label for st in structures))
+        key = TISSUE if structures is None else tuple(sorted(st.label for st in structures))
         if key not in self._vols:
-            self._vols[key] = body_volume(self.ct, self.labels, structures, target_mm=self.s.volume_mm,
-                                          max_hu=self.s.max_hu if self.s.max_hu > 0 else None)
+            max_hu = self.s.max_hu if self.s.max_hu > 0 else None
+            self._vols[key] = (tissue_volume(self.ct, self.labels, self.body_structures, self.s.tissue_mm, max_hu=max_hu)
+                               if structures is None else
+                               body_volume(self.ct, self.labels, structures, target_mm=self.s.volume_mm, max_hu=max_hu))
         rkey = (key, camera)
         if rkey not in self._renderers:
             if len(self._renderers) > 24:  # bounded: drop the oldest
@@ -385,7 +413,8 @@ class _Volumes:
         return self._renderers[rkey]
 
     def drr(self, structures, camera: Camera, poses) -> torch.Tensor:
-        """(B, rows, cols) bone-only DRR of ``structures`` at ``poses`` ((B,)4x4)."""
+        """(B, rows, cols) bone-only DRR of ``structures`` at ``poses`` ((B,)4x4); None: of the
+        tissue volume."""
         poses = torch.as_tensor(poses)
         if poses.dim() == 2:
             poses = poses[None]
@@ -450,7 +479,7 @@ def register(ct: Volume, labels: LabelMap, pixels: np.ndarray, camera: Camera, b
     full = torch.as_tensor(np.asarray(pixels, dtype=np.float32))
     levels = [_Level(camera.scaled(f) if f != 1.0 else camera, full, s, device, dtype)
               for f in pyramid_factors(camera, s.coarse_px, s.fine_px)]
-    vols = _Volumes(ct, labels, s, device, dtype)
+    vols = _Volumes(ct, labels, s, device, dtype, bodies)
     if initial_pose is None:
         initial_pose = default_view(ct, labels, camera)
     notify = progress or (lambda *a, **k: None)
@@ -481,16 +510,25 @@ def register(ct: Volume, labels: LabelMap, pixels: np.ndarray, camera: Camera, b
                             camera, vols, s, device, dtype)
         det_px = min(camera.spacing_row_mm, camera.spacing_col_mm)
 
-        def objective_at(i):
+        # a first body's tissue: in its refinement and final score, and (tissue_search) its global search
+        refine_tissue = s.soft_tissue and kind == "first"
+        search_tissue = refine_tissue and s.tissue_search
+
+        def moving_drr(cam: Camera, poses, tissue: bool) -> torch.Tensor:
+            """The body's DRR at ``poses`` (with ``tissue``: plus the tissue that moves with it)."""
+            d = vols.drr(body.structures, cam, poses)
+            return d + vols.drr(None, cam, poses) if tissue else d
+
+        def objective_at(i, tissue: bool = refine_tissue):
             v = views[i]
             sig = s.drr_blur_sigma_mm(min(v.camera.spacing_row_mm, v.camera.spacing_col_mm), det_px)
             sig_px = (sig / v.camera.spacing_row_mm, sig / v.camera.spacing_col_mm)
-            return lambda poses: sim(v.fixed, blur_batch(vols.drr(body.structures, v.camera, poses) + v.background,
-                                                         sig_px), v.mask)
+            return lambda poses: sim(v.fixed, blur_batch(moving_drr(v.camera, poses, tissue) + v.background, sig_px),
+                                     v.mask)
 
-        def score(i, x):
+        def score(i, x, tissue: bool = refine_tissue):
             with torch.no_grad():
-                return float(objective_at(i)(space.matrices(torch.as_tensor(x, dtype=torch.float64)[None]))[0])
+                return float(objective_at(i, tissue)(space.matrices(torch.as_tensor(x, dtype=torch.float64)[None]))[0])
 
         history = []
         x = np.zeros(6)
@@ -505,16 +543,16 @@ def register(ct: Volume, labels: LabelMap, pixels: np.ndarray, camera: Camera, b
         if s.inplane_search and kind == "first" and initial_poses is None:
             v = views[0]
             with torch.no_grad():
-                drr = (vols.drr(body.structures, v.camera, space.matrices(torch.zeros(1, 6, dtype=torch.float64)))
+                drr = (moving_drr(v.camera, space.matrices(torch.zeros(1, 6, dtype=torch.float64)), search_tissue)
                        + v.background)[0]
             from ..geometry import project
 
             c_rc = project(v.camera, start, space.centre_lps[None])[0]
             ang, dr, dc, val = initialise.inplane_search(v.fixed, drr, v.mask, sim, (float(c_rc[0]), float(c_rc[1])))
             x_ip = initialise.inplane_params(ang, (dr, dc), v.camera, float(space.centre_camera[2]))
-            if score(0, x_ip) > score(0, x):
+            if score(0, x_ip, search_tissue) > score(0, x, search_tissue):
                 x = x_ip
-            history.append({"stage": "inplane", "level_px": list(_shape(v)), "similarity": score(0, x),
+            history.append({"stage": "inplane", "level_px": list(_shape(v)), "similarity": score(0, x, search_tissue),
                             "angle_deg": ang, "shift_px": [dr, dc]})
             notify("inplane", body=body.name, similarity=history[-1]["similarity"])
         box, penalty, restarts = None, None, max(1, s.cma_restarts)
@@ -538,7 +576,7 @@ def register(ct: Volume, labels: LabelMap, pixels: np.ndarray, camera: Camera, b
         if s.cma:
             best = None
             for r in range(restarts):
-                res = cma_search(objective_at(0), space, x, sig_deg, sig_mm, b_deg, b_mm,
+                res = cma_search(objective_at(0, search_tissue), space, x, sig_deg, sig_mm, b_deg, b_mm,
                                  s.cma_popsize, s.cma_max_evals, s.seed + 1000 * r, dtype, device,
                                  callback=lambda n, f: notify("cma", body=body.name, step=n, similarity=f),
                                  penalty=penalty)
@@ -548,7 +586,7 @@ def register(ct: Volume, labels: LabelMap, pixels: np.ndarray, camera: Camera, b
                 if best is None or res.similarity > best.similarity:
                     best = res
             pen0 = float(penalty(torch.as_tensor(x, dtype=torch.float64)[None])[0]) if penalty else 0.0
-            if best.similarity > score(0, x) - pen0:
+            if best.similarity > score(0, x, search_tissue) - pen0:
                 x = best.x
         for i in range(len(views)):  # (a full-resolution level after the pyramid when refine_full_res)
             div = 2 if box is not None else i + 1  # steps shrink on finer levels
@@ -667,6 +705,8 @@ def _views(body: Body, kind: str, start: np.ndarray, registered, levels: list[_L
     else:
         lv_list = levels
     groups = _background_groups(body, registered)
+    if s.soft_tissue and registered:  # the tissue (None) stays with the first body
+        groups = [(None, registered[0][1])] + groups
     views = []
     with torch.no_grad():
         for lv in lv_list:

@@ -122,7 +122,11 @@ def test_cli_register_writes_outputs(tmp_path, pelvis_case):
     assert body["final_similarity"] >= body["initial_similarity"]
     assert "mtre_mm" in body and rep["geometry"]["rows"] == 64
     assert body["kind"] == "first" and rep["structure_body"]["sacrum"] == "pelvis"
-    assert rep["similarity"]["doubtful_below"] == pytest.approx(pipeline.RegistrationSettings().doubtful_below)
+    default = pipeline.RegistrationSettings()  # the thresholds in effect: soft tissue on by default
+    assert rep["similarity"]["soft_tissue"] is True
+    assert rep["similarity"]["doubtful_below"] == pytest.approx(default.doubtful_below_tissue)
+    assert rep["similarity"]["doubtful_below"] == pytest.approx(default.doubtful_threshold(body["kind"]))
+    assert body["doubtful_below"] == pytest.approx(default.doubtful_below_tissue)
     assert (out / "qa.png").stat().st_size > 1000
     import SimpleITK as sitk
 
@@ -236,7 +240,59 @@ def test_body_volume_drr_equals_masked_ct_drr(pelvis, chest):
         assert torch.allclose(win, got[10:40, 20:55], atol=1e-6 * float(got.max()))
 
 
+def test_tissue_volume_is_the_rest_of_the_ct(pelvis):
+    """The tissue volume and the bodies' bone volumes add up to the whole CT's DRR (pelvis, at its
+    own 3 mm voxels: exactly), and the tissue holds none of the bodies' bones."""
+    from MSKdeXLib.registration.bodyvolume import body_mask, body_volume, tissue_volume
+    from MSKdeXLib.rendering import DRRRenderer, default_view
+
+    ct, labels = pelvis
+    cam = Camera(64, 64, 5.0, 5.0, 1000.0)
+    pose = default_view(ct, labels, cam)
+    bodies = pipeline.parse_bodies("pelvis,femur_left", labels)
+    sts = [st for b in bodies for st in b.structures]
+    tissue = tissue_volume(ct, labels, sts, target_mm=3.0, body_only=False)
+    assert tissue.array.shape == ct.array.shape
+    total = DRRRenderer(ct, cam).attenuation(pose)[0]
+    parts = DRRRenderer(tissue, cam).attenuation(pose)[0]
+    for b in bodies:
+        parts = parts + DRRRenderer(body_volume(ct, labels, b.structures, target_mm=3.0), cam).attenuation(pose)[0]
+    assert torch.allclose(parts, total, rtol=1e-4, atol=1e-5 * float(total.max()))
+    from MSKdeXLib.rendering import union_mask
+
+    assert np.all(tissue.array[union_mask(labels, sts)] == -1000.0)
+    rest = ~union_mask(labels, sts)  # elsewhere the CT itself (below -1000 HU: air, as a DRR sees it)
+    np.testing.assert_allclose(tissue.array[rest], np.maximum(ct.array[rest], -1000.0), atol=0.05)
+    # body_only (the default) leaves out what lies apart from the patient (here table parts), nothing else
+    patient = body_mask(ct)
+    assert (rest & ~patient & (ct.array > -400)).any()  # there is something to leave out
+    assert patient.sum() > 0.9 * (ct.array > -400).sum()  # the patient is nearly everything above -400 HU
+    want = DRRRenderer(ct.with_array(np.where(rest & patient, ct.array, -1000.0).astype(np.float32)), cam)
+    got = DRRRenderer(tissue_volume(ct, labels, sts, target_mm=3.0), cam).attenuation(pose)[0]
+    ref = want.attenuation(pose)[0]
+    assert torch.allclose(got, ref, rtol=1e-4, atol=1e-5 * float(ref.max()))
+    assert float(got.sum()) < float(DRRRenderer(tissue, cam).attenuation(pose)[0].sum())
+
+
+def test_soft_tissue_first_body_registers_and_carries_the_tissue(pelvis):
+    """With ``soft_tissue`` the first body's DRR holds the CT's other tissue: the pelvis registers
+    from a perturbed start, the femur after it sees that tissue in its background."""
+    from MSKdeXLib.rendering import default_view
+    from MSKdeXLib.simulate import simulate_radiograph
+
+    ct, labels = pelvis
+    bodies = pipeline.parse_bodies("pelvis,femur_left", labels)
+    truth = default_view(ct, labels, CAM)
+    xray = simulate_radiograph(ct, CAM, truth, seed=4, labels=labels).pixels
+    start = PoseSpace(truth, pipeline.body_centre(labels, bodies[0])).matrix(np.r_[3.0, -2.0, 4.0, 8.0, -6.0, 5.0])
+    s = pipeline.RegistrationSettings(soft_tissue=True, seed=0)
+    res = pipeline.register(ct, labels, xray, CAM, bodies, start, s, true_poses={b.name: truth for b in bodies})
+    assert res[0].mtre_mm < 1.0 and res[1].mtre_mm < 2.0, [r.mtre_mm for r in res]
+    assert not res[0].doubtful
+
+
 def test_body_ranges_all_bones_and_parts(chest):
+
     """'a..b' ranges follow the table order; 'bones' is every bone; a vertebra after its
     'spine' is registered as a part of it (not as a ball joint)."""
     ct, labels = chest
@@ -272,8 +328,10 @@ def test_part_of_a_registered_group_moves_a_little(pelvis):
     move = rotate_about(pipeline.body_centre(labels, bodies[1]), np.array([1.0, 2.0, -1.0]) / np.sqrt(6) * 2.5)
     xray = simulate_articulated(ct, CAM, truth, [(bodies[1].mask(labels), truth @ move)], seed=2)
     start = PoseSpace(truth, pipeline.body_centre(labels, bodies[0])).matrix([1.5, -1.0, 2.0, 3.0, -2.0, 2.0])
+    # bone-only DRRs: at this detector's 3 mm pixels the pelvis's depth is not resolved to 2 mm with
+    # the soft tissue either (2.0 vs 1.6 mm); the soft-tissue path: test_soft_tissue_first_body_...
     settings = pipeline.RegistrationSettings(inplane_search=False, cma_max_evals=48, refine_steps=20,
-                                             roi_cma_restarts=1)
+                                             roi_cma_restarts=1, soft_tissue=False)
     res = pipeline.register(ct, labels, xray, CAM, bodies, start, settings,
                             true_poses={"pelvis": truth, "sacrum": truth @ move})
     assert [r.kind for r in res] == ["first", "part"]
