@@ -213,7 +213,7 @@ class RegistrationSettings:
     # the same with soft_tissue (the DRR explains more of the radiograph: higher similarities);
     # calibrated on deliberately failed starts, benchmarks/RESULTS_registration.md (round 5)
     doubtful_below_tissue: float = 0.3
-    doubtful_below_joint_tissue: float = 0.65
+    doubtful_below_joint_tissue: float = 0.62
     doubtful_below_part_tissue: float = 0.4
     seed: int = 0
 
