@@ -195,8 +195,9 @@ class RegistrationSettings:
     roi_fine_mm: float = 1.5        # joint / part bodies: one level with pixels of about this size
     roi_cma_restarts: int = 2       # joint / part bodies: CMA-ES runs (different seeds), best kept
     refine_full_res: bool = True    # first / free bodies: a last gradient refinement on the detector's own pixels
-    # the first body's DRR also holds the CT's other tissue (soft tissue, bones of no body, table:
-    # :func:`~.bodyvolume.tissue_volume`), which then stays with it as later bodies' background
+    # the first body's DRR also holds the CT's other tissue (the patient's soft tissue and bones of
+    # no body, not the table: :func:`~.bodyvolume.tissue_volume`), which then stays with it as later
+    # bodies' background
     soft_tissue: bool = True
     tissue_mm: float = 3.0          # voxel size of that tissue volume (smooth: coarser than the bones)
     tissue_search: bool = False     # the tissue in the global search too (in-plane, CMA-ES); off: there bone-only
