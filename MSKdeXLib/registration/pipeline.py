@@ -659,22 +659,11 @@ def inplane_radius_mm(labels: LabelMap, body: Body, pose: np.ndarray) -> float:
 def blur_batch(img: torch.Tensor, sigma_px: tuple[float, float]) -> torch.Tensor:
     """Gaussian blur (separable, edges replicated, differentiable) of (B, H, W) images with
     sigma (rows, cols) in pixels; unchanged when both are below 0.05 px."""
+    from ..simulate import separable_gaussian
+
     if max(sigma_px) < 0.05:
         return img
-    x = img[:, None]
-    for dim, sg in ((2, sigma_px[0]), (3, sigma_px[1])):
-        if sg < 0.05:
-            continue
-        radius = min(max(1, int(np.ceil(3.0 * sg))), x.shape[dim] - 1)
-        if radius < 1:
-            continue
-        t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
-        k = torch.exp(-0.5 * (t / sg) ** 2)
-        k = k / k.sum()
-        k = k.view(1, 1, -1, 1) if dim == 2 else k.view(1, 1, 1, -1)
-        pad = (0, 0, radius, radius) if dim == 2 else (radius, radius, 0, 0)
-        x = F.conv2d(F.pad(x, pad, mode="replicate"), k)
-    return x[:, 0]
+    return separable_gaussian(img[:, None], sigma_px, 0.05)[:, 0]
 
 
 def _prior_penalty(weight: float, sd_deg: float, sd_mm: float = 0.0):
