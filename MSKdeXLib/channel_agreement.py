@@ -23,17 +23,12 @@ from .errors import UserError
 def channel_correlation(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
     """Per-channel Pearson correlation over pixels of ``pred`` and ``target`` (C, H, W), same
     grid; NaN where either channel is constant."""
-    p = np.asarray(pred, dtype=np.float64)
-    t = np.asarray(target, dtype=np.float64)
+    from .evaluation import pearson
+
+    p, t = np.asarray(pred), np.asarray(target)
     if p.shape != t.shape or p.ndim != 3:
         raise ValueError(f"channel images differ in shape: {p.shape} vs {t.shape} (expected (C, H, W) both)")
-    p = p.reshape(p.shape[0], -1)
-    t = t.reshape(t.shape[0], -1)
-    p = p - p.mean(axis=1, keepdims=True)
-    t = t - t.mean(axis=1, keepdims=True)
-    den = np.sqrt((p * p).sum(axis=1) * (t * t).sum(axis=1))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(den > 0, (p * t).sum(axis=1) / np.where(den > 0, den, 1.0), np.nan)
+    return np.array([pearson(a.ravel(), b.ravel()) for a, b in zip(p, t)])
 
 
 def heldout_agreement(estimates: Iterable[Any], records_dir: str | Path) -> dict[str, Any]:
