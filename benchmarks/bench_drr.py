@@ -44,7 +44,7 @@ FOV_MM = 409.6  # detector side at SID: 256 x 1.6 mm
 
 
 def _load(case: str):
-    from MSKdeXLib import sample_data
+    from MSKdeXLib.io import sample_data
     from MSKdeXLib.io.volumes import load_ct, load_labels
 
     c = sample_data.pelvis_ct() if case == "pelvis" else sample_data.chest_ct()
@@ -55,14 +55,14 @@ def _load(case: str):
 
 
 def _camera(size: int):
-    from MSKdeXLib.geometry import Camera
+    from MSKdeXLib.projection.geometry import Camera
 
     return Camera(size, size, FOV_MM / size, FOV_MM / size, 1000.0)
 
 
 def _stretch_to(ct, labels, slices: int):
     """The CT and labels resampled to ``slices`` slices (linear / nearest): a 512x512xN case."""
-    from MSKdeXLib.image import Volume
+    from MSKdeXLib.io.images import Volume
     from MSKdeXLib.io.volumes import LabelMap
 
     nk = ct.array.shape[0]
@@ -165,7 +165,7 @@ def worker(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec.get("threads", 1))
-    from MSKdeXLib.rendering import DRRRenderer, default_view
+    from MSKdeXLib.projection.rendering import DRRRenderer, default_view
 
     dev = spec.get("device", "cpu")
 

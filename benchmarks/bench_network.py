@@ -2,7 +2,7 @@
 
 Three parts (``--part``, default ``all``):
 
-* ``inference``: seconds per radiograph of :func:`MSKdeXLib.inference.predict` (resampling,
+* ``inference``: seconds per radiograph of :func:`MSKdeXLib.learning.inference.predict` (resampling,
   normalisation, generator, channel sums) for a 512 x 512 radiograph (projected density of the
   real pelvis CT) -> a ``--image-size`` model grid (default 256 x 256), with the default
   generator architecture and the 22-class hip/thigh set's 41 channels (19 muscles x mass +
@@ -13,7 +13,7 @@ Three parts (``--part``, default ``all``):
   with the default architecture, batch ``--batch-size``, on ``--device`` (``cuda`` uses bf16
   autocast, as ``mskdex train`` does with ``amp``).
 * ``ablation``: the paper's ablation on a virtual cohort of the real pelvis CT (muscle changes,
-  deformation, pose and acquisition changes; :mod:`MSKdeXLib.cohort`): ``--subjects`` training,
+  deformation, pose and acquisition changes; :mod:`MSKdeXLib.learning.cohort`): ``--subjects`` training,
   ``--val`` calibration and ``--heldout`` test subjects, records of ``--ablation-size`` px,
   ``--steps`` steps per variant, same seed. Variants: ``full`` (paired bone L1 + gradient
   correlation, unpaired muscle GAN + feature matching, cycle, intensity sum), ``no_owis``
@@ -71,7 +71,7 @@ def _sync(dev: torch.device) -> None:
 # Inference
 # ------------------------------------------------------------------------------------------------
 def hip22_channels():
-    from MSKdeXLib.structures import get_table
+    from MSKdeXLib.anatomy.structures import get_table
 
     table = get_table("hip22")
     structs = list(table.structures)
@@ -84,8 +84,8 @@ def pelvis_radiograph(size: int = 512):
     """A radiograph-like image of the real pelvis CT (parallel projected density)."""
     from scipy.ndimage import zoom
 
-    from MSKdeXLib import sample_data
-    from MSKdeXLib.image import Radiograph
+    from MSKdeXLib.io import sample_data
+    from MSKdeXLib.io.images import Radiograph
     from MSKdeXLib.io.volumes import load_ct
 
     case = sample_data.pelvis_ct() or sample_data.default_case()
@@ -97,8 +97,8 @@ def pelvis_radiograph(size: int = 512):
 
 
 def bench_inference(args) -> dict:
-    from MSKdeXLib.inference import Model, predict
-    from MSKdeXLib.nn.generator import DEFAULT_ARCH, build_generator
+    from MSKdeXLib.learning.inference import Model, predict
+    from MSKdeXLib.learning.networks.generator import DEFAULT_ARCH, build_generator
 
     dev = torch.device(args.device)
     structs, channels = hip22_channels()
@@ -132,9 +132,9 @@ def bench_inference(args) -> dict:
 # Training throughput
 # ------------------------------------------------------------------------------------------------
 def bench_throughput(args) -> dict:
-    from MSKdeXLib.nn.discriminator import MultiScaleDiscriminator
-    from MSKdeXLib.nn.generator import DEFAULT_ARCH, build_generator
-    from MSKdeXLib.training import DEFAULT_LOSSES, channel_groups, discriminator_loss, generator_losses
+    from MSKdeXLib.learning.networks.discriminator import MultiScaleDiscriminator
+    from MSKdeXLib.learning.networks.generator import DEFAULT_ARCH, build_generator
+    from MSKdeXLib.learning.training import DEFAULT_LOSSES, channel_groups, discriminator_loss, generator_losses
 
     dev = torch.device(args.device)
     _, channels = hip22_channels()
@@ -189,9 +189,9 @@ def bench_throughput(args) -> dict:
 # ------------------------------------------------------------------------------------------------
 def ablation_data(args, root: Path) -> tuple[Path, list[Path]]:
     """Cohort (train + val + held-out subjects) and the training set (train + val splits)."""
-    from MSKdeXLib import sample_data
-    from MSKdeXLib.cohort import CohortConfig, build_cohort
-    from MSKdeXLib.dataset import DatasetSettings, build_dataset
+    from MSKdeXLib.io import sample_data
+    from MSKdeXLib.learning.cohort import CohortConfig, build_cohort
+    from MSKdeXLib.learning.dataset.builder import DatasetSettings, build_dataset
     from MSKdeXLib.demo import demo_ranges
 
     case = sample_data.pelvis_ct() or sample_data.default_case()
@@ -220,7 +220,7 @@ def ablation_data(args, root: Path) -> tuple[Path, list[Path]]:
 
 
 def variant_config(args, losses: dict) -> dict:
-    from MSKdeXLib.training import DEFAULT_LOSSES
+    from MSKdeXLib.learning.training import DEFAULT_LOSSES
 
     return {"seed": args.seed, "steps": args.steps, "checkpoint_every": args.steps, "val_every": args.steps,
             "log_every": max(1, args.steps // 20), "amp": True,
@@ -243,11 +243,11 @@ def variant_config(args, losses: dict) -> dict:
 
 
 def bench_ablation(args) -> dict:
-    from MSKdeXLib.channel_agreement import heldout_agreement
-    from MSKdeXLib.evaluation import evaluate
-    from MSKdeXLib.inference import load_model, predict
+    from MSKdeXLib.evaluation.channel_agreement import heldout_agreement
+    from MSKdeXLib.evaluation.agreement import evaluate
+    from MSKdeXLib.learning.inference import load_model, predict
     from MSKdeXLib.io.radiographs import load_radiograph
-    from MSKdeXLib.training import train
+    from MSKdeXLib.learning.training import train
 
     root = Path(args.out) / "ablation_work"
     data, held = ablation_data(args, root)

@@ -32,14 +32,14 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from MSKdeXLib import sample_data
-from MSKdeXLib.geometry import Camera, ap_pose
+from MSKdeXLib.io import sample_data
+from MSKdeXLib.projection.geometry import Camera, ap_pose
 from MSKdeXLib.io.volumes import load_ct, load_labels
 from MSKdeXLib.registration import pipeline
 from MSKdeXLib.registration.articulated import extend_inferior, rotate_about, simulate_articulated
 from MSKdeXLib.registration.optimize import PoseSpace
-from MSKdeXLib.rendering import default_view
-from MSKdeXLib.simulate import simulate_radiograph
+from MSKdeXLib.projection.rendering import default_view
+from MSKdeXLib.projection.simulate import simulate_radiograph
 
 CASES = {"pelvis": ("pelvis_ct", "pelvis,femur_left,femur_right"),
          "chest": ("chest_ct", "bones,spine=vertebrae_T6..vertebrae_L1,vertebrae_T9,vertebrae_T12")}

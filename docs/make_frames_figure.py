@@ -1,5 +1,5 @@
 """Draw docs/frames.png: the CT (LPS) frame, the camera frame and the detector of the default
-AP view, as implemented by MSKdeXLib.geometry (computed from the code, not drawn by hand).
+AP view, as implemented by MSKdeXLib.projection.geometry (computed from the code, not drawn by hand).
 
     python docs/make_frames_figure.py [--out docs/frames.png] [--force]
 """
@@ -18,7 +18,7 @@ def draw(out: Path, force: bool = False) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from MSKdeXLib.geometry import Camera, ap_pose, invert_rigid
+    from MSKdeXLib.projection.geometry import Camera, ap_pose, invert_rigid
     from MSKdeXLib.visualize import save_figure
 
     cam = Camera(256, 256, 1.6, 1.6, 1000.0)

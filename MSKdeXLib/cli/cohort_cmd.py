@@ -34,7 +34,7 @@ def add_parser(sub, name: str):
     g = p.add_argument_group("body composition (fractions of a muscle's voxels; override --ranges)")
     g.add_argument("--ranges", default=None, metavar="FILE|demo",
                    help="JSON file with any of the cohort's variation ranges (keys of "
-                        "MSKdeXLib.cohort.CohortRanges, e.g. body_change, max_atrophy, noise), or 'demo' for "
+                        "MSKdeXLib.learning.cohort.CohortRanges, e.g. body_change, max_atrophy, noise), or 'demo' for "
                         "the demo's ranges (muscle change wide, nuisance moderate)")
     g.add_argument("--body-change", nargs=2, type=float, metavar=("LOW", "HIGH"), default=None,
                    help="body-wide muscle change shared by all muscles of a subject, U(LOW, HIGH) "
@@ -55,7 +55,7 @@ def add_parser(sub, name: str):
 
 
 def run(args) -> int:
-    from ..cohort import CohortConfig, build_cohort
+    from ..learning.cohort import CohortConfig, build_cohort
     from ..errors import UserError, require_file
     from .common import Progress
 
@@ -88,12 +88,12 @@ def run(args) -> int:
 
 
 def ranges_from_args(args):
-    """The cohort's :class:`~MSKdeXLib.cohort.CohortRanges` from --ranges and the body-composition
+    """The cohort's :class:`~MSKdeXLib.learning.cohort.CohortRanges` from --ranges and the body-composition
     flags (UserError naming the file or flag when invalid)."""
     import dataclasses
     import json
 
-    from ..cohort import MAX_TOTAL_ATROPHY, MAX_TOTAL_HYPERTROPHY, CohortRanges
+    from ..learning.cohort import MAX_TOTAL_ATROPHY, MAX_TOTAL_HYPERTROPHY, CohortRanges
     from ..errors import UserError
 
     base: dict = {}

@@ -7,7 +7,7 @@ import json
 import sys
 import time
 
-from ..density import DensityModel
+from ..anatomy.density import DensityModel
 
 
 def add_ct_args(p: argparse.ArgumentParser, labels_required: bool = True) -> None:

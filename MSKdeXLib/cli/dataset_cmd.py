@@ -54,7 +54,7 @@ def add_parser(sub, name: str):
 def _default_spacing(cases) -> tuple[float, float]:
     import json
 
-    from ..dataset import read_registration
+    from ..learning.dataset.builder import read_registration
 
     c = cases[0]
     if c.kind == "virtual":
@@ -65,7 +65,7 @@ def _default_spacing(cases) -> tuple[float, float]:
 
 
 def run(args) -> int:
-    from ..dataset import DatasetSettings, build_dataset, discover_cases, merge
+    from ..learning.dataset.builder import DatasetSettings, build_dataset, discover_cases, merge
     from ..errors import UserError
     from .common import Progress
 

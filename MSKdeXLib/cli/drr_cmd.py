@@ -49,7 +49,7 @@ def add_parser(sub, name: str):
 
 def _quantities(text: str) -> tuple[str, ...]:
     from ..errors import UserError
-    from ..rendering import QUANTITIES
+    from ..projection.rendering import QUANTITIES
 
     names = split_names(text) or []
     if names == ["none"]:
@@ -79,11 +79,11 @@ def run(args) -> int:
     import numpy as np
 
     from ..errors import UserError
-    from ..geometry import Camera, perturbed_pose
+    from ..projection.geometry import Camera, perturbed_pose
     from ..io.outputs import prepare_out_dir, write_json
-    from ..metrics import structure_metrics
-    from ..rendering import QUANTITY_NAMES, DRRRenderer, isocentre_of
-    from ..geometry import ap_pose
+    from ..anatomy.ct_metrics import structure_metrics
+    from ..projection.rendering import QUANTITY_NAMES, DRRRenderer, isocentre_of
+    from ..projection.geometry import ap_pose
     from ..visualize import drr_preview
 
     quantities = _quantities(args.channels)

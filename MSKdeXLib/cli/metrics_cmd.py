@@ -24,7 +24,7 @@ def add_parser(sub, name: str):
 
 def metrics_report(args):
     """(report dict, rows) for the chosen structures."""
-    from ..metrics import structure_metrics
+    from ..anatomy.ct_metrics import structure_metrics
 
     ct, labels = load_case(args)
     density = density_from_args(args)

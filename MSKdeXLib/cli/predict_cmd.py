@@ -33,7 +33,7 @@ def run(args) -> int:
     import warnings
 
     from ..errors import UserError
-    from ..inference import load_model, predict, write_outputs
+    from ..learning.inference import load_model, predict, write_outputs
     from ..io.outputs import prepare_out_dir
     from ..io.radiographs import load_radiograph
     from .common import resolve_device

@@ -82,7 +82,7 @@ def load_init_poses(text: str):
     import numpy as np
 
     from ..errors import UserError
-    from ..geometry import check_rigid
+    from ..projection.geometry import check_rigid
 
     doc, path = _read_json_arg(text, "initial pose")
     where = path or "--init-pose"
@@ -102,8 +102,8 @@ def load_init_poses(text: str):
 def load_geometry(xray_path: str, radiograph, sid_mm: float):
     """(Camera, sidecar dict or None) for the radiograph."""
     from ..errors import UserError
-    from ..geometry import Camera
-    from ..simulate import sidecar_path
+    from ..projection.geometry import Camera
+    from ..projection.simulate import sidecar_path
 
     side = sidecar_path(xray_path)
     doc = None
@@ -133,7 +133,7 @@ def run(args) -> int:
     from ..io.radiographs import UncalibratedWarning, load_radiograph
     from ..registration import initialise, pipeline
     from ..registration.qa import qa_figure
-    from ..rendering import DRRRenderer, default_view
+    from ..projection.rendering import DRRRenderer, default_view
     from .common import Progress, resolve_device
 
     t0 = time.time()

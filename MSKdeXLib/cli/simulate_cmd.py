@@ -59,7 +59,7 @@ def add_parser(sub, name: str):
 
 
 def settings_from_args(args):
-    from ..simulate import SimulationSettings
+    from ..projection.simulate import SimulationSettings
 
     return SimulationSettings(
         spectrum=args.spectrum, kvp=args.kvp, filtration_mm_al=args.filtration,
@@ -72,10 +72,10 @@ def settings_from_args(args):
 
 def run(args) -> int:
     from ..errors import UserError
-    from ..geometry import Camera, perturbed_pose
+    from ..projection.geometry import Camera, perturbed_pose
     from ..io.outputs import check_new
-    from ..rendering import default_view, isocentre_of
-    from ..simulate import sidecar_path, simulate_radiograph, write_dicom_dx
+    from ..projection.rendering import default_view, isocentre_of
+    from ..projection.simulate import sidecar_path, simulate_radiograph, write_dicom_dx
     from .common import Progress, load_case, resolve_device
 
     out = Path(args.out)

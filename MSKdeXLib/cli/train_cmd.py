@@ -33,7 +33,7 @@ def run(args) -> int:
 
     from ..errors import UserError
     from ..io.outputs import write_json
-    from ..training import default_config, load_config, merge_config, train
+    from ..learning.training import default_config, load_config, merge_config, train
 
     if args.write_default_config:
         write_json(args.write_default_config, default_config(), args.force)
@@ -42,7 +42,7 @@ def run(args) -> int:
     if not args.out:
         raise UserError("--out is required (the model folder to write)")
     if args.calibrate_only:
-        from ..training import recalibrate
+        from ..learning.training import recalibrate
         from .common import resolve_device
 
         if not args.data:
@@ -55,7 +55,7 @@ def run(args) -> int:
     cfg = load_config(args.config) if args.config else (None if args.resume else merge_config({}))
     if args.steps is not None:
         if cfg is None:
-            from ..checkpoint import load_checkpoint
+            from ..learning.checkpoint import load_checkpoint
 
             cfg = load_checkpoint(args.out)[1]["config"]
         cfg["steps"] = int(args.steps)

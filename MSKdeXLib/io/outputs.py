@@ -100,7 +100,7 @@ def _json_default(obj):
 
 
 def write_volume(path: str | Path, volume, force: bool = False) -> Path:
-    """Write a :class:`~MSKdeXLib.image.Volume` (NIfTI / NRRD / MHA by suffix), atomically."""
+    """Write a :class:`~MSKdeXLib.io.images.Volume` (NIfTI / NRRD / MHA by suffix), atomically."""
     import SimpleITK as sitk
 
     with atomic_path(path, force) as tmp:

@@ -1,6 +1,6 @@
 """Loading and writing radiographs: DICOM (DX, CR, secondary capture), PNG, JPEG, TIFF.
 
-Whatever the file, :func:`load_radiograph` returns a :class:`~MSKdeXLib.image.Radiograph` whose
+Whatever the file, :func:`load_radiograph` returns a :class:`~MSKdeXLib.io.images.Radiograph` whose
 float32 pixels show *more attenuation = brighter* (bone bright, air dark):
 
 * the Modality LUT (Rescale Slope / Intercept, or a Modality LUT Sequence) is applied;
@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError, require_file
-from ..image import Radiograph
+from .images import Radiograph
 from .outputs import atomic_path
 
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima", "")

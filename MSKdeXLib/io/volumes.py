@@ -1,6 +1,6 @@
 """Loading CT volumes and label maps (NIfTI, NRRD, MHA/MHD, DICOM series, Slicer .seg.nrrd).
 
-Everything comes back as core objects in the LPS frame (see :mod:`MSKdeXLib.image`).
+Everything comes back as core objects in the LPS frame (see :mod:`MSKdeXLib.io.images`).
 Bad input raises :class:`~MSKdeXLib.errors.UserError` with a one-line message naming the file.
 """
 
@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
-from ..image import Volume
-from ..structures import (Structure, StructureTable, TableMatch, detect_table,
+from .images import Volume
+from ..anatomy.structures import (Structure, StructureTable, TableMatch, detect_table,
                           detect_table_from_names, get_table, normalize_name, _colour, _kind_of,
                           _side_of)
 

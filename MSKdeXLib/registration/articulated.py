@@ -8,10 +8,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..geometry import Camera
-from ..image import Volume
-from ..rendering import DRRRenderer
-from ..simulate import (SimulationSettings, detect, isocentre_distance_mm, spectrum, split_materials,
+from ..projection.geometry import Camera
+from ..io.images import Volume
+from ..projection.rendering import DRRRenderer
+from ..projection.simulate import (SimulationSettings, detect, isocentre_distance_mm, spectrum, split_materials,
                         transmission_poly)
 
 

@@ -2,7 +2,7 @@
 
 * :func:`body_volume`: the attenuation of a set of bone structures only, cropped to their
   bounding box (+ margin) and block-averaged to about ``target_mm`` voxels, stored as a
-  :class:`~MSKdeXLib.image.Volume` of HU whose DRR (``DRRRenderer(volume, camera)``, no label
+  :class:`~MSKdeXLib.io.images.Volume` of HU whose DRR (``DRRRenderer(volume, camera)``, no label
   map) is the bone-only DRR of those structures. Voxels outside the structures are air
   (-1000 HU: mu = 0). Block averaging is done on mu (1/mm), so partial voxels keep their
   attenuation; with a factor of 1 the DRR equals the full CT's structure-masked DRR.
@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..geometry import Camera
-from ..image import Volume
-from ..rendering import MU_WATER_PER_MM, union_mask
+from ..projection.geometry import Camera
+from ..io.images import Volume
+from ..projection.rendering import MU_WATER_PER_MM, union_mask
 
 
 def block_factors(spacing_ijk, target_mm: float) -> tuple[int, int, int]:

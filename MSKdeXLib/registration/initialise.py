@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from ..geometry import AP_ROTATION, Camera, default_source_to_isocentre, project, rigid
+from ..projection.geometry import AP_ROTATION, Camera, default_source_to_isocentre, project, rigid
 from .similarity import Similarity, image_gradients
 
 MIN_LANDMARKS = 4

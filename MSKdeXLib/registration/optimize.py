@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..geometry import rigid, rotation_xyz
+from ..projection.geometry import rigid, rotation_xyz
 
 #: objective: (B, 4, 4) torch poses -> (B,) similarity (higher is better)
 Objective = Callable[[torch.Tensor], torch.Tensor]
@@ -75,7 +75,7 @@ class PoseSpace:
 
     def params_of(self, pose: np.ndarray) -> np.ndarray:
         """Inverse of :meth:`matrix`: the parameters giving ``pose``."""
-        from ..geometry import angles_xyz
+        from ..projection.geometry import angles_xyz
 
         d = np.asarray(pose, dtype=np.float64) @ np.linalg.inv(self.base)
         r = d[:3, :3]

@@ -53,10 +53,10 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from ..geometry import Camera
+from ..projection.geometry import Camera
 from ..io.volumes import LabelMap
-from ..image import Volume
-from ..structures import Structure
+from ..io.images import Volume
+from ..anatomy.structures import Structure
 from . import initialise
 from .bodyvolume import body_volume, crop_camera, mask_box, tissue_volume
 from .optimize import PoseSpace, cma_search, gradient_refine
@@ -365,7 +365,7 @@ def mtre_mm(points_lps: np.ndarray, true_pose: np.ndarray, estimate: np.ndarray)
 
 def mean_projection_distance_px(camera: Camera, points_lps: np.ndarray, true_pose, estimate) -> float:
     """Mean distance (detector pixels) between the points projected with both poses."""
-    from ..geometry import project
+    from ..projection.geometry import project
 
     return float(np.linalg.norm(project(camera, true_pose, points_lps) - project(camera, estimate, points_lps),
                                 axis=1).mean())
@@ -398,7 +398,7 @@ class _Volumes:
 
     def renderer(self, structures, camera: Camera):
         """Renderer of the bone-only volume of ``structures`` (None: the tissue volume)."""
-        from ..rendering import DRRRenderer
+        from ..projection.rendering import DRRRenderer
 
         key = TISSUE if structures is None else tuple(sorted(st.label for st in structures))
         if key not in self._vols:
@@ -468,7 +468,7 @@ def register(ct: Volume, labels: LabelMap, pixels: np.ndarray, camera: Camera, b
     (a joint or part body: from its parent's) unless ``initial_poses`` names them.
     ``true_poses`` (body name -> pose, e.g. from a simulated radiograph's sidecar) adds
     ``mtre_mm``. ``progress(event, **info)`` is called per step."""
-    from ..rendering import default_view
+    from ..projection.rendering import default_view
 
     s = settings or RegistrationSettings()
     if tuple(np.shape(pixels)) != (camera.rows, camera.cols):
@@ -546,7 +546,7 @@ def register(ct: Volume, labels: LabelMap, pixels: np.ndarray, camera: Camera, b
             with torch.no_grad():
                 drr = (moving_drr(v.camera, space.matrices(torch.zeros(1, 6, dtype=torch.float64)), search_tissue)
                        + v.background)[0]
-            from ..geometry import project
+            from ..projection.geometry import project
 
             c_rc = project(v.camera, start, space.centre_lps[None])[0]
             ang, dr, dc, val = initialise.inplane_search(v.fixed, drr, v.mask, sim, (float(c_rc[0]), float(c_rc[1])))
@@ -659,7 +659,7 @@ def inplane_radius_mm(labels: LabelMap, body: Body, pose: np.ndarray) -> float:
 def blur_batch(img: torch.Tensor, sigma_px: tuple[float, float]) -> torch.Tensor:
     """Gaussian blur (separable, edges replicated, differentiable) of (B, H, W) images with
     sigma (rows, cols) in pixels; unchanged when both are below 0.05 px."""
-    from ..simulate import separable_gaussian
+    from ..projection.simulate import separable_gaussian
 
     if max(sigma_px) < 0.05:
         return img

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from MSKdeXLib import sample_data
+from MSKdeXLib.io import sample_data
 
 
 @pytest.fixture(scope="module")

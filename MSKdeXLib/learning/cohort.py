@@ -1,0 +1,682 @@
+"""Virtual cohort: many virtual subjects with known truth from one real CT + labels.
+
+Each subject is the real CT with anatomy changes applied on the CT arrays (HU and labels, both
+on the CT grid, LPS mm), then imaged with a changed pose and acquisition:
+
+* per-muscle **atrophy** (boundary muscle voxels become fat, ~ -100 HU, label 0) or
+  **hypertrophy** (unlabelled fat voxels next to the muscle become muscle): a body-wide change
+  shared by all muscles of the subject (``body_change``: sarcopenic to muscular subjects, as
+  muscle sizes within one person are strongly correlated) plus an independent per-muscle part;
+* per-muscle **fat infiltration** (HU inside the muscle lowered to fat: lean mass drops, volume
+  stays);
+* **subcutaneous fat** thicker (air at the body surface becomes fat) or thinner (surface fat
+  becomes air);
+* a smooth **elastic deformation** (random low-frequency displacement field; CT linear, labels
+  nearest);
+* a **pose** change (rotation deg about the LPS axes through the isocentre, translation mm);
+* **acquisition** changes (energy, noise, scatter, contrast) of the simulated radiograph.
+
+Subject ``i`` depends only on (seed, i): its random generator is ``default_rng([seed, i])``.
+The truth (metrics.json) is computed from the modified CT + labels; the target channels are
+rendered at the radiograph's true pose, so they are pixel-aligned with it (paired).
+
+Subject folder (``subject-0007/``)::
+
+    xray.dcm + xray.json        DICOM DX radiograph + sidecar (true pose, camera, settings)
+    metrics.json                CT-derived metrics, ``mskdex metrics --json`` format
+    targets.safetensors         mass (K, rows, cols) g/pixel, volume (K, rows, cols) cm^3/pixel
+    subject.json                parameters of the subject (the changes), camera, pose, structures
+    ct.nii.gz, labels.nii.gz    modified CT and labels (only with keep_ct)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from scipy import ndimage
+
+from ..anatomy.density import DensityModel
+from ..errors import UserError
+from ..projection.geometry import Camera, ap_pose, perturbed_pose, project
+from ..io.images import Volume
+from ..io.volumes import LabelMap
+from ..anatomy.structures import Structure
+
+COHORT_FORMAT = "mskdex-cohort/1"
+SUBJECT_FORMAT = "mskdex-virtual-subject/1"
+FAT_HU = -100.0
+AIR_HU = -1000.0
+FAT_RANGE_HU = (-190.0, -30.0)
+MAX_TOTAL_ATROPHY = 0.6       # a muscle keeps at least 40 % of its voxels
+MAX_TOTAL_HYPERTROPHY = 0.5
+
+
+# ------------------------------------------------------------------------------------------------
+# Parameters
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class CohortRanges:
+    """How strongly subjects vary. Fractions are of the muscle's voxels; mm, deg, HU."""
+
+    # body-wide change (fraction of voxels) shared by every muscle of a subject, U(lo, hi)
+    body_change: tuple[float, float] = (-0.25, 0.15)
+    change_probability: float = 0.8         # chance that a muscle gets its own extra change
+    max_atrophy: float = 0.15               # per-muscle extra: up to 15 % of voxels become fat
+    max_hypertrophy: float = 0.15           # per-muscle extra: up to +15 % (limited by nearby fat)
+    # the total change of a muscle is kept in [-MAX_TOTAL_ATROPHY, MAX_TOTAL_HYPERTROPHY]
+    infiltration_probability: float = 0.5
+    max_infiltration: float = 0.20          # up to 20 % of lean voxels become fatty
+    subcutaneous_fat_mm: float = 9.0        # thickness change in [-x, +x] mm
+    elastic_mm: float = 3.0                 # std of the control-point displacements, mm
+    elastic_control_mm: float = 80.0        # control-point spacing, mm (low frequency)
+    rotation_deg: float = 5.0               # uniform in [-x, x] about each LPS axis
+    translation_mm: float = 10.0            # uniform in [-x, x] along each LPS axis
+    energy_kvp: tuple[float, float] = (70.0, 90.0)
+    # relative noise at the median signal, scatter fraction, detector gamma: moderate ranges (a
+    # scatter fraction of 0.3 or noise of 1 % already hide most bone contrast at these pixel sizes)
+    noise: tuple[float, float] = (0.002, 0.008)
+    scatter: tuple[float, float] = (0.02, 0.15)
+    contrast: tuple[float, float] = (0.9, 1.1)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+
+
+@dataclass
+class SubjectSpec:
+    """All random choices of one subject (JSON-ready), drawn by :func:`sample_subject`."""
+
+    index: int
+    seed: int
+    muscle_changes: dict[str, float] = field(default_factory=dict)    # +grow / -shrink fraction (total)
+    body_change: float = 0.0                                          # its body-wide part
+    infiltration: dict[str, float] = field(default_factory=dict)      # fraction of lean voxels
+    subcutaneous_fat_mm: float = 0.0
+    elastic_mm: float = 0.0
+    elastic_control_mm: float = 80.0
+    rotation_deg: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    translation_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    acquisition: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"subject-{self.index:04d}"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["rotation_deg"], d["translation_mm"] = list(self.rotation_deg), list(self.translation_mm)
+        return d
+
+
+def subject_rng(seed: int, index: int, stream: int = 0) -> np.random.Generator:
+    """The random generator of subject ``index``: depends only on (seed, index, stream)."""
+    return np.random.default_rng([int(seed), int(index), int(stream)])
+
+
+def sample_subject(seed: int, index: int, muscles: list[str], ranges: CohortRanges = CohortRanges()
+                   ) -> SubjectSpec:
+    """Draw subject ``index``'s parameters (deterministic in seed and index). A muscle's change
+    is the subject's body-wide change plus, with ``change_probability``, its own extra change
+    (2/3 atrophy, 1/3 hypertrophy), clipped to [-MAX_TOTAL_ATROPHY, MAX_TOTAL_HYPERTROPHY]."""
+    rng = subject_rng(seed, index, 0)
+    lo, hi = (float(v) for v in ranges.body_change)
+    body = float(subject_rng(seed, index, 3).uniform(lo, hi)) if hi > lo else lo
+    changes, infil = {}, {}
+    for name in muscles:
+        u = rng.random()
+        extra = 0.0
+        if u < ranges.change_probability:
+            # 2/3 atrophy, 1/3 hypertrophy (ageing cohorts lose muscle more often than gain)
+            if rng.random() < 2.0 / 3.0:
+                extra = -float(rng.uniform(min(0.03, ranges.max_atrophy), ranges.max_atrophy))
+            else:
+                extra = float(rng.uniform(min(0.03, ranges.max_hypertrophy), ranges.max_hypertrophy))
+        total = min(max(body + extra, -MAX_TOTAL_ATROPHY), MAX_TOTAL_HYPERTROPHY)
+        if abs(total) > 1e-9:
+            changes[name] = total
+        if rng.random() < ranges.infiltration_probability:
+            infil[name] = float(rng.uniform(0.02, ranges.max_infiltration))
+    lo_hi = lambda r: float(rng.uniform(*r))  # noqa: E731
+    return SubjectSpec(
+        index=int(index), seed=int(seed), muscle_changes=changes, body_change=body, infiltration=infil,
+        subcutaneous_fat_mm=float(rng.uniform(-1, 1) * ranges.subcutaneous_fat_mm),
+        elastic_mm=float(ranges.elastic_mm), elastic_control_mm=float(ranges.elastic_control_mm),
+        rotation_deg=tuple(float(v) for v in rng.uniform(-1, 1, 3) * ranges.rotation_deg),
+        translation_mm=tuple(float(v) for v in rng.uniform(-1, 1, 3) * ranges.translation_mm),
+        acquisition={"energy_kvp": lo_hi(ranges.energy_kvp), "noise": lo_hi(ranges.noise),
+                     "scatter": lo_hi(ranges.scatter), "contrast": lo_hi(ranges.contrast)},
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Anatomy changes on arrays (in place; arrays indexed [k, j, i]; spacing (i, j, k) mm)
+# ------------------------------------------------------------------------------------------------
+def _smooth_noise(shape, rng: np.random.Generator, sigma_vox: float = 2.0) -> np.ndarray:
+    """A smooth random field with unit std (for irregular, blob-like change fronts)."""
+    f = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma_vox)
+    s = float(f.std())
+    return f / s if s > 0 else f
+
+
+def _crop_box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
+    idx = np.nonzero(mask)
+    return tuple(slice(max(0, int(a.min()) - margin), min(n, int(a.max()) + margin + 1))
+                 for a, n in zip(idx, mask.shape))
+
+
+def _zyx(spacing_ijk) -> tuple[float, float, float]:
+    return tuple(float(s) for s in reversed(tuple(spacing_ijk)))  # type: ignore[return-value]
+
+
+def atrophy(hu: np.ndarray, labels: np.ndarray, label: int, fraction: float, spacing_ijk,
+            rng: np.random.Generator, fat_hu: float = FAT_HU) -> int:
+    """Replace ``fraction`` of muscle ``label``'s voxels, from its boundary inwards, by fat.
+
+    The removed voxels get HU ~ ``fat_hu`` (+- 10) and label 0. Returns the number removed.
+    """
+    mask = labels == label
+    n = int(mask.sum())
+    target = int(round(min(max(fraction, 0.0), 0.95) * n))
+    if target == 0:
+        return 0
+    box = _crop_box(mask, 2)
+    m = mask[box]
+    depth = ndimage.distance_transform_edt(m, sampling=_zyx(spacing_ijk))
+    score = depth + float(min(spacing_ijk)) * 0.7 * _smooth_noise(m.shape, rng)
+    score[~m] = np.inf
+    flat = np.argpartition(score.ravel(), target - 1)[:target]
+    sel = np.zeros(m.size, dtype=bool)
+    sel[flat] = True
+    sel = sel.reshape(m.shape)
+    hu_box, lab_box = hu[box], labels[box]
+    hu_box[sel] = fat_hu + rng.normal(0.0, 10.0, int(sel.sum()))
+    lab_box[sel] = 0
+    return int(sel.sum())
+
+
+def hypertrophy(hu: np.ndarray, labels: np.ndarray, label: int, fraction: float, spacing_ijk,
+                rng: np.random.Generator, max_distance_mm: float = 12.0,
+                fat_range_hu: tuple[float, float] = FAT_RANGE_HU) -> int:
+    """Grow muscle ``label`` by ``fraction`` of its voxels into unlabelled fat next to it.
+
+    Grown voxels take HU values drawn from the muscle's own lean voxels and the muscle's label.
+    Growth is limited to fat within ``max_distance_mm``; returns the number of voxels grown.
+    """
+    mask = labels == label
+    n = int(mask.sum())
+    target = int(round(max(fraction, 0.0) * n))
+    if target == 0:
+        return 0
+    margin = int(np.ceil(max_distance_mm / min(spacing_ijk))) + 1
+    box = _crop_box(mask, margin)
+    m, hu_box, lab_box = mask[box], hu[box], labels[box]
+    dist = ndimage.distance_transform_edt(~m, sampling=_zyx(spacing_ijk))
+    cand = (lab_box == 0) & (hu_box >= fat_range_hu[0]) & (hu_box <= fat_range_hu[1]) & \
+        (dist <= max_distance_mm)
+    n_cand = int(cand.sum())
+    if n_cand == 0:
+        return 0
+    target = min(target, n_cand)
+    score = dist + float(min(spacing_ijk)) * 0.7 * _smooth_noise(m.shape, rng)
+    score[~cand] = np.inf
+    flat = np.argpartition(score.ravel(), target - 1)[:target]
+    sel = np.zeros(m.size, dtype=bool)
+    sel[flat] = True
+    sel = sel.reshape(m.shape)
+    source = hu_box[m]
+    lean = source[(source >= -29) & (source <= 150)]
+    pool = lean if lean.size else np.array([40.0])
+    hu_box[sel] = rng.choice(pool, int(sel.sum()))
+    lab_box[sel] = label
+    return int(sel.sum())
+
+
+def fat_infiltration(hu: np.ndarray, labels: np.ndarray, label: int, fraction: float,
+                     rng: np.random.Generator, fat_hu: tuple[float, float] = (-110.0, -40.0)) -> int:
+    """Lower the HU of ``fraction`` of muscle ``label``'s voxels (smooth blobs) to fat values.
+
+    Labels are unchanged (volume stays), lean mass drops. Returns the number of voxels changed.
+    """
+    mask = labels == label
+    n = int(mask.sum())
+    target = int(round(min(max(fraction, 0.0), 0.9) * n))
+    if target == 0:
+        return 0
+    box = _crop_box(mask, 0)
+    m = mask[box]
+    score = -_smooth_noise(m.shape, rng, 1.5)
+    score[~m] = np.inf
+    flat = np.argpartition(score.ravel(), target - 1)[:target]
+    sel = np.zeros(m.size, dtype=bool)
+    sel[flat] = True
+    sel = sel.reshape(m.shape)
+    hu[box][sel] = rng.uniform(fat_hu[0], fat_hu[1], int(sel.sum()))
+    return int(sel.sum())
+
+
+def body_mask(hu: np.ndarray, threshold_hu: float = -400.0) -> np.ndarray:
+    """The patient's body: largest component above ``threshold_hu``, holes filled per slice."""
+    body = hu > threshold_hu
+    lab, n = ndimage.label(body)
+    if n == 0:
+        return body
+    sizes = np.bincount(lab.ravel())
+    sizes[0] = 0
+    body = lab == int(np.argmax(sizes))
+    for k in range(body.shape[0]):
+        body[k] = ndimage.binary_fill_holes(body[k])
+    return body
+
+
+def subcutaneous_fat(hu: np.ndarray, labels: np.ndarray, change_mm: float, spacing_ijk,
+                     rng: np.random.Generator, fat_range_hu: tuple[float, float] = FAT_RANGE_HU) -> int:
+    """Thicken (``change_mm`` > 0: air at the skin becomes fat) or thin (< 0: unlabelled fat at
+    the surface becomes air) the subcutaneous fat by about ``|change_mm|``. Returns voxels changed.
+
+    Only unlabelled voxels change, so structure truths are untouched; the change is in-plane
+    (per axial slice), as fat thickness is.
+    """
+    if abs(change_mm) < 1e-6:
+        return 0
+    body = body_mask(hu)
+    sampling = (1e6, *_zyx(spacing_ijk)[1:])  # in-plane distances only
+    half = 0.5 * min(spacing_ijk[:2])  # distance from the voxel centre to the body's edge
+    if change_mm > 0:
+        dist = ndimage.distance_transform_edt(~body, sampling=sampling) - half
+        sel = (~body) & (dist <= change_mm) & (labels == 0)
+        hu[sel] = FAT_HU + rng.normal(0.0, 10.0, int(sel.sum()))
+    else:
+        dist = ndimage.distance_transform_edt(body, sampling=sampling) - half
+        sel = body & (dist <= -change_mm) & (labels == 0) & (hu >= fat_range_hu[0]) & \
+            (hu <= fat_range_hu[1])
+        hu[sel] = AIR_HU
+    return int(sel.sum())
+
+
+def elastic_deform(hu: np.ndarray, labels: np.ndarray, spacing_ijk, amplitude_mm: float,
+                   control_mm: float, rng: np.random.Generator
+                   ) -> tuple[np.ndarray, np.ndarray, float]:
+    """Warp CT (linear) and labels (nearest) with a smooth random displacement field.
+
+    Displacements (mm) are drawn N(0, amplitude_mm) on a coarse control grid of spacing
+    ``control_mm`` and interpolated (cubic) to every voxel. Returns (hu, labels, max |d| mm).
+    """
+    shape = hu.shape
+    zyx = np.array(_zyx(spacing_ijk))
+    if amplitude_mm <= 0:
+        return hu, labels, 0.0
+    extent = np.array(shape) * zyx
+    ctrl = [max(3, int(np.ceil(e / control_mm)) + 1) for e in extent]
+    disp_vox = []
+    for axis in range(3):
+        coarse = rng.normal(0.0, amplitude_mm, ctrl).astype(np.float32)
+        fine = ndimage.zoom(coarse, [s / c for s, c in zip(shape, ctrl)], order=3, mode="nearest",
+                            grid_mode=True)
+        fine = fine[:shape[0], :shape[1], :shape[2]]
+        disp_vox.append(fine / zyx[axis])
+    grid = np.indices(shape, dtype=np.float32)
+    coords = [g + d for g, d in zip(grid, disp_vox)]
+    del grid
+    # outside the grid: the edge values (the CT's field of view stays filled)
+    warped_hu = ndimage.map_coordinates(hu.astype(np.float32), coords, order=1,
+                                        mode="nearest").astype(hu.dtype)
+    warped_lab = ndimage.map_coordinates(labels, coords, order=0, mode="nearest")
+    mag = np.sqrt(sum((d * s) ** 2 for d, s in zip(disp_vox, zyx)))
+    return warped_hu, warped_lab.astype(labels.dtype), float(mag.max())
+
+
+def relabel(ct: Volume, labels: LabelMap, array: np.ndarray) -> LabelMap:
+    """A single-layer LabelMap of ``array`` (values = table labels) on ``ct``'s grid."""
+    present = [int(v) for v in np.unique(array) if v != 0 and int(v) in labels.table]
+    grid = ct.with_array(array)
+    return LabelMap(grid, [array], labels.table, {v: (0, v) for v in present}, labels.match,
+                    dict(labels.notes))
+
+
+def modify_anatomy(ct: Volume, labels: LabelMap, spec: SubjectSpec) -> tuple[Volume, LabelMap, dict]:
+    """Apply ``spec``'s anatomy changes; returns (ct', labels', applied summary)."""
+    rng = subject_rng(spec.seed, spec.index, 1)
+    hu = ct.array.astype(np.float32, copy=True)
+    lab = labels.label_array().astype(np.int32)
+    hu, lab, max_disp = elastic_deform(hu, lab, ct.spacing, spec.elastic_mm, spec.elastic_control_mm, rng)
+    applied: dict[str, Any] = {"elastic_max_displacement_mm": max_disp, "muscles": {}}
+    for name, frac in sorted(spec.muscle_changes.items()):
+        s = labels.table.by_name(name)
+        n0 = int((lab == s.label).sum())
+        if frac < 0:
+            changed = -atrophy(hu, lab, s.label, -frac, ct.spacing, rng)
+        else:
+            changed = hypertrophy(hu, lab, s.label, frac, ct.spacing, rng)
+        applied["muscles"].setdefault(name, {})["voxels_changed"] = changed
+        applied["muscles"][name]["voxels_before"] = n0
+    for name, frac in sorted(spec.infiltration.items()):
+        s = labels.table.by_name(name)
+        applied["muscles"].setdefault(name, {})["voxels_infiltrated"] = \
+            fat_infiltration(hu, lab, s.label, frac, rng)
+    applied["subcutaneous_voxels_changed"] = subcutaneous_fat(hu, lab, spec.subcutaneous_fat_mm,
+                                                              ct.spacing, rng)
+    new_ct = ct.with_array(hu.astype(ct.array.dtype, copy=False))
+    return new_ct, relabel(new_ct, labels, lab), applied
+
+
+# ------------------------------------------------------------------------------------------------
+# CT preparation, camera, pose
+# ------------------------------------------------------------------------------------------------
+def resample_case(ct: Volume, labels: LabelMap, voxel_mm: float) -> tuple[Volume, LabelMap]:
+    """CT (linear) and labels (nearest) resampled to isotropic ``voxel_mm`` over the same extent."""
+    import SimpleITK as sitk
+
+    img = ct.to_sitk()
+    size = [max(2, int(round(n * s / voxel_mm))) for n, s in zip(ct.size, ct.spacing)]
+    # keep the outer edges of the grid where they were
+    first_edge = np.array(ct.origin) - ct.direction @ (0.5 * np.array(ct.spacing))
+    origin = first_edge + ct.direction @ (0.5 * np.full(3, voxel_mm))
+    ref = sitk.Image(size, sitk.sitkFloat32)
+    ref.SetSpacing([voxel_mm] * 3)
+    ref.SetOrigin(tuple(origin))
+    ref.SetDirection(tuple(ct.direction.ravel()))
+    new_ct = Volume.from_sitk(sitk.Resample(img, ref, sitk.Transform(), sitk.sitkLinear, AIR_HU,
+                                            sitk.sitkFloat32), source=ct.source, metadata=ct.metadata)
+    lab_img = Volume(labels.label_array(), ct.spacing, ct.origin, ct.direction).to_sitk()
+    lab = sitk.GetArrayFromImage(sitk.Resample(lab_img, ref, sitk.Transform(), sitk.sitkNearestNeighbor,
+                                               0, lab_img.GetPixelID())).astype(np.int32)
+    out = relabel(new_ct, labels, lab)
+    out.notes["resampled_voxel_mm"] = voxel_mm
+    return new_ct, out
+
+
+def bone_centre(ct: Volume, labels: LabelMap) -> np.ndarray:
+    """LPS centre (mm) of the bounding box of the labelled bones (all labels when none)."""
+    bones = labels.select(kinds=["bone"]) or labels.structures
+    m = np.zeros(ct.array.shape, dtype=bool)
+    for s in bones:
+        m |= labels.mask(s)
+    k, j, i = np.nonzero(m)
+    lo, hi = np.array([i.min(), j.min(), k.min()]), np.array([i.max(), j.max(), k.max()])
+    return (ct.index_to_lps() @ np.r_[(lo + hi) / 2.0, 1.0])[:3]
+
+
+def base_view(ct: Volume, labels: LabelMap, camera: Camera) -> np.ndarray:
+    """The default AP view (renderer's ``default_view`` when available, else ``ap_pose``)."""
+    try:
+        from ..projection.rendering import default_view
+    except ImportError:
+        return ap_pose(bone_centre(ct, labels), camera)
+    return np.asarray(default_view(ct, labels, camera), dtype=np.float64)
+
+
+def fit_camera(ct: Volume, labels: LabelMap, rows: int, cols: int, sid_mm: float = 1000.0,
+               margin: float = 0.25) -> Camera:
+    """A camera of ``rows x cols`` square pixels whose field of view holds every labelled voxel
+    at the default view, with ``margin`` extra (room for pose changes and deformation)."""
+    cam0 = Camera(rows, cols, 1.0, 1.0, sid_mm)
+    pose = base_view(ct, labels, cam0)
+    m = labels.label_array() > 0
+    step = max(1, int(round(m.sum() ** (1 / 3) / 40)))
+    pts = _subsampled_centres(ct, m, step)
+    rc = project(cam0, pose, pts)
+    c = np.array(cam0.principal_point[::-1])
+    half = np.abs(rc - c).max(axis=0) + 2.0  # (rows, cols) in 1 mm pixels
+    spacing = float(max(2 * half[0] / rows, 2 * half[1] / cols) * (1.0 + margin))
+    return Camera(rows, cols, round(spacing, 4), round(spacing, 4), sid_mm)
+
+
+def _subsampled_centres(ct: Volume, mask: np.ndarray, step: int) -> np.ndarray:
+    k, j, i = np.nonzero(mask[::step, ::step, ::step])
+    ijk1 = np.stack([i * step, j * step, k * step, np.ones_like(i)]).astype(np.float64)
+    return (ct.index_to_lps() @ ijk1)[:3].T
+
+
+def subject_pose(base: np.ndarray, spec: SubjectSpec, centre_lps: np.ndarray) -> np.ndarray:
+    """The subject's true pose: ``base`` rotated/translated by the spec (CT frame, mm/deg)."""
+    return perturbed_pose(base, spec.rotation_deg, spec.translation_mm, centre_lps)
+
+
+# ------------------------------------------------------------------------------------------------
+# Truth: metrics and target channels
+# ------------------------------------------------------------------------------------------------
+def metrics_document(ct: Volume, labels: LabelMap, structures: list[Structure],
+                     density: DensityModel) -> dict:
+    """Metrics of ``structures`` in the ``mskdex metrics --json`` format."""
+    from ..anatomy.ct_metrics import structure_metrics
+
+    rows = [m.to_dict() for m in structure_metrics(ct, labels, structures, density)]
+    return {"structures": rows,
+            "settings": {"density": density.to_dict(), "table": labels.table.name,
+                         "table_detection": None, "labels": labels.notes},
+            "ct": ct.grid_description()}
+
+
+def render_channels(ct: Volume, labels: LabelMap, structures: list[Structure], camera: Camera,
+                    pose: np.ndarray, density: DensityModel) -> dict[str, np.ndarray]:
+    """Mass (g/pixel) and volume (cm^3/pixel) channels (K, rows, cols) at ``pose``."""
+    import torch
+
+    from ..projection.rendering import DRRRenderer
+
+    r = DRRRenderer(ct, camera, labels=labels, structures=structures, density=density, device="cpu")
+    p = torch.as_tensor(pose, dtype=torch.float64)
+    with torch.no_grad():
+        res = r.render_channels(p, ("mass", "volume"))
+    out = {q: res.images[q][0].detach().cpu().numpy().astype(np.float32) for q in ("mass", "volume")}
+    out["inside"] = res.inside[0].cpu().numpy().astype(np.uint8)  # 1: sums exact (whole structure seen)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# One subject, end to end
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class CohortConfig:
+    """Everything shared by the subjects of one cohort (JSON-ready)."""
+
+    ct: str
+    labels: str
+    table: str | None = None
+    seed: int = 0
+    rows: int = 256
+    cols: int = 256
+    sid_mm: float = 1000.0
+    voxel_mm: float | None = None          # resample the CT first (isotropic), e.g. for big CTs
+    keep_ct: bool = False
+    kinds: tuple[str, ...] = ("muscle", "bone")
+    density: dict = field(default_factory=lambda: DensityModel().to_dict())
+    ranges: dict = field(default_factory=lambda: CohortRanges().to_dict())
+    camera: dict | None = None             # filled by prepare()
+
+    def density_model(self) -> DensityModel:
+        d = self.density
+        return DensityModel(d["intercept_g_cm3"], d["slope_g_cm3_per_hu"], d["min_density_g_cm3"],
+                            tuple(d["lean_window_hu"]))
+
+    def cohort_ranges(self) -> CohortRanges:
+        r = dict(self.ranges)
+        for k in ("body_change", "energy_kvp", "noise", "scatter", "contrast"):
+            if k in r:
+                r[k] = tuple(r[k])
+        return CohortRanges(**r)
+
+
+_CASE_CACHE: dict[str, Any] = {}
+
+
+def load_source(config: CohortConfig) -> tuple[Volume, LabelMap]:
+    """The source CT + labels of the cohort (resampled when asked), cached per process."""
+    key = json.dumps([config.ct, config.labels, config.table, config.voxel_mm])
+    if key not in _CASE_CACHE:
+        from ..io.volumes import load_ct, load_labels
+
+        ct = load_ct(config.ct)
+        labels = load_labels(config.labels, ct, config.table)
+        if config.voxel_mm:
+            ct, labels = resample_case(ct, labels, float(config.voxel_mm))
+        _CASE_CACHE.clear()
+        _CASE_CACHE[key] = (ct, labels)
+    return _CASE_CACHE[key]
+
+
+def acquisition_settings(spec: SubjectSpec):
+    """The subject's :class:`~MSKdeXLib.projection.simulate.SimulationSettings` (kVp, noise, scatter, gamma)."""
+    from ..projection.simulate import SimulationSettings
+
+    a = spec.acquisition
+    return SimulationSettings(kvp=a["energy_kvp"], noise_level=a["noise"], scatter_fraction=a["scatter"],
+                              gamma=a["contrast"])
+
+
+def make_subject(config: CohortConfig, index: int, out_dir: Path, force: bool = False) -> dict:
+    """Build subject ``index`` into ``out_dir / subject-XXXX``; returns its cohort entry."""
+    from ..io.outputs import prepare_out_dir, write_json, write_volume
+
+    t0 = time.time()
+    ct0, labels0 = load_source(config)
+    density = config.density_model()
+    structures0 = labels0.select(kinds=list(config.kinds))
+    muscles = [s.name for s in structures0 if s.kind == "muscle"]
+    spec = sample_subject(config.seed, index, muscles, config.cohort_ranges())
+    folder = prepare_out_dir(Path(out_dir) / spec.name, force)
+    ct, labels, applied = modify_anatomy(ct0, labels0, spec)
+    structures = [s for s in structures0 if s.label in labels.entries]
+    camera = Camera.from_dict(config.camera) if config.camera else \
+        fit_camera(ct0, labels0, config.rows, config.cols, config.sid_mm)
+    base = base_view(ct0, labels0, camera)
+    pose = subject_pose(base, spec, bone_centre(ct0, labels0))
+
+    metrics = metrics_document(ct, labels, structures, density)
+    metrics["settings"]["virtual_subject"] = {"seed": spec.seed, "index": spec.index}
+    write_json(folder / "metrics.json", metrics, force)
+
+    channels = render_channels(ct, labels, structures, camera, pose, density)
+    outside = [s.name for s, ok in zip(structures, channels["inside"]) if not ok]
+    from safetensors.numpy import save_file
+
+    meta = {"format": "mskdex-targets/1", "structures": json.dumps([s.name for s in structures]),
+            "units": json.dumps({"mass": "g/pixel", "volume": "cm3/pixel"}),
+            "camera": json.dumps(camera.to_dict()), "ct_to_camera": json.dumps(pose.tolist())}
+    from ..io.outputs import atomic_path
+
+    with atomic_path(folder / "targets.safetensors", force) as tmp:
+        save_file(channels, str(tmp), metadata=meta)
+
+    xray_info = write_radiograph(ct, labels, camera, pose, spec, folder, force)
+
+    if config.keep_ct:
+        write_volume(folder / "ct.nii.gz", ct, force)
+        write_volume(folder / "labels.nii.gz", labels.grid.with_array(labels.layers[0]), force)
+    doc = {"format": SUBJECT_FORMAT, "name": spec.name, "kind": "virtual", "spec": spec.to_dict(),
+           "applied": applied, "camera": camera.to_dict(), "ct_to_camera": pose.tolist(),
+           "structures": [s.to_dict() for s in structures], "table": labels.table.name,
+           "outside_detector": outside,
+           "density": density.to_dict(), "source": {"ct": config.ct, "labels": config.labels,
+                                                     "voxel_mm": config.voxel_mm},
+           "files": {"radiograph": xray_info["file"], "sidecar": xray_info.get("sidecar"),
+                     "metrics": "metrics.json", "targets": "targets.safetensors",
+                     **({"ct": "ct.nii.gz", "labels": "labels.nii.gz"} if config.keep_ct else {})},
+           "seconds": None}
+    doc["seconds"] = round(time.time() - t0, 3)
+    write_json(folder / "subject.json", doc, force)
+    return {"name": spec.name, "index": index, "folder": spec.name, "seconds": doc["seconds"]}
+
+
+def write_radiograph(ct: Volume, labels: LabelMap, camera: Camera, pose: np.ndarray, spec: SubjectSpec,
+                     folder: Path, force: bool = False) -> dict:
+    """Simulate the subject's radiograph at ``pose``; write DICOM DX + sidecar (true pose)."""
+    from ..projection.simulate import simulate_radiograph, write_dicom_dx
+
+    settings = acquisition_settings(spec)
+    seed = int(subject_rng(spec.seed, spec.index, 2).integers(0, 2**31 - 1))
+    rad = simulate_radiograph(ct, camera, pose, settings, seed, labels=labels)
+    dcm, side = write_dicom_dx(folder / "xray.dcm", rad, camera, pose, settings, seed, force,
+                               extra={"virtual_subject": {"cohort_seed": spec.seed, "index": spec.index}})
+    return {"file": dcm.name, "sidecar": side.name}
+
+
+# ------------------------------------------------------------------------------------------------
+# The cohort
+# ------------------------------------------------------------------------------------------------
+def prepare(config: CohortConfig) -> CohortConfig:
+    """Fill in the shared camera (fitted once on the source CT) so all subjects agree."""
+    if config.camera is None:
+        ct, labels = load_source(config)
+        config.camera = fit_camera(ct, labels, config.rows, config.cols, config.sid_mm).to_dict()
+    return config
+
+
+def _worker_init(threads: int = 1) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+
+
+def _worker_job(payload: tuple[dict, int, str, bool]) -> dict:
+    cfg, index, out, force = payload
+    return make_subject(CohortConfig(**cfg), index, Path(out), force)
+
+
+def build_cohort(config: CohortConfig, n: int, out_dir: str | Path, workers: int = 1,
+                 force: bool = False, on_subject: Callable[[dict], None] | None = None,
+                 start: int = 0) -> dict:
+    """Build subjects ``start .. start+n-1`` into ``out_dir`` (in parallel with ``workers``
+    spawn processes; one torch thread per subject in either mode, so that a subject is
+    bit-identical however it was built) and write ``out_dir/cohort.json``."""
+    from ..io.outputs import prepare_out_dir, write_json
+
+    if n < 1:
+        raise UserError(f"--n must be at least 1, got {n}")
+    out = Path(out_dir)
+    prepare(config)
+    cfg = asdict(config)
+    cfg["kinds"] = list(config.kinds)
+    indices = list(range(start, start + n))
+    # extending a cohort (--start) is fine; clashing subjects or other settings need force
+    old: list[dict] = []
+    if (out / "cohort.json").exists():
+        prev = json.loads((out / "cohort.json").read_text())
+        if prev.get("config") != json.loads(json.dumps(cfg)) and not force:
+            raise UserError("this folder holds a cohort made with other settings; pass --force "
+                            "to overwrite it", out)
+        old = [e for e in prev.get("subjects", []) if e["index"] not in indices] \
+            if prev.get("config") == json.loads(json.dumps(cfg)) else []
+    clash = [i for i in indices if (out / SubjectSpec(i, 0).name).exists()]
+    if clash and not force:
+        raise UserError(f"{SubjectSpec(clash[0], 0).name} exists; pass --force to overwrite", out)
+    prepare_out_dir(out, force=True)
+    entries = []
+    t0 = time.time()
+    if workers <= 1:
+        # one torch thread, as in the workers: parallel float reductions sum in an order that
+        # depends on the thread count, and a subject must depend only on (seed, index)
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for i in indices:
+                e = make_subject(config, i, out, force)
+                entries.append(e)
+                if on_subject:
+                    on_subject(e)
+        finally:
+            torch.set_num_threads(threads)
+    else:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        with ctx.Pool(workers, initializer=_worker_init, initargs=(1,)) as pool:
+            for e in pool.imap_unordered(_worker_job, [(cfg, i, str(out), force) for i in indices]):
+                entries.append(e)
+                if on_subject:
+                    on_subject(e)
+    entries = sorted(old + entries, key=lambda e: e["index"])
+    doc = {"format": COHORT_FORMAT, "config": cfg, "subjects": entries,
+           "seconds": round(time.time() - t0, 3)}
+    write_json(out / "cohort.json", doc, force=True)
+    return doc
