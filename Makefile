@@ -1,8 +1,12 @@
 # Two commands do everything (see README.md):
-#   make demo   set up, then run the end-to-end demo on a built-in real CT
+#   make demo   set up, then run the end-to-end demo on a built-in real CT -> work/demo/report.md
 #   make test   set up, then run the test suite
+# make demo replaces the previous make demo's folder: DEMO_OUT=DIR writes elsewhere,
+# DEMO_FORCE= (empty) refuses to overwrite an existing folder.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+DEMO_OUT ?= work/demo
+DEMO_FORCE ?= --force
 
 .PHONY: setup test demo clean
 
@@ -19,7 +23,7 @@ test: setup
 	$(PY) -m pytest -q
 
 demo: setup
-	$(VENV)/bin/mskdex demo --out demo_out
+	$(VENV)/bin/mskdex demo --out $(DEMO_OUT) $(DEMO_FORCE)
 
 clean:
-	rm -rf $(VENV) demo_out
+	rm -rf $(VENV) $(DEMO_OUT)

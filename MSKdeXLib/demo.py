@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import UserError
+from .reproducibility import deterministic_torch, record as reproducibility_record
 
 
 def demo_ranges() -> dict:
@@ -141,17 +142,34 @@ def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), force: bo
 
     s = settings
     out = prepare_out_dir(out, force)
+    if force:
+        clear_previous_demo(out)
     times: dict[str, float] = {}
     t_start = time.time()
-    # One torch thread: the demo's networks are small, and on a busy 2-core machine torch's
-    # thread pool spin-waits (measured 30x slower with 2 threads under load). The cohort uses
-    # processes (``workers``) for parallelism instead.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    # One torch thread and deterministic algorithms (reproducibility.deterministic_torch): the
+    # numbers must not depend on the machine's cores or load (a busy 2-core machine also makes
+    # torch's thread pool spin-wait: measured 30x slower with 2 threads). The cohort uses
+    # processes (``workers``) for speed; each subject is the same however many there are.
+    with deterministic_torch():
         return _run(out, s, times, t_start, log, progress)
-    finally:
-        torch.set_num_threads(threads)
+
+
+#: the folders a demo writes (a forced re-run clears them first, so nothing of the last run remains)
+DEMO_FOLDERS = ("cohort", "dataset", "model", "predictions", "heldout_records", "evaluation")
+
+
+def clear_previous_demo(out: Path) -> None:
+    """Remove an earlier demo's folders from ``out``, but only when ``out`` holds that demo's
+    ``summary.json`` (a folder of anything else is left alone; its files clash or are kept)."""
+    import shutil
+
+    try:
+        previous = json.loads((out / "summary.json").read_text()).get("format") == "mskdex-demo/1"
+    except (OSError, ValueError, AttributeError):
+        previous = False
+    if previous:
+        for name in DEMO_FOLDERS:
+            shutil.rmtree(out / name, ignore_errors=True)
 
 
 def _run(out: Path, s: DemoSettings, times: dict, t_start: float, log: Callable[[str], None],
@@ -247,8 +265,7 @@ def _run(out: Path, s: DemoSettings, times: dict, t_start: float, log: Callable[
                "muscle_mean_pcc": summary_muscle, "interval": first_est.interval_method(),
                "interval_coverage": ev.coverage(), "channel_agreement": agreement["kind_mean"],
                "seconds": times, "train_steps": result.step, "code_version": __version__,
-               "machine": {"python": platform.python_version(), "torch": torch.__version__,
-                           "cpu_threads": torch.get_num_threads(), "platform": platform.platform()},
+               "reproducibility": reproducibility_record(),
                "heldout": [f.name for f in heldout]}
     write_json(out / "summary.json", summary, force=True)
     md = report_markdown(summary, ev, per_subject, model.channels)
@@ -316,6 +333,27 @@ def interval_text(summary: dict) -> str:
     return f"Interval ({level} nominal, {made}): it covers the truth for {got}."
 
 
+def reproducibility_text(rec: dict) -> str:
+    """The report's account of what makes the run repeatable (from :func:`reproducibility.record`)."""
+    if not rec:
+        return "Not recorded."
+    env = rec.get("environment", {})
+    pins = ", ".join(f"`{k}={v}`" for k, v in env.items() if v is not None) or "none"
+    state = ("all set" if rec.get("pinned") else
+             f"**not all set** (missing {', '.join(rec.get('missing', []))}): run it as `mskdex demo`, which sets "
+             "them, to get the same numbers as any other run")
+    vers = ", ".join(f"{k} {v}" for k, v in rec.get("versions", {}).items())
+    return (f"Every random choice is drawn from the seed (`settings.seed`): the cohort's subject i from "
+            f"(seed, i) whatever the number of worker processes, the training's initialisation, sample order "
+            f"(a seeded sampler, no loader workers) and the prediction's test-time augmentation. Torch ran with "
+            f"{rec.get('torch_threads')} intra-op and {rec.get('torch_interop_threads')} inter-op thread(s), "
+            f"deterministic algorithms {'on' if rec.get('deterministic_algorithms') else 'off'}, CPU code path "
+            f"{rec.get('torch_cpu_capability')}. Pinned environment ({state}): {pins}. With these, two runs give "
+            f"bit-identical numbers on any x86-64 CPU with AVX2, idle or busy, whatever its number of cores "
+            f"(checked on one machine type only). Machine: {rec.get('cpu')} ({rec.get('cpu_count')} cores), "
+            f"{rec.get('platform')}, Python {rec.get('python')}; {vers}.")
+
+
 def _fmt(v: float) -> str:
     return f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}"
 
@@ -379,9 +417,8 @@ def report_markdown(summary: dict, ev, per_subject: list, channels: list[dict]) 
     lines += ["", "## Agreement per structure", "", ev.to_markdown(), "",
               "## Run", "", f"- seconds per stage: {json.dumps(summary['seconds'])}",
               f"- settings: `{json.dumps(s)}`",
-              f"- machine: {summary['machine']['platform']}, Python {summary['machine']['python']}, "
-              f"torch {summary['machine']['torch']}, {summary['machine']['cpu_threads']} threads",
-              f"- code version: {summary['code_version']}", ""]
+              f"- code version: {summary['code_version']}", "",
+              "## Reproducibility", "", reproducibility_text(summary.get("reproducibility") or {}), ""]
     return "\n".join(lines)
 
 

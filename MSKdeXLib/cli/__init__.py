@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # the command line as given, for a command that must start again (demo: reproducibility.reexec_pinned);
+    # None when main() was called from Python with an explicit argv
+    args.command_line = list(sys.argv[1:]) if argv is None else None
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -27,6 +27,10 @@ def add_parser(sub, name: str):
                    help="train the muscles with paired L1 on the (pixel-aligned) virtual subjects instead of the "
                         "paper's unpaired adversarial + intensity-sum losses: what unpairing costs")
     p.add_argument("--device", default="cpu", help="torch device for training and prediction (default cpu)")
+    p.add_argument("--pin-environment", choices=("on", "off"), default="on",
+                   help="on (default): start again with one thread per math library and one CPU code path "
+                        "(MSKdeXLib.reproducibility), so that the numbers are the same on any machine, busy or "
+                        "idle; off: run with the environment as it is (faster on many cores, numbers may differ)")
     add_force(p)
     add_progress(p)
     p.set_defaults(func=run)
@@ -37,9 +41,13 @@ def run(args) -> int:
     import sys
 
     from ..demo import DemoSettings, run_demo
+    from ..reproducibility import reexec_pinned
     from ..errors import UserError
     from .common import resolve_device
 
+    command_line = getattr(args, "command_line", None)
+    if command_line is not None and args.pin_environment == "on":
+        reexec_pinned(command_line)  # returns when already pinned
     s = DemoSettings.quick() if args.quick else DemoSettings()
     for attr, value in (("train_subjects", args.subjects), ("heldout_subjects", args.heldout),
                         ("steps", args.steps), ("workers", args.workers)):
