@@ -42,7 +42,7 @@ OPTION_RULES: dict[str, dict[str, Any]] = {
     "subcutaneous_fat_mm": _NON_NEGATIVE, "body_change": {"low": -1.0, "low_open": True},
     # data set, training, inference, registration, demo
     "val_fraction": _FRACTION, "test_fraction": _FRACTION, "steps": _AT_LEAST_1, "tta": _COUNT,
-    "seed": _COUNT, "max_evals": _AT_LEAST_1, "refine_steps": _COUNT,
+    "seed": _COUNT, "max_evals": _COUNT, "refine_steps": _COUNT,
     "subjects": _AT_LEAST_1, "heldout": _AT_LEAST_1, "calibration_subjects": _AT_LEAST_1,
 }
 

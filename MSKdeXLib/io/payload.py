@@ -98,7 +98,7 @@ def _check_nifti(p: Path, what: str) -> None:
     except EOFError:
         head = b""
     except (OSError, zlib.error) as exc:
-        raise UserError(f"{what} is not a readable NIfTI file ({exc})", p) from None
+        raise UserError(f"cannot read {what} (not a NIfTI file: {exc})", p) from None
     if len(head) < 348:
         raise UserError(f"{what} is truncated: {len(head)} bytes, shorter than a NIfTI header", p)
     expected = _nifti_expected(head)
