@@ -124,12 +124,23 @@ def load_geometry(xray_path: str, radiograph, sid_mm: float):
 
 
 def run(args) -> int:
+    """Register, writing OUT through a staging folder (an error or Ctrl-C leaves nothing behind;
+    registration.json is moved in last). Exit code 3 (EXIT_DOUBTFUL) when a body is doubtful."""
+    from ..io.outputs import output_folder
+
+    with output_folder(args.out, args.force, OUTPUTS, last=("registration.json",)) as stage:
+        return _run(args, stage)
+
+
+def _run(args, out: Path) -> int:
     import warnings
 
     import numpy as np
     import torch
 
-    from ..io.outputs import atomic_path, prepare_out_dir, remove_stale, write_json
+    from ..errors import EXIT_DOUBTFUL
+    from ..io.outputs import atomic_path, remove_stale, write_json
+    from ..validation import NonFiniteError, is_finite
     from ..io.radiographs import UncalibratedWarning, load_radiograph
     from ..registration import initialise, pipeline
     from ..registration.qa import qa_figure
@@ -138,8 +149,6 @@ def run(args) -> int:
 
     t0 = time.time()
     device = resolve_device(args.device)
-    out = Path(args.out)
-    prepare_out_dir(out, args.force, expected=OUTPUTS)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UncalibratedWarning)
         xray = load_radiograph(args.xray, args.spacing)
@@ -189,6 +198,10 @@ def run(args) -> int:
                                     notify, truth, init_per_body or None)
     finally:
         prog.close()
+    for r in results:  # a NaN similarity or pose is a failed registration, never a success
+        if not (is_finite(r.final_similarity) and is_finite(r.ct_to_camera)):
+            raise NonFiniteError(f"registration failed: body '{r.name}' has a non-finite "
+                                 f"{'similarity' if not is_finite(r.final_similarity) else 'pose'}", args.xray)
 
     # registered bone channels (mass g per pixel) and the QA picture, at full resolution; a
     # structure in several bodies (a vertebra in 'bones' and on its own) is drawn and written once,
@@ -247,14 +260,16 @@ def run(args) -> int:
         report["truth"] = "ct_to_camera from the simulated radiograph's sidecar; mtre_mm = mean distance " \
                           "between the body's voxel centres mapped by the true and estimated poses (mm)"
     write_json(out / "registration.json", report, args.force)
-    prog.event("done", output=str(out))
+    prog.event("done", output=str(args.out))
     if args.progress != "json":
         for r in results:
             extra = f", mTRE {r.mtre_mm:.2f} mm" if r.mtre_mm is not None else ""
             print(f"{r.name}: similarity {r.initial_similarity:.3f} -> {r.final_similarity:.3f}"
                   f"{' (DOUBTFUL)' if r.doubtful else ''}{extra}, {r.runtime_s:.1f} s")
-        print(f"wrote {out / 'registration.json'}")
-    return 0
+        print(f"wrote {Path(args.out) / 'registration.json'}")
+        if worst:
+            print(f"DOUBTFUL: exit code {EXIT_DOUBTFUL}; check qa.png before using this registration")
+    return EXIT_DOUBTFUL if worst else 0
 
 
 def _write_channel(path: Path, image, camera, force: bool, atomic_path) -> None:
