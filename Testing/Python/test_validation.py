@@ -77,3 +77,31 @@ def test_json_is_strict(tmp_path):
     assert parsed == {"a": None, "b": [1.0, None], "c": [None, 2.0], "d": 3}
     write_json(tmp_path / "x.json", {"nan": math.nan})
     assert json.loads((tmp_path / "x.json").read_text()) == {"nan": None}
+
+
+def test_listing_never_cuts_silently():
+    from MSKdeXLib.errors import listing
+
+    assert listing(["a", "b"]) == "a, b"
+    assert listing([f"c{i}" for i in range(11)]) == "c0, c1, c2, c3, c4 and 6 more"
+
+
+def test_diverged_loss_message_and_resumable_folder(tmp_path):
+    import torch
+
+    from MSKdeXLib.io.outputs import resumable_folder
+    from MSKdeXLib.learning.training import _require_finite_loss
+
+    _require_finite_loss({"total": torch.tensor(1.0)}, 7, None)
+    with pytest.raises(NonFiniteError, match=r"loss l1 is not finite at step 8; no model written; the checkpoint "
+                                             r"of step 5 is kept"):
+        _require_finite_loss({"l1": torch.tensor(float("nan")), "total": torch.tensor(1.0)}, 7, 5)
+    for keep in (False, True):
+        out = tmp_path / f"run{keep}"
+        with pytest.raises(KeyboardInterrupt):
+            with resumable_folder(out, lambda p: (p / "checkpoint.json").exists()):
+                out.mkdir()
+                if keep:
+                    (out / "checkpoint.json").write_text("{}")
+                raise KeyboardInterrupt
+        assert out.exists() == keep

@@ -398,3 +398,56 @@ def test_sigint_mid_registration_leaves_nothing(kit, work):
     assert p.wait(60) == EXIT_INTERRUPTED
     assert [ln for ln in rest.splitlines() if not ln.startswith("{")] == ["mskdex register: interrupted"]
     assert os.listdir(work) == []
+
+
+def test_sigint_mid_training_leaves_nothing(kit, work):
+    """Ctrl-C before the first checkpoint: exit 130 and no folder (after one: a resumable checkpoint)."""
+    (work.parent / "long.json").write_text(json.dumps({**TINY_TRAIN, "steps": 100000}))
+    p = _cli("train", "--config", str(work.parent / "long.json"), "--data", str(kit / "ds"), "--out",
+             str(work / "model"), "--progress", "json", "--device", "cpu",
+             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    t_end = time.time() + 120
+    for line in p.stderr:
+        if '"event": "progress"' in line or time.time() > t_end:
+            break
+    p.send_signal(signal.SIGINT)
+    rest = p.stderr.read()
+    assert p.wait(60) == EXIT_INTERRUPTED
+    assert [ln for ln in rest.splitlines() if not ln.startswith("{")] == ["mskdex train: interrupted"]
+    assert os.listdir(work) == []
+
+
+def test_nonfinite_similarity_is_a_failed_registration(kit, work, capsys, monkeypatch):
+    """Whatever makes the similarity NaN, register must not report success (here: a stand-in
+    registration that returns NaN, after writing its files)."""
+    from types import SimpleNamespace
+
+    from MSKdeXLib.registration import run as reg_run
+
+    def nan_registration(req, device, notify):
+        (req.out / "registration.json").write_text("{}")
+        body = SimpleNamespace(name="pelvis", final_similarity=float("nan"), ct_to_camera=np.eye(4),
+                               initial_similarity=0.1, doubtful=False, mtre_mm=None, runtime_s=0.0)
+        return SimpleNamespace(results=[body], path=req.out / "registration.json")
+
+    monkeypatch.setattr(reg_run, "register_radiograph", nan_registration)
+    rc, _, err = _run(["register", *_ct(kit), "--xray", str(kit / "xray.dcm"), "--out", str(work / "reg"),
+                       "--progress", "none"], capsys)
+    line = _one_line(err)
+    assert rc == EXIT_USER_ERROR and "xray.dcm: registration failed: body 'pelvis' has a non-finite similarity" in line
+    assert os.listdir(work) == []
+
+
+def test_predict_warnings_reach_csv_and_json(kit, work, capsys):
+    rc, stdout, err = _run(["predict", "--model", str(kit / "model"), "--xray", str(kit / "xray.dcm"),
+                            "--out", str(work / "pred"), "--device", "cpu"], capsys)
+    assert rc == 0, err
+    doc = json.loads((work / "pred" / "estimates.json").read_text())
+    assert doc["warnings"] and all(s["warnings"] for s in doc["structures"])  # the 2-step model is far off
+    per = {s["structure"]: s["warnings"] for s in doc["structures"]}
+    assert any("outside the training range" in w for w in per["hip_left"])
+    import csv
+
+    rows = list(csv.DictReader((work / "pred" / "estimates.csv").read_text().splitlines()))
+    assert rows[0]["warnings"] == "; ".join(per[rows[0]["structure"]])
+    assert "warning: estimates outside the training range for: " in stdout
