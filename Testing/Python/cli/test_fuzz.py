@@ -376,6 +376,19 @@ def _cli(*args, **kw):
     return subprocess.Popen([sys.executable, "-m", "MSKdeXLib", *args], env=env, **kw)
 
 
+def _interrupt_once_working(p: subprocess.Popen) -> str:
+    """SIGINT to ``p`` (run with --progress json) after its first progress event; returns the rest
+    of its stderr once it exited with code 130."""
+    t_end = time.time() + 120
+    for line in p.stderr:  # wait until it is working
+        if '"event": "progress"' in line or time.time() > t_end:
+            break
+    p.send_signal(signal.SIGINT)
+    rest = p.stderr.read()
+    assert p.wait(60) == EXIT_INTERRUPTED
+    return rest
+
+
 def test_broken_pipe_exits_quietly(kit):
     """`mskdex metrics ... | head -0`: the reader is gone before mskdex writes."""
     p = _cli("metrics", *_ct(kit), "--all", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -389,13 +402,7 @@ def test_sigint_mid_registration_leaves_nothing(kit, work):
     out = work / "reg"
     p = _cli("register", *_ct(kit), "--xray", str(kit / "xray.dcm"), "--out", str(out), "--bones", "pelvis",
              "--fine-px", "32", "--progress", "json", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    t_end = time.time() + 120
-    for line in p.stderr:  # wait until it is optimising
-        if '"event": "progress"' in line or time.time() > t_end:
-            break
-    p.send_signal(signal.SIGINT)
-    rest = p.stderr.read()
-    assert p.wait(60) == EXIT_INTERRUPTED
+    rest = _interrupt_once_working(p)
     assert [ln for ln in rest.splitlines() if not ln.startswith("{")] == ["mskdex register: interrupted"]
     assert os.listdir(work) == []
 
@@ -406,13 +413,7 @@ def test_sigint_mid_training_leaves_nothing(kit, work):
     p = _cli("train", "--config", str(work.parent / "long.json"), "--data", str(kit / "ds"), "--out",
              str(work / "model"), "--progress", "json", "--device", "cpu",
              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    t_end = time.time() + 120
-    for line in p.stderr:
-        if '"event": "progress"' in line or time.time() > t_end:
-            break
-    p.send_signal(signal.SIGINT)
-    rest = p.stderr.read()
-    assert p.wait(60) == EXIT_INTERRUPTED
+    rest = _interrupt_once_working(p)
     assert [ln for ln in rest.splitlines() if not ln.startswith("{")] == ["mskdex train: interrupted"]
     assert os.listdir(work) == []
 
