@@ -1033,16 +1033,20 @@ class CoreIOManager:
     def extractKnownExtension(self, filename, node):
         return _known_extension(filename)
 
-    def fileWriterExtensions(self, node):
-        import vtk
+    #: what Slicer's writers list when slicer-core's storage node lists nothing (its ITK has
+    #: fewer IO factories than Slicer's)
+    _WRITER_FORMATS = {"vtkMRMLVolumeNode": ["NRRD (.nrrd)", "NRRD (.nhdr)", "NIfTI (.nii)", "NIfTI (.nii.gz)",
+                                             "MetaImage (.mha)", "MetaImage (.mhd)"],
+                       "vtkMRMLSegmentationNode": ["Segmentation (.seg.nrrd)", "Segmentation (.nrrd)",
+                                                   "Segmentation (.seg.nii.gz)", "Segmentation (.nii.gz)"]}
 
+    def fileWriterExtensions(self, node):
         storage = node.CreateDefaultStorageNode()
-        arr = vtk.vtkStringArray()
-        storage.GetFileTypesFromFileExtension  # noqa: B018 (exists on every storage node)
         types_ = storage.GetSupportedWriteFileTypes()
-        for k in range(types_.GetNumberOfValues()):
-            arr.InsertNextValue(types_.GetValue(k))
-        return [arr.GetValue(k) for k in range(arr.GetNumberOfValues())]
+        found = [types_.GetValue(k) for k in range(types_.GetNumberOfValues())]
+        if not found:
+            found = next((v for k, v in self._WRITER_FORMATS.items() if node.IsA(k)), [])
+        return found
 
     def exportNodes(self, nodeIDs, fileNames, properties, hardenTransform, userMessages=None):
         import slicer
@@ -1323,9 +1327,11 @@ class SlicerBox:
         self.scene.GetCacheManager().SetRemoteCacheDirectory(str(self.tmp / "cache"))
         self.app_logic = slicer.vtkSlicerApplicationLogic()
         self.app_logic.SetMRMLScene(self.scene)
-        self.color_logic = slicer.vtkMRMLColorLogic()
+        self.color_logic = slicer.vtkSlicerColorLogic()
+        self.color_logic.SetMRMLApplicationLogic(self.app_logic)
         self.color_logic.SetMRMLScene(self.scene)
         self.app_logic.SetColorLogic(self.color_logic)
+        self.app_logic.SetModuleLogic("Colors", self.color_logic)
         self.layout_logic = slicer.vtkMRMLLayoutLogic()
         self.layout_logic.SetMRMLScene(self.scene)
         self.volumes_logic = slicer.vtkSlicerVolumesLogic()

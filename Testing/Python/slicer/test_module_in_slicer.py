@@ -170,7 +170,7 @@ def test_cancel_stops_the_worker_behind_the_launcher(box, panel, tiny_dataset, l
     long_cfg = tmp_path / "long.json"
     long_cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "steps": 100000}))
     p = panel._parameterNode
-    p.datasetFolder, p.trainConfig, p.trainOutputFolder = data, long_cfg, tmp_path / "model"
+    p.datasetFolder, p.trainConfig, p.trainOutputFolder = str(data), str(long_cfg), str(tmp_path / "model")
     p.trainDevice = "cpu"
     assert panel.ui.startTrainingButton.click()
     job = panel._job
@@ -344,7 +344,7 @@ def test_user_session(box, panel, sample_cache, pelvis, tiny_dataset, launcher, 
 
     # training
     data, cfg = tiny_dataset
-    p.datasetFolder, p.trainConfig, p.trainOutputFolder = data, cfg, tmp_path / "model"
+    p.datasetFolder, p.trainConfig, p.trainOutputFolder = str(data), str(cfg), str(tmp_path / "model")
     p.trainDevice = "cpu"
     assert ui.startTrainingButton.enabled and ui.startTrainingButton.click()
     _wait_idle(box, panel)
@@ -376,7 +376,7 @@ def test_user_session(box, panel, sample_cache, pelvis, tiny_dataset, launcher, 
     p = panel._parameterNode
     assert p is not None and p.radiograph is None and p.estimatesTable is None
     xray2 = util.loadVolume(str(tmp_path / "xray.nrrd"))
-    p.radiograph, p.modelFolder, p.device = xray2, tmp_path / "model", "cpu"
+    p.radiograph, p.modelFolder, p.device = xray2, str(tmp_path / "model"), "cpu"
     assert ui.applyButton.enabled and ui.applyButton.click()
     _wait_idle(box, panel)
     assert not box.errors, box.errors
