@@ -212,12 +212,6 @@ def test_extension_build_files():
         assert (ROOT / "MSKdeX" / rel).is_file(), rel
     # every MSKdeXLib source file is picked up by the CMake glob
     assert "GLOB_RECURSE" in mod and "../MSKdeXLib/*.py" in mod
-    s4ext = dict(line.split(None, 1) for line in (ROOT / "MSKdeX.s4ext").read_text().splitlines()
-                 if line.strip() and not line.startswith("#") and len(line.split(None, 1)) == 2)
-    for key in ("scm", "scmurl", "depends", "build_subdirectory", "homepage", "contributors", "category",
-                "iconurl", "status", "description", "screenshoturls", "enabled"):
-        assert key in s4ext, key
-    assert s4ext["category"].strip() == "Quantification"
     png = (ROOT / "MSKdeX" / "Resources" / "Icons" / "MSKdeX.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
