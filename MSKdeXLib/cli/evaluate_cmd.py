@@ -9,7 +9,10 @@ def add_parser(sub, name: str):
     p = sub.add_parser(name, help="compare estimates with CT-derived truth per structure",
                        description="Per structure and quantity: Pearson r, ICC(2,1) (two-way random, absolute "
                        "agreement), MAE, MAPE, Bland-Altman bias and limits, and the empirical coverage of the "
-                       "estimates' intervals (when they carry low/high) against their nominal level; scatter and "
+                       "estimates' intervals (when they carry low/high) against their nominal level, with the number of "
+                       "subjects and the effective sample size; per-muscle specificity (PCC of each muscle's share of "
+                       "total muscle, of the left-right asymmetry index (L-R)/(L+R) per pair, and partial PCC given "
+                       "the true total muscle mass); scatter and "
                        "Bland-Altman plots; "
                        "tables in Markdown and CSV. Files pair by case id: an explicit 'id' field/column, "
                        "else the file name, else (for generic names such as estimates.json, metrics.json) "

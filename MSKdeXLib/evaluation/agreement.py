@@ -36,39 +36,14 @@ from typing import Any, Iterable
 import numpy as np
 
 from ..errors import UserError
-from ..anatomy.structures import normalize_name
-
-QUANTITIES = ("mass_g", "volume_cm3")
+from ..anatomy.structures import get_table, normalize_name
+from . import specificity as spec_metrics
+from .statistics import QUANTITIES, icc_2_1, pearson  # noqa: F401  (re-exported)
 
 
 # ---------------------------------------------------------------------------------------------
 # Statistics
 # ---------------------------------------------------------------------------------------------
-def pearson(x: np.ndarray, y: np.ndarray) -> float:
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    if len(x) < 2 or x.std() == 0 or y.std() == 0:
-        return float("nan")
-    xc, yc = x - x.mean(), y - y.mean()
-    return float((xc * yc).sum() / np.sqrt((xc * xc).sum() * (yc * yc).sum()))
-
-
-def icc_2_1(x: np.ndarray, y: np.ndarray | None = None) -> float:
-    """ICC(2,1): two-way random, absolute agreement, single measures (Shrout & Fleiss 1979).
-
-    ``x`` and ``y`` are two raters' values of n targets, or ``x`` alone an (n, k) matrix."""
-    data = np.asarray(x, float) if y is None else np.column_stack([np.asarray(x, float), np.asarray(y, float)])
-    n, k = data.shape
-    if n < 2:
-        return float("nan")
-    grand = data.mean()
-    ss_rows = k * ((data.mean(axis=1) - grand) ** 2).sum()
-    ss_cols = n * ((data.mean(axis=0) - grand) ** 2).sum()
-    ss_err = ((data - grand) ** 2).sum() - ss_rows - ss_cols
-    msr, msc, mse = ss_rows / (n - 1), ss_cols / (k - 1), ss_err / ((n - 1) * (k - 1))
-    den = msr + (k - 1) * mse + k * (msc - mse) / n
-    return float((msr - mse) / den) if den != 0 else float("nan")
-
-
 def agreement(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     """All statistics of one structure/quantity."""
     p, t = np.asarray(pred, float), np.asarray(truth, float)
@@ -96,6 +71,17 @@ class Evaluation:
     notes: list[str] = field(default_factory=list)
     #: (structure, quantity) -> [(id, low, high, truth, level)] for predictions with an interval
     intervals: dict[tuple[str, str], list[tuple[str, float, float, float, float]]] = field(default_factory=dict)
+    #: structure name -> kind ("muscle", "bone", ...) where the rows said it or a built-in table knows it
+    kinds: dict[str, str] = field(default_factory=dict)
+
+    def muscles(self) -> list[str]:
+        """The paired structures of kind "muscle" (table order of their first appearance)."""
+        names = dict.fromkeys(s for s, _ in sorted(self.pairs))
+        return [n for n in names if self.kinds.get(n) == "muscle"]
+
+    def specificity(self) -> dict[str, Any]:
+        """Share, asymmetry and partial PCCs of the muscles (:mod:`.specificity`); {} with < 2 muscles."""
+        return spec_metrics.specificity(self.pairs, self.muscles())
 
     def coverage(self) -> dict[str, Any]:
         """Empirical coverage of the prediction intervals: overall, per quantity, with the
@@ -107,8 +93,15 @@ class Evaluation:
         def summary(vals) -> dict[str, Any]:
             hit = [lo <= t <= hi for _, lo, hi, t, _ in vals]
             levels = sorted({round(lv, 6) for *_, lv in vals if np.isfinite(lv)})
-            return {"coverage": float(np.mean(hit)), "n": len(hit),
-                    "nominal": levels[0] if len(levels) == 1 else (levels or None)}
+            by_subject: dict[str, list[bool]] = {}
+            for (i, *_), h in zip(vals, hit):
+                by_subject.setdefault(i, []).append(h)
+            ess = spec_metrics.effective_sample_size(by_subject)
+            cov = float(np.mean(hit))
+            return {"coverage": cov, "n": len(hit),
+                    "nominal": levels[0] if len(levels) == 1 else (levels or None),
+                    "n_subjects": ess["n_subjects"], "n_effective": ess["n_effective"],
+                    "ci95_effective": list(spec_metrics.wilson_interval(cov, ess["n_effective"]))}
 
         out = {"overall": summary(allv)}
         for q in QUANTITIES:
@@ -125,8 +118,11 @@ class Evaluation:
         nom = cov["overall"]["nominal"]
         nom_t = f"{nom:.0%}" if isinstance(nom, float) else str(nom)
         parts = [f"{q} {cov[q]['coverage']:.1%}" for q in QUANTITIES if q in cov]
-        return (f"interval coverage of the truth: {cov['overall']['coverage']:.1%} overall "
-                f"(n = {cov['overall']['n']}; {', '.join(parts)}); nominal {nom_t}")
+        o = cov["overall"]
+        lo, hi = o["ci95_effective"]
+        return (f"interval coverage of the truth: {o['coverage']:.1%} overall "
+                f"(n = {o['n']} values of {o['n_subjects']} subjects, effective n = {o['n_effective']:.0f}, "
+                f"95 % CI {lo:.0%}-{hi:.0%}; {', '.join(parts)}); nominal {nom_t}")
 
     def headline(self) -> dict[str, float]:
         """Mean PCC over structures, per quantity (structures with a defined PCC)."""
@@ -168,6 +164,9 @@ class Evaluation:
         if cov:
             text = self.coverage_text()
             lines += ["", text[0].upper() + text[1:] + "."]
+        spec = spec_metrics.to_markdown(self.specificity())
+        if spec:
+            lines += ["", spec.rstrip("\n")]
         return "\n".join(lines) + "\n"
 
 
@@ -180,11 +179,18 @@ def evaluate(pred_rows: Iterable[dict[str, Any]], truth_rows: Iterable[dict[str,
             raise UserError(f"unknown quantity '{q}' (use {QUANTITIES})")
         return (str(r["id"]), normalize_name(str(r["structure"])), q)
 
-    truth, names = {}, {}
+    truth, names, kinds = {}, {}, {}
+    pred_rows = list(pred_rows)
     for r in truth_rows:
         k = key(r)
         truth[k] = float(r["value"])
         names.setdefault(k[1], str(r["structure"]))
+        if r.get("kind"):
+            kinds.setdefault(names[k[1]], str(r["kind"]))
+    for r in pred_rows:
+        n = names.get(normalize_name(str(r["structure"])))
+        if n and r.get("kind"):
+            kinds.setdefault(n, str(r["kind"]))
     pairs: dict[tuple[str, str], list[tuple[str, float, float]]] = {}
     intervals: dict[tuple[str, str], list[tuple[str, float, float, float, float]]] = {}
     unmatched = 0
@@ -210,7 +216,18 @@ def evaluate(pred_rows: Iterable[dict[str, Any]], truth_rows: Iterable[dict[str,
                       **interval_stats(intervals.get((s, q), []))})
     if not pairs:
         raise UserError("no prediction matches a truth row (check the ids, structure names and quantities)")
-    return Evaluation(pairs, stats, unmatched, len(set(truth) - seen), notes, intervals)
+    for n in names.values():
+        kinds.setdefault(n, builtin_kind(n))
+    return Evaluation(pairs, stats, unmatched, len(set(truth) - seen), notes, intervals, kinds)
+
+
+def builtin_kind(name: str) -> str:
+    """The kind of a structure name in the built-in tables (TotalSegmentator v1/v2, hip22), else "other"."""
+    for table in ("totalseg_v1", "totalseg_v2", "hip22"):
+        s = get_table(table).find(name)
+        if s is not None:
+            return s.kind
+    return "other"
 
 
 def _number(v: Any) -> float:
@@ -247,6 +264,7 @@ def _wide_to_long(rid: str, items: Iterable[dict[str, Any]], level: Any = None) 
             if name is not None and v not in (None, ""):
                 interval = {"low": it.get(f"{q}_low"), "high": it.get(f"{q}_high"), "level": it.get("level", level)}
                 out.append({"id": rid_i, "structure": str(name), "quantity": q, "value": float(v),
+                            **({"kind": str(it["kind"])} if it.get("kind") else {}),
                             **_interval_fields(interval, level)})
     return out
 
@@ -292,7 +310,8 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
             rid = str(d.get("id") or rid)
             level = d.get("interval")
             return [{"id": str(r.get("id") or rid), "structure": r["structure"], "quantity": r["quantity"],
-                     "value": float(r["value"]), **_interval_fields(r, level)} for r in d["rows"]]
+                     "value": float(r["value"]), **({"kind": str(r["kind"])} if r.get("kind") else {}),
+                     **_interval_fields(r, level)} for r in d["rows"]]
         if isinstance(d, dict) and isinstance(d.get("structures"), list):
             rows = _wide_to_long(str(d.get("id") or rid), d["structures"], d.get("interval"))
             if rows:
@@ -384,6 +403,7 @@ def write_report(ev: Evaluation, out_dir: str | Path, force: bool = False) -> di
              "markdown": write_text(out / "evaluation.md", ev.to_markdown(), force),
              "json": write_json(out / "evaluation.json", {"statistics": ev.stats, "headline_mean_pcc": ev.headline(),
                                                           "interval_coverage": ev.coverage(),
+                                                          "specificity": ev.specificity(),
                                                           "icc": "ICC(2,1), two-way random, absolute agreement",
                                                           "unmatched_predictions": ev.unmatched_pred,
                                                           "unmatched_truth": ev.unmatched_truth, "notes": ev.notes},
