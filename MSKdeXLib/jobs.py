@@ -141,7 +141,7 @@ class Job:
 
     @property
     def succeeded(self) -> bool:
-        return self.finished and self.returncode == 0 and not self.cancelled
+        return self.finished and self.returncode in (0, 3) and not self.cancelled  # 3: register's "doubtful"
 
     # --- output -----------------------------------------------------------------------------
     def poll(self) -> list[dict]:
