@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import html
 import json
-import platform
+import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -120,11 +120,29 @@ def training_config(s: DemoSettings) -> dict[str, Any]:
     return cfg
 
 
-def _stage(log: Callable[[str], None], times: dict, name: str, t0: float) -> float:
-    t = time.time()
-    times[name] = round(t - t0, 2)
-    log(f"{name}: {times[name]:.1f} s")
-    return t
+def cpu_seconds() -> float:
+    """CPU time (user + system, s) of this process and of its finished child processes (the
+    cohort's workers): the demo's cost whatever the machine's load."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+class Stages:
+    """Wall-clock and CPU seconds of the demo's stages, logged as each ends."""
+
+    def __init__(self, log: Callable[[str], None]):
+        self.log, self.wall, self.cpu = log, {}, {}
+        self.t0, self.c0 = time.time(), cpu_seconds()
+        self.t, self.c = self.t0, self.c0
+
+    def done(self, name: str) -> None:
+        t, c = time.time(), cpu_seconds()
+        self.wall[name], self.cpu[name] = round(t - self.t, 2), round(c - self.c, 2)
+        self.t, self.c = t, c
+        self.log(f"{name}: {self.wall[name]:.1f} s (CPU {self.cpu[name]:.1f} s)")
+
+    def finish(self) -> None:
+        self.wall["total"], self.cpu["total"] = round(self.t - self.t0, 2), round(self.c - self.c0, 2)
 
 
 HIP_BONES = ("hip_left", "hip_right", "sacrum", "femur_left", "femur_right", "pelvis", "femur")
@@ -154,14 +172,12 @@ def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), force: bo
     out = prepare_out_dir(out, force)
     if force:
         clear_previous_demo(out)
-    times: dict[str, float] = {}
-    t_start = time.time()
     # One torch thread and deterministic algorithms (reproducibility.deterministic_torch): the
     # numbers must not depend on the machine's cores or load (a busy 2-core machine also makes
     # torch's thread pool spin-wait: measured 30x slower with 2 threads). The cohort uses
     # processes (``workers``) for speed; each subject is the same however many there are.
     with deterministic_torch():
-        return _run(out, s, times, t_start, log, progress)
+        return _run(out, s, log, progress)
 
 
 #: the folders a demo writes (a forced re-run clears them first, so nothing of the last run remains)
@@ -182,8 +198,7 @@ def clear_previous_demo(out: Path) -> None:
             shutil.rmtree(out / name, ignore_errors=True)
 
 
-def _run(out: Path, s: DemoSettings, times: dict, t_start: float, log: Callable[[str], None],
-         progress: str) -> dict[str, Any]:
+def _run(out: Path, s: DemoSettings, log: Callable[[str], None], progress: str) -> dict[str, Any]:
     import torch
 
     from . import __version__
@@ -194,12 +209,12 @@ def _run(out: Path, s: DemoSettings, times: dict, t_start: float, log: Callable[
     from .anatomy.density import DensityModel
     from .evaluation.agreement import evaluate, write_report
     from .evaluation.comparison import compare_with_baselines, summary as method_summary
-    from .learning.inference import load_model, predict, write_overlay
+    from .learning.inference import load_model, overlay_indices, predict, write_overlay
     from .io.outputs import write_json, write_text
     from .io.radiographs import load_radiograph
     from .learning.training import train
 
-    t = t_start
+    stages = Stages(log)
 
     # 1. the real CT and its metrics -------------------------------------------------------
     case = sample_data.default_case()
@@ -211,7 +226,7 @@ def _run(out: Path, s: DemoSettings, times: dict, t_start: float, log: Callable[
     src = metrics_document(ct, labels, labels.select(kinds=["muscle", "bone"]), density)
     write_json(out / "source_metrics.json", src, force=True)
     names = choose_structures(src, s.max_bones)
-    t = _stage(log, times, "CT metrics", t)
+    stages.done("CT metrics")
 
     # 2. virtual cohort ----------------------------------------------------------------------
     # subjects: training, then held-out (test), then calibration (validation split) ones, so the
@@ -222,7 +237,7 @@ def _run(out: Path, s: DemoSettings, times: dict, t_start: float, log: Callable[
                  on_subject=lambda e: log(f"  {e['name']} ({e['seconds']:.1f} s)") if progress != "none" else None)
     subjects = sorted(p for p in (out / "cohort").iterdir() if p.is_dir())
     train_cases, heldout, calib = subjects[:s.train_subjects], subjects[s.train_subjects:n_test], subjects[n_test:]
-    t = _stage(log, times, f"virtual cohort ({n_total} subjects)", t)
+    stages.done(f"virtual cohort ({n_total} subjects)")
 
     # 3. training set (records at a coarser grid covering the same field of view) -------------
     cam = json.loads((subjects[0] / "subject.json").read_text())["camera"]
@@ -233,12 +248,12 @@ def _run(out: Path, s: DemoSettings, times: dict, t_start: float, log: Callable[
     build_dataset(train_cases, out / "dataset", ds_settings, force=True)
     if calib:  # validation split: calibrates the interval at the end of training
         build_dataset(calib, out / "dataset", replace(ds_settings, split="val"))
-    t = _stage(log, times, "training set", t)
+    stages.done("training set")
 
     # 4. short training ----------------------------------------------------------------------
     cfg = training_config(s)
     result = train(cfg, out / "dataset", out / "model", device=s.device, progress=progress, force=True)
-    t = _stage(log, times, f"training ({s.steps} steps)", t)
+    stages.done(f"training ({s.steps} steps)")
 
     # 5. prediction on held-out virtual radiographs ------------------------------------------------
     model = load_model(out / "model", s.device)
@@ -256,11 +271,12 @@ def _run(out: Path, s: DemoSettings, times: dict, t_start: float, log: Callable[
                 truth_rows.append({"id": folder.name, "structure": c["structure"], "quantity": c["quantity"],
                                    "value": truth[c["structure"]][c["quantity"]]})
         per_subject.append((folder.name, est, truth))
-    write_overlay(out / "overlay.png", first_est, force=True)
-    t = _stage(log, times, f"prediction ({len(heldout)} held-out radiographs)", t)
+    stages.done(f"prediction ({len(heldout)} held-out radiographs)")
 
     # 6. evaluation: the sums against the CT truth, the channel images against the true projections
     build_dataset(heldout, out / "heldout_records", replace(ds_settings, split="test"), force=True)
+    write_overlay(out / "overlay.png", first_est, force=True, radiograph=load_radiograph(heldout[0] / "xray.dcm"),
+                  truth=true_channels(out / "heldout_records", heldout[0].name, overlay_indices(model.channels)))
     agreement = heldout_agreement([e for _, e, _ in per_subject], out / "heldout_records")
     write_json(out / "evaluation" / "channel_agreement.json", agreement, force=True)
 
@@ -269,8 +285,8 @@ def _run(out: Path, s: DemoSettings, times: dict, t_start: float, log: Callable[
     baselines = compare_with_baselines(out / "dataset", out / "heldout_records", {
         "network (full model)": method_summary(ev, agreement["kind_mean"].get("muscle"))})
     write_json(out / "evaluation" / "baselines.json", baselines, force=True)
-    t = _stage(log, times, "evaluation", t)
-    times["total"] = round(time.time() - t_start, 2)
+    stages.done("evaluation")
+    stages.finish()
     head = ev.headline()
     muscles = {c["structure"] for c in model.channels if c["kind"] == "muscle"}
     summary_muscle = muscle_mean_pcc(ev.stats, muscles)
@@ -278,15 +294,25 @@ def _run(out: Path, s: DemoSettings, times: dict, t_start: float, log: Callable[
                "structures": names, "channels": model.channels, "losses": cfg["losses"], "mean_pcc": head,
                "muscle_mean_pcc": summary_muscle, "interval": first_est.interval_method(),
                "interval_coverage": ev.coverage(), "channel_agreement": agreement["kind_mean"],
-               "seconds": times, "train_steps": result.step, "code_version": __version__,
+               "seconds": stages.wall, "cpu_seconds": stages.cpu, "train_steps": result.step, "code_version": __version__,
                "reproducibility": reproducibility_record(),
                "heldout": [f.name for f in heldout], "baselines_markdown": baselines["markdown"]}
     write_json(out / "summary.json", summary, force=True)
     md = report_markdown(summary, ev, per_subject, model.channels)
     write_text(out / "report.md", md, force=True)
     write_text(out / "report.html", markdown_to_html(md), force=True)
-    log(f"report: {out / 'report.md'} (total {times['total']:.0f} s)")
+    log(f"report: {out / 'report.md'} (total {stages.wall['total']:.0f} s, CPU {stages.cpu['total']:.0f} s)")
     return summary
+
+
+def true_channels(records: Path, subject: str, indices: list[int]):
+    """The true channels (K, H, W) of held-out ``subject`` on the model grid (its record in the
+    ``records`` data set), rows ``indices`` of the record's channels."""
+    from .learning.dataset.records import load_dataset_info, load_record
+
+    info = load_dataset_info(records)
+    rec = next(r for r in info.records if Path(str(r.get("source", ""))).name == subject)
+    return load_record(info, rec)["targets"].numpy()[indices]
 
 
 def losses_text(losses: dict[str, float]) -> str:

@@ -9,9 +9,9 @@ def add_parser(sub, name: str):
     p = sub.add_parser(name, help="estimate per-structure mass_g / volume_cm3 from a radiograph",
                        description="Decompose a radiograph with a trained model (folder with model.safetensors "
                        "+ config.json). Writes estimates.csv, estimates.json (mean over test-time augmentation and a "
-                       "90 %% "
-                       "interval, calibrated on held-out data when the model carries a calibration, else the "
-                       "uncalibrated TTA percentiles), overlay.png and channels/*.nrrd.")
+                       "90 % interval, calibrated on held-out data when the model carries a calibration, else the "
+                       "uncalibrated TTA percentiles), overlay.png (the radiograph beside its decomposition: muscles "
+                       "as coloured fills, bones as outlines, with a legend and side letters) and channels/*.nrrd.")
     p.add_argument("--model", required=True, help="model folder (model.safetensors + config.json)")
     p.add_argument("--xray", required=True, help="radiograph (DICOM, PNG, JPEG, TIFF)")
     p.add_argument("--out", required=True, help="output folder")
@@ -55,7 +55,7 @@ def _predict(args, out) -> int:
         warnings.simplefilter("ignore")  # the estimates carry their own warnings
         rg = load_radiograph(args.xray, spacing)
     est = predict(model, rg, tta=args.tta, seed=args.seed, rec_id=args.id)
-    write_outputs(out, est, force=True, image_format=args.format)
+    write_outputs(out, est, force=True, image_format=args.format, radiograph=rg)
     lo, hi = est.interval()
     how = est.interval_method()
     head = f"{how['level']:.0%} interval" + ("" if how["calibrated"] else " (uncalibrated)")

@@ -421,56 +421,61 @@ def predict(model: Model, radiograph: Radiograph, tta: int | None = None, seed: 
 # ---------------------------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------------------------
-def overlay_rgb(est: Estimates) -> tuple[np.ndarray, list[tuple[str, tuple[float, float, float]]]]:
-    """(RGB float image (H, W, 3) in 0..1, legend [(name, rgb)]): each structure's channel
-    (mass, else volume) blended in its colour over the grey radiograph."""
-    from ..visualize import window
-
-    grey = window(est.input_image, 1, 99).astype(np.float64)
-    rgb = np.repeat(grey[..., None], 3, axis=2) * 0.8
-    colours = {s.name: tuple(c / 255 for c in s.color) for s in est.structures}
-    legend, seen = [], set()
-    order = sorted(range(len(est.channels)), key=lambda i: est.channels[i]["quantity"] != "mass_g")
-    for i in order:
-        name = est.channels[i]["structure"]
-        if name in seen:
-            continue
-        seen.add(name)
-        ch = est.channel_images[i].astype(np.float64)
-        peak = np.percentile(ch, 99.5)
-        if peak <= 0:
-            continue
-        alpha = np.clip(ch / peak, 0, 1)[..., None] * 0.6
-        col = np.asarray(colours.get(name, (0.5, 0.5, 0.5)))
-        rgb = rgb * (1 - alpha) + col * alpha
-        legend.append((name.replace("_", " "), tuple(col)))
-    return np.clip(rgb, 0, 1), legend
+def overlay_indices(channels: list[dict]) -> list[int]:
+    """The channels an overlay draws, in channel order: one per structure, its mass channel,
+    else its volume channel."""
+    picked: dict[str, int] = {}
+    for i in sorted(range(len(channels)), key=lambda i: channels[i]["quantity"] != "mass_g"):
+        picked.setdefault(channels[i]["structure"], i)
+    return [picked[n] for n in dict.fromkeys(c["structure"] for c in channels)]
 
 
-def write_overlay(path: Path, est: Estimates, force: bool = False) -> Path:
-    import matplotlib
+def overlay_channels(est: Estimates) -> tuple[list[str], list[str], np.ndarray]:
+    """(names, kinds, channels (K, H, W) on the model grid) that the overlay draws
+    (:func:`overlay_indices`)."""
+    kinds = {s.name: s.kind for s in est.structures}
+    idx = overlay_indices(est.channels)
+    names = [est.channels[i]["structure"] for i in idx]
+    return (names, [kinds.get(n, est.channels[i].get("kind", "other")) for n, i in zip(names, idx)],
+            np.asarray(est.channel_images[idx], dtype=np.float64))
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
 
-    from ..io.outputs import atomic_path
+OVERLAY_CAPTION = ("Left: the radiograph (contrast-stretched). {panels}: each muscle's channel as a translucent "
+                   "fill in its colour (stronger where the channel holds more tissue along the ray), outlined where "
+                   "it reaches 30 % of its peak; bones as outlines. Look for each muscle on its own side and in its "
+                   "place: gluteals over the iliac wings and around the hip joints, iliopsoas along the pelvic brim "
+                   "towards the lesser trochanter, autochthon beside the spine. The model's {h} x {w} grid "
+                   "({sr:.1f} x {sc:.1f} mm pixels) is interpolated onto the radiograph's pixels for the picture; the "
+                   "estimates are the channel sums on that grid.")
 
-    rgb, legend = overlay_rgb(est)
-    h, w = rgb.shape[:2]
-    aspect = est.pixel_spacing_mm[0] / est.pixel_spacing_mm[1]
-    fig, ax = plt.subplots(figsize=(9, 6))
-    ax.imshow(rgb, aspect=aspect, interpolation="nearest")
-    ax.set_axis_off()
-    ax.set_title(f"{est.id}: decomposed structures")
-    if legend:
-        ax.legend(handles=[Patch(color=c, label=n) for n, c in legend], loc="center left",
-                  bbox_to_anchor=(1.01, 0.5), fontsize=7, frameon=False)
-    fig.tight_layout()
-    with atomic_path(path, force=force) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    return path
+
+def write_overlay(path: Path, est: Estimates, force: bool = False, radiograph: Radiograph | None = None,
+                  truth: np.ndarray | None = None) -> Path:
+    """PNG of the decomposition (:func:`MSKdeXLib.visualize.decomposition_figure`): the radiograph,
+    then the predicted channels on it (and ``truth``: true channels (K, H, W) on the model grid, the
+    :func:`overlay_indices` of the model's channels, when given), at the radiograph's own resolution when
+    ``radiograph`` is given (else on the model's grid, over its normalised input)."""
+    from ..visualize import decomposition_figure, resample_channels
+
+    names, kinds, ch = overlay_channels(est)
+    grids = [("decomposition (model estimate)", ch)] + ([("true decomposition (CT)", np.asarray(truth))]
+                                                       if truth is not None else [])
+    if radiograph is not None:
+        spacing = est.info.get("input_pixel_spacing_mm") or radiograph.pixel_spacing or est.pixel_spacing_mm
+        background = np.asarray(radiograph.pixels, dtype=np.float64)
+        panels = [(t, resample_channels(g, est.pixel_spacing_mm, background.shape, spacing,
+                                        est.info.get("principal_point_rc"))) for t, g in grids]
+        orientation = (radiograph.metadata or {}).get("patient_orientation")
+    else:
+        spacing, background, panels, orientation = est.pixel_spacing_mm, est.input_image, grids, None
+    h, w = est.channel_images.shape[-2:]
+    caption = OVERLAY_CAPTION.format(panels="Then" if len(panels) > 1 else "Right", h=h, w=w,
+                                     sr=est.pixel_spacing_mm[0], sc=est.pixel_spacing_mm[1])
+    if truth is not None:
+        caption += (" The true decomposition is drawn the same way from the CT's own projections on the model's "
+                    "grid: compare where each colour sits.")
+    return decomposition_figure(path, background, panels, names, kinds, title=f"{est.id}: decomposed structures",
+                                caption=caption, patient_orientation=orientation, pixel_spacing=spacing, force=force)
 
 
 def write_channel_image(path: Path, image: np.ndarray, spacing_rc: tuple[float, float], force: bool = False) -> Path:
@@ -486,8 +491,10 @@ def write_channel_image(path: Path, image: np.ndarray, spacing_rc: tuple[float, 
     return path
 
 
-def write_outputs(out_dir: str | Path, est: Estimates, force: bool = False, image_format: str = "nrrd") -> dict[str, Path]:
-    """Write estimates.csv, estimates.json, overlay.png and channels/<structure>__<quantity>.<fmt>."""
+def write_outputs(out_dir: str | Path, est: Estimates, force: bool = False, image_format: str = "nrrd",
+                  radiograph: Radiograph | None = None) -> dict[str, Path]:
+    """Write estimates.csv, estimates.json, overlay.png (on ``radiograph``'s pixels when given) and
+    channels/<structure>__<quantity>.<fmt>."""
     from ..io.outputs import prepare_out_dir, remove_stale, write_json, write_text
 
     names = ("estimates.csv", "estimates.json", "overlay.png", "channels")
@@ -497,7 +504,7 @@ def write_outputs(out_dir: str | Path, est: Estimates, force: bool = False, imag
         raise UserError(f"unknown image format '{image_format}' (use nrrd or nifti)")
     files = {"csv": write_text(out / "estimates.csv", est.to_csv(), force),
              "json": write_json(out / "estimates.json", est.to_json(), force),
-             "overlay": write_overlay(out / "overlay.png", est, force)}
+             "overlay": write_overlay(out / "overlay.png", est, force, radiograph)}
     for c, img in zip(est.channels, est.channel_images):
         p = out / "channels" / f"{c['structure']}__{c['quantity']}{ext}"
         files[f"{c['structure']}:{c['quantity']}"] = write_channel_image(p, img, est.pixel_spacing_mm, force)

@@ -88,14 +88,23 @@ def test_predict_256_outputs(model_dir, xray_256, tmp_path, capsys):
     assert not stale.exists() and (tmp_path / "p" / "channels" / "notes.txt").exists()
 
 
-def test_overlay_uses_structure_colours(model_dir, xray_256):
-    from MSKdeXLib.learning.inference import overlay_rgb
+def test_overlay_draws_each_structure_once_at_the_radiographs_resolution(model_dir, xray_256, tmp_path):
+    from PIL import Image
+
+    from MSKdeXLib.learning.inference import overlay_channels, write_overlay
+    from MSKdeXLib.visualize import resample_channels
 
     est = predict(load_model(model_dir), xray_256, tta=0)
-    rgb, legend = overlay_rgb(est)
-    assert rgb.shape == (*est.input_image.shape, 3) and 0 <= rgb.min() and rgb.max() <= 1
-    colours = {s.name.replace("_", " "): tuple(c / 255 for c in s.color) for s in est.structures}
-    assert legend and all(colours[n] == pytest.approx(c) for n, c in legend)
+    names, kinds, ch = overlay_channels(est)
+    assert names == ["hip_left", "gluteus_medius_left"] and kinds == ["bone", "muscle"]
+    mass = [i for i, c in enumerate(est.channels) if c["quantity"] == "mass_g"]
+    assert np.array_equal(ch, est.channel_images[mass])  # the mass channels, in channel order
+    up = resample_channels(ch, est.pixel_spacing_mm, xray_256.shape, xray_256.pixel_spacing)
+    assert up.shape == (2, 256, 256) and np.all(up >= 0)
+    for path in (write_overlay(tmp_path / "model_grid.png", est),
+                 write_overlay(tmp_path / "full.png", est, radiograph=xray_256, truth=ch)):
+        w, h = Image.open(path).size
+        assert w > 1.5 * h  # radiograph and decomposition side by side, legend beside them
 
 
 def test_warnings_for_unlike_inputs(model_dir, xray_256):
