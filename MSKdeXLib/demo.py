@@ -394,6 +394,26 @@ def reproducibility_text(rec: dict) -> str:
             f"{rec.get('platform')}, Python {rec.get('python')}; {vers}.")
 
 
+def pcc_scope(stats: list[dict], channels: list[dict]) -> str:
+    """Which structures the all-structure mean PCC averages, per quantity, e.g. "mass: 10 muscles +
+    5 bones; volume: 10 muscles" (a structure whose truth is the same in every subject, such as a
+    bone's volume here, has no PCC and is left out)."""
+    import math
+
+    kinds = {c["structure"]: c.get("kind", "other") for c in channels}
+    parts = []
+    for q in ("mass_g", "volume_cm3"):
+        counts: dict[str, int] = {}
+        for st in stats:
+            if st["quantity"] == q and math.isfinite(st["pcc"]):
+                k = kinds.get(st["structure"], "other")
+                counts[k] = counts.get(k, 0) + 1
+        if counts:
+            parts.append(f"{q.split('_')[0]}: " + " + ".join(f"{n} {k}{'s' if n > 1 else ''}"
+                                                              for k, n in sorted(counts.items(), key=lambda kv: kv[0] != "muscle")))
+    return "; ".join(parts) or "none"
+
+
 def _fmt(v: float) -> str:
     return f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}"
 
@@ -435,7 +455,7 @@ def report_markdown(summary: dict, ev, per_subject: list, channels: list[dict]) 
         "and evaluation against their CT-derived truth (`evaluation/`); the estimates' interval was calibrated "
         f"on {s.get('calibration_subjects', 0)} further subjects (validation split, never trained on).", "",
         f"**Mean PCC over the muscles (held-out virtual subjects, n = {s['heldout_subjects']}):** {mus_text}", "",
-        f"Mean PCC over all structures, bones included (their truth barely varies here): {pcc_text}", "",
+        f"Mean PCC over every structure whose truth varies ({pcc_scope(ev.stats, channels)}): {pcc_text}", "",
         interval_text(summary), "",
         "## Network beside baselines", "",
         "Same held-out subjects; means over the muscles (m = mass, v = volume). Baselines: constant = training "
@@ -447,25 +467,49 @@ def report_markdown(summary: dict, ev, per_subject: list, channels: list[dict]) 
         "(L - R) / (L + R) per left/right pair (`evaluation/baselines.json`).", "",
         summary.get("baselines_markdown", ""), "",
         "## Decomposition of a held-out radiograph", "", "![overlay](overlay.png)", "",
+        f"*Held-out subject `{summary['heldout'][0]}`: left, its radiograph; middle, the network's decomposition; "
+        "right, the true decomposition (the CT's own projections), drawn the same way on the same grid. Each muscle "
+        "is a translucent fill in its colour (dark = patient's right, light = left), outlined at 30 % of its peak; "
+        "bones are outlines. Look for each colour in the same place in the middle and right panels: where they "
+        "differ, the network has put that muscle's tissue elsewhere, even when the channel's sum (the estimate) "
+        "is right.*", "",
         agreement_text(summary.get("channel_agreement", {}), s["heldout_subjects"]), "",
         "## Estimates vs truth", "",
     ]
     for q in ("mass_g", "volume_cm3"):
         if any(st["quantity"] == q for st in ev.stats):
-            lines += [f"![scatter {q}](evaluation/scatter_{q}.png)", ""]
+            lines += [f"![scatter {q}](evaluation/scatter_{q}.png)", "",
+                      f"*Each panel: one structure's {q.split('_')[0]} estimate (dot) and its "
+                      f"{summary.get('interval', {}).get('level', 0.9):.0%} interval (bar) against the CT truth, "
+                      "one point per held-out subject; the dashed line is estimate = truth. Look for points along "
+                      "the line (a high r) and bars that cross it (the interval covers the truth); a flat cloud "
+                      "means the network gives every subject about the same value.*", ""]
     muscles = [c for c in channels if c["kind"] == "muscle" and c["quantity"] == "mass_g"]
-    lines += ["Lean mass (g) of each muscle, estimate / CT truth (error %):", "",
+    level = summary.get("interval", {}).get("level", 0.9)
+    lines += [f"Lean mass (g) of each muscle: estimate [{level:.0%} interval] / CT truth (error %); "
+              "a cell ends with ✗ when the interval misses the truth:", "",
               "| subject | " + " | ".join(c["structure"].replace("_", " ") for c in muscles) + " |",
               "|---|" + "---:|" * len(muscles)]
     for name, est, truth in per_subject:
-        vals = {(r["structure"], r["quantity"]): r["value"] for r in est.rows()}
+        vals = {(r["structure"], r["quantity"]): r for r in est.rows()}
         cells = []
         for c in muscles:
-            p, t = vals[(c["structure"], "mass_g")], truth[c["structure"]]["mass_g"]
-            cells.append(f"{_fmt(p)} / {_fmt(t)} ({100 * (p - t) / t:+.0f} %)")
+            r, t = vals[(c["structure"], "mass_g")], truth[c["structure"]]["mass_g"]
+            p, miss = r["value"], not (r["low"] <= t <= r["high"])
+            cells.append(f"{_fmt(p)} [{_fmt(r['low'])}–{_fmt(r['high'])}] / {_fmt(t)} ({100 * (p - t) / t:+.0f} %)"
+                         + (" ✗" if miss else ""))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "## Agreement per structure", "", ev.to_markdown(), "",
-              "## Run", "", f"- seconds per stage: {json.dumps(summary['seconds'])}",
+    lines += ["", "## Agreement per structure", "", ev.to_markdown(), ""]
+    for q in ("mass_g", "volume_cm3"):
+        if any(st["quantity"] == q for st in ev.stats):
+            lines += [f"![Bland-Altman {q}](evaluation/bland_altman_{q}.png)", ""]
+    lines += ["*Bland-Altman plots of the same values: the difference estimate - truth against their mean, with "
+              "the bias (solid) and the 95 % limits of agreement (dashed), the table's `bias` and `95 % LoA` "
+              "columns. Look for a bias near zero, narrow limits and no trend with size.*", "",
+              "## Run", "", f"- seconds per stage (wall clock): {json.dumps(summary['seconds'])}",
+              f"- CPU seconds per stage (this process and the cohort's worker processes; on an idle machine "
+              f"the wall clock is about this, the cohort's divided by its {s.get('workers')} workers): "
+              f"{json.dumps(summary.get('cpu_seconds', {}))}",
               f"- settings: `{json.dumps(s)}`",
               f"- code version: {summary['code_version']}", "",
               "## Reproducibility", "", reproducibility_text(summary.get("reproducibility") or {}), ""]

@@ -276,13 +276,19 @@ def draw_decomposition(ax, radiograph: np.ndarray, channels: np.ndarray | None, 
 
 def structure_legend(fig, names: Sequence[str], kinds: Sequence[str], colours: Sequence[Sequence[int]],
                      anchor: tuple[float, float] = (1.0, 0.5)) -> None:
-    """The figure's legend outside the images (right side): muscles as filled squares, bones as
-    outline lines, with readable names."""
+    """The figure's legend outside the images (right side): muscles as filled squares (each
+    muscle's right then left side), then bones as outline lines, with readable names."""
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
     handles = []
-    for n, k, c in zip(names, kinds, colours):
+    first: dict[str, int] = {}
+    for i, n in enumerate(names):
+        first.setdefault(_base_name(n)[0], i)
+    order = sorted(range(len(names)), key=lambda i: (kinds[i] == "bone", first[_base_name(names[i])[0]],
+                                                     _base_name(names[i])[1] != "right"))
+    for i in order:
+        n, k, c = names[i], kinds[i], colours[i]
         rgb = np.asarray(c, dtype=np.float64) / 255.0
         label = n.replace("_", " ")
         if k == "bone":

@@ -368,58 +368,12 @@ def read_rows(path: str | Path, skipped: list[str] | None = None) -> list[dict[s
 # ---------------------------------------------------------------------------------------------
 # Plots and outputs
 # ---------------------------------------------------------------------------------------------
-def _grid(n: int) -> tuple[int, int]:
-    cols = int(np.ceil(np.sqrt(n)))
-    return int(np.ceil(n / cols)), cols
-
-
 def plot(ev: Evaluation, out_dir: Path, force: bool = False) -> list[Path]:
-    """scatter_<quantity>.png and bland_altman_<quantity>.png (one panel per structure)."""
-    import matplotlib
+    """scatter_<quantity>.png (with interval bars) and bland_altman_<quantity>.png (labelled
+    lines), captioned: :mod:`MSKdeXLib.agreement_figures`."""
+    from ..agreement_figures import agreement_figures
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ..io.outputs import atomic_path
-
-    written = []
-    by_key = {(s["structure"], s["quantity"]): s for s in ev.stats}
-    for q in QUANTITIES:
-        keys = [k for k in sorted(ev.pairs) if k[1] == q and k in by_key]
-        if not keys:
-            continue
-        unit = "g" if q == "mass_g" else "cm³"
-        for kind in ("scatter", "bland_altman"):
-            r, c = _grid(len(keys))
-            fig, axes = plt.subplots(r, c, figsize=(3.2 * c, 3.0 * r), squeeze=False)
-            for ax, k in zip(axes.ravel(), keys):
-                _, p, t = map(np.array, zip(*ev.pairs[k]))
-                s = by_key[k]
-                if kind == "scatter":
-                    lo, hi = min(p.min(), t.min()), max(p.max(), t.max())
-                    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
-                    ax.scatter(t, p, s=10)
-                    ax.set_xlabel(f"CT truth ({unit})", fontsize=7)
-                    ax.set_ylabel(f"estimate ({unit})", fontsize=7)
-                    ax.set_title(f"{k[0]}  r={s['pcc']:.2f}", fontsize=8)
-                else:
-                    ax.scatter((p + t) / 2, p - t, s=10)
-                    for v, ls in ((s["bias"], "-"), (s["loa_low"], "--"), (s["loa_high"], "--")):
-                        ax.axhline(v, color="k", ls=ls, lw=0.8)
-                    ax.set_xlabel(f"mean ({unit})", fontsize=7)
-                    ax.set_ylabel(f"estimate - truth ({unit})", fontsize=7)
-                    ax.set_title(k[0], fontsize=8)
-                ax.tick_params(labelsize=6)
-            for ax in axes.ravel()[len(keys):]:
-                ax.set_axis_off()
-            fig.suptitle(f"{'Estimate vs truth' if kind == 'scatter' else 'Bland-Altman'}: {q}", fontsize=10)
-            fig.tight_layout()
-            path = out_dir / f"{kind}_{q}.png"
-            with atomic_path(path, force=force) as tmp:
-                fig.savefig(tmp, dpi=100)
-            plt.close(fig)
-            written.append(path)
-    return written
+    return agreement_figures(ev, out_dir, force)
 
 
 def write_report(ev: Evaluation, out_dir: str | Path, force: bool = False) -> dict[str, Path]:

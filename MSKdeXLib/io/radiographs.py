@@ -313,7 +313,7 @@ def write_dx_dicom(path: str | Path, radiograph_or_array: Radiograph | np.ndarra
                    force: bool = False, patient_name: str = "MSKdeX^Simulated",
                    patient_id: str = "MSKDEX0001", study_description: str = "MSKdeX radiograph",
                    series_description: str = "", view_position: str = "AP",
-                   patient_orientation: tuple[str, str] = ("R", "F"), kvp: float | None = None,
+                   patient_orientation: tuple[str, str] = ("L", "F"), kvp: float | None = None,
                    sid_mm: float | None = None, sod_mm: float | None = None,
                    image_comments: str = "", body_part: str = "PELVIS") -> Path:
     """Write a DICOM DX For Presentation image (MONOCHROME2, ``bits`` stored, unsigned).
@@ -322,8 +322,9 @@ def write_dx_dicom(path: str | Path, radiograph_or_array: Radiograph | np.ndarra
     radiograph's; one of them is required (written as Imager Pixel Spacing). Pixels are stored
     as :func:`to_unsigned` gives them (bone bright). ``sid_mm`` / ``sod_mm`` set Distance
     Source to Detector / Patient and the Estimated Radiographic Magnification Factor.
-    ``patient_orientation`` is (row direction, column direction): ("R", "F") for a
-    radiologically displayed AP view. Never overwrites without ``force``; written atomically.
+    ``patient_orientation`` is DICOM (0020,0020): the patient directions towards the last pixel of
+    a row and of a column: ("L", "F") for a radiologically displayed AP view (patient's right on
+    the image's left, head up). Never overwrites without ``force``; written atomically.
     """
     import pydicom
     from pydicom.dataset import FileMetaDataset

@@ -65,3 +65,14 @@ def test_decomposition_figure_is_written_atomically(tmp_path):
     assert w > h
     with pytest.raises(Exception, match="force"):
         decomposition_figure(p, rad, [], ["x"], ["bone"])
+
+
+def test_written_radiographs_say_patient_right_is_on_the_image_left(tmp_path):
+    # the renderer's default AP view puts the patient's left femur on the image's right half
+    # (test_resampling_keeps_the_sums_and_the_place); the DICOM it writes must say the same
+    from MSKdeXLib.io.images import Radiograph
+    from MSKdeXLib.io.radiographs import load_radiograph, write_dx_dicom
+
+    p = write_dx_dicom(tmp_path / "x.dcm", Radiograph(np.ones((8, 8), np.float32), (1.0, 1.0)))
+    meta = load_radiograph(p).metadata
+    assert meta["patient_orientation"] == ["L", "F"] and orientation_letters(meta["patient_orientation"])[:2] == ("R", "L")
