@@ -105,3 +105,23 @@ def test_diverged_loss_message_and_resumable_folder(tmp_path):
                     (out / "checkpoint.json").write_text("{}")
                 raise KeyboardInterrupt
         assert out.exists() == keep
+
+
+def test_check_finite_fields_names_the_field():
+    from dataclasses import dataclass
+
+    from MSKdeXLib.validation import check_finite_fields
+
+    @dataclass
+    class Geometry:
+        sid_mm: float = 1000.0
+        spacing_mm: tuple = (1.0, 1.0)
+        name: str = "ap"
+        window: tuple | None = None
+
+    check_finite_fields(Geometry())
+    with pytest.raises(UserError, match=r"Geometry\.sid_mm must be finite, got nan"):
+        check_finite_fields(Geometry(sid_mm=float("nan")))
+    with pytest.raises(UserError, match=r"Geometry\.spacing_mm must be finite"):
+        check_finite_fields(Geometry(spacing_mm=(1.0, float("inf"))))
+    check_finite_fields(Geometry(sid_mm=float("nan")), skip=("sid_mm",))

@@ -128,6 +128,8 @@ def kit(pelvis_case, tmp_path_factory, one_torch_thread):
         (d / "pred" / f"{case}.json").write_text(json.dumps({"format": "mskdex-estimates/1", "id": case,
                                                              "rows": rows}))
     (d / "garbage.csv").write_text("this,is\nnot,estimates\n")
+    dcm = (d / "xray.dcm").read_bytes()
+    (d / "xray_cut.dcm").write_bytes(dcm[: int(len(dcm) * 0.6)])  # a radiograph cut in its pixel data
     return d
 
 
@@ -212,6 +214,9 @@ CASES = [
                                             "--out", o, "--progress", "none"], 2, r"ct_trunc\.nii\.gz: CT is truncated"),
     ("register-nan-ct", lambda k, o: ["register", *_ct(k, "ct_nan.nrrd"), "--xray", str(k / "xray.dcm"),
                                       "--out", o, "--progress", "none"], 2, r"ct_nan\.nrrd: CT has 60 non-finite"),
+    ("register-truncated-xray", lambda k, o: ["register", *_ct(k), "--xray", str(k / "xray_cut.dcm"), "--out", o,
+                                              "--spacing", "6", "--progress", "none"], 2,
+     r"xray_cut\.dcm: cannot decode DICOM pixel data .*less than expected"),
     ("register-not-an-image", lambda k, o: ["register", *_ct(k), "--xray", str(k / "tiny.json"), "--out", o,
                                             "--progress", "none"], 2, r"tiny\.json: not an image"),
     # cohort
@@ -251,6 +256,9 @@ CASES = [
     ("predict-truncated-weights", lambda k, o: ["predict", "--model", str(k / "model_cut"), "--xray",
                                                 str(k / "xray.dcm"), "--out", o, "--device", "cpu"], 2,
      r"model_cut/model\.safetensors: not a valid safetensors file"),
+    ("predict-truncated-dicom", lambda k, o: ["predict", "--model", str(k / "model"), "--xray",
+                                              str(k / "xray_cut.dcm"), "--out", o], 2,
+     r"xray_cut\.dcm: cannot decode DICOM pixel data"),
     ("predict-spacing-nan", lambda k, o: ["predict", "--model", str(k / "model"), "--xray", str(k / "xray.dcm"),
                                           "--out", o, "--pixel-spacing", "nan"], 2,
      r"argument --pixel-spacing: must be a finite number"),
@@ -291,11 +299,17 @@ def test_bad_input_one_line_and_no_leftovers(kit, work, capsys, argv, code, mess
     assert sorted(os.listdir(work)) == [], "left behind in the output's parent folder"
 
 
-@pytest.mark.parametrize("command", ["metrics", "drr", "register", "train", "predict", "evaluate"])
+@pytest.mark.parametrize("command", ["metrics", "drr", "simulate-xray", "register", "cohort", "build-dataset",
+                                     "train", "predict", "evaluate"])
 def test_read_only_destination(kit, read_only, capsys, command):
     out = str(read_only / "out")
     argv = {"metrics": ["metrics", *_ct(kit), "--json", out + ".json"],
             "drr": ["drr", *_ct(kit), "--out", out, "--progress", "none"],
+            "simulate-xray": ["simulate-xray", *_ct(kit), "--out", out + ".dcm", "--rows", "32", "--cols", "32",
+                              "--spacing", "12", "--progress", "none"],
+            "cohort": ["cohort", *_ct(kit), "--n", "1", "--out", out, "--detector", "32", "32", "--progress", "none"],
+            "build-dataset": ["build-dataset", "--cases", str(kit / "cohort"), "--out", out, "--image-size", "32", "32",
+                              "--progress", "none"],
             "register": ["register", *_ct(kit), "--xray", str(kit / "xray.dcm"), "--out", out, "--progress", "none"],
             "train": ["train", "--config", str(kit / "tiny.json"), "--data", str(kit / "ds"), "--out", out,
                       "--progress", "none", "--device", "cpu"],
