@@ -183,6 +183,15 @@ def orientation_letters(patient_orientation: Sequence[str] | None) -> tuple[str,
     return "R", "L", True
 
 
+_DIRECTION = {"R": "right", "L": "left", "A": "anterior", "P": "posterior", "H": "head", "F": "feet"}
+
+
+def side_caption(left: str, right: str, assumed: bool) -> str:
+    """'R / L = the patient's right / left side.' (+ that it is assumed) for a caption."""
+    return (f"{left} / {right} = the patient's {_DIRECTION.get(left, left)} / {_DIRECTION.get(right, right)} side"
+            + (" (assumed: AP view, radiological display)." if assumed else "."))
+
+
 def draw_orientation(ax, left: str = "R", right: str = "L") -> None:
     """Side letters in the top corners of ``ax`` (inside the image, on a dark box)."""
     style = dict(color="yellow", fontsize=11, fontweight="bold", transform=ax.transAxes, va="top",
@@ -332,9 +341,7 @@ def decomposition_figure(path: str | Path, radiograph: np.ndarray, panels: Seque
     structure_legend(fig, names, kinds, colours, anchor=((w * n) / (w * n + lw) + 0.01, 0.5))
     if title:
         fig.suptitle(title, fontsize=11, color="white")
-    side = (f"{left} / {right} = patient's {'right' if left == 'R' else left} / "
-            f"{'left' if right == 'L' else right} side" + (" (assumed: AP view, radiological display)" if assumed else ""))
-    text = " ".join(t for t in (caption, side + ".") if t)
+    text = " ".join(t for t in (caption, side_caption(left, right, assumed)) if t)
     fig.text(0.005, 0.015, textwrap.fill(text, int(16 * (w * n + lw))), fontsize=8, ha="left", va="bottom",
              color="white")
     return save_figure(fig, path, force, dpi=110)

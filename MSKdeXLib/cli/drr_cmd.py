@@ -161,7 +161,9 @@ def run(args) -> int:
         write_json(out / "summary.json", summary, args.force)
         progress.update(1, stage="written")
         progress.event("done", out=str(args.out))
-    bad = [e for e in entries if not e["inside_detector"]]
-    print(f"wrote {args.out} ({len(entries)} channels" + (f"; {len(bad)} not fully inside the detector" if bad else "")
-          + ")")
+    bad = list(dict.fromkeys(e["structure"] for e in entries if not e["inside_detector"]))
+    print(f"wrote {args.out} ({len(entries)} channels)")
+    if bad:
+        print(f"note: {len(bad)} structure(s) not fully inside the detector, so their channel sums are less than "
+              f"their CT values: {', '.join(bad)} (a larger detector: --rows / --cols / --spacing)")
     return 0

@@ -41,6 +41,11 @@ def run(args) -> int:
         print(f"note: {n}")
     for line in ev.dropped_lines():  # every case left out, and why
         print(f"dropped: {line}")
+    seen = trained_on(args.pred, {i for vs in ev.pairs.values() for i, *_ in vs})
+    for split, ids in seen.items():
+        print(f"warning: {len(ids)} of the scored cases were in the model's {split} split "
+              f"({', '.join(sorted(ids)[:5])}{' ...' if len(ids) > 5 else ''}): their agreement shows how well the "
+              "model fits what it was trained or tuned on, not how well it does on new radiographs")
     head = ev.headline()
     text = ", ".join(f"{q} {v:.3f}" for q, v in head.items()) or "undefined (fewer than 2 cases)"
     print(f"mean PCC over structures: {text}")
@@ -48,3 +53,37 @@ def run(args) -> int:
         print(ev.coverage_text())
     print(f"wrote {args.out}")
     return 0
+
+
+def trained_on(pred: str, case_ids: set[str]) -> dict[str, set[str]]:
+    """{split: case ids} of the scored cases that the models behind the estimates under ``pred``
+    saw in their data set's 'train' or 'val' split (matched by the record's source folder name, as
+    evaluate pairs a cohort subject's prediction with its metrics). Estimates without a readable
+    model or data set are not checked."""
+    import json
+    from pathlib import Path
+
+    p = Path(pred)
+    files = sorted(p.rglob("*.json")) if p.is_dir() else [p]
+    datasets: set[Path] = set()
+    for f in files:
+        try:
+            model = json.loads(f.read_text()).get("model")
+            cfg = json.loads((Path(model) / "config.json").read_text()) if model else {}
+        except (OSError, ValueError, AttributeError, TypeError):
+            continue
+        ds = (cfg.get("data_summary") or {}).get("dataset")
+        if ds:
+            datasets.add(Path(ds))
+    out: dict[str, set[str]] = {}
+    for ds in datasets:
+        try:
+            records = json.loads((ds / "dataset.json").read_text())["records"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        for r in records:
+            split = r.get("split", "train")
+            for name in (Path(str(r.get("source", ""))).name, str(r.get("id", ""))):
+                if split in ("train", "val") and name in case_ids:
+                    out.setdefault(split, set()).add(name)
+    return out

@@ -10,13 +10,15 @@ from .common import Progress, add_ct_args, add_device, add_force, add_progress, 
 def add_parser(sub, name: str):
     p = sub.add_parser(name, help="register CT bones (pelvis, femurs ...) to a radiograph",
                        description="Intensity-based rigid 2D-3D registration: each rigid body's "
-                       "bone-only DRR is matched to the radiograph (patch-wise gradient NCC; CMA-ES "
+                       "DRR is matched to the radiograph (patch-wise gradient NCC; CMA-ES "
                        "on a coarse level, then gradient refinement through the DRR). Bodies are registered "
                        "in order; the first one carries the big search. A later body touching one registered "
                        "before it (a femur after the pelvis) rotates about the joint centre, starting from that "
                        "body's pose (hip = ball joint); a later body made of some of a registered body's "
                        "structures (a vertebra after 'spine') moves a little about its own centre from that "
-                       "body's pose. Both are searched at fine pixels in a window around them. Writes "
+                       "body's pose. Both are searched at fine pixels in a window around them. The DRR holds the "
+                       "body's bones and, by default, the CT's other tissue moving with the first body (the "
+                       "radiograph's soft tissue; --soft-tissue off: bones only). Writes "
                        "registration.json (ct_to_camera per body), qa.png and the registered bone "
                        "mass channels (g per pixel) as NRRD.")
     add_ct_args(p)
@@ -101,13 +103,14 @@ def _run(args, stage: Path) -> int:
                               args.landmarks, args.sid, args.spacing, args.table, args.resample_labels,
                               settings_from_args(args), args.force)
     device = resolve_device(args.device)
-    prog = Progress(args.progress, None, "register")
+    # the bar counts bodies (one per comma-separated entry of --bones; the default is 3)
+    prog = Progress(args.progress, len(args.bones.split(",")) if args.bones else 3, "register")
 
     def notify(event, **info):
         if event in ("inplane", "body-done"):
             prog.event("log", message=event, **info)
-        else:
-            prog.update(info.pop("step", 1), body=info.get("body"), similarity=info.get("similarity"))
+        # the count is of bodies; a CMA-ES / refinement step only shows the body and its similarity
+        prog.update(1 if event == "body-done" else 0, body=info.get("body"), similarity=info.get("similarity"))
 
     try:
         outcome = register_radiograph(req, device, notify)
@@ -123,7 +126,9 @@ def _run(args, stage: Path) -> int:
             extra = f", mTRE {r.mtre_mm:.2f} mm" if r.mtre_mm is not None else ""
             print(f"{r.name}: similarity {r.initial_similarity:.3f} -> {r.final_similarity:.3f}"
                   f"{' (DOUBTFUL)' if r.doubtful else ''}{extra}, {r.runtime_s:.1f} s")
-        print(f"wrote {Path(args.out) / outcome.path.name}")
+        out = Path(args.out)
+        print(f"wrote {out / outcome.path.name}, {out / 'qa.png'} (check the alignment by eye) and "
+              f"{len(outcome.report.get('channels', {}))} registered bone channels in {out / 'channels'}/")
     doubtful = any(r.doubtful for r in outcome.results)
     if doubtful and args.progress != "json":
         print(f"DOUBTFUL: exit code {EXIT_DOUBTFUL}; check qa.png before using this registration")

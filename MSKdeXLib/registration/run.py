@@ -216,7 +216,7 @@ def register_radiograph(req: RegistrationRequest, device="cpu",
     qa_figure(req.out / "qa.png", xray.pixels, drrs, None,
               title=f"{Path(req.xray).name}: " + ", ".join(
                   f"{r.name} sim {r.final_similarity:.3f}{' DOUBTFUL' if r.doubtful else ''}" for r in results),
-              force=req.force)
+              force=req.force, results=results, patient_orientation=xray.metadata.get("patient_orientation"))
     report = {
         "format": "mskdex-registration/1",
         "xray": str(req.xray), "ct": str(req.ct_path), "labels": str(req.labels_path),

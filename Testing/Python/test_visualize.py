@@ -76,3 +76,30 @@ def test_written_radiographs_say_patient_right_is_on_the_image_left(tmp_path):
     p = write_dx_dicom(tmp_path / "x.dcm", Radiograph(np.ones((8, 8), np.float32), (1.0, 1.0)))
     meta = load_radiograph(p).metadata
     assert meta["patient_orientation"] == ["L", "F"] and orientation_letters(meta["patient_orientation"])[:2] == ("R", "L")
+
+
+def test_qa_zooms_sit_where_the_bodies_meet_and_the_picture_flags_doubtful_bodies(tmp_path):
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from MSKdeXLib.registration.qa import qa_figure, zoom_boxes
+
+    pelvis = np.zeros((200, 200))
+    pelvis[40:120, 20:180] = 1.0
+    femur_r, femur_l = np.zeros_like(pelvis), np.zeros_like(pelvis)
+    femur_r[110:200, 40:70] = 1.0   # image left = patient's right
+    femur_l[110:200, 130:160] = 1.0
+    drrs = {"pelvis": pelvis, "femur_left": femur_l, "femur_right": femur_r}
+    boxes = zoom_boxes(drrs)
+    assert [b[0] for b in boxes] == ["femur_right meets pelvis", "femur_left meets pelvis"]  # left to right
+    for (label, (rs, cs)), col in zip(boxes, (55, 145)):
+        assert rs.start <= 115 < rs.stop and cs.start <= col < cs.stop  # the joint is in the zoom
+        assert rs.stop - rs.start == cs.stop - cs.start >= 44  # square, at least 22 % of the image
+    results = [SimpleNamespace(name="pelvis", final_similarity=0.8, doubtful=False, doubtful_below=0.3),
+               SimpleNamespace(name="femur_left", final_similarity=0.4, doubtful=True, doubtful_below=0.62),
+               SimpleNamespace(name="femur_right", final_similarity=0.9, doubtful=False, doubtful_below=0.62)]
+    rad = 0.2 + pelvis + femur_l + femur_r
+    p = qa_figure(tmp_path / "qa.png", rad, drrs, results=results, patient_orientation=["L", "F"])
+    w, h = Image.open(p).size
+    assert w > h > 300
