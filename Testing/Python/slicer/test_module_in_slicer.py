@@ -7,8 +7,6 @@ real and what is stood in. Issue 13's defects each have a test here (named in it
 from __future__ import annotations
 
 import csv
-import os
-import signal
 import time
 from pathlib import Path
 
