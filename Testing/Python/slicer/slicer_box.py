@@ -1113,7 +1113,11 @@ class LayoutManager(QObject):
             logic = slicer.vtkMRMLSliceLogic()
             logic.SetMRMLApplicationLogic(box.app_logic)
             logic.SetMRMLScene(box.scene)
-            node = logic.AddSliceNode(name)
+            node = box.scene.GetSingletonNode(name, "vtkMRMLSliceNode")  # made by the layout logic
+            if node is None:
+                node = logic.AddSliceNode(name)
+            else:
+                logic.SetSliceNode(node)
             node.SetOrientation(orientation)
             node.SetDimensions(400, 400, 1)
             logics.AddItem(logic)

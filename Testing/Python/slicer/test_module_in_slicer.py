@@ -386,3 +386,29 @@ def test_user_session(box, panel, sample_cache, pelvis, tiny_dataset, launcher, 
     box.unload()
     assert not box.active_timers()
     assert panel._job is None
+
+
+@pytest.mark.parametrize("box", ["v5.8.1"], indirect=True)
+def test_doubtful_registration_is_shown_not_failed(box, panel, sample_cache, pelvis, launcher, tmp_path):
+    """Found by the harness: ``mskdex register`` exits 3 when a registration is doubtful (its
+    outputs written); the panel loads them and flags the body instead of reporting a failure.
+    The radiograph here is a parallel projection (no cone beam): the bones cannot match it."""
+    import SimpleITK as sitk
+
+    ct, _ = pelvis
+    rho = np.clip(1 + ct.array / 1000.0, 0, None).sum(axis=1)[::-1, ::-1].astype(np.float32)
+    image = sitk.GetImageFromArray(rho)
+    image.SetSpacing((3.0, 3.0))
+    sitk.WriteImage(image, str(tmp_path / "parallel.nrrd"))
+    ui, p = panel.ui, panel._parameterNode
+    panel.logic.registrationExtraArgs = list(TINY_REGISTRATION)
+    assert ui.loadSampleButton.click()
+    p.radiograph = box.slicer.util.loadVolume(str(tmp_path / "parallel.nrrd"))
+    p.registrationBones = "pelvis"
+    assert ui.runRegistrationButton.click()
+    job = panel._job
+    _wait_idle(box, panel)
+    assert job.returncode == 3
+    assert not box.errors, box.errors
+    assert "doubtful: pelvis" in ui.doubtfulLabel.text and "pelvis" in ui.similarityLabel.text
+    assert p.registrationTransform is not None and p.registrationTransform.GetAttribute("MSKdeX.doubtful") == "1"

@@ -99,11 +99,19 @@ def test_registration_qa(box, panel, sample_cache, pelvis, launcher, tmp_path):
     assert not box.errors, box.errors
     reg = json.loads((Path(panel.logic._outputs["registration"]) / "registration.json").read_text())
     assert not reg["bodies"][0]["doubtful"]
+    from MSKdeXLib.projection.geometry import project
+
+    pts = ct.voxel_centres_lps(labels.mask("hip_left") | labels.mask("hip_right") | labels.mask("sacrum"))[::50]
+    err = np.linalg.norm(project(cam, np.asarray(reg["bodies"][0]["ct_to_camera"]), pts) - project(cam, truth, pts), axis=1)
+    print(f"QA registration: mean reprojection error {err.mean():.2f} px (3 mm pixels), max {err.max():.2f}")
+    assert err.mean() < 2.0
     red = box.slicer.app.layoutManager().sliceWidget("Red")
     red.mrmlSliceNode().SetDimensions(440, 400, 1)
     p.qaOpacity = 0.5
     overlay = sb.slice_rgba(red.sliceLogic())
     comp = red.mrmlSliceCompositeNode()
+    rgb = overlay[..., :3].astype(int)
+    assert ((rgb[..., 0] - rgb[..., 1]) > 40).mean() > 0.02  # the registered bones, in red
     assert comp.GetForegroundVolumeID() == p.drrVolume.GetID() and comp.GetForegroundOpacity() == 0.5
     p.showCheckerboard = True
     board = sb.slice_rgba(red.sliceLogic())

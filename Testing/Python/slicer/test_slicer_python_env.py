@@ -125,8 +125,8 @@ def test_module_commands_run_in_slicers_python(slicer_python, pelvis_case, tiny_
     reg = _job(exe, *jobs.register_args(str(pelvis_case.ct), str(pelvis_case.labels), str(xray),
                                         str(tmp_path / "reg"), bones="pelvis", spacing_mm=(3.0, 3.0), device="cpu",
                                         extra=TINY_REGISTRATION)).start()
-    assert reg.wait(300) == 0, reg.summary()
-    assert (tmp_path / "reg" / "registration.json").is_file()
+    assert reg.wait(300) in (0, 3), reg.summary()  # 3: finished, registration doubtful (tiny settings)
+    assert reg.succeeded and (tmp_path / "reg" / "registration.json").is_file()
     data, cfg = tiny_dataset
     tr = _job(exe, *jobs.train_args(str(data), str(tmp_path / "model"), config=str(cfg), device="cpu")).start()
     assert tr.wait(300) == 0, tr.summary()
