@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import closing
+
 from .common import add_ct_args, add_density_args, add_force, add_progress, density_from_args
 
 
@@ -61,6 +63,7 @@ def add_parser(sub, name: str):
 def run(args) -> int:
     from ..learning.cohort import CohortConfig, build_cohort
     from ..errors import UserError, require_file
+    from ..io.outputs import resumable_folder
     from .common import Progress
 
     require_file(args.ct, "CT")
@@ -80,11 +83,10 @@ def run(args) -> int:
                           kinds=tuple(args.kind or ("muscle", "bone")),
                           density=density_from_args(args).to_dict(), ranges=ranges.to_dict())
     bar = Progress(args.progress, args.n, "cohort")
-    try:
+    # each subject folder is built atomically; a cohort folder without any finished subject is removed
+    with resumable_folder(args.out, lambda p: any(p.glob("subject-*/subject.json"))), closing(bar):
         doc = build_cohort(config, args.n, args.out, workers=args.workers, force=args.force,
                            on_subject=lambda e: bar.update(1, subject=e["name"]), start=args.start)
-    finally:
-        bar.close()
     bar.event("done", subjects=len(doc["subjects"]), seconds=doc["seconds"])
     if args.progress != "json":
         print(f"{len(doc['subjects'])} subjects in {args.out} ({doc['seconds']:.1f} s)")

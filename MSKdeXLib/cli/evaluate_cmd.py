@@ -29,11 +29,18 @@ def add_parser(sub, name: str):
 def run(args) -> int:
     from ..evaluation.agreement import evaluate, read_rows, write_report
 
-    ev = evaluate(read_rows(args.pred), read_rows(args.truth))
-    write_report(ev, args.out, args.force)
+    from ..io.outputs import output_folder
+
+    with output_folder(args.out, args.force) as stage:  # staged: an error or Ctrl-C leaves nothing
+        skipped: list[str] = []
+        ev = evaluate(read_rows(args.pred, skipped), read_rows(args.truth, skipped))
+        ev.notes += [f"skipped file {s}" for s in skipped]
+        write_report(ev, stage, True)
     print(ev.to_markdown())
     for n in ev.notes:
         print(f"note: {n}")
+    for line in ev.dropped_lines():  # every case left out, and why
+        print(f"dropped: {line}")
     head = ev.headline()
     text = ", ".join(f"{q} {v:.3f}" for q, v in head.items()) or "undefined (fewer than 2 cases)"
     print(f"mean PCC over structures: {text}")

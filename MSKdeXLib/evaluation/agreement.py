@@ -73,6 +73,19 @@ class Evaluation:
     intervals: dict[tuple[str, str], list[tuple[str, float, float, float, float]]] = field(default_factory=dict)
     #: structure name -> kind ("muscle", "bone", ...) where the rows said it or a built-in table knows it
     kinds: dict[str, str] = field(default_factory=dict)
+    #: every row left out of the statistics: {id, structure, quantity, reason} (issue 15: never silently)
+    dropped: list[dict[str, str]] = field(default_factory=list)
+
+    def dropped_lines(self) -> list[str]:
+        """One line per (case, reason): 'case7: estimate is not a finite number (hip_left mass_g, ...)'."""
+        from ..errors import listing
+
+        groups: dict[tuple[str, str], list[str]] = {}
+        for d in self.dropped:
+            groups.setdefault((d["id"], d["reason"]), []).append(f"{d['structure']} {d['quantity']}".strip())
+        return [f"{rid}: {reason}" + (f" ({listing(items)})" if any(items) else "")
+                for (rid, reason), items in groups.items()]
+
 
     def muscles(self) -> list[str]:
         """The paired structures of kind "muscle" (table order of their first appearance)."""
@@ -179,10 +192,18 @@ def evaluate(pred_rows: Iterable[dict[str, Any]], truth_rows: Iterable[dict[str,
             raise UserError(f"unknown quantity '{q}' (use {QUANTITIES})")
         return (str(r["id"]), normalize_name(str(r["structure"])), q)
 
-    truth, names, kinds = {}, {}, {}
+    truth, names, kinds, dropped = {}, {}, {}, []
     pred_rows = list(pred_rows)
+
+    def drop(r, reason):
+        dropped.append({"id": str(r.get("id", "")), "structure": str(r.get("structure", "")),
+                        "quantity": str(r.get("quantity", "")), "reason": reason})
+
     for r in truth_rows:
         k = key(r)
+        if not np.isfinite(_number(r["value"])):
+            drop(r, "truth is not a finite number (null/NaN)")
+            continue
         truth[k] = float(r["value"])
         names.setdefault(k[1], str(r["structure"]))
         if r.get("kind"):
@@ -195,10 +216,16 @@ def evaluate(pred_rows: Iterable[dict[str, Any]], truth_rows: Iterable[dict[str,
     intervals: dict[tuple[str, str], list[tuple[str, float, float, float, float]]] = {}
     unmatched = 0
     seen = set()
+    pred_ids = set()
     for r in pred_rows:
         k = key(r)
+        pred_ids.add(k[0])
+        if not np.isfinite(_number(r["value"])):
+            drop(r, "estimate is not a finite number (null/NaN)")
+            continue
         if k not in truth:
             unmatched += 1
+            drop(r, "no finite truth for this case, structure and quantity")
             continue
         seen.add(k)
         pairs.setdefault((names[k[1]], k[2]), []).append((k[0], float(r["value"]), truth[k]))
@@ -216,9 +243,11 @@ def evaluate(pred_rows: Iterable[dict[str, Any]], truth_rows: Iterable[dict[str,
                       **interval_stats(intervals.get((s, q), []))})
     if not pairs:
         raise UserError("no prediction matches a truth row (check the ids, structure names and quantities)")
+    for rid in sorted({k[0] for k in truth} - pred_ids):
+        dropped.append({"id": rid, "structure": "", "quantity": "", "reason": "truth without any estimate"})
     for n in names.values():
         kinds.setdefault(n, builtin_kind(n))
-    return Evaluation(pairs, stats, unmatched, len(set(truth) - seen), notes, intervals, kinds)
+    return Evaluation(pairs, stats, unmatched, len(set(truth) - seen), notes, intervals, kinds=kinds, dropped=dropped)
 
 
 def builtin_kind(name: str) -> str:
@@ -261,9 +290,9 @@ def _wide_to_long(rid: str, items: Iterable[dict[str, Any]], level: Any = None) 
         rid_i = str(it.get("id") or rid)
         for q in QUANTITIES:
             v = it.get(q)
-            if name is not None and v not in (None, ""):
+            if name is not None and q in it and v != "":  # null (a NaN written as strict JSON) is kept: evaluate reports it
                 interval = {"low": it.get(f"{q}_low"), "high": it.get(f"{q}_high"), "level": it.get("level", level)}
-                out.append({"id": rid_i, "structure": str(name), "quantity": q, "value": float(v),
+                out.append({"id": rid_i, "structure": str(name), "quantity": q, "value": _number(v),
                             **({"kind": str(it["kind"])} if it.get("kind") else {}),
                             **_interval_fields(interval, level)})
     return out
@@ -276,8 +305,9 @@ def _interval_fields(r: dict[str, Any], level: Any) -> dict[str, float]:
     return {"low": float(r["low"]), "high": float(r["high"]), "level": _number(r.get("level", level))}
 
 
-def read_rows(path: str | Path) -> list[dict[str, Any]]:
-    """Rows {id, structure, quantity, value} from a file or a folder (recursively)."""
+def read_rows(path: str | Path, skipped: list[str] | None = None) -> list[dict[str, Any]]:
+    """Rows {id, structure, quantity, value} from a file or a folder (recursively). Files of a
+    folder that are not results are skipped; with a ``skipped`` list, each is named there with why."""
     from ..learning.inference import case_id_from_path
 
     path = Path(path)
@@ -291,8 +321,10 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
         for f in files:
             try:
                 rows += read_rows(f)
-            except UserError:
-                continue  # not a results file (e.g. a sidecar): skip it
+            except UserError as exc:
+                if skipped is not None:  # not a results file (e.g. a sidecar): skipped, and said so
+                    skipped.append(str(exc))
+                continue
         if not rows:
             raise UserError("folder holds no readable estimates / metrics files", path)
         return rows
@@ -310,7 +342,7 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
             rid = str(d.get("id") or rid)
             level = d.get("interval")
             return [{"id": str(r.get("id") or rid), "structure": r["structure"], "quantity": r["quantity"],
-                     "value": float(r["value"]), **({"kind": str(r["kind"])} if r.get("kind") else {}),
+                     "value": _number(r["value"]), **({"kind": str(r["kind"])} if r.get("kind") else {}),
                      **_interval_fields(r, level)} for r in d["rows"]]
         if isinstance(d, dict) and isinstance(d.get("structures"), list):
             rows = _wide_to_long(str(d.get("id") or rid), d["structures"], d.get("interval"))
@@ -406,7 +438,8 @@ def write_report(ev: Evaluation, out_dir: str | Path, force: bool = False) -> di
                                                           "specificity": ev.specificity(),
                                                           "icc": "ICC(2,1), two-way random, absolute agreement",
                                                           "unmatched_predictions": ev.unmatched_pred,
-                                                          "unmatched_truth": ev.unmatched_truth, "notes": ev.notes},
+                                                          "unmatched_truth": ev.unmatched_truth, "notes": ev.notes,
+                                                          "dropped": ev.dropped},
                                  force),
              "pairs": write_text(out / "pairs.csv", "\n".join(pair_lines) + "\n", force)}
     for p in plot(ev, out, force):

@@ -688,8 +688,16 @@ def vendor_processing(codes: np.ndarray, bits: int, pixel_mm: float, processing:
 
 
 def make_subject(config: CohortConfig, index: int, out_dir: Path, force: bool = False) -> dict:
-    """Build subject ``index`` into ``out_dir / subject-XXXX``; returns its cohort entry."""
-    from ..io.outputs import prepare_out_dir, write_json, write_volume
+    """Build subject ``index`` into ``out_dir / subject-XXXX``; returns its cohort entry. The
+    folder is built beside and renamed into place: an interrupted subject leaves nothing."""
+    from ..io.outputs import output_folder
+
+    with output_folder(Path(out_dir) / SubjectSpec(index, 0).name, force) as stage:
+        return _make_subject(config, index, stage, force)
+
+
+def _make_subject(config: CohortConfig, index: int, folder: Path, force: bool) -> dict:
+    from ..io.outputs import write_json, write_volume
 
     t0 = time.time()
     ct0, labels0 = load_source(config)
@@ -697,7 +705,6 @@ def make_subject(config: CohortConfig, index: int, out_dir: Path, force: bool = 
     structures0 = labels0.select(kinds=list(config.kinds))
     muscles = [s.name for s in structures0 if s.kind == "muscle"]
     spec = sample_subject(config.seed, index, muscles, config.cohort_ranges())
-    folder = prepare_out_dir(Path(out_dir) / spec.name, force)
     ct, labels, applied = modify_anatomy(ct0, labels0, spec)
     centre = bone_centre(ct0, labels0)
     ct, labels = scale_anatomy(ct, labels, spec.scale, centre)
