@@ -39,7 +39,7 @@ def shipped_packages(version: str) -> dict[str, str]:
     if not files:
         raise FileNotFoundError(f"no External_python-*.cmake for Slicer {version} in {REFERENCE}")
     for f in files:
-        for name, ver in re.findall(r"^\s*([A-Za-z0-9_.\-]+)==([^\s\\]+)", f.read_text(), flags=re.M):
+        for name, ver in re.findall(r"^\s*([A-Za-z0-9_.\-]+)==([^\s\\]+)", f.read_text(encoding="utf-8"), flags=re.M):
             found[name] = ver
     return found
 
@@ -56,7 +56,7 @@ def _module_requirements() -> tuple[str, tuple[str, ...]]:
 def env_dir(version: str) -> Path:
     torch, installs = _module_requirements()
     key = repr((sorted(shipped_packages(version).items()), BUILT_BY_SLICER, torch, installs,
-                (ROOT / ".ci" / "constraints.txt").read_text(), sys.version_info[:2]))
+                (ROOT / ".ci" / "constraints.txt").read_text(encoding="utf-8"), sys.version_info[:2]))
     return CACHE / f"{version}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 

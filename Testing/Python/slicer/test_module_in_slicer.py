@@ -166,7 +166,7 @@ def test_cancel_stops_the_worker_behind_the_launcher(box, panel, tiny_dataset, l
 
     data, cfg = tiny_dataset
     long_cfg = tmp_path / "long.json"
-    long_cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "steps": 100000}))
+    long_cfg.write_text(json.dumps({**json.loads(cfg.read_text(encoding="utf-8")), "steps": 100000}))
     p = panel._parameterNode
     p.datasetFolder, p.trainConfig, p.trainOutputFolder = str(data), str(long_cfg), str(tmp_path / "model")
     p.trainDevice = "cpu"
@@ -287,7 +287,7 @@ def test_self_test_registered_once(box):
     """Defect 11 (self-test registered twice): MSKdeXTest runs from one ctest registration."""
     box.load_module()
     assert "MSKdeX" in box.slicer.selfTests
-    cmake = [p.read_text() for p in (ROOT / "MSKdeX").rglob("CMakeLists.txt")]
+    cmake = [p.read_text(encoding="utf-8") for p in (ROOT / "MSKdeX").rglob("CMakeLists.txt")]
     regs = sum(t.count("slicer_add_python_unittest") for t in cmake)
     assert regs == 1
     assert not (ROOT / "MSKdeX" / "Testing" / "Python" / "MSKdeXSelfTest.py").exists()

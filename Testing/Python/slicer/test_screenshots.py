@@ -97,7 +97,7 @@ def test_registration_qa(box, panel, sample_cache, pelvis, launcher, tmp_path):
     assert ui.runRegistrationButton.click()
     box.process_events(until=lambda: panel._job is None, timeout=400)
     assert not box.errors, box.errors
-    reg = json.loads((Path(panel.logic._outputs["registration"]) / "registration.json").read_text())
+    reg = json.loads((Path(panel.logic._outputs["registration"]) / "registration.json").read_text(encoding="utf-8"))
     assert not reg["bodies"][0]["doubtful"]
     from MSKdeXLib.projection.geometry import project
 

@@ -27,7 +27,7 @@ def _third_party_imports() -> dict[str, set[str]]:
     the standard library or MSKdeXLib."""
     found: dict[str, set[str]] = {}
     for f in (ROOT / "MSKdeXLib").rglob("*.py"):
-        for n in ast.walk(ast.parse(f.read_text())):
+        for n in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
             mods = [a.name for a in n.names] if isinstance(n, ast.Import) else \
                 [n.module] if isinstance(n, ast.ImportFrom) and n.level == 0 and n.module else []
             for m in mods:
@@ -52,7 +52,7 @@ def test_one_dependency_list_covers_every_import():
         assert {"numpy", "scipy", "pillow", "pydicom"} <= shipped  # what SLICER_SHIPS relies on
         assert not shipped & {deps.distribution(r).lower() for r in deps.SLICER_INSTALLS}
     # pyproject's dependencies include the module's list (the command line needs the same)
-    pyproject = (ROOT / "pyproject.toml").read_text()
+    pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
     for r in (deps.TORCH, *deps.SLICER_INSTALLS):
         assert f'"{deps.distribution(r)}' in pyproject, r
 
@@ -117,7 +117,7 @@ def test_module_commands_run_in_slicers_python(slicer_python, pelvis_case, tiny_
     m = _job(exe, "metrics", "--ct", pelvis_case.ct, "--labels", pelvis_case.labels, "--structures", "sacrum",
              "--json", tmp_path / "m.json").start()
     assert m.wait(120) == 0, m.summary()
-    assert json.loads((tmp_path / "m.json").read_text())["structures"][0]["name"] == "sacrum"
+    assert json.loads((tmp_path / "m.json").read_text(encoding="utf-8"))["structures"][0]["name"] == "sacrum"
 
     ct, labels = pelvis
     rho = np.clip(1 + ct.array / 1000.0, 0, None).sum(axis=1)[::-1, ::-1].astype(np.float32)
@@ -134,7 +134,7 @@ def test_module_commands_run_in_slicers_python(slicer_python, pelvis_case, tiny_
     pr = _job(exe, *jobs.predict_args(str(tmp_path / "model"), str(xray), str(tmp_path / "est"), device="cpu",
                                       pixel_spacing_mm=(3.0, 3.0))).start()
     assert pr.wait(300) == 0, pr.summary()
-    assert json.loads((tmp_path / "est" / "estimates.json").read_text())["structures"]
+    assert json.loads((tmp_path / "est" / "estimates.json").read_text(encoding="utf-8"))["structures"]
 
 
 def test_cancel_through_the_launcher_stops_the_worker(slicer_python, tiny_dataset, tmp_path):
