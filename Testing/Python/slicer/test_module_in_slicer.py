@@ -231,6 +231,23 @@ def test_radiograph_overlay_lies_in_the_image_plane(box, pelvis, tmp_path):
     assert (rgba[..., :3].std(axis=(0, 1)) > 5).all()  # the image, not a line
 
 
+def test_qa_view_follows_the_value_just_chosen(box, panel, pelvis, tmp_path):
+    """Defect 10: moving the QA opacity slider shows the value just chosen (the QA handler ran
+    before the parameter node had it), and the checkerboard box switches the view."""
+    util = box.slicer.util
+    p = panel._parameterNode
+    p.radiograph = util.loadVolume(str(_radiograph_file(pelvis, tmp_path / "xray.nrrd", rows=40, cols=44, spacing=8.0)))
+    p.drrVolume = util.loadVolume(str(tmp_path / "xray.nrrd"), {"name": "drr"})
+    panel.onQAChanged()  # what a finished registration does
+    comp = box.slicer.app.layoutManager().sliceWidget("Red").mrmlSliceCompositeNode()
+    for value in (0.8, 0.3, 0.65):
+        panel.ui.qaOpacitySlider.value = value
+        assert comp.GetForegroundOpacity() == pytest.approx(value)
+    panel.ui.checkerboardCheckBox.checked = True
+    assert comp.GetForegroundVolumeID() is None
+    assert box.scene.GetNodeByID(comp.GetBackgroundVolumeID()).GetName() == "MSKdeX checkerboard"
+
+
 # ---------------------------------------------------------------------------------------------
 # Defect 9: saving the user's nodes for the subprocesses
 # ---------------------------------------------------------------------------------------------
