@@ -109,8 +109,8 @@ def _run(args, stage: Path) -> int:
     def notify(event, **info):
         if event in ("inplane", "body-done"):
             prog.event("log", message=event, **info)
-        # the count is of bodies; a CMA-ES / refinement step only shows the body and its similarity
-        prog.update(1 if event == "body-done" else 0, body=info.get("body"), similarity=info.get("similarity"))
+        if event != "inplane":  # the count is of bodies; a search step only shows the body and similarity
+            prog.update(1 if event == "body-done" else 0, body=info.get("body"), similarity=info.get("similarity"))
 
     try:
         outcome = register_radiograph(req, device, notify)
