@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-import time
 
 from ..anatomy.density import DensityModel
+from ..devices import resolve_device  # noqa: F401  (the commands import it from here)
+from ..progress import MODES as PROGRESS_MODES
+from ..progress import Progress  # noqa: F401  (the commands import it from here)
 
 
 def add_ct_args(p: argparse.ArgumentParser, labels_required: bool = True) -> None:
@@ -54,7 +54,7 @@ def add_device(p: argparse.ArgumentParser) -> None:
 
 
 def add_progress(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
+    p.add_argument("--progress", choices=PROGRESS_MODES, default="bar",
                    help="progress on stderr: a bar, one JSON object per line (for GUIs), or none")
 
 
@@ -71,49 +71,3 @@ def load_case(args):
     if getattr(args, "labels", None):
         labels = load_labels(args.labels, ct, args.table, args.resample_labels)
     return ct, labels
-
-
-def resolve_device(name: str = "auto"):
-    import torch
-
-    from ..errors import UserError
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device '{name}'") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device '{name}' requested but CUDA is not available")
-    return dev
-
-
-class Progress:
-    """Progress reporting on stderr: a tqdm bar, JSON lines, or nothing."""
-
-    def __init__(self, mode: str = "bar", total: int | None = None, desc: str = ""):
-        self.mode, self.total, self.desc, self.n, self.t0 = mode, total, desc, 0, time.time()
-        self._bar = None
-        if mode == "bar":
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=total, desc=desc, file=sys.stderr, leave=False)
-
-    def update(self, n: int = 1, **info) -> None:
-        self.n += n
-        if self._bar is not None:
-            self._bar.update(n)
-            if info:
-                self._bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in info.items()})
-        elif self.mode == "json":
-            self.event("progress", step=self.n, total=self.total, **info)
-
-    def event(self, kind: str, **info) -> None:
-        if self.mode == "json":
-            rec = {"event": kind, "stage": self.desc, "elapsed_s": round(time.time() - self.t0, 3), **info}
-            print(json.dumps(rec, default=float), file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()

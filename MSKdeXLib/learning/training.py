@@ -362,7 +362,8 @@ def train(config: dict[str, Any] | None, data_dir: str | Path | None, out_dir: s
     ``config`` None: the defaults, or with ``resume`` the checkpoint's config. ``data_dir`` None:
     ``config["data"]["dir"]`` (or the checkpoint's)."""
     from .checkpoint import load_checkpoint, save_checkpoint, save_model
-    from ..cli.common import Progress, resolve_device
+    from ..devices import resolve_device
+    from ..progress import Progress
     from .dataset.records import RecordDataset, load_dataset_info
     from ..io.outputs import prepare_out_dir, write_json
     from .networks.discriminator import MultiScaleDiscriminator
