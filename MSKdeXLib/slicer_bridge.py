@@ -29,11 +29,11 @@ from vtk.util import numpy_support
 
 from .errors import UserError
 from .projection.geometry import check_rigid, pose_from_slicer_ras, pose_to_slicer_ras
-from .io.images import Radiograph, Volume
+from .io.images import LabelMap, Radiograph, Volume
 from .io.documents import read_json
-from .io.volumes import LabelMap
-from .anatomy.structures import (Structure, StructureTable, _colour, _kind_of, _side_of, detect_table,
-                         detect_table_from_names, get_table, normalize_name)
+from .anatomy.structures import (Structure, StructureTable, colour_of as _colour, detect_table,
+                                 detect_table_from_names, get_table, kind_of as _kind_of, normalize_name,
+                                 side_of as _side_of)
 
 #: homogeneous LPS <-> RAS (its own inverse)
 LPS_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])

@@ -15,7 +15,7 @@ import numpy as np
 
 from .density import DensityModel
 from ..io.images import Volume
-from ..io.volumes import LabelMap
+from ..io.images import LabelMap
 from .structures import Structure
 
 MM3_PER_CM3 = 1000.0

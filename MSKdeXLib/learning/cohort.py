@@ -44,8 +44,7 @@ from scipy import ndimage
 from ..anatomy.density import DensityModel
 from ..errors import UserError
 from ..projection.geometry import Camera, ap_pose, perturbed_pose, project
-from ..io.images import Volume
-from ..io.volumes import LabelMap
+from ..io.images import LabelMap, Volume
 from ..anatomy.structures import Structure
 
 COHORT_FORMAT = "mskdex-cohort/1"

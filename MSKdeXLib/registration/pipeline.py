@@ -54,7 +54,7 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from ..projection.geometry import Camera
-from ..io.volumes import LabelMap
+from ..io.images import LabelMap
 from ..io.images import Volume
 from ..anatomy.structures import Structure
 from . import initialise
@@ -659,7 +659,7 @@ def inplane_radius_mm(labels: LabelMap, body: Body, pose: np.ndarray) -> float:
 def blur_batch(img: torch.Tensor, sigma_px: tuple[float, float]) -> torch.Tensor:
     """Gaussian blur (separable, edges replicated, differentiable) of (B, H, W) images with
     sigma (rows, cols) in pixels; unchanged when both are below 0.05 px."""
-    from ..projection.simulate import separable_gaussian
+    from ..projection.filters import separable_gaussian
 
     if max(sigma_px) < 0.05:
         return img

@@ -13,9 +13,10 @@ from MSKdeXLib.cli import main
 from MSKdeXLib.errors import UserError
 from MSKdeXLib.projection.geometry import Camera, perturbed_pose, project
 from MSKdeXLib.io.radiographs import load_radiograph
+from MSKdeXLib.projection.filters import gaussian_blur
 from MSKdeXLib.projection.simulate import (MASS_ATTENUATION_CM2_G, ENERGIES_KEV, SimulationSettings, detect,
-                                gaussian_blur, mass_attenuation, spectrum, split_materials,
-                                simulate_radiograph, transmission_poly, write_dicom_dx)
+                                           mass_attenuation, spectrum, split_materials, simulate_radiograph,
+                                           transmission_poly, write_dicom_dx)
 
 from MSKdeXLib.projection.rendering import isocentre_of  # noqa: E402
 
