@@ -63,7 +63,7 @@ def _camera(size: int):
 def _stretch_to(ct, labels, slices: int):
     """The CT and labels resampled to ``slices`` slices (linear / nearest): a 512x512xN case."""
     from MSKdeXLib.io.images import Volume
-    from MSKdeXLib.io.volumes import LabelMap
+    from MSKdeXLib.io.images import LabelMap
 
     nk = ct.array.shape[0]
     pos = (np.arange(slices) + 0.5) * nk / slices - 0.5
@@ -186,7 +186,7 @@ def worker(spec: dict) -> dict:
         _gpu_reset(dev)
         r = DRRRenderer(ct, cam, labels, structures, samples_per_ray=spec.get("samples"), device=dev)
         axis = r.dominant_axis(pose)
-        res["samples_per_ray"] = r._samples(axis)
+        res["samples_per_ray"] = r.ray_samples(axis)
         before = res["rss_data_mb"]
         with torch.no_grad():
             if kind == "ours":

@@ -51,21 +51,8 @@ def add_parser(sub, name: str):
     return p
 
 
-def _default_spacing(cases) -> tuple[float, float]:
-    import json
-
-    from ..learning.dataset.builder import read_registration
-
-    c = cases[0]
-    if c.kind == "virtual":
-        cam = json.loads((c.folder / "subject.json").read_text())["camera"]
-        return (float(cam["spacing_row_mm"]), float(cam["spacing_col_mm"]))
-    camera, _ = read_registration(c.folder / "registration.json")  # the radiograph's detector
-    return (camera.spacing_row_mm, camera.spacing_col_mm)
-
-
 def run(args) -> int:
-    from ..learning.dataset.builder import DatasetSettings, build_dataset, discover_cases, merge
+    from ..learning.dataset.builder import DatasetSettings, build_dataset, case_spacing, discover_cases, merge
     from ..errors import UserError
     from .common import Progress
 
@@ -76,12 +63,9 @@ def run(args) -> int:
     if not args.cases:
         raise UserError("give the case folders with --cases (or --merge)")
     cases = discover_cases(args.cases)
-    if args.spacing is None:
-        spacing = _default_spacing(cases)
-    elif len(args.spacing) in (1, 2):
-        spacing = tuple(args.spacing) * (2 if len(args.spacing) == 1 else 1)
-    else:
+    if args.spacing is not None and len(args.spacing) not in (1, 2):
         raise UserError("--spacing takes one value or two (row col)")
+    spacing = case_spacing(cases[0]) if args.spacing is None else tuple(args.spacing) * (3 - len(args.spacing))
     settings = DatasetSettings(image_size=tuple(args.image_size), pixel_spacing_mm=tuple(spacing),
                                structures=split_names(args.structures),
                                kinds=tuple(args.kind or ("muscle", "bone")),

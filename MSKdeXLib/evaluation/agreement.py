@@ -35,10 +35,9 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from ..errors import UserError
+from ..anatomy.quantities import QUANTITIES
 from ..anatomy.structures import normalize_name
-
-QUANTITIES = ("mass_g", "volume_cm3")
+from ..errors import UserError
 
 
 # ---------------------------------------------------------------------------------------------
