@@ -202,10 +202,11 @@ def atrophy(hu: np.ndarray, labels: np.ndarray, label: int, fraction: float, spa
 
 def hypertrophy(hu: np.ndarray, labels: np.ndarray, label: int, fraction: float, spacing_ijk,
                 rng: np.random.Generator, max_distance_mm: float = 12.0,
-                fat_range_hu: tuple[float, float] = FAT_RANGE_HU) -> int:
+                fat_range_hu: tuple[float, float] = FAT_RANGE_HU, density: DensityModel = DensityModel()) -> int:
     """Grow muscle ``label`` by ``fraction`` of its voxels into unlabelled fat next to it.
 
-    Grown voxels take HU values drawn from the muscle's own lean voxels and the muscle's label.
+    Grown voxels take HU values drawn from the muscle's own lean voxels (``density``'s lean window)
+    and the muscle's label.
     Growth is limited to fat within ``max_distance_mm``; returns the number of voxels grown.
     """
     mask = labels == label
@@ -230,7 +231,7 @@ def hypertrophy(hu: np.ndarray, labels: np.ndarray, label: int, fraction: float,
     sel[flat] = True
     sel = sel.reshape(m.shape)
     source = hu_box[m]
-    lean = source[(source >= -29) & (source <= 150)]
+    lean = source[density.lean(source)]
     pool = lean if lean.size else np.array([40.0])
     hu_box[sel] = rng.choice(pool, int(sel.sum()))
     lab_box[sel] = label
@@ -339,8 +340,10 @@ def relabel(ct: Volume, labels: LabelMap, array: np.ndarray) -> LabelMap:
                     dict(labels.notes))
 
 
-def modify_anatomy(ct: Volume, labels: LabelMap, spec: SubjectSpec) -> tuple[Volume, LabelMap, dict]:
-    """Apply ``spec``'s anatomy changes; returns (ct', labels', applied summary)."""
+def modify_anatomy(ct: Volume, labels: LabelMap, spec: SubjectSpec, density: DensityModel = DensityModel()
+                   ) -> tuple[Volume, LabelMap, dict]:
+    """Apply ``spec``'s anatomy changes (lean tissue: ``density``'s window); returns (ct', labels', applied
+    summary)."""
     rng = subject_rng(spec.seed, spec.index, 1)
     hu = ct.array.astype(np.float32, copy=True)
     lab = labels.label_array().astype(np.int32)
@@ -352,7 +355,7 @@ def modify_anatomy(ct: Volume, labels: LabelMap, spec: SubjectSpec) -> tuple[Vol
         if frac < 0:
             changed = -atrophy(hu, lab, s.label, -frac, ct.spacing, rng)
         else:
-            changed = hypertrophy(hu, lab, s.label, frac, ct.spacing, rng)
+            changed = hypertrophy(hu, lab, s.label, frac, ct.spacing, rng, density=density)
         applied["muscles"].setdefault(name, {})["voxels_changed"] = changed
         applied["muscles"][name]["voxels_before"] = n0
     for name, frac in sorted(spec.infiltration.items()):
@@ -541,7 +544,7 @@ def make_subject(config: CohortConfig, index: int, out_dir: Path, force: bool = 
     muscles = [s.name for s in structures0 if s.kind == "muscle"]
     spec = sample_subject(config.seed, index, muscles, config.cohort_ranges())
     folder = prepare_out_dir(Path(out_dir) / spec.name, force)
-    ct, labels, applied = modify_anatomy(ct0, labels0, spec)
+    ct, labels, applied = modify_anatomy(ct0, labels0, spec, density)
     structures = [s for s in structures0 if s.label in labels.entries]
     camera = Camera.from_dict(config.camera) if config.camera else \
         fit_camera(ct0, labels0, config.rows, config.cols, config.sid_mm)
