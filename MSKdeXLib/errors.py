@@ -27,3 +27,11 @@ def require_file(path: str | Path, what: str = "file") -> Path:
     if not p.exists():
         raise UserError(f"{what} not found", p)
     return p
+
+
+def listing(items, limit: int = 5) -> str:
+    """Comma-separated ``items``, the first ``limit`` of them then 'and N more' (never a silent cut)."""
+    items = [str(i) for i in items]
+    if len(items) <= limit:
+        return ", ".join(items)
+    return ", ".join(items[:limit]) + f" and {len(items) - limit} more"

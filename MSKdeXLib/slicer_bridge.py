@@ -520,7 +520,7 @@ def table_node_from_rows(rows: Sequence[dict], scene, name: str = "MSKdeX table"
             if numeric:
                 arr.InsertNextValue(float("nan") if v is None else float(v))
             else:
-                arr.InsertNextValue("" if v is None else str(v))
+                arr.InsertNextValue("" if v is None else "; ".join(map(str, v)) if isinstance(v, list) else str(v))
         table.AddColumn(arr)
     if node is None:
         node = _add(scene, slicer.vtkMRMLTableNode(), name)

@@ -13,6 +13,8 @@ import sys
 
 from .. import __version__
 from ..errors import UserError
+from ..validation import finite_float
+from .option_checks import check_options
 
 #: subcommand name -> module (relative to this package) defining add_parser(subparsers)
 SUBCOMMANDS = {
@@ -30,6 +32,11 @@ SUBCOMMANDS = {
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        # every ``type=float`` option (in groups too: they share this registry) refuses NaN/inf
+        self.register("type", float, finite_float())
+
     def error(self, message: str):  # one line, exit code 2 (argparse's own convention)
         self.exit(2, f"{self.prog}: error: {message}\n")
 
@@ -57,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        check_options(args)
         return int(args.func(args) or 0)
     except UserError as exc:
         print(f"mskdex {args.command}: error: {exc}", file=sys.stderr)

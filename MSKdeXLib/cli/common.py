@@ -20,6 +20,9 @@ def add_ct_args(p: argparse.ArgumentParser, labels_required: bool = True) -> Non
                         "(default: auto-detect)")
     g.add_argument("--resample-labels", action="store_true",
                    help="resample a label map on another grid onto the CT grid (nearest neighbour)")
+    g.add_argument("--nonfinite", choices=("refuse", "mask"), default="refuse",
+                   help="NaN/inf voxels in the CT: refuse the CT (default), or mask them as air "
+                        "(-1000 HU; their count is recorded in the outputs)")
 
 
 def add_structure_args(p: argparse.ArgumentParser) -> None:
@@ -66,7 +69,7 @@ def load_case(args):
     """(ct, labels) from the shared CT options."""
     from ..io.volumes import load_ct, load_labels
 
-    ct = load_ct(args.ct)
+    ct = load_ct(args.ct, getattr(args, "nonfinite", "refuse"))
     labels = None
     if getattr(args, "labels", None):
         labels = load_labels(args.labels, ct, args.table, args.resample_labels)

@@ -93,13 +93,16 @@ class Volume:
 
     def grid_description(self) -> dict[str, Any]:
         """JSON-ready description of the grid (recorded in outputs)."""
-        return {
+        desc = {
             "size_ijk": list(self.size),
             "spacing_mm": list(self.spacing),
             "origin_lps_mm": list(self.origin),
             "direction": self.direction.round(8).tolist(),
             "source": self.source,
         }
+        if "nonfinite" in self.metadata:  # NaN/inf voxels masked at load (io.volumes.load_ct)
+            desc["nonfinite"] = self.metadata["nonfinite"]
+        return desc
 
     # --- SimpleITK bridge -----------------------------------------------------------------
     def to_sitk(self):

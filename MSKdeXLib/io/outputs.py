@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from ..errors import UserError
+from ..validation import finite_or_none
 
 
 def check_new(path: str | Path, force: bool = False) -> Path:
@@ -83,17 +84,22 @@ def write_text(path: str | Path, text: str, force: bool = False) -> Path:
     return Path(path)
 
 
+def json_text(data: Any) -> str:
+    """Strict JSON text of ``data``: every NaN/inf becomes ``null`` (never the bare ``NaN`` that
+    strict parsers reject); numpy scalars/arrays and Paths are converted."""
+    return json.dumps(finite_or_none(data), indent=2, default=_json_default, allow_nan=False) + "\n"
+
+
 def write_json(path: str | Path, data: Any, force: bool = False) -> Path:
-    return write_text(path, json.dumps(data, indent=2, default=_json_default) + "\n", force)
+    """Write ``data`` as strict JSON (non-finite numbers as ``null``), atomically."""
+    return write_text(path, json_text(data), force)
 
 
 def _json_default(obj):
     import numpy as np
 
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
+    if isinstance(obj, (np.generic, np.ndarray)):
+        return finite_or_none(obj.tolist() if isinstance(obj, np.ndarray) else obj.item())
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

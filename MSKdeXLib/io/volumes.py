@@ -14,7 +14,9 @@ import numpy as np
 from ..anatomy.structures import (Structure, StructureTable, colour_of, detect_table, detect_table_from_names,
                                   get_table, kind_of, normalize_name, side_of)
 from ..errors import UserError
+from ..validation import nonfinite_summary
 from .images import LabelMap, Volume
+from .payload import check_dicom_files, check_dicom_folder, check_payload
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 
@@ -34,9 +36,13 @@ def _read_sitk(path: Path, what: str):
                 # Take the series with most files; say which.
                 series = sorted(series, key=lambda s: -len(reader.GetGDCMSeriesFileNames(str(path), s)))
             files = reader.GetGDCMSeriesFileNames(str(path), series[0])
+            check_dicom_folder(path, [f for s in series for f in reader.GetGDCMSeriesFileNames(str(path), s)],
+                               what)
+            check_dicom_files(list(files), what)
             reader.SetFileNames(files)
             reader.MetaDataDictionaryArrayUpdateOn()
             return reader.Execute()
+        check_payload(path, what)
         return sitk.ReadImage(str(path))
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
@@ -44,8 +50,18 @@ def _read_sitk(path: Path, what: str):
         raise UserError(f"cannot read {what} ({detail.strip()[:160]})", path) from None
 
 
-def load_ct(path: str | Path) -> Volume:
-    """A CT volume in Hounsfield units (float32), from a file or a DICOM series folder."""
+#: what to do with NaN/inf voxels in a CT: refuse the CT (default), or mask them
+NONFINITE_POLICIES = ("refuse", "mask")
+#: HU given to non-finite voxels under ``nonfinite="mask"``: air (zero density, outside the lean window)
+NONFINITE_FILL_HU = -1000.0
+
+
+def load_ct(path: str | Path, nonfinite: str = "refuse") -> Volume:
+    """A CT volume in Hounsfield units (float32), from a file or a DICOM series folder.
+
+    Its pixel payload must be complete (see :mod:`.payload`) and every voxel finite: NaN/inf
+    voxels are refused with their count and index box, or with ``nonfinite="mask"`` set to
+    :data:`NONFINITE_FILL_HU` and recorded in ``metadata["nonfinite"]`` (outputs copy it)."""
     path = Path(path)
     img = _read_sitk(path, "CT")
     if img.GetDimension() != 3:
@@ -56,6 +72,15 @@ def load_ct(path: str | Path) -> Volume:
     vol.array = vol.array.astype(np.float32, copy=False)
     if min(vol.array.shape) < 2:
         raise UserError(f"CT is degenerate (shape {vol.array.shape})", path)
+    bad = ~np.isfinite(vol.array)
+    if bad.any():
+        summary = nonfinite_summary(vol.array)
+        if nonfinite != "mask":
+            raise UserError(f"CT has {summary}; fix the file, or pass --nonfinite mask to treat them as "
+                            f"air ({NONFINITE_FILL_HU:g} HU, recorded in the outputs)", path)
+        vol.array = np.where(bad, np.float32(NONFINITE_FILL_HU), vol.array)
+        vol.metadata["nonfinite"] = {"policy": "mask", "voxels": int(bad.sum()), "filled_hu": NONFINITE_FILL_HU,
+                                     "summary": summary}
     return vol
 
 

@@ -80,6 +80,17 @@ def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         raise UserError(f"not a valid safetensors file ({msg}); pickle files are never loaded", path) from None
 
 
+def require_finite_weights(tensors: dict[str, torch.Tensor], path: str | Path, what: str = "weight") -> None:
+    """UserError naming ``path`` and the first tensor holding NaN/inf (with how many tensors do):
+    a model or checkpoint from a diverged run is never written nor loaded."""
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        n = int((~torch.isfinite(tensors[bad[0]])).sum())
+        more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+        raise UserError(f"{what} '{bad[0]}' holds {n} NaN/inf values{more}: the model is unusable "
+                        "(from a diverged training run?)", path)
+
+
 # ---------------------------------------------------------------------------------------------
 # Training checkpoints
 # ---------------------------------------------------------------------------------------------
@@ -100,6 +111,7 @@ def save_checkpoint(folder: str | Path, *, generator: torch.nn.Module, discrimin
     if opt_d is not None:
         od_t, od_meta = flatten_optimizer(opt_d, "opt_d")
         tensors.update(od_t)
+    require_finite_weights(tensors, folder / "checkpoint.safetensors", "checkpoint tensor")
     tensors["rng.torch"] = torch.get_rng_state()
     step = str(int(meta["step"]))
     with atomic_path(folder / "checkpoint.safetensors", force=True) as tmp:
@@ -120,6 +132,7 @@ def load_checkpoint(folder: str | Path) -> tuple[dict[str, dict[str, torch.Tenso
     tensors, st_meta = _load_safetensors(st_path)
     if meta.get("format") != CHECKPOINT_FORMAT or st_meta.get("step") != str(meta.get("step")):
         raise UserError("checkpoint.json and checkpoint.safetensors do not belong together", folder)
+    require_finite_weights(tensors, st_path, "checkpoint tensor")
     parts = {"generator": _strip(tensors, "generator"), "discriminator": _strip(tensors, "discriminator"),
              "opt_g": unflatten_optimizer(tensors, meta["optimizer_g"], "opt_g"),
              "opt_d": None if meta.get("optimizer_d") is None else
@@ -138,6 +151,7 @@ def save_model(folder: str | Path, generator: torch.nn.Module, config: dict[str,
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().cpu().contiguous() for k, v in generator.state_dict().items()}
+    require_finite_weights(weights, folder / "model.safetensors")
     with atomic_path(folder / "model.safetensors", force=force) as tmp:
         save_file(weights, str(tmp), metadata={"format": MODEL_FORMAT})
     write_json(folder / "config.json", {"format": MODEL_FORMAT, **config}, force=force)
@@ -176,4 +190,5 @@ def load_model_files(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[
                         folder / "config.json")
     check_model_config(config, folder / "config.json")
     weights, _ = _load_safetensors(weights_path)
+    require_finite_weights(weights, weights_path)
     return weights, config

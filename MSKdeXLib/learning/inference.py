@@ -36,9 +36,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, listing
 from ..io.images import Radiograph
 from ..anatomy.structures import Structure
+from ..validation import NonFiniteError
 
 #: default test-time augmentation ranges (small; see data_loading.DEFAULT_AUGMENT for keys)
 TTA_AUGMENT = {"enabled": True, "rotation_deg": 2.0, "scale": [0.97, 1.03], "translation": 0.02,
@@ -123,6 +124,12 @@ class Estimates:
     warnings: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, Any] | None = None
+    #: structure name -> warnings about that structure's estimates (e.g. outside the training range)
+    structure_warnings: dict[str, list[str]] = field(default_factory=dict)
+
+    def warnings_of(self, structure: str) -> list[str]:
+        """The warnings that concern ``structure``: its own, then the radiograph-wide ones."""
+        return list(self.structure_warnings.get(structure, [])) + list(self.warnings)
 
     @property
     def mean(self) -> np.ndarray:
@@ -177,7 +184,8 @@ class Estimates:
         """Wide format: one row per structure with mass_g / volume_cm3 and their intervals."""
         out: dict[str, dict[str, Any]] = {}
         for r in self.rows():
-            row = out.setdefault(r["structure"], {"id": self.id, "structure": r["structure"], "kind": r["kind"]})
+            row = out.setdefault(r["structure"], {"id": self.id, "structure": r["structure"], "kind": r["kind"],
+                                                  "warnings": self.warnings_of(r["structure"])})
             q = r["quantity"]
             row[q], row[f"{q}_low"], row[f"{q}_high"] = r["value"], r["low"], r["high"]
         return list(out.values())
@@ -190,12 +198,13 @@ class Estimates:
 
     def to_csv(self) -> str:
         cols = ["id", "structure", "kind", "mass_g", "mass_g_low", "mass_g_high", "volume_cm3",
-                "volume_cm3_low", "volume_cm3_high"]
+                "volume_cm3_low", "volume_cm3_high", "warnings"]
         buf = io.StringIO()
         w = csv.DictWriter(buf, cols, extrasaction="ignore", lineterminator="\n")
         w.writeheader()
         for r in self.table():
-            w.writerow({c: (f"{r[c]:.6g}" if isinstance(r.get(c), float) else r.get(c, "")) for c in cols})
+            w.writerow({c: (f"{r[c]:.6g}" if isinstance(r.get(c), float) else
+                            "; ".join(r[c]) if isinstance(r.get(c), list) else r.get(c, "")) for c in cols})
         return buf.getvalue()
 
 
@@ -337,7 +346,7 @@ def prepare_input(model: Model, radiograph: Radiograph) -> tuple[np.ndarray, lis
         bad = [f"p{p:g}={g:.2f} (training {a:.2f}..{b:.2f})" for p, g, a, b in zip(q["percentiles"], got, lo, hi)
                if g < a - margin[0] or g > b + margin[0]] if len(lo) else []
         if bad:
-            warnings.append("radiograph intensities unlike the training data: " + ", ".join(bad[:3]))
+            warnings.append("radiograph intensities unlike the training data: " + listing(bad, 3))
     placement = {"input_pixel_spacing_mm": [float(v) for v in spacing],
                  "input_spacing_assumed": radiograph.pixel_spacing is None,
                  "principal_point_rc": None if pp is None else [float(v) for v in pp]}
@@ -388,17 +397,25 @@ def predict(model: Model, radiograph: Radiograph, tta: int | None = None, seed: 
         tta = default_tta(model)
     x, warnings, placement = prepare_input(model, radiograph)
     samples, first = channel_sums(model.generator, x, tta, seed, model.device, batch_size)
+    bad = [f"{c['structure']} {c['quantity']}" for c, ok in zip(model.channels, np.isfinite(samples).all(0)) if not ok]
+    if bad:
+        raise NonFiniteError(f"estimates are not finite for {listing(bad)}", radiograph.source or None)
     rng = model.config.get("data_summary", {}).get("truth_range")
+    per_structure: dict[str, list[str]] = {}
     if rng and len(rng) == samples.shape[1]:
-        out = [f"{c['structure']} {c['quantity']}" for c, (a, b), v in zip(model.channels, rng, samples.mean(0))
-               if v < 0.5 * a or v > 1.5 * b]
+        out = []
+        for c, (a, b), v in zip(model.channels, rng, samples.mean(0)):
+            if v < 0.5 * a or v > 1.5 * b:
+                out.append(f"{c['structure']} {c['quantity']}")
+                per_structure.setdefault(c["structure"], []).append(
+                    f"{c['quantity']} {v:.4g} outside the training range {a:.4g}..{b:.4g}")
         if out:
-            warnings.append("estimates outside the training range for: " + ", ".join(out[:5]))
+            warnings.append("estimates outside the training range for: " + listing(out))
     rid = rec_id or (case_id_from_path(radiograph.source) if radiograph.source else "radiograph")
     info = {"model": str(model.folder), "radiograph": radiograph.source,
             **placement, "code_version": model.config.get("code_version")}
     return Estimates(rid, model.structures, model.channels, samples, first, x, model.pixel_spacing_mm,
-                     warnings, info, model.config.get("calibration"))
+                     warnings, info, model.config.get("calibration"), per_structure)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -39,6 +39,8 @@ import torch
 
 from .. import __version__
 from ..errors import UserError
+from ..validation import NonFiniteError
+from .config_checks import check_training_config
 from .inference import DEFAULT_TTA, FLOOR_FRACTION, INTERVAL
 
 DEFAULT_LOSSES = {"l1": 100.0, "gradient_correlation": 1.0, "gan": 1.0, "feature_matching": 10.0,
@@ -136,6 +138,7 @@ def merge_config(user: dict[str, Any] | None, source: str = "config") -> dict[st
             cfg[key] = {**cfg[key], **value}
         else:
             cfg[key] = value
+    check_training_config(cfg, source)
     return cfg
 
 
@@ -441,6 +444,7 @@ def train(config: dict[str, Any] | None, data_dir: str | Path | None, out_dir: s
         gen.sum_head.set_feature_stats(pooled_xrays(info, cfg["data"]["train_split"], gen.sum_head).to(dev))
 
     step, history = 0, []
+    saved_step = None  # step of the last checkpoint on disk (for the divergence message)
     if ckpt is not None:
         parts, meta = ckpt
         gen.load_state_dict(parts["generator"])
@@ -451,6 +455,7 @@ def train(config: dict[str, Any] | None, data_dir: str | Path | None, out_dir: s
         if parts["rng"]["torch"] is not None:
             torch.set_rng_state(parts["rng"]["torch"])
         step, history = int(meta["step"]), list(meta.get("history", []))
+        saved_step = step
 
     gen_run, disc_run = gen, disc
     if dist_info.world > 1:
@@ -485,6 +490,7 @@ def train(config: dict[str, Any] | None, data_dir: str | Path | None, out_dir: s
         prog._bar.update(step)
 
     def write_state(final: bool) -> None:
+        nonlocal saved_step
         if not dist_info.main:
             return
         mc = model_config(cfg, info, scales, summary, step)
@@ -495,6 +501,7 @@ def train(config: dict[str, Any] | None, data_dir: str | Path | None, out_dir: s
                 "data_summary": summary, "code_version": __version__, "model_config": mc,
                 "world_size": dist_info.world, "amp": amp}
         save_checkpoint(out, generator=gen, discriminator=disc, opt_g=opt_g, opt_d=opt_d, meta=meta)
+        saved_step = step
         write_json(out / "history.json", history, force=True)
         if final:
             save_model(out, gen, mc, force=True)
@@ -527,6 +534,7 @@ def train(config: dict[str, Any] | None, data_dir: str | Path | None, out_dir: s
                 with autocast():
                     loss_d = discriminator_loss(pred, batch, scales_t, groups, disc_run, noise,
                                                 float(acfg["real_label"]))
+                _require_finite_loss({"discriminator": loss_d}, step, saved_step)
                 loss_d.float().backward()
                 opt_d.step()
                 rec["discriminator"] = float(loss_d.detach())
@@ -534,6 +542,7 @@ def train(config: dict[str, Any] | None, data_dir: str | Path | None, out_dir: s
             with autocast():
                 losses = generator_losses(pred.float(), None if recon is None else recon.float(), batch,
                                           scales_t, groups, w_step, disc_run if adv > 0 else None, disc, noise)
+            _require_finite_loss(losses, step, saved_step)
             losses["total"].float().backward()
             opt_g.step()
             step += 1
@@ -574,6 +583,17 @@ def calibration_record(gen, info, ccfg: dict[str, Any], seed: int, dev) -> dict[
     except UserError as exc:
         return {"calibration": None, "calibration_note": str(exc.args[0]) if exc.args else str(exc)}
     return {"calibration": cal}
+
+
+def _require_finite_loss(losses: dict[str, torch.Tensor], step: int, saved_step: int | None) -> None:
+    """NonFiniteError when a loss term is NaN/inf (checked before the optimiser step, so the weights
+    stay finite): the run stops, no model is written, the last checkpoint (if any) is kept."""
+    bad = [k for k, v in losses.items() if not bool(torch.isfinite(v.detach()).all())]
+    if bad:
+        kept = (f"; the checkpoint of step {saved_step} is kept (lower optimizer.lr, then --resume)"
+                if saved_step else "")
+        raise NonFiniteError(f"training diverged: loss {', '.join(bad)} is not finite at step {step + 1}; "
+                             f"no model written{kept}")
 
 
 def learning_rate(ocfg: dict[str, Any], step: int, total: int) -> float:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from MSKdeXLib.io import sample_data
@@ -51,3 +54,36 @@ def chest(chest_case):
 
     ct = load_ct(chest_case.ct)
     return ct, load_labels(chest_case.labels, ct)
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def strict_json_problems(folder: Path) -> list[str]:
+    """Every *.json under ``folder`` that a strict JSON parser rejects (bare NaN/Infinity...)."""
+    bad = []
+    for f in sorted(Path(folder).rglob("*.json")):
+        try:
+            json.loads(f.read_text(), parse_constant=_reject_constant)
+        except (ValueError, OSError) as exc:
+            bad.append(f"{f}: {exc}")
+    return bad
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    """Issue 15: every JSON a test writes under its tmp_path must be strict JSON (no NaN)."""
+    outcome = yield
+    folder = getattr(item, "funcargs", {}).get("tmp_path")
+    if folder is not None and outcome.excinfo is None:
+        bad = strict_json_problems(folder)
+        assert not bad, "non-strict JSON written: " + "; ".join(bad)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _strict_json_session_outputs(tmp_path_factory):
+    """The same for the session's shared folders (module/session fixtures' outputs)."""
+    yield
+    bad = strict_json_problems(tmp_path_factory.getbasetemp())
+    assert not bad, "non-strict JSON written: " + "; ".join(bad)

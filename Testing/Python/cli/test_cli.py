@@ -39,7 +39,7 @@ def test_version():
 @pytest.mark.parametrize("extra, message", [
     (["--structures", "gluteus giganticus"], "unknown structure name 'gluteus giganticus'"),
     (["--table", "nonsense_table"], "unknown structure table 'nonsense_table'"),
-    (["--lean-window", "100", "-20"], "lean HU window must have low < high"),
+    (["--lean-window", "100", "-20"], "--lean-window must be (low, high) with low < high"),
 ])
 def test_user_errors_are_one_line_exit_2(pelvis_case, extra, message):
     r = _run("metrics", "--ct", str(pelvis_case.ct), "--labels", str(pelvis_case.labels), *extra)

@@ -379,7 +379,8 @@ def test_prediction_channels_sit_where_inference_resampled_the_radiograph(pelvis
     for got, want in zip(table, doc["structures"]):
         assert set(want) <= set(got)
         for k, v in want.items():
-            assert got[k] == (pytest.approx(v, rel=1e-12) if isinstance(v, float) else str(v)), k
+            assert got[k] == (pytest.approx(v, rel=1e-12) if isinstance(v, float) else
+                              "; ".join(v) if isinstance(v, list) else str(v)), k
     assert layers.table.GetColumnUnitLabel("mass_g_low") == "g"
     assert layers.table.GetColumnUnitLabel("volume_cm3") == "cm^3"
     # whether the interval is calibrated travels with the table (the GUI states it)
