@@ -249,7 +249,7 @@ def register_args(ct: str, labels: str, xray: str, out: str, bones: str | None =
         args += ["--landmarks", landmarks]
     if sid_mm:
         args += ["--sid", repr(float(sid_mm))]
-    args += _spacing_args("--spacing", spacing_mm)
+    args += _spacing_args("--pixel-spacing", spacing_mm)
     if force:
         args.append("--force")
     return ["register", *map(str, args), *map(str, extra), "--progress", "json"]

@@ -547,8 +547,7 @@ def rows_from_table_node(node) -> list[dict]:
     return out
 
 
-METRIC_COLUMNS = ("name", "label", "kind", "side", "voxels", "volume_cm3", "mass_g",
-                  "lean_volume_cm3", "mean_hu")
+from .anatomy.ct_metrics import METRIC_COLUMNS  # noqa: E402  (the metrics table's columns, named once)
 
 
 def metrics_table_node(rows: Sequence[dict], scene, name: str = "MSKdeX CT metrics", node=None):

@@ -40,7 +40,9 @@ from pathlib import Path
 
 import numpy as np
 
-FOV_MM = 409.6  # detector side at SID: 256 x 1.6 mm
+from MSKdeXLib.settings import DRR_DETECTOR, SID_MM
+
+FOV_MM = DRR_DETECTOR.rows * DRR_DETECTOR.pixel_spacing_mm  # detector side at SID: 256 x 1.6 = 409.6 mm
 
 
 def _load(case: str):
@@ -57,7 +59,7 @@ def _load(case: str):
 def _camera(size: int):
     from MSKdeXLib.projection.geometry import Camera
 
-    return Camera(size, size, FOV_MM / size, FOV_MM / size, 1000.0)
+    return Camera(size, size, FOV_MM / size, FOV_MM / size, SID_MM)
 
 
 def _stretch_to(ct, labels, slices: int):

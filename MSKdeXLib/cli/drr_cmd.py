@@ -12,8 +12,10 @@ from ..anatomy.quantities import CHANNEL_KINDS
 from ..errors import UserError
 from ..io.outputs import prepare_out_dir
 from ..projection.geometry import Camera
-from .common import (Progress, add_ct_args, add_density_args, add_device, add_force, add_progress,
-                     add_structure_args, density_from_args, load_case, resolve_device, split_names)
+from ..settings import DRR_DETECTOR, MU_WATER_PER_MM
+from .common import (Progress, add_ct_args, add_density_args, add_device, add_force, add_pixel_spacing, add_progress,
+                     add_sid, add_structure_args, density_from_args, load_case, resolve_device, spacing_rc,
+                     split_names)
 
 
 def add_parser(sub, name: str):
@@ -24,23 +26,21 @@ def add_parser(sub, name: str):
     add_ct_args(p)
     add_structure_args(p)
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--channels", default="mass,volume",
-                   help="comma-separated quantities: mass, volume, or 'none' (default: mass,volume)")
+    p.add_argument("--channels", default=",".join(CHANNEL_KINDS),
+                   help=f"comma-separated quantities: {', '.join(CHANNEL_KINDS)}, or 'none' (default: %(default)s)")
     g = p.add_argument_group("geometry (see docs/frames.md)")
-    g.add_argument("--rows", type=int, default=256, help="detector rows (default 256)")
-    g.add_argument("--cols", type=int, default=256, help="detector columns (default 256)")
-    g.add_argument("--spacing", type=float, default=1.6, metavar="MM",
-                   help="detector pixel spacing in mm (default 1.6)")
-    g.add_argument("--sid", type=float, default=1000.0, metavar="MM",
-                   help="source-to-image distance in mm (default 1000)")
+    g.add_argument("--rows", type=int, default=DRR_DETECTOR.rows, help=f"detector rows (default {DRR_DETECTOR.rows})")
+    g.add_argument("--cols", type=int, default=DRR_DETECTOR.cols, help=f"detector columns (default {DRR_DETECTOR.cols})")
+    add_pixel_spacing(g, DRR_DETECTOR.pixel_spacing_mm, "detector pixel spacing in mm")
+    add_sid(g)
     g.add_argument("--rotation", type=float, nargs=3, default=(0.0, 0.0, 0.0), metavar=("RX", "RY", "RZ"),
                    help="extra rotation in degrees about the patient L, P, S axes through the isocentre")
     g.add_argument("--translation", type=float, nargs=3, default=(0.0, 0.0, 0.0),
                    metavar=("TX", "TY", "TZ"), help="extra translation in mm along L, P, S")
     g.add_argument("--step", type=float, default=None, metavar="MM",
                    help="attenuation sample spacing along the dominant CT axis (default: one per slice)")
-    g.add_argument("--mu-water", type=float, default=0.02, metavar="PER_MM",
-                   help="linear attenuation of water in 1/mm (default 0.02, about 70 keV)")
+    g.add_argument("--mu-water", type=float, default=MU_WATER_PER_MM, metavar="PER_MM",
+                   help=f"linear attenuation of water in 1/mm (default {MU_WATER_PER_MM:g}, about 70 keV)")
     add_density_args(p)
     add_device(p)
     add_progress(p)
@@ -60,9 +60,10 @@ def _quantities(text: str) -> tuple[str, ...]:
 
 
 def run(args) -> int:
-    from ..projection.drr_outputs import OUTPUT_FILES, make_drr  # lazy: torch (keeps --help fast)
+    from ..projection.drr_outputs import OUTPUT_FILES, make_drr  # lazy: torch; keeps `mskdex --help` instant
 
     quantities = _quantities(args.channels)
+    spacing = spacing_rc(args.pixel_spacing)
     out = prepare_out_dir(args.out, args.force, OUTPUT_FILES)
     progress = Progress(args.progress, total=4, desc="drr")
     try:
@@ -73,7 +74,7 @@ def run(args) -> int:
             raise UserError("--channels needs --labels (or pass --channels none)")
         if quantities and not structures:
             raise UserError("no structure selected (check --structures / --kind)", args.labels)
-        camera = Camera(args.rows, args.cols, args.spacing, args.spacing, args.sid)
+        camera = Camera(args.rows, args.cols, *spacing, args.sid)
         result = make_drr(out, ct, labels, structures, camera, quantities, force=args.force,
                           on_step=lambda stage: progress.update(1, stage=stage),
                           density=density_from_args(args), rotation_deg=args.rotation,

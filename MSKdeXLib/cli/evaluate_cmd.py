@@ -24,7 +24,7 @@ def add_parser(sub, name: str):
 
 
 def run(args) -> int:
-    from ..evaluation.agreement import evaluate, read_rows, write_report
+    from ..evaluation.agreement import evaluate, read_rows, write_report  # lazy: matplotlib; keeps --help instant
 
     ev = evaluate(read_rows(args.pred), read_rows(args.truth))
     write_report(ev, args.out, args.force)

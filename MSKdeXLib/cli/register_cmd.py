@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 
 from ..io.documents import read_json
-from .common import add_ct_args, add_device, add_force, add_progress, load_case
+from .common import (LazyChoices, add_ct_args, add_device, add_force, add_pixel_spacing, add_progress, add_sid,
+                     load_case, spacing_rc)
 
 OUTPUTS = ("registration.json", "qa.png", "channels")
 
@@ -39,12 +40,10 @@ def add_parser(sub, name: str):
                         "{'ct_to_camera': ...}, or a previous registration.json")
     p.add_argument("--landmarks", default=None,
                    help="CSV x,y,z,row,col (CT LPS mm <-> radiograph pixel), >= 4 pairs: start pose by PnP")
-    p.add_argument("--sid", type=float, default=1000.0,
-                   help="source-to-image distance, mm, when the radiograph has no sidecar (default 1000)")
-    p.add_argument("--spacing", type=float, nargs="+", default=None, metavar="MM",
-                   help="detector pixel spacing (mm; one value or row col), overrides the file's")
-    p.add_argument("--similarity", default=None, choices=("ncc", "gc", "pgncc", "ms-pgncc", "ms-gc"),
-                   help="similarity measure (default pgncc)")
+    add_sid(p, "source-to-image distance, mm, when the radiograph has no sidecar")
+    add_pixel_spacing(p, None, "detector pixel spacing (mm), overrides the file's")
+    p.add_argument("--similarity", default=None, choices=LazyChoices("MSKdeXLib.registration.similarity:MEASURES"),
+                   metavar="MEASURE", help="similarity measure: %(choices)s (default pgncc)")
     p.add_argument("--fine-px", type=int, default=None, help="long side of the finest level, px (default 192)")
     p.add_argument("--no-inplane-search", action="store_true",
                    help="skip the 2D rotation + shift search of the first body")
@@ -119,7 +118,7 @@ def load_geometry(xray_path: str, radiograph, sid_mm: float):
             raise UserError(f"sidecar geometry is {cam.rows}x{cam.cols} but the image is {rows}x{cols}", side)
         return cam, doc
     if radiograph.pixel_spacing is None:
-        raise UserError("radiograph has no pixel spacing and no sidecar; pass --spacing MM", xray_path)
+        raise UserError("radiograph has no pixel spacing and no sidecar; pass --pixel-spacing MM", xray_path)
     return Camera(rows, cols, radiograph.pixel_spacing[0], radiograph.pixel_spacing[1], sid_mm), None
 
 
@@ -142,7 +141,7 @@ def run(args) -> int:
     prepare_out_dir(out, args.force, expected=OUTPUTS)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UncalibratedWarning)
-        xray = load_radiograph(args.xray, args.spacing)
+        xray = load_radiograph(args.xray, spacing_rc(args.pixel_spacing))
     camera, sidecar = load_geometry(args.xray, xray, args.sid)
     landmarks = initialise.load_landmarks(args.landmarks) if args.landmarks else None
     init_pose, init_per_body = load_init_poses(args.init_pose) if args.init_pose else (None, {})

@@ -106,7 +106,7 @@ class Volume:
 
     # --- SimpleITK bridge -----------------------------------------------------------------
     def to_sitk(self):
-        import SimpleITK as sitk
+        import SimpleITK as sitk  # lazy: the command line's parser imports these types; --help stays instant
 
         img = sitk.GetImageFromArray(self.array)
         img.SetSpacing(self.spacing)
@@ -116,7 +116,7 @@ class Volume:
 
     @classmethod
     def from_sitk(cls, image, source: str = "", metadata: dict | None = None) -> "Volume":
-        import SimpleITK as sitk
+        import SimpleITK as sitk  # lazy: the command line's parser imports these types; --help stays instant
 
         if image.GetDimension() != 3:
             raise ValueError(f"expected a 3D image, got {image.GetDimension()}D")

@@ -41,11 +41,13 @@ from typing import Any, Callable
 import numpy as np
 from scipy import ndimage
 
+from ..anatomy.ct_metrics import metrics_document
 from ..anatomy.density import DensityModel
 from ..errors import UserError
 from ..projection.geometry import Camera, ap_pose, perturbed_pose, project
 from ..io.images import LabelMap, Volume
 from ..anatomy.structures import Structure
+from ..settings import COHORT_DETECTOR, SID_MM
 
 COHORT_FORMAT = "mskdex-cohort/1"
 SUBJECT_FORMAT = "mskdex-virtual-subject/1"
@@ -414,7 +416,7 @@ def base_view(ct: Volume, labels: LabelMap, camera: Camera) -> np.ndarray:
     return np.asarray(default_view(ct, labels, camera), dtype=np.float64)
 
 
-def fit_camera(ct: Volume, labels: LabelMap, rows: int, cols: int, sid_mm: float = 1000.0,
+def fit_camera(ct: Volume, labels: LabelMap, rows: int, cols: int, sid_mm: float = SID_MM,
                margin: float = 0.25) -> Camera:
     """A camera of ``rows x cols`` square pixels whose field of view holds every labelled voxel
     at the default view, with ``margin`` extra (room for pose changes and deformation)."""
@@ -444,18 +446,6 @@ def subject_pose(base: np.ndarray, spec: SubjectSpec, centre_lps: np.ndarray) ->
 # ------------------------------------------------------------------------------------------------
 # Truth: metrics and target channels
 # ------------------------------------------------------------------------------------------------
-def metrics_document(ct: Volume, labels: LabelMap, structures: list[Structure],
-                     density: DensityModel) -> dict:
-    """Metrics of ``structures`` in the ``mskdex metrics --json`` format."""
-    from ..anatomy.ct_metrics import structure_metrics
-
-    rows = [m.to_dict() for m in structure_metrics(ct, labels, structures, density)]
-    return {"structures": rows,
-            "settings": {"density": density.to_dict(), "table": labels.table.name,
-                         "table_detection": None, "labels": labels.notes},
-            "ct": ct.grid_description()}
-
-
 def render_channels(ct: Volume, labels: LabelMap, structures: list[Structure], camera: Camera,
                     pose: np.ndarray, density: DensityModel) -> dict[str, np.ndarray]:
     """Mass (g/pixel) and volume (cm^3/pixel) channels (K, rows, cols) at ``pose``."""
@@ -483,9 +473,9 @@ class CohortConfig:
     labels: str
     table: str | None = None
     seed: int = 0
-    rows: int = 256
-    cols: int = 256
-    sid_mm: float = 1000.0
+    rows: int = COHORT_DETECTOR.rows
+    cols: int = COHORT_DETECTOR.cols
+    sid_mm: float = SID_MM
     voxel_mm: float | None = None          # resample the CT first (isotropic), e.g. for big CTs
     keep_ct: bool = False
     kinds: tuple[str, ...] = ("muscle", "bone")

@@ -60,10 +60,9 @@ from ..anatomy.quantities import CHANNEL_KINDS, QUANTITY_NAMES
 from ..anatomy.structures import Structure
 from ..errors import UserError
 from ..io.images import Volume
+from ..settings import MU_WATER_PER_MM
 from .geometry import Camera, ap_pose
 
-#: Default linear attenuation of water, 1/mm (about 70 keV).
-MU_WATER_PER_MM = 0.02
 
 #: the renderer's channel kinds ("mass": g per pixel, "volume": cm^3 per pixel); names with units:
 #: ``QUANTITY_NAMES`` (both from :mod:`MSKdeXLib.anatomy.quantities`)

@@ -47,9 +47,12 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..io.images import Radiograph, Volume
+from ..io.outputs import check_new, write_json
+from ..io.radiographs import write_dx_dicom
 from .filters import gaussian_blur
 from .geometry import Camera, check_rigid
-from ..io.images import Radiograph, Volume
+from .rendering import DRRRenderer
 
 #: NIST (Hubbell & Seltzer, SRD 126) mass attenuation coefficients mu/rho (cm^2/g) at ``ENERGIES_KEV``.
 ENERGIES_KEV = np.array([10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 80.0, 100.0, 150.0])
@@ -60,6 +63,10 @@ MASS_ATTENUATION_CM2_G = {
 }
 AL_DENSITY_G_CM3 = 2.699
 FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+
+
+#: the attenuation models (``SimulationSettings.spectrum``)
+SPECTRA = ("poly", "mono")
 
 
 @dataclass
@@ -87,8 +94,8 @@ class SimulationSettings:
     # (relative to the principal point: x to image right, y to image bottom)
 
     def __post_init__(self) -> None:
-        if self.spectrum not in ("poly", "mono"):
-            raise UserError(f"spectrum must be 'poly' or 'mono', got '{self.spectrum}'")
+        if self.spectrum not in SPECTRA:
+            raise UserError(f"spectrum must be one of {', '.join(SPECTRA)}, got '{self.spectrum}'")
         if not 20.0 <= float(self.kvp) <= 150.0:
             raise UserError(f"kVp must be within 20..150, got {self.kvp}")
         if self.filtration_mm_al < 0 or self.bin_kev <= 0:
@@ -271,7 +278,6 @@ def simulate_radiograph(ct: Volume, camera: Camera, pose, settings: SimulationSe
     spot blur, DICOM magnification factor) is taken at ``isocentre_lps`` (default: the CT's
     centre). ``labels`` are not needed by the physics; they are accepted for API symmetry.
     """
-    from .rendering import DRRRenderer
 
     settings = settings or SimulationSettings()
     pose = check_rigid(pose.detach().cpu().numpy() if isinstance(pose, torch.Tensor) else pose, "pose")
@@ -325,8 +331,6 @@ def write_dicom_dx(path: str | Path, radiograph: Radiograph, camera: Camera | No
     "ct_source" and the detector info; values not given are taken from the radiograph's
     metadata. Both files are checked before either is written (no overwrite without force).
     """
-    from ..io.outputs import check_new, write_json
-    from ..io.radiographs import write_dx_dicom
 
     meta = radiograph.metadata
     cam = camera.to_dict() if camera is not None else meta.get("camera")

@@ -31,6 +31,7 @@ from typing import Callable, Sequence
 import numpy as np
 from safetensors import safe_open
 
+from ...anatomy.ct_metrics import metrics_document
 from ...anatomy.density import DensityModel
 from ...anatomy.quantities import CHANNEL_OF, QUANTITIES
 from ...anatomy.structures import Structure, normalize_name
@@ -40,11 +41,15 @@ from ...io.outputs import write_json
 from ...io.radiographs import load_radiograph
 from ...io.volumes import load_ct, load_labels
 from ...projection.geometry import Camera, check_rigid
-from ..cohort import base_view, metrics_document, render_channels
+from ..cohort import base_view, render_channels
 from .format import FORMAT, dataset_header, normalise, record_file, write_dataset_json
 from .format import write_record as write_record_tensors
+from ...settings import DATASET_IMAGE, DRR_DETECTOR
+
 DEFAULT_NORMALISATION = {"method": "zscore"}
 SPLITS = ("train", "val", "test")
+#: what ``DatasetSettings.split`` accepts: a split for every record, or "auto" (from a hash of the record id)
+SPLIT_CHOICES = SPLITS + ("auto",)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -219,8 +224,9 @@ def hash_inputs(files: Sequence[Path], settings: dict) -> str:
 # ------------------------------------------------------------------------------------------------
 @dataclass
 class DatasetSettings:
-    image_size: tuple[int, int] = (256, 256)
-    pixel_spacing_mm: tuple[float, float] = (1.6, 1.6)
+    image_size: tuple[int, int] = (DATASET_IMAGE.rows, DATASET_IMAGE.cols)
+    # the command line passes the first case's detector spacing; this default is the DRR detector's
+    pixel_spacing_mm: tuple[float, float] = (DRR_DETECTOR.pixel_spacing_mm, DRR_DETECTOR.pixel_spacing_mm)
     structures: list[str] | None = None             # names; None -> by kinds
     kinds: tuple[str, ...] = ("muscle", "bone")
     quantities: tuple[str, ...] = ("mass_g", "volume_cm3")
@@ -239,7 +245,7 @@ class DatasetSettings:
         bad -= set(QUANTITIES)
         if bad:
             raise UserError(f"unknown quantity {sorted(bad)}; use {sorted(QUANTITIES)}")
-        if self.split not in SPLITS + ("auto",):
+        if self.split not in SPLIT_CHOICES:
             raise UserError(f"unknown split '{self.split}'; use auto, train, val or test")
 
     def normalisation(self) -> dict:

@@ -31,6 +31,9 @@ from ...io.documents import read_json
 from ...io.outputs import atomic_path, write_json
 
 FORMAT = "mskdex-dataset/1"
+#: radiograph scalings a data set is built with (:func:`normalise` also reads "fixed" and "none",
+#: which need parameters, in hand-written data sets)
+NORMALISATION_METHODS = ("zscore", "percentile", "minmax")
 __all__ = ["FORMAT", "QUANTITIES", "DatasetInfo", "load_dataset_info", "record_file", "write_record",
            "dataset_header", "write_dataset_json", "normalise"]
 
