@@ -140,19 +140,18 @@ def scan_parts(case, rng_label, trial, ct, labels, bodies, xray, cam, true_poses
     not of the search."""
     sim = pipeline.get_similarity(settings.similarity, settings.patch_px)
     full = torch.as_tensor(np.asarray(xray, dtype=np.float32))
-    f = max(1.0, settings.roi_fine_mm / cam.spacing_col_mm)
-    levels = [pipeline._Level(cam.scaled(f) if f > 1 else cam, full, settings, "cpu", torch.float32)]
-    vols = pipeline._Volumes(ct, labels, settings, "cpu", torch.float32)
-    pen = pipeline._prior_penalty(settings.joint_prior_weight, settings.part_prior_deg, settings.part_prior_mm)
+    levels = [pipeline.Level(cam, full, settings, "cpu", torch.float32)]
+    vols = pipeline.BodyVolumes(ct, labels, settings, "cpu", torch.float32)
+    pen = pipeline.prior_penalty(settings.prior_weight, settings.part.prior_deg, settings.part.prior_mm)
     g = np.arange(-half_mm, half_mm + 1e-9, step_mm)
     xs = torch.as_tensor([[0, 0, 0, a, b, 0] for b in g for a in g], dtype=torch.float64)
     out = []
     for i, body in enumerate(bodies):
         registered = [(b, true_poses[b.name]) for b in bodies[:i]]
-        if i == 0 or pipeline._parent_group(body, registered) is None:
+        kind = pipeline.classify(body, labels, settings, registered)
+        if kind.name != "part":
             continue
-        v = pipeline._views(body, "part", true_poses[body.name], registered, levels, cam, vols, settings,
-                            "cpu", torch.float32)[0]
+        v = kind.views(levels, cam, true_poses[body.name], vols)[0][0]
         space = PoseSpace(true_poses[body.name], pipeline.body_centre(labels, body))
         with torch.no_grad():
             val = sim(v.fixed, vols.drr(body.structures, v.camera, space.matrices(xs)) + v.background, v.mask)
@@ -161,7 +160,7 @@ def scan_parts(case, rng_label, trial, ct, labels, bodies, xray, cam, true_poses
         row = {"case": case, "scan": "part-translation", "body": body.name, "range": rng_label, "trial": trial,
                "at_truth": float(val[len(xs) // 2]), "max": float(val[a]),
                "max_at_mm": xs[a, 3:5].tolist(), "penalised_max_at_mm": xs[b, 3:5].tolist(),
-               "part_roi_mm": settings.part_roi_mm}
+               "part_roi_mm": settings.part.roi_mm}
         out.append(row)
         print(json.dumps(row), flush=True)
     return out
@@ -182,8 +181,7 @@ def make_settings(args, trial: int) -> pipeline.RegistrationSettings:
     s = pipeline.RegistrationSettings(seed=trial)
     for item in args.set or []:
         key, value = item.split("=", 1)
-        setattr(s, key, type(getattr(s, key))(value) if not isinstance(getattr(s, key), bool)
-                else value.lower() in ("1", "true", "yes"))
+        s.set(key, value)
     return s
 
 
@@ -247,10 +245,8 @@ def flagged(row: dict, settings: pipeline.RegistrationSettings, rows: list[dict]
     settings = replace(settings, soft_tissue=bool(row.get("soft_tissue", False)))
     flag = row["similarity"] < settings.doubtful_threshold(kind)
     if row.get("motion"):
-        if kind == "joint":
-            b_deg, b_mm = settings.joint_bounds_deg, settings.joint_bounds_mm
-        else:
-            b_deg, b_mm = settings.part_bounds_deg, settings.part_bounds_mm
+        g = settings.kind_settings(kind)
+        b_deg, b_mm = g.bounds_deg, g.bounds_mm
         flag = flag or any(abs(v) >= b_deg - 1.0 for v in row["motion"]["deg"]) \
             or any(abs(v) >= b_mm - 0.05 for v in row["motion"]["translation_mm"][:2])
         parent = row.get("parent")
@@ -265,9 +261,10 @@ def table(rows: list[dict], args) -> str:
     st = pipeline.RegistrationSettings()
     lines = [f"Detector {args.size}x{args.size} at {args.spacing} mm, SID {SID_MM:g} mm, view '{args.view}', "
              f"{args.threads} torch thread(s), device {args.device}; settings: defaults{' + ' + ' '.join(args.set) if args.set else ''}. "
-             f"Doubtful thresholds (bone-only DRRs / with soft tissue): {st.doubtful_below} / "
-             f"{st.doubtful_below_tissue} (first / free), {st.doubtful_below_joint} / {st.doubtful_below_joint_tissue} "
-             f"(joint), {st.doubtful_below_part} / {st.doubtful_below_part_tissue} (part).", "",
+             f"Doubtful thresholds (bone-only DRRs / with soft tissue): {st.first.doubtful_below} / "
+             f"{st.first.doubtful_below_tissue} (first / free), {st.joint.doubtful_below} / "
+             f"{st.joint.doubtful_below_tissue} (joint), {st.part.doubtful_below} / {st.part.doubtful_below_tissue} "
+             f"(part).", "",
              "| case | body (kind) | perturbation (up to) | success (mTRE < 2 mm) | median mTRE mm | median start mTRE mm "
              "| median proj. dist px | median s/body | doubtful among successes | doubtful among failures |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -381,7 +378,7 @@ def main() -> None:
     p.add_argument("--part-deg", type=float, default=3.0, help="chain mode: max rotation of a part (vertebra), deg")
     p.add_argument("--part-mm", type=float, default=1.0, help="chain mode: max translation of a part, mm")
     p.add_argument("--set", nargs="*", default=None, metavar="NAME=VALUE",
-                   help="override RegistrationSettings fields (e.g. joint_bounds_depth_mm=0.25)")
+                   help="override RegistrationSettings fields (NAME or GROUP.NAME, e.g. joint.bounds_depth_mm=0.25, part.roi_mm=10)")
     p.add_argument("--json", default=None, help="write every trial as JSON")
     p.add_argument("--from-json", nargs="+", default=None, help="only tabulate trials recorded with --json")
     p.add_argument("--out", default=None, help="write the table (markdown) here")

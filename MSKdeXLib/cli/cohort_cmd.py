@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from contextlib import closing
 
 from ..errors import UserError, require_file
 from ..io.documents import read_json
+from ..io.outputs import resumable_folder
 from ..settings import COHORT_DETECTOR
-from .common import (Progress, add_ct_args, add_density_args, add_force, add_kind, add_progress, add_sid,
+from .common import (LazyChoices, Progress, add_ct_args, add_density_args, add_force, add_kind, add_progress, add_sid,
                      density_from_args, settings_options, settings_values)
 
 #: body-composition option dest -> CohortRanges field (defaults come from there)
@@ -42,6 +44,10 @@ def add_parser(sub, name: str):
     p.add_argument("--keep-ct", action="store_true", help="also write each subject's modified CT + labels")
     p.add_argument("--no-deformation", action="store_true", help="no elastic deformation")
     p.add_argument("--no-pose-change", action="store_true", help="every subject at the default AP view")
+    p.add_argument("--preset", choices=LazyChoices("MSKdeXLib.learning.cohort:PRESETS"), default=None, metavar="NAME",
+                   help="named variation ranges (%(choices)s; MSKdeXLib.learning.cohort.PRESETS): 'specificity' draws every "
+                        "muscle and side independently, adds unilateral hip-osteoarthritis patterns, size, and "
+                        "acquisition as wide as real AP hip radiographs; --ranges and the flags below override it")
     g = p.add_argument_group("body composition (fractions of a muscle's voxels; override --ranges)")
     g.add_argument("--ranges", default=None, metavar="FILE|demo",
                    help="JSON file with any of the cohort's variation ranges (keys of "
@@ -85,11 +91,10 @@ def run(args) -> int:
                           density=density_from_args(args).to_dict(), ranges=ranges.to_dict(),
                           **({"kinds": tuple(args.kind)} if args.kind else {}))
     bar = Progress(args.progress, args.n, "cohort")
-    try:
+    # each subject folder is built atomically; a cohort folder without any finished subject is removed
+    with resumable_folder(args.out, lambda p: any(p.glob("subject-*/subject.json"))), closing(bar):
         doc = build_cohort(config, args.n, args.out, workers=args.workers, force=args.force,
                            on_subject=lambda e: bar.update(1, subject=e["name"]), start=args.start)
-    finally:
-        bar.close()
     bar.event("done", subjects=len(doc["subjects"]), seconds=doc["seconds"])
     if args.progress != "json":
         print(f"{len(doc['subjects'])} subjects in {args.out} ({doc['seconds']:.1f} s)")
@@ -102,18 +107,23 @@ def ranges_from_args(args):
     from ..learning.cohort import MAX_TOTAL_ATROPHY, MAX_TOTAL_HYPERTROPHY, CohortRanges  # lazy: scipy (--help)
 
     base: dict = {}
+    if getattr(args, "preset", None):
+        from ..learning.cohort import preset_ranges  # lazy: scipy (--help)
+
+        base = preset_ranges(args.preset).to_dict()
     if args.ranges == "demo":
         from ..demo import demo_ranges  # lazy: the demo's ranges only for --ranges demo
 
         base = demo_ranges()
     elif args.ranges:
-        base = read_json(args.ranges, "cohort ranges")
-        if not isinstance(base, dict):
+        user = read_json(args.ranges, "cohort ranges")
+        if not isinstance(user, dict):
             raise UserError("cohort ranges must be a JSON object", args.ranges)
         known = {f.name for f in dataclasses.fields(CohortRanges)}
-        unknown = sorted(set(base) - known)
+        unknown = sorted(set(user) - known)
         if unknown:
             raise UserError(f"unknown cohort range key(s) {unknown}; known: {sorted(known)}", args.ranges)
+        base = {**base, **user}
     values = {**base, **settings_values(args, RANGE_FIELDS)}
     try:
         ranges = CohortRanges(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items()})

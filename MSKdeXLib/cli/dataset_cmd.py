@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from contextlib import closing
 
 from ..errors import UserError
+from ..io.outputs import resumable_folder
 from .common import (LazyChoices, Progress, add_force, add_kind, add_pixel_spacing, add_progress, settings_options,
                      settings_values, spacing_rc, split_names)
 
@@ -47,6 +49,9 @@ def add_parser(sub, name: str):
     settings_options(p, "MSKdeXLib.learning.dataset.builder:DatasetSettings", SETTINGS_FIELDS)
     p.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
                    help="build only records whose index %% N == I (run N of these, in parallel)")
+    p.add_argument("--include-doubtful", action="store_true",
+                   help="use real cases whose registration is doubtful (refused by default); their doubtful "
+                        "bodies' bones are unpaired. Each record states its registration status")
     p.add_argument("--merge", action="store_true",
                    help="only rewrite dataset.json listing every record built (after sharded runs)")
     add_force(p)
@@ -79,11 +84,11 @@ def run(args) -> int:
     i, n = args.shard
     todo = sum(1 for k in range(len(cases)) if k % n == i) if n >= 1 else 0
     bar = Progress(args.progress, todo, "build-dataset")
-    try:
+    # records are built one by one and reused by a rerun; a folder without any record is removed
+    with resumable_folder(args.out, lambda p: any(p.glob("records/*.safetensors"))), closing(bar):
         summary = build_dataset(args.cases, args.out, settings, shard=args.shard, force=args.force,
-                                on_record=lambda e: bar.update(1, record=e["id"], cached=e["cached"]))
-    finally:
-        bar.close()
+                                on_record=lambda e: bar.update(1, record=e["id"], cached=e["cached"]),
+                                include_doubtful=args.include_doubtful)
     bar.event("done", **summary)
     if args.progress != "json":
         print(f"{summary['built']} records built, {summary['cached']} cached; dataset.json lists "

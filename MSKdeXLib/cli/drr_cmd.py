@@ -8,9 +8,10 @@ pixel) and ``preview.png`` (DRR beside a colour composite of the channels).
 
 from __future__ import annotations
 
+from contextlib import closing
+
 from ..anatomy.quantities import CHANNEL_KINDS
 from ..errors import UserError
-from ..io.outputs import prepare_out_dir
 from ..projection.geometry import Camera
 from ..settings import DRR_DETECTOR, MU_WATER_PER_MM
 from .common import (Progress, add_ct_args, add_density_args, add_device, add_force, add_pixel_spacing, add_progress,
@@ -60,13 +61,12 @@ def _quantities(text: str) -> tuple[str, ...]:
 
 
 def run(args) -> int:
-    from ..projection.drr_outputs import OUTPUT_FILES, make_drr  # lazy: torch; keeps `mskdex --help` instant
+    from ..projection.drr_outputs import make_drr  # lazy: torch; keeps `mskdex --help` instant
 
     quantities = _quantities(args.channels)
     spacing = spacing_rc(args.pixel_spacing)
-    out = prepare_out_dir(args.out, args.force, OUTPUT_FILES)
     progress = Progress(args.progress, total=4, desc="drr")
-    try:
+    with closing(progress):
         ct, labels = load_case(args)
         kinds = args.kind or (None if args.structures else ["muscle", "bone"])
         structures = labels.select(split_names(args.structures), kinds) if labels is not None else []
@@ -75,15 +75,13 @@ def run(args) -> int:
         if quantities and not structures:
             raise UserError("no structure selected (check --structures / --kind)", args.labels)
         camera = Camera(args.rows, args.cols, *spacing, args.sid)
-        result = make_drr(out, ct, labels, structures, camera, quantities, force=args.force,
+        result = make_drr(args.out, ct, labels, structures, camera, quantities, force=args.force,
                           on_step=lambda stage: progress.update(1, stage=stage),
                           density=density_from_args(args), rotation_deg=args.rotation,
                           translation_mm=args.translation, device=resolve_device(args.device),
                           step_mm=args.step, mu_water_per_mm=args.mu_water)
-        progress.event("done", out=str(out))
-    finally:
-        progress.close()
+        progress.event("done", out=str(args.out))
     bad = [e for e in result.entries if not e["inside_detector"]]
-    print(f"wrote {out} ({len(result.entries)} channels"
+    print(f"wrote {args.out} ({len(result.entries)} channels"
           + (f"; {len(bad)} not fully inside the detector" if bad else "") + ")")
     return 0

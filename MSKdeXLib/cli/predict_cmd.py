@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 
 from ..errors import UserError
-from ..io.outputs import prepare_out_dir
+from ..io.outputs import output_folder
 from ..io.radiographs import load_radiograph
 from .common import add_device, add_force, add_pixel_spacing, resolve_device, spacing_rc
 
@@ -34,18 +34,23 @@ def add_parser(sub, name: str):
 
 
 def run(args) -> int:
-    from ..learning.inference import load_model, predict, write_outputs  # lazy: torch; keeps `mskdex --help` instant
-
     if args.tta is not None and args.tta < 0:
         raise UserError("--tta must be >= 0")
-    prepare_out_dir(args.out, args.force, expected=("estimates.csv", "estimates.json", "overlay.png", "channels"))
     spacing = spacing_rc(args.pixel_spacing)
+    names = ("estimates.csv", "estimates.json", "overlay.png", "channels")
+    with output_folder(args.out, args.force, names, last=("estimates.json",)) as stage:  # nothing left on error
+        return _predict(args, stage, spacing)
+
+
+def _predict(args, out, spacing) -> int:
+    from ..learning.inference import load_model, predict, write_outputs  # lazy: torch; keeps `mskdex --help` instant
+
     model = load_model(args.model, resolve_device(args.device))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the estimates carry their own warnings
         rg = load_radiograph(args.xray, spacing)
     est = predict(model, rg, tta=args.tta, seed=args.seed, rec_id=args.id)
-    write_outputs(args.out, est, force=True, image_format=args.format)
+    write_outputs(out, est, force=True, image_format=args.format)
     lo, hi = est.interval()
     how = est.interval_method()
     head = f"{how['level']:.0%} interval" + ("" if how["calibrated"] else " (uncalibrated)")

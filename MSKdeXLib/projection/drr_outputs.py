@@ -22,7 +22,7 @@ from ..anatomy.density import DensityModel
 from ..anatomy.quantities import QUANTITY_NAMES
 from ..anatomy.structures import Structure
 from ..io.images import LabelMap, Volume
-from ..io.outputs import atomic_path, prepare_out_dir, write_json
+from ..io.outputs import atomic_path, output_folder, write_json
 from ..visualize import drr_preview
 from .geometry import Camera, ap_pose, perturbed_pose
 from .rendering import MU_WATER_PER_MM, DRRRenderer, isocentre_of
@@ -130,13 +130,14 @@ def write_drr_outputs(out: str | Path, result: DRRResult, title: str = "", force
 def make_drr(out: str | Path, ct: Volume, labels: LabelMap | None, structures: Sequence[Structure], camera: Camera,
              quantities: Sequence[str], force: bool = False, on_step: Callable[[str], None] | None = None,
              **render_options) -> DRRResult:
-    """:func:`render_drr` then :func:`write_drr_outputs` into the (new, or ``force``) folder ``out``;
+    """:func:`render_drr` then :func:`write_drr_outputs` into the folder ``out`` (new, or ``force``),
+    built in a staging folder renamed into place at the end (an error or Ctrl-C leaves nothing);
     ``render_options``: density, rotation_deg, translation_mm, device, step_mm, mu_water_per_mm."""
-    out = prepare_out_dir(out, force, OUTPUT_FILES)
-    result = render_drr(ct, labels, structures, camera, quantities, on_step=on_step, **render_options)
-    rot, trans = render_options.get("rotation_deg", (0.0,) * 3), render_options.get("translation_mm", (0.0,) * 3)
-    title = f"{ct.source.split('/')[-1]}  rot {tuple(rot)} deg  trans {tuple(trans)} mm"
-    write_drr_outputs(out, result, title, force)
+    with output_folder(out, force, OUTPUT_FILES) as stage:
+        result = render_drr(ct, labels, structures, camera, quantities, on_step=on_step, **render_options)
+        rot, trans = render_options.get("rotation_deg", (0.0,) * 3), render_options.get("translation_mm", (0.0,) * 3)
+        title = f"{ct.source.split('/')[-1]}  rot {tuple(rot)} deg  trans {tuple(trans)} mm"
+        write_drr_outputs(stage, result, title, force)
     if on_step:
         on_step("written")
     return result

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from scipy.spatial.transform import Rotation
 
 from ..projection.geometry import Camera
 from ..io.images import Volume
@@ -17,8 +18,6 @@ from ..projection.simulate import (SimulationSettings, detect, isocentre_distanc
 
 def rotate_about(centre_lps: np.ndarray, rotvec_deg: np.ndarray) -> np.ndarray:
     """4x4 LPS rigid motion: rotation by ``rotvec_deg`` (axis * angle, deg) about ``centre_lps``."""
-    from scipy.spatial.transform import Rotation
-
     r = Rotation.from_rotvec(np.deg2rad(rotvec_deg)).as_matrix()
     m = np.eye(4)
     m[:3, :3], m[:3, 3] = r, centre_lps - r @ centre_lps

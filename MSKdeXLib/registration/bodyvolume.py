@@ -17,6 +17,7 @@ Frames: CT LPS mm; voxel arrays [k, j, i].
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage
 
 from ..projection.geometry import Camera
 from ..io.images import Volume
@@ -60,8 +61,6 @@ def body_mask(ct: Volume, threshold_hu: float = -400.0) -> np.ndarray:
     """The patient [k, j, i]: the largest 26-connected region of voxels above ``threshold_hu``
     (the CT's table, cushions and clothes apart from the body are left out; the lungs' air is
     below the threshold either way and adds no attenuation)."""
-    from scipy import ndimage
-
     lab, n = ndimage.label(ct.array > threshold_hu, structure=np.ones((3, 3, 3), dtype=bool))
     if n == 0:
         return np.zeros(ct.array.shape, dtype=bool)

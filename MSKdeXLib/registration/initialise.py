@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.optimize import least_squares
+from scipy.spatial.transform import Rotation
 
 from ..errors import UserError
 from ..projection.geometry import AP_ROTATION, Camera, default_source_to_isocentre, project, rigid
@@ -48,8 +50,6 @@ def load_landmarks(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _rotvec_to_matrix(v: np.ndarray) -> np.ndarray:
-    from scipy.spatial.transform import Rotation
-
     return Rotation.from_rotvec(v).as_matrix()
 
 
@@ -61,9 +61,6 @@ def solve_pnp(points_lps: np.ndarray, pixels_rc: np.ndarray, camera: Camera,
     Starts from ``initial`` or, by default, from AP and PA orientations with the landmarks'
     centroid on the ray through their mean pixel at the default isocentre distance, keeping
     the best solution."""
-    from scipy.optimize import least_squares
-    from scipy.spatial.transform import Rotation
-
     pts = np.asarray(points_lps, dtype=np.float64).reshape(-1, 3)
     pix = np.asarray(pixels_rc, dtype=np.float64).reshape(-1, 2)
     if len(pts) != len(pix):

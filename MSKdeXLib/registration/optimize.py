@@ -18,10 +18,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+import cma
 import numpy as np
 import torch
 
-from ..projection.geometry import rigid, rotation_xyz
+from ..projection.geometry import angles_xyz, rigid, rotation_xyz
 
 #: objective: (B, 4, 4) torch poses -> (B,) similarity (higher is better)
 Objective = Callable[[torch.Tensor], torch.Tensor]
@@ -75,8 +76,6 @@ class PoseSpace:
 
     def params_of(self, pose: np.ndarray) -> np.ndarray:
         """Inverse of :meth:`matrix`: the parameters giving ``pose``."""
-        from ..projection.geometry import angles_xyz
-
         d = np.asarray(pose, dtype=np.float64) @ np.linalg.inv(self.base)
         r = d[:3, :3]
         c = self.centre_camera
@@ -111,8 +110,6 @@ def cma_search(objective: Objective, space: PoseSpace, x0, sigma_deg, sigma_mm,
     by ``sigma_mm``; scalars or one value per axis), bounded to +-``bounds_deg`` / +-``bounds_mm``
     around ``x0``. Each generation is rendered as one batch. Maximises ``objective`` minus
     ``penalty`` (if given)."""
-    import cma
-
     t0 = time.time()
     x0 = np.asarray(x0, dtype=np.float64)
     scale = _six(sigma_deg, sigma_mm)

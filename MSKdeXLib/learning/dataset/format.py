@@ -29,6 +29,7 @@ from ...anatomy.structures import Structure
 from ...errors import UserError
 from ...io.documents import read_json
 from ...io.outputs import atomic_path, write_json
+from ...validation import require_finite
 
 FORMAT = "mskdex-dataset/1"
 #: radiograph scalings a data set is built with (:func:`normalise` also reads "fixed" and "none",
@@ -108,7 +109,10 @@ def record_file(rec_id: str) -> str:
 def write_record(folder: str | Path, rec_id: str, arrays: dict[str, np.ndarray],
                  metadata: dict[str, str] | None = None) -> str:
     """Write ``records/<id>.safetensors`` (atomically) from ``arrays`` with the keys xray, targets,
-    paired and truth (cast to the format's dtypes); returns the relative file name."""
+    paired and truth (cast to the format's dtypes; UserError for NaN/inf values); returns the relative
+    file name."""
+    for k in ("xray", "targets", "truth"):  # a NaN record would poison training silently
+        require_finite(f"record {k}", arrays[k], rec_id)
     rel = record_file(rec_id)
     tensors = {"xray": np.ascontiguousarray(arrays["xray"], dtype=np.float32),
                "targets": np.ascontiguousarray(arrays["targets"], dtype=np.float32),

@@ -10,7 +10,8 @@ import torch
 
 from MSKdeXLib.cli import main
 from MSKdeXLib.projection.geometry import Camera
-from MSKdeXLib.registration import pipeline
+from MSKdeXLib.registration import kinds, pipeline
+from MSKdeXLib.registration.settings import PartSettings, RegistrationSettings, SearchSettings
 from MSKdeXLib.registration.optimize import PoseSpace
 
 CAM = Camera(128, 128, 3.0, 3.0, 1000.0)
@@ -57,8 +58,8 @@ def test_registration_recovers_pelvis_pose_from_perturbed_starts(pelvis):
     bodies = pipeline.parse_bodies("pelvis", labels)
     centre = pipeline.body_centre(labels, bodies[0])
     base = default_view(ct, labels, CAM)
-    settings = pipeline.RegistrationSettings(inplane_search=False, cma_max_evals=48, refine_steps=15,
-                                             fine_px=128)
+    settings = RegistrationSettings(first=SearchSettings(inplane_search=False), cma_max_evals=48, refine_steps=15,
+                                    fine_px=128)
     rng = np.random.default_rng(2024)
     truth = PoseSpace(base, centre).matrix(np.r_[rng.uniform(-4, 4, 3), rng.uniform(-10, 10, 3)])
     xray = simulate_radiograph(ct, CAM, truth, seed=7, labels=labels).pixels
@@ -124,9 +125,9 @@ def test_cli_register_writes_outputs(tmp_path, pelvis_case):
     assert body["kind"] == "first" and rep["structure_body"]["sacrum"] == "pelvis"
     default = pipeline.RegistrationSettings()  # the thresholds in effect: soft tissue on by default
     assert rep["similarity"]["soft_tissue"] is True
-    assert rep["similarity"]["doubtful_below"] == pytest.approx(default.doubtful_below_tissue)
+    assert rep["similarity"]["doubtful_below"] == pytest.approx(default.first.doubtful_below_tissue)
     assert rep["similarity"]["doubtful_below"] == pytest.approx(default.doubtful_threshold(body["kind"]))
-    assert body["doubtful_below"] == pytest.approx(default.doubtful_below_tissue)
+    assert body["doubtful_below"] == pytest.approx(default.first.doubtful_below_tissue)
     assert (out / "qa.png").stat().st_size > 1000
     import SimpleITK as sitk
 
@@ -204,7 +205,7 @@ def test_femur_registration_follows_a_hip_rotation(pelvis):
     big, pad = extend_inferior(ct, labels, bodies[1:])
     xray = simulate_articulated(big, CAM, truth, [(pad(bodies[1].mask(labels)), truth @ hip)], seed=1)
     start = PoseSpace(truth, pipeline.body_centre(labels, bodies[0])).matrix([1.0, -1.0, 1.5, 4.0, -3.0, 5.0])
-    settings = pipeline.RegistrationSettings(inplane_search=False, cma_max_evals=64, refine_steps=15)
+    settings = RegistrationSettings(first=SearchSettings(inplane_search=False), cma_max_evals=64, refine_steps=15)
     res = pipeline.register(ct, labels, xray, CAM, bodies, start, settings,
                             true_poses={"pelvis": truth, "femur_left": truth @ hip})
     pts = labels.grid.voxel_centres_lps(bodies[1].mask(labels))
@@ -300,11 +301,11 @@ def test_body_ranges_all_bones_and_parts(chest):
     assert [s.name for s in bodies[1].structures] == ["vertebrae_T10", "vertebrae_T9", "vertebrae_T8"]
     assert {s.name for s in bodies[0].structures} == {s.name for s in labels.select(kinds=["bone"])}
     reg = [(bodies[0], np.eye(4)), (bodies[1], np.eye(4))]
-    assert pipeline._parent_group(bodies[2], reg)[0].name == "spine"
-    assert pipeline._parent_group(bodies[1], reg[:1])[0].name == "bones"
-    assert pipeline._parent_group(bodies[0], reg) is None
+    assert pipeline.parent_group(bodies[2], reg)[0].name == "spine"
+    assert pipeline.parent_group(bodies[1], reg[:1])[0].name == "bones"
+    assert pipeline.parent_group(bodies[0], reg) is None
     # background of T9: every other bone at the pose of the last body holding it
-    groups = pipeline._background_groups(bodies[2], reg)
+    groups = pipeline.background_groups(bodies[2], reg)
     names = {s.name for sts, _ in groups for s in sts}
     assert "vertebrae_T9" not in names and {"vertebrae_T8", "rib_left_5"} <= names
     from MSKdeXLib.errors import UserError
@@ -330,7 +331,7 @@ def test_part_of_a_registered_group_moves_a_little(pelvis):
     start = PoseSpace(truth, pipeline.body_centre(labels, bodies[0])).matrix([1.5, -1.0, 2.0, 3.0, -2.0, 2.0])
     # bone-only DRRs: at this detector's 3 mm pixels the pelvis's depth is not resolved to 2 mm with
     # the soft tissue either (2.0 vs 1.6 mm); the soft-tissue path: test_soft_tissue_first_body_...
-    settings = pipeline.RegistrationSettings(inplane_search=False, cma_max_evals=48, refine_steps=20,
+    settings = pipeline.RegistrationSettings(first=SearchSettings(inplane_search=False), cma_max_evals=48, refine_steps=20,
                                              roi_cma_restarts=1, soft_tissue=False)
     res = pipeline.register(ct, labels, xray, CAM, bodies, start, settings,
                             true_poses={"pelvis": truth, "sacrum": truth @ move})
@@ -344,25 +345,25 @@ def test_part_of_a_registered_group_moves_a_little(pelvis):
     assert res[1].mpd_px < 0.5 and res[1].mpd_px < 0.7 * before_px, (before_px, res[1].mpd_px)
     assert res[1].mtre_mm < before + 0.25 and res[1].mtre_mm < 2.5, (before, res[1].mtre_mm)
     motion = next(h for h in res[1].history if h["stage"] == "part-motion")
-    assert np.all(np.abs(motion["deg"]) <= settings.part_bounds_deg)
-    # the depth bound is the size rule's (RegistrationSettings.part_depth_bound), recorded in the history
+    assert np.all(np.abs(motion["deg"]) <= settings.part.bounds_deg)
+    # the depth bound is the size rule's (PartSettings.depth_bound), recorded in the history
     bounds = next(h for h in res[1].history if h["stage"] == "part-bounds")
     radius = pipeline.inplane_radius_mm(labels, bodies[1], res[1].initial_pose)
-    assert bounds["depth_mm"] == pytest.approx(settings.part_depth_bound(radius, CAM.spacing_col_mm), abs=1e-3)
+    assert bounds["depth_mm"] == pytest.approx(settings.part.depth_bound(radius, CAM.spacing_col_mm), abs=1e-3)
     assert abs(motion["translation_mm"][2]) <= bounds["depth_mm"] + 0.005
 
 
 def test_part_prior_and_tight_window(chest):
     """A part's prior penalises rotation and in-plane translation (never depth), as the
     Gaussian formula gives; its similarity window holds its own projection and nothing farther
-    than ``part_roi_mm`` from it (the wide window holds neighbours)."""
+    than ``part.roi_mm`` from it (the wide window holds neighbours)."""
     from MSKdeXLib.projection.geometry import ap_pose, project
 
-    pen = pipeline._prior_penalty(0.01, 3.0, 1.5)
+    pen = kinds.prior_penalty(0.01, 3.0, 1.5)
     x = torch.tensor([[0, 0, 0, 0, 0, 0], [3.0, 0, -6.0, 1.5, -3.0, 0.25], [0, 0, 0, 0, 0, 5.0]], dtype=torch.float64)
     want = [0.0, 0.01 * (1 + 4 + 1 + 4), 0.0]
     assert pen(x).tolist() == pytest.approx(want)
-    assert pipeline._prior_penalty(0.01, 3.0)(x)[1].item() == pytest.approx(0.05)
+    assert kinds.prior_penalty(0.01, 3.0)(x)[1].item() == pytest.approx(0.05)
 
     ct, labels = chest
     bodies = pipeline.parse_bodies("bones,vertebrae_T9", labels)
@@ -371,11 +372,13 @@ def test_part_prior_and_tight_window(chest):
     pixels = torch.rand(96, 96).numpy()
     windows = {}
     for roi in (10.0, 0.0):
-        s = pipeline.RegistrationSettings(part_roi_mm=roi, roi_fine_mm=4.0)
-        vols = pipeline._Volumes(ct, labels, s, "cpu", torch.float32)
-        levels = [pipeline._Level(cam, torch.as_tensor(pixels), s, "cpu", torch.float32)]
-        windows[roi] = pipeline._views(bodies[1], "part", pose, [(bodies[0], pose)], levels, cam, vols, s,
-                                       "cpu", torch.float32)[0]
+        s = RegistrationSettings(part=PartSettings(roi_mm=roi), roi_fine_mm=4.0)
+        vols = pipeline.BodyVolumes(ct, labels, s, "cpu", torch.float32)
+        levels = [pipeline.Level(cam, torch.as_tensor(pixels), s, "cpu", torch.float32)]
+        registered = [(bodies[0], pose)]
+        part = kinds.classify(bodies[1], labels, s, registered)
+        assert isinstance(part, kinds.PartBody)
+        windows[roi] = part.views(levels, cam, pose, pipeline.BodyVolumes(ct, labels, s, "cpu", torch.float32))[0][0]
     tight, wide = windows[10.0], windows[0.0]
     assert tight.mask.sum() < 0.6 * wide.mask.sum()
     # every counted pixel lies within 10 mm (+ a pixel) of the projected T9 voxels, on the detector

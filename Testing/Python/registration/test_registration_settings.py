@@ -9,26 +9,27 @@ import torch
 
 from MSKdeXLib.projection.geometry import AP_ROTATION, Camera, ap_pose
 from MSKdeXLib.registration import pipeline
+from MSKdeXLib.registration.settings import PartSettings, RegistrationSettings, SearchSettings
 from MSKdeXLib.projection.simulate import simulate_radiograph
 
 
 def test_part_depth_bound_rule():
-    off = pipeline.RegistrationSettings(part_depth_per_radius_px=0.0)
-    assert off.part_depth_bound(60.0) == off.part_bounds_depth_mm
-    s = pipeline.RegistrationSettings(part_depth_per_radius_px=0.025, part_bounds_depth_mm=0.25,
-                                      part_bounds_depth_max_mm=1.0)
-    assert s.part_depth_bound(None) == 0.25                  # radius unknown: the fixed bound
-    assert s.part_depth_bound(5.0) == 0.25                   # small part: clipped below
-    assert s.part_depth_bound(30.0, 1.5) == pytest.approx(0.025 * 30.0 / 1.5)
-    assert s.part_depth_bound(30.0, 3.0) == pytest.approx(0.25)   # coarser pixels: depth less observable
-    assert s.part_depth_bound(500.0) == 1.0                  # clipped above
+    off = PartSettings(depth_per_radius_px=0.0)
+    assert off.depth_bound(60.0) == off.bounds_depth_mm
+    p = PartSettings(depth_per_radius_px=0.025, bounds_depth_mm=0.25, bounds_depth_max_mm=1.0)
+    s = RegistrationSettings(part=p)
+    assert s.part.depth_bound(None) == 0.25                  # radius unknown: the fixed bound
+    assert s.part.depth_bound(5.0) == 0.25                   # small part: clipped below
+    assert s.part.depth_bound(30.0, 1.5) == pytest.approx(0.025 * 30.0 / 1.5)
+    assert s.part.depth_bound(30.0, 3.0) == pytest.approx(0.25)   # coarser pixels: depth less observable
+    assert s.part.depth_bound(500.0) == 1.0                  # clipped above
     radii = np.linspace(1, 200, 50)
-    assert np.all(np.diff([s.part_depth_bound(r) for r in radii]) >= 0)  # monotone in size
-    assert np.all(np.diff([s.part_depth_bound(40.0, p) for p in np.linspace(0.5, 4, 20)]) <= 0)
+    assert np.all(np.diff([s.part.depth_bound(r) for r in radii]) >= 0)  # monotone in size
+    assert np.all(np.diff([p.depth_bound(40.0, px) for px in np.linspace(0.5, 4, 20)]) <= 0)
     # only parts use the rule: a joint keeps its own depth bound
-    assert s.bounded_motion("part", 60.0)[3][2] == pytest.approx(1.0)
-    assert s.bounded_motion("joint", 60.0)[3][2] == s.joint_bounds_depth_mm
-    assert s.bounded_motion("part", 60.0)[4][2] <= 0.5      # CMA-ES sigma at most half the bound
+    assert s.part.motion(60.0)[3][2] == pytest.approx(1.0)
+    assert s.joint.motion(60.0)[3][2] == s.joint.bounds_depth_mm
+    assert s.part.motion(60.0)[4][2] <= 0.5      # CMA-ES sigma at most half the bound
 
 
 def test_inplane_radius_of_spine_and_vertebra(chest):
@@ -48,9 +49,9 @@ def test_inplane_radius_of_spine_and_vertebra(chest):
         q = np.delete(p, depth_axis, axis=1)
         assert radii[b.name] == pytest.approx(np.sqrt(((q - q.mean(0)) ** 2).sum(1).mean()), rel=1e-6)
     assert radii["spine"] > 1.5 * radii["vertebrae_T9"]
-    s = pipeline.RegistrationSettings(part_depth_per_radius_px=0.025)
-    assert s.part_depth_bound(radii["spine"], 1.5) > 1.5 * s.part_depth_bound(radii["vertebrae_T9"], 1.5)
-    assert s.part_depth_bound(radii["vertebrae_T9"], 1.5) == s.part_bounds_depth_mm  # one vertebra: stays
+    s = RegistrationSettings(part=PartSettings(depth_per_radius_px=0.025))
+    assert s.part.depth_bound(radii["spine"], 1.5) > 1.5 * s.part.depth_bound(radii["vertebrae_T9"], 1.5)
+    assert s.part.depth_bound(radii["vertebrae_T9"], 1.5) == s.part.bounds_depth_mm  # one vertebra: stays
 
 
 def test_blur_batch_matches_scipy_and_keeps_gradients():
@@ -91,8 +92,9 @@ def test_refine_full_res_adds_the_detector_level(pelvis):
     body = pipeline.parse_bodies("pelvis", labels)
     truth = ap_pose(pipeline.body_centre(labels, body[0]), cam)
     xray = simulate_radiograph(ct, cam, truth, seed=1, labels=labels).pixels
-    s = pipeline.RegistrationSettings(inplane_search=False, cma=False, refine_steps=3, fine_px=96, coarse_px=48)
-    assert s.refine_full_res  # the default
+    s = RegistrationSettings(first=SearchSettings(inplane_search=False), cma=False, refine_steps=3, fine_px=96,
+                             coarse_px=48)
+    assert s.first.refine_full_res  # the default
     r = pipeline.register(ct, labels, xray, cam, body, truth, s, true_poses={"pelvis": truth})[0]
     levels = [tuple(h["level_px"]) for h in r.history if h["stage"] == "refine"]
     pyramid = [(cam.scaled(f).rows, cam.scaled(f).cols) if f > 1 else (cam.rows, cam.cols)
