@@ -11,7 +11,7 @@ Where each default lives:
 * radiograph physics (kVp, scatter, noise, ...): :class:`MSKdeXLib.projection.simulate.SimulationSettings`;
 * virtual-cohort variation: :class:`MSKdeXLib.learning.cohort.CohortRanges`;
 * training sets: :class:`MSKdeXLib.learning.dataset.builder.DatasetSettings`;
-* registration: :class:`MSKdeXLib.registration.pipeline.RegistrationSettings`;
+* registration: :class:`MSKdeXLib.registration.settings.RegistrationSettings` (one group per body kind);
 * the demo's sizes: :class:`MSKdeXLib.demo.DemoSettings`.
 
 Choice lists: structure kinds and built-in tables (:data:`MSKdeXLib.anatomy.structures.KINDS`,

@@ -12,7 +12,7 @@ from MSKdeXLib.anatomy.density import DensityModel
 from MSKdeXLib.anatomy.quantities import CHANNEL_KINDS
 from MSKdeXLib.anatomy.structures import BUILTIN_TABLES, KINDS
 from MSKdeXLib.demo import DemoSettings
-from MSKdeXLib.learning.cohort import CohortConfig, CohortRanges
+from MSKdeXLib.learning.cohort import PRESETS, CohortConfig, CohortRanges
 from MSKdeXLib.learning.dataset.builder import SPLIT_CHOICES, DatasetSettings
 from MSKdeXLib.learning.dataset.format import NORMALISATION_METHODS
 from MSKdeXLib.progress import MODES
@@ -59,7 +59,7 @@ def expected_defaults() -> dict[tuple[str, str], object]:
 
 
 EXPECTED_CHOICES = {"kind": KINDS, "progress": MODES, "similarity": MEASURES, "normalisation": NORMALISATION_METHODS,
-                    "split": SPLIT_CHOICES, "spectrum": SPECTRA}
+                    "split": SPLIT_CHOICES, "spectrum": SPECTRA, "preset": tuple(PRESETS)}
 
 
 def _values(v) -> tuple:
