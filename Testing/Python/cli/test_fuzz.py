@@ -46,7 +46,7 @@ def kit(pelvis_case, tmp_path_factory, one_torch_thread):
 
     from MSKdeXLib.io.radiographs import write_dx_dicom
     from MSKdeXLib.io.volumes import load_ct, load_labels
-    from MSKdeXLib.learning.dataset.records import parallel_projection_dataset
+    from projection_dataset import parallel_projection_dataset
 
     d = tmp_path_factory.mktemp("fuzz_kit")
     ct = sitk.ReadImage(str(pelvis_case.ct))[::3, ::3, ::3]
@@ -66,7 +66,7 @@ def kit(pelvis_case, tmp_path_factory, one_torch_thread):
     base = ["--ct", str(d / "ct.nii.gz"), "--labels", str(d / "labels.nii.gz")]
 
     assert _quiet_main(["simulate-xray", *base, "--out", str(d / "xray.dcm"), "--rows", "64", "--cols", "64",
-                        "--spacing", "6", "--progress", "none"]) == 0
+                        "--pixel-spacing", "6", "--progress", "none"]) == 0
     rng = np.random.default_rng(0)
     write_dx_dicom(d / "noise.dcm", rng.random((64, 64)).astype(np.float32), 6.0)
 
@@ -231,7 +231,7 @@ CASES = [
                                        "--image-size", "32", "32", "--progress", "none"], 2,
      r"1 case\(s\) with a doubtful registration: real_case1 \(femur_left\).*--include-doubtful"),
     ("dataset-spacing-nan", lambda k, o: ["build-dataset", "--cases", str(k / "cohort"), "--out", o,
-                                          "--spacing", "nan"], 2, r"argument --spacing: must be a finite number"),
+                                          "--pixel-spacing", "nan"], 2, r"argument --pixel-spacing: must be a finite number"),
     ("dataset-fractions", lambda k, o: ["build-dataset", "--cases", str(k / "cohort"), "--out", o,
                                         "--val-fraction", "0.6", "--test-fraction", "0.5"], 2,
      r"--val-fraction \+ --test-fraction must be < 1"),
