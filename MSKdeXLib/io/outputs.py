@@ -146,9 +146,12 @@ def atomic_path(path: str | Path, force: bool = False) -> Iterator[Path]:
     The temporary name keeps the full suffix (e.g. '.nii.gz') so writers choose the format.
     """
     final = check_new(path, force)
-    final.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(final.suffixes) or ".tmp"
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name.split('.')[0]}.", suffix=suffix, dir=final.parent)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name.split('.')[0]}.", suffix=suffix, dir=final.parent)
+    except OSError as exc:
+        raise UserError(f"cannot write the output here ({exc.strerror or exc})", final) from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:

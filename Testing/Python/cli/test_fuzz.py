@@ -128,6 +128,8 @@ def kit(pelvis_case, tmp_path_factory, one_torch_thread):
         (d / "pred" / f"{case}.json").write_text(json.dumps({"format": "mskdex-estimates/1", "id": case,
                                                              "rows": rows}))
     (d / "garbage.csv").write_text("this,is\nnot,estimates\n")
+    dcm = (d / "xray.dcm").read_bytes()
+    (d / "xray_cut.dcm").write_bytes(dcm[: int(len(dcm) * 0.6)])  # a radiograph cut in its pixel data
     return d
 
 
@@ -212,6 +214,9 @@ CASES = [
                                             "--out", o, "--progress", "none"], 2, r"ct_trunc\.nii\.gz: CT is truncated"),
     ("register-nan-ct", lambda k, o: ["register", *_ct(k, "ct_nan.nrrd"), "--xray", str(k / "xray.dcm"),
                                       "--out", o, "--progress", "none"], 2, r"ct_nan\.nrrd: CT has 60 non-finite"),
+    ("register-truncated-xray", lambda k, o: ["register", *_ct(k), "--xray", str(k / "xray_cut.dcm"), "--out", o,
+                                              "--spacing", "6", "--progress", "none"], 2,
+     r"xray_cut\.dcm: cannot decode DICOM pixel data .*less than expected"),
     ("register-not-an-image", lambda k, o: ["register", *_ct(k), "--xray", str(k / "tiny.json"), "--out", o,
                                             "--progress", "none"], 2, r"tiny\.json: not an image"),
     # cohort
@@ -251,6 +256,9 @@ CASES = [
     ("predict-truncated-weights", lambda k, o: ["predict", "--model", str(k / "model_cut"), "--xray",
                                                 str(k / "xray.dcm"), "--out", o, "--device", "cpu"], 2,
      r"model_cut/model\.safetensors: not a valid safetensors file"),
+    ("predict-truncated-dicom", lambda k, o: ["predict", "--model", str(k / "model"), "--xray",
+                                              str(k / "xray_cut.dcm"), "--out", o], 2,
+     r"xray_cut\.dcm: cannot decode DICOM pixel data"),
     ("predict-spacing-nan", lambda k, o: ["predict", "--model", str(k / "model"), "--xray", str(k / "xray.dcm"),
                                           "--out", o, "--pixel-spacing", "nan"], 2,
      r"argument --pixel-spacing: must be a finite number"),
@@ -291,11 +299,17 @@ def test_bad_input_one_line_and_no_leftovers(kit, work, capsys, argv, code, mess
     assert sorted(os.listdir(work)) == [], "left behind in the output's parent folder"
 
 
-@pytest.mark.parametrize("command", ["metrics", "drr", "register", "train", "predict", "evaluate"])
+@pytest.mark.parametrize("command", ["metrics", "drr", "simulate-xray", "register", "cohort", "build-dataset",
+                                     "train", "predict", "evaluate"])
 def test_read_only_destination(kit, read_only, capsys, command):
     out = str(read_only / "out")
     argv = {"metrics": ["metrics", *_ct(kit), "--json", out + ".json"],
             "drr": ["drr", *_ct(kit), "--out", out, "--progress", "none"],
+            "simulate-xray": ["simulate-xray", *_ct(kit), "--out", out + ".dcm", "--rows", "32", "--cols", "32",
+                              "--spacing", "12", "--progress", "none"],
+            "cohort": ["cohort", *_ct(kit), "--n", "1", "--out", out, "--detector", "32", "32", "--progress", "none"],
+            "build-dataset": ["build-dataset", "--cases", str(kit / "cohort"), "--out", out, "--image-size", "32", "32",
+                              "--progress", "none"],
             "register": ["register", *_ct(kit), "--xray", str(kit / "xray.dcm"), "--out", out, "--progress", "none"],
             "train": ["train", "--config", str(kit / "tiny.json"), "--data", str(kit / "ds"), "--out", out,
                       "--progress", "none", "--device", "cpu"],
@@ -376,6 +390,19 @@ def _cli(*args, **kw):
     return subprocess.Popen([sys.executable, "-m", "MSKdeXLib", *args], env=env, **kw)
 
 
+def _interrupt_once_working(p: subprocess.Popen) -> str:
+    """SIGINT to ``p`` (run with --progress json) after its first progress event; returns the rest
+    of its stderr once it exited with code 130."""
+    t_end = time.time() + 120
+    for line in p.stderr:  # wait until it is working
+        if '"event": "progress"' in line or time.time() > t_end:
+            break
+    p.send_signal(signal.SIGINT)
+    rest = p.stderr.read()
+    assert p.wait(60) == EXIT_INTERRUPTED
+    return rest
+
+
 def test_broken_pipe_exits_quietly(kit):
     """`mskdex metrics ... | head -0`: the reader is gone before mskdex writes."""
     p = _cli("metrics", *_ct(kit), "--all", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -389,12 +416,53 @@ def test_sigint_mid_registration_leaves_nothing(kit, work):
     out = work / "reg"
     p = _cli("register", *_ct(kit), "--xray", str(kit / "xray.dcm"), "--out", str(out), "--bones", "pelvis",
              "--fine-px", "32", "--progress", "json", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    t_end = time.time() + 120
-    for line in p.stderr:  # wait until it is optimising
-        if '"event": "progress"' in line or time.time() > t_end:
-            break
-    p.send_signal(signal.SIGINT)
-    rest = p.stderr.read()
-    assert p.wait(60) == EXIT_INTERRUPTED
+    rest = _interrupt_once_working(p)
     assert [ln for ln in rest.splitlines() if not ln.startswith("{")] == ["mskdex register: interrupted"]
     assert os.listdir(work) == []
+
+
+def test_sigint_mid_training_leaves_nothing(kit, work):
+    """Ctrl-C before the first checkpoint: exit 130 and no folder (after one: a resumable checkpoint)."""
+    (work.parent / "long.json").write_text(json.dumps({**TINY_TRAIN, "steps": 100000}))
+    p = _cli("train", "--config", str(work.parent / "long.json"), "--data", str(kit / "ds"), "--out",
+             str(work / "model"), "--progress", "json", "--device", "cpu",
+             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    rest = _interrupt_once_working(p)
+    assert [ln for ln in rest.splitlines() if not ln.startswith("{")] == ["mskdex train: interrupted"]
+    assert os.listdir(work) == []
+
+
+def test_nonfinite_similarity_is_a_failed_registration(kit, work, capsys, monkeypatch):
+    """Whatever makes the similarity NaN, register must not report success (here: a stand-in
+    registration that returns NaN, after writing its files)."""
+    from types import SimpleNamespace
+
+    from MSKdeXLib.registration import run as reg_run
+
+    def nan_registration(req, device, notify):
+        (req.out / "registration.json").write_text("{}")
+        body = SimpleNamespace(name="pelvis", final_similarity=float("nan"), ct_to_camera=np.eye(4),
+                               initial_similarity=0.1, doubtful=False, mtre_mm=None, runtime_s=0.0)
+        return SimpleNamespace(results=[body], path=req.out / "registration.json")
+
+    monkeypatch.setattr(reg_run, "register_radiograph", nan_registration)
+    rc, _, err = _run(["register", *_ct(kit), "--xray", str(kit / "xray.dcm"), "--out", str(work / "reg"),
+                       "--progress", "none"], capsys)
+    line = _one_line(err)
+    assert rc == EXIT_USER_ERROR and "xray.dcm: registration failed: body 'pelvis' has a non-finite similarity" in line
+    assert os.listdir(work) == []
+
+
+def test_predict_warnings_reach_csv_and_json(kit, work, capsys):
+    rc, stdout, err = _run(["predict", "--model", str(kit / "model"), "--xray", str(kit / "xray.dcm"),
+                            "--out", str(work / "pred"), "--device", "cpu"], capsys)
+    assert rc == 0, err
+    doc = json.loads((work / "pred" / "estimates.json").read_text())
+    assert doc["warnings"] and all(s["warnings"] for s in doc["structures"])  # the 2-step model is far off
+    per = {s["structure"]: s["warnings"] for s in doc["structures"]}
+    assert any("outside the training range" in w for w in per["hip_left"])
+    import csv
+
+    rows = list(csv.DictReader((work / "pred" / "estimates.csv").read_text().splitlines()))
+    assert rows[0]["warnings"] == "; ".join(per[rows[0]["structure"]])
+    assert "warning: estimates outside the training range for: " in stdout
