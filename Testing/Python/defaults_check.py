@@ -51,7 +51,7 @@ def _literal(node) -> Any:
 def slicer_literals(path: Path = SLICER_MODULE) -> dict[str, Any]:
     """{"Class.field" or "method.argument": default} of the Slicer module, plus
     "string_tuples": [tuples of string literals found anywhere in it]."""
-    tree = ast.parse(path.read_text(), str(path))
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
     out: dict[str, Any] = {"string_tuples": []}
     for node in ast.walk(tree):
         if isinstance(node, ast.ClassDef):

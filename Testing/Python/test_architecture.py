@@ -20,7 +20,7 @@ def imported_modules(path: Path) -> set[str]:
     if path.name != "__init__.py":
         pkg = pkg[:-1]
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom):
@@ -68,14 +68,14 @@ def long_functions(limit: int = LONG_FUNCTION_LINES) -> dict[str, int]:
                             out[f"{rel}:{name}"] = n
                     visit(child, name + ".")
 
-        visit(ast.parse(path.read_text(), rel))
+        visit(ast.parse(path.read_text(encoding="utf-8"), rel))
     return out
 
 
 def test_every_long_function_is_explained_in_the_architecture_doc():
     """docs/architecture.md lists each library function over 80 lines with a sentence why (or who
     splits it), and lists no function that is no longer that long: the list stays honest."""
-    doc = ARCHITECTURE_DOC.read_text()
+    doc = ARCHITECTURE_DOC.read_text(encoding="utf-8")
     section = doc.split("## Long functions", 1)[1].split("\n## ", 1)[0]
     listed = set(re.findall(r"`(MSKdeXLib/[\w/]+\.py:[\w.]+)`", section))
     found = long_functions()

@@ -172,7 +172,7 @@ def test_command_modules_spell_no_default_number():
 
     offenders = []
     for path in sorted(Path(cli.__file__).parent.glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if not (isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument"):
                 continue
             flag = next((a.value for a in node.args if isinstance(a, ast.Constant)), "?")
