@@ -352,6 +352,7 @@ def specificity_config(args, name: str) -> dict:
                                        batch_size=args.batch_size))
     if name == "paired":
         cfg["losses"] = {**cfg["losses"], **PAIRED_MUSCLE_LOSSES}
+    cfg["model"] = {**cfg["model"], **json.loads(args.spec_model)}
     return cfg
 
 
@@ -378,7 +379,7 @@ def network_parts(model_dir: Path, records_dir: Path, split: str) -> dict:
             "images": np.array(images)}
 
 
-def network_rows(name: str, model_dir: Path, data: Path, test_dir: Path, channels: list) -> dict:
+def network_rows(name: str, model_dir: Path, data: Path, test_dir: Path, channels: list, split: str = "test") -> dict:
     """Summaries (comparison table rows) of one trained network: backbone sums, the sum head's
     gain alone (times the backbone's mean training sums), the full model (calibrated interval)."""
     from MSKdeXLib.evaluation.agreement import evaluate
@@ -387,8 +388,8 @@ def network_rows(name: str, model_dir: Path, data: Path, test_dir: Path, channel
     from MSKdeXLib.evaluation.comparison import rows_of, summary
     from MSKdeXLib.learning.inference import calibration_quantiles, interval_scale
 
-    test = split_arrays(test_dir, "test")
-    parts = network_parts(model_dir, test_dir, "test")
+    test = split_arrays(test_dir, split)
+    parts = network_parts(model_dir, test_dir, split)
     assert parts["ids"] == test.ids
     truth = rows_of(test.ids, channels, test.truth)
     muscle = [j for j, c in enumerate(channels) if c.get("kind") == "muscle"]
@@ -424,15 +425,19 @@ def bench_specificity(args) -> dict:
     data, test_dir = specificity_data(args, root)
     t_data = time.time() - t0
     channels = load_dataset_info(test_dir).channels
+    # --spec-eval val: every choice (configuration, variant) is made here; test: the reported run
+    eval_dir, split = (data, "val") if args.spec_eval == "val" else (test_dir, "test")
     rows, seconds = {}, {}
     for name in args.spec_configs:
         t0 = time.time()
-        train(specificity_config(args, name), data, root / f"model_{name}", device="cpu", force=True)
+        model_dir = root / f"model_{name}{args.spec_tag}"
+        if not (args.spec_reuse and (model_dir / "config.json").exists()):
+            train(specificity_config(args, name), data, model_dir, device="cpu", force=True)
         seconds[name] = round(time.time() - t0, 1)
-        rows.update(network_rows(name, root / f"model_{name}", data, test_dir, channels))
+        rows.update(network_rows(name + args.spec_tag, model_dir, data, eval_dir, channels, split))
         print(f"{name}: trained in {seconds[name]:.0f} s", flush=True)
-    comp = compare_with_baselines(data, test_dir, rows)
-    return {"scale": {"train": args.spec_train, "val": args.spec_val, "test": args.spec_test,
+    comp = compare_with_baselines(data, eval_dir, rows, split)
+    return {"evaluated_on": split, "scale": {"train": args.spec_train, "val": args.spec_val, "test": args.spec_test,
                       "seed": SPEC_SEED, "index_ranges": {"train": [0, args.spec_train],
                                                           "val": [SPEC_VAL_START, SPEC_VAL_START + args.spec_val],
                                                           "test": [SPEC_TEST_START, SPEC_TEST_START + args.spec_test]},
@@ -471,7 +476,7 @@ def markdown(results: dict) -> str:
     if "specificity" in results:
         r = results["specificity"]
         sc = r["scale"]
-        lines += [f"Specificity cohort (seed {sc['seed']}): {sc['train']} train / {sc['val']} val / {sc['test']} "
+        lines += [f"Specificity cohort (seed {sc['seed']}), table on the {r['evaluated_on']} split: {sc['train']} train / {sc['val']} val / {sc['test']} "
                   f"test subjects (test indices {sc['index_ranges']['test']}), {sc['image_px']} px records, "
                   f"{sc['steps']} steps; ridge alpha {r['ridge_alpha']:g}", "", r["markdown"]]
     return "\n".join(lines) + "\n"
@@ -527,6 +532,11 @@ def main() -> None:
     g.add_argument("--spec-steps", type=int, default=3000, help="training steps per configuration")
     g.add_argument("--spec-configs", nargs="+", default=list(SPEC_CONFIGS), choices=SPEC_CONFIGS,
                    help="unpaired = the paper's (demo's) configuration; paired = muscle L1 (upper bound)")
+    g.add_argument("--spec-eval", choices=("val", "test"), default="test",
+                   help="split the table is computed on: 'val' for every choice, 'test' once per reported model")
+    g.add_argument("--spec-model", default="{}", help="JSON merged into the model config (variants, on val)")
+    g.add_argument("--spec-tag", default="", help="suffix of the model folders and rows (variants)")
+    g.add_argument("--spec-reuse", action="store_true", help="reuse trained models of the same tag")
     p.add_argument("--out", default="bench_network_out")
     p.add_argument("--markdown", action="store_true")
     args = p.parse_args()

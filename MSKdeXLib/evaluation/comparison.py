@@ -123,16 +123,17 @@ def markdown_table(results: dict[str, dict[str, Any]], pairs: Sequence[str] = TA
     return "\n".join(lines) + "\n"
 
 
-def compare_with_baselines(records_dir, test_records_dir, methods: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def compare_with_baselines(records_dir, test_records_dir, methods: dict[str, dict[str, Any]],
+                           test_split: str = "test") -> dict[str, Any]:
     """The baselines fitted on ``records_dir``'s train split (ridge penalty on its val split)
-    and evaluated on ``test_records_dir``'s test split, beside the already summarised
+    and evaluated on ``test_records_dir``'s ``test_split``, beside the already summarised
     ``methods`` ({name: :func:`summary`} on the same test subjects). Returns {"rows": {name:
     summary}, "ridge_alpha", "n_train", "n_test", "markdown"}."""
     from .baselines import split_arrays
     from ..learning.dataset.records import load_dataset_info
 
     train, val = split_arrays(records_dir, "train"), split_arrays(records_dir, "val")
-    test = split_arrays(test_records_dir, "test")
+    test = split_arrays(test_records_dir, test_split)
     channels = load_dataset_info(test_records_dir).channels
     est = baseline_estimates(train, val, test)
     rows = {**evaluate_baselines(est, test, channels), **methods}

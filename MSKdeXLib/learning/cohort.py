@@ -14,7 +14,12 @@ on the CT grid, LPS mm), then imaged with a changed pose and acquisition:
 * a smooth **elastic deformation** (random low-frequency displacement field; CT linear, labels
   nearest);
 * a **pose** change (rotation deg about the LPS axes through the isocentre, translation mm);
-* **acquisition** changes (energy, noise, scatter, contrast) of the simulated radiograph.
+* **acquisition** changes (energy, noise, scatter, contrast) of the simulated radiograph;
+* with the **specificity** preset (:func:`specificity_ranges`, ``mskdex cohort --preset
+  specificity``) also: every muscle and side changed on its own, a unilateral hip-osteoarthritis
+  pattern, an anisotropic size change (voxel spacing scaled, so the truth stays exact), the SID,
+  focal spot and detector blur, grid or no grid, collimation, and vendor-style processing of the
+  image (unsharp masking, S-shaped LUT). Every range: :class:`CohortRanges`.
 
 Subject ``i`` depends only on (seed, i): its random generator is ``default_rng([seed, i])``.
 The truth (metrics.json) is computed from the modified CT + labels; the target channels are
@@ -72,8 +77,8 @@ class CohortRanges:
     # --- muscles: a body-wide part shared by all muscles, then each muscle and side on its own ---
     body_change: tuple[float, float] = (-0.25, 0.15)  # body-wide change (fraction of voxels), all muscles
     change_probability: float = 0.8         # chance that a muscle (each side separately) gets its own extra change
-    max_atrophy: float = 0.15               # per-muscle extra: up to 15 % of voxels become fat (2/3 of changes)
-    max_hypertrophy: float = 0.15           # per-muscle extra: up to +15 % (1/3 of changes; limited by nearby fat)
+    max_atrophy: float = 0.15               # per-muscle extra atrophy: U(0.03, x) of voxels become fat (2/3 of changes)
+    max_hypertrophy: float = 0.15           # per-muscle extra growth: U(0.03, x) (1/3 of changes; limited by nearby fat)
     # the total change of a muscle is kept in [-MAX_TOTAL_ATROPHY, MAX_TOTAL_HYPERTROPHY]
     infiltration_probability: float = 0.5   # chance that a muscle (each side separately) is fat-infiltrated
     max_infiltration: float = 0.20          # U(0.02, x) of its lean voxels become fatty

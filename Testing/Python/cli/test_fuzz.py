@@ -300,7 +300,7 @@ def test_bad_input_one_line_and_no_leftovers(kit, work, capsys, argv, code, mess
 
 
 @pytest.mark.parametrize("command", ["metrics", "drr", "simulate-xray", "register", "cohort", "build-dataset",
-                                     "train", "predict", "evaluate"])
+                                     "train", "predict", "evaluate", "demo"])
 def test_read_only_destination(kit, read_only, capsys, command):
     out = str(read_only / "out")
     argv = {"metrics": ["metrics", *_ct(kit), "--json", out + ".json"],
@@ -315,6 +315,7 @@ def test_read_only_destination(kit, read_only, capsys, command):
                       "--progress", "none", "--device", "cpu"],
             "predict": ["predict", "--model", str(kit / "model"), "--xray", str(kit / "xray.dcm"), "--out", out],
             "evaluate": ["evaluate", "--pred", str(kit / "pred"), "--truth", str(kit / "truth"), "--out", out],
+            "demo": ["demo", "--out", out, "--quick"],
             }[command]
     rc, _, err = _run(argv, capsys)
     line = _one_line(err)
