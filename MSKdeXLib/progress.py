@@ -11,8 +11,6 @@ import json
 import sys
 import time
 
-from tqdm import tqdm
-
 from .validation import finite_or_none
 
 #: the accepted ``mode`` values (the command line's ``--progress`` choices)
@@ -26,6 +24,9 @@ class Progress:
         self.mode, self.total, self.desc, self.n, self.t0 = mode, total, desc, 0, time.time()
         self._bar = None
         if mode == "bar":
+            # lazy: Slicer's Python has no tqdm, and the Slicer module runs mskdex with --progress json
+            from tqdm import tqdm
+
             self._bar = tqdm(total=total, desc=desc, file=sys.stderr, leave=False)
 
     def update(self, n: int = 1, **info) -> None:
