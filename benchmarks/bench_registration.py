@@ -40,6 +40,7 @@ from MSKdeXLib.registration.articulated import extend_inferior, rotate_about, si
 from MSKdeXLib.registration.optimize import PoseSpace
 from MSKdeXLib.projection.rendering import default_view
 from MSKdeXLib.projection.simulate import simulate_radiograph
+from MSKdeXLib.settings import SID_MM
 
 CASES = {"pelvis": ("pelvis_ct", "pelvis,femur_left,femur_right"),
          "chest": ("chest_ct", "bones,spine=vertebrae_T6..vertebrae_L1,vertebrae_T9,vertebrae_T12")}
@@ -185,12 +186,12 @@ def make_settings(args, trial: int) -> pipeline.RegistrationSettings:
 
 
 def cam_of(args) -> Camera:
-    return Camera(args.size, args.size, args.spacing, args.spacing, 1000.0)
+    return Camera(args.size, args.size, args.spacing, args.spacing, SID_MM)
 
 
 def run(args) -> list[dict]:
     torch.set_num_threads(args.threads)
-    cam = Camera(args.size, args.size, args.spacing, args.spacing, 1000.0)
+    cam = Camera(args.size, args.size, args.spacing, args.spacing, SID_MM)
     rows = []
     for case in args.cases:
         sc = getattr(sample_data, CASES[case][0])()
@@ -258,7 +259,7 @@ def flagged(row: dict, settings: pipeline.RegistrationSettings, rows: list[dict]
 
 def table(rows: list[dict], args) -> str:
     st = pipeline.RegistrationSettings()
-    lines = [f"Detector {args.size}x{args.size} at {args.spacing} mm, SID 1000 mm, view '{args.view}', "
+    lines = [f"Detector {args.size}x{args.size} at {args.spacing} mm, SID {SID_MM:g} mm, view '{args.view}', "
              f"{args.threads} torch thread(s), device {args.device}; settings: defaults{' + ' + ' '.join(args.set) if args.set else ''}. "
              f"Doubtful thresholds (bone-only DRRs / with soft tissue): {st.first.doubtful_below} / "
              f"{st.first.doubtful_below_tissue} (first / free), {st.joint.doubtful_below} / "

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import Progress, add_ct_args, add_device, add_force, add_progress, resolve_device
+from .common import (LazyChoices, Progress, add_ct_args, add_device, add_force, add_pixel_spacing, add_progress,
+                     add_sid, resolve_device, settings_options, spacing_rc)
 
 
 def add_parser(sub, name: str):
@@ -36,18 +37,19 @@ def add_parser(sub, name: str):
                         "{'ct_to_camera': ...}, or a previous registration.json")
     p.add_argument("--landmarks", default=None,
                    help="CSV x,y,z,row,col (CT LPS mm <-> radiograph pixel), >= 4 pairs: start pose by PnP")
-    p.add_argument("--sid", type=float, default=1000.0,
-                   help="source-to-image distance, mm, when the radiograph has no sidecar (default 1000)")
-    p.add_argument("--spacing", type=float, nargs="+", default=None, metavar="MM",
-                   help="detector pixel spacing (mm; one value or row col), overrides the file's")
-    p.add_argument("--similarity", default=None, choices=("ncc", "gc", "pgncc", "ms-pgncc", "ms-gc"),
-                   help="similarity measure (default pgncc)")
-    p.add_argument("--fine-px", type=int, default=None, help="long side of the finest level, px (default 192)")
+    add_sid(p, "source-to-image distance, mm, when the radiograph has no sidecar")
+    add_pixel_spacing(p, None, "detector pixel spacing (mm), overrides the file's")
+    p.add_argument("--similarity", default=None, choices=LazyChoices("MSKdeXLib.registration.similarity:MEASURES"),
+                   metavar="MEASURE", help="similarity measure: %(choices)s")
+    p.add_argument("--fine-px", type=int, default=None, help="long side of the finest level, px")
     p.add_argument("--no-inplane-search", action="store_true",
                    help="skip the 2D rotation + shift search of the first body")
-    p.add_argument("--max-evals", type=int, default=None, help="CMA-ES evaluations per body (default 480)")
-    p.add_argument("--refine-steps", type=int, default=None,
-                   help="gradient steps per pyramid level (default 40)")
+    p.add_argument("--max-evals", type=int, default=None, help="CMA-ES evaluations per body")
+    p.add_argument("--refine-steps", type=int, default=None, help="gradient steps per pyramid level")
+    # help shows RegistrationSettings' defaults (the options left out keep them: settings_from_args)
+    settings_options(p, "MSKdeXLib.registration.settings:RegistrationSettings",
+                     {"similarity": "similarity", "fine_px": "fine_px", "max_evals": "cma_max_evals",
+                      "refine_steps": "refine_steps"})
     p.add_argument("--soft-tissue", choices=("on", "off"), default=None,
                    help="model the radiograph's soft tissue: the first body's DRR also holds the CT's other "
                         "tissue, which stays with it for the later bodies (default on; off: bone-only DRRs, "
@@ -100,7 +102,7 @@ def _run(args, stage: Path) -> int:
     from ..validation import NonFiniteError, is_finite
 
     req = RegistrationRequest(args.xray, args.ct, args.labels, stage, args.bones, args.init_pose,
-                              args.landmarks, args.sid, args.spacing, args.table, args.resample_labels,
+                              args.landmarks, args.sid, spacing_rc(args.pixel_spacing), args.table, args.resample_labels,
                               settings_from_args(args), args.force)
     device = resolve_device(args.device)
     # the bar counts bodies (one per comma-separated entry of --bones; the default is 3)
