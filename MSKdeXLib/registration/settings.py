@@ -20,13 +20,14 @@ class SearchSettings:
     """First body (and any free later body): in-plane search, CMA-ES, gradient refinement."""
 
     inplane_search: bool = True   # 2D rotation+shift search when no pose is given
-    cma_restarts: int = 3         # CMA-ES runs (different seeds), best kept
+    cma_restarts: int = 2         # CMA-ES runs (different seeds), best kept (3 before round 6)
     sigma_deg: float = 6.0
     sigma_mm: float = 12.0
     bounds_deg: float = 25.0
     bounds_mm: float = 45.0
     later_body_bounds: float = 0.6  # a free later body starts near the first one's pose: smaller search
     refine_full_res: bool = True    # a last gradient refinement on the detector's own pixels
+    full_res_steps: int = 20        # gradient steps of that refinement (0: ``refine_steps``; 40 before round 6)
     # doubtful below these final similarities (whole detector; calibrated:
     # benchmarks/RESULTS_registration.md): bone-only DRRs / with the soft tissue
     doubtful_below: float = 0.2
@@ -112,7 +113,10 @@ class RegistrationSettings:
     similarity: str = "pgncc"
     patch_px: int = 8
     coarse_px: int = 48           # long side of the coarsest pyramid level (CMA-ES)
-    fine_px: int = 192            # long side of the finest level (capped by the detector)
+    fine_px: int = 96             # long side of the pyramid's finest level (capped by the detector;
+                                  # 192 before round 6: then refined twice at nearly the same pixels)
+    working_mm: float = 1.5       # a radiograph with finer pixels is area-averaged to about these first
+                                  # (integer factor): memory and time bounded by the working grid
     cma: bool = True
     cma_popsize: int = 16
     cma_max_evals: int = 480
@@ -123,6 +127,8 @@ class RegistrationSettings:
     roi_margin_mm: float = 40.0   # later bodies: similarity only near the body's start projection
     roi_fine_mm: float = 1.5      # joint / part bodies: one level with pixels of about this size
     roi_cma_restarts: int = 2     # joint / part bodies: CMA-ES runs (different seeds), best kept
+    roi_search_mm: float = 0.0    # > roi_fine_mm: joint / part bodies' CMA-ES on a level of about these
+                                  # pixels (cheaper), their refinement on ``roi_fine_mm``; 0: both on it
     prior_weight: float = 0.01    # similarity units per (motion / prior SD)^2 of joints / parts; 0: no prior
     # the first body's DRR also holds the CT's other tissue (the patient's soft tissue and bones of
     # no body, not the table: :func:`~.bodyvolume.tissue_volume`), which then stays with it as later
