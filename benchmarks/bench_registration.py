@@ -49,7 +49,7 @@ import torch
 
 from MSKdeXLib.io import sample_data
 from MSKdeXLib.io.volumes import load_ct, load_labels
-from MSKdeXLib.projection.geometry import Camera, ap_pose
+from MSKdeXLib.projection.geometry import Camera, ap_pose, project
 from MSKdeXLib.registration import pipeline
 from MSKdeXLib.registration.articulated import extend_inferior, rotate_about, simulate_articulated
 from MSKdeXLib.registration.foreign import DetectorChain, foreign_radiograph, shutters_hiding
@@ -137,10 +137,26 @@ def radiograph(case: Case, truth: dict, rng, renderer: str, seed: int) -> tuple[
         return simulate_articulated(case.big, case.cam, truth[case.bodies[0].name], parts, seed=seed), {}
     motion, chain = TissueMotion.sample(rng), DetectorChain.sample(rng)
     scene = moved_scene(case.big, case.labels, case.bodies, truth, motion, rng, masks=case.masks)
+    # tighter collimation at the top and bottom (0-15 mm more); at the sides only where it keeps the
+    # registered bodies in the field (a radiographer collimates to the region of interest)
     extra = tuple(rng.uniform(0, 15, 4))
-    field = shutters_hiding(case.cam, truth[case.bodies[0].name], case.ends, 5.0, extra)
+    field = shutters_hiding(case.cam, truth[case.bodies[0].name], case.ends, 5.0, extra[:2] + (0.0, 0.0))
+    keep = np.flatnonzero(case_columns(case, truth))
+    narrowed = shutters_hiding(case.cam, truth[case.bodies[0].name], case.ends, 5.0, extra)
+    if keep.size == 0 or narrowed[:, keep].any(0).all():
+        field = narrowed
     pixels = foreign_radiograph(scene, case.cam, chain, field, rng)
     return pixels, {"tissue": vars(motion), "detector": chain.to_dict(), "field_fraction": float(field.mean())}
+
+
+def case_columns(case: Case, truth: dict, margin_mm: float = 10.0) -> np.ndarray:
+    """Bool (cols,): detector columns within ``margin_mm`` of a registered body's projection."""
+    cols = np.zeros(case.cam.cols, dtype=bool)
+    for body in case.bodies:
+        c = project(case.cam, truth[body.name], case.labels.grid.voxel_centres_lps(body.mask(case.labels))[::5])[:, 1]
+        m = margin_mm / case.cam.spacing_col_mm
+        cols[max(0, int(c.min() - m)):min(case.cam.cols, int(c.max() + m) + 1)] = True
+    return cols
 
 
 def make_settings(args, trial: int) -> pipeline.RegistrationSettings:

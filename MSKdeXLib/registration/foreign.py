@@ -80,7 +80,8 @@ class DetectorChain:
     heel: float = 0.08                # relative intensity change across the rows (anode heel effect)
     spr: float = 0.8                  # scatter-to-primary ratio at the field centre
     scatter_sigmas_mm: tuple[float, float] = (25.0, 80.0)
-    photons_per_mm2: float = 8000.0   # unattenuated quanta at the detector (clinical dose: noisy)
+    photons_per_mm2: float = 8.0e4    # unattenuated quanta at the detector: a few hundred per mm^2
+                                      # behind the pelvis (about 2.5 uGy at ~70 kVp)
     spread_mm: tuple[float, float] = (0.15, 0.9)   # scintillator spread: narrow / wide Gaussian
     spread_wide_share: float = 0.25
     electronic_noise: float = 3.0     # read noise, std in quanta per pixel
@@ -95,7 +96,7 @@ class DetectorChain:
     def sample(cls, rng: np.random.Generator) -> "DetectorChain":
         """A random acquisition / processing (one per trial)."""
         return cls(beam_hardening=rng.uniform(0.02, 0.06), heel=rng.uniform(-0.12, 0.12), spr=rng.uniform(0.4, 1.2),
-                   photons_per_mm2=float(np.exp(rng.uniform(np.log(3000), np.log(20000)))),
+                   photons_per_mm2=float(np.exp(rng.uniform(np.log(3.0e4), np.log(2.0e5)))),
                    unsharp_mm=rng.uniform(2.0, 6.0), unsharp_gain=rng.uniform(0.3, 1.5),
                    drc_mm=rng.uniform(25.0, 60.0), drc_gain=rng.uniform(0.2, 0.7), lut_slope=rng.uniform(2.5, 6.0))
 

@@ -91,14 +91,20 @@ def change_fat(hu: np.ndarray, patient: np.ndarray, spacing_kji, fat_mm: float) 
 def change_gas(hu: np.ndarray, patient: np.ndarray, far_from_bone: np.ndarray, spacing_kji, motion: TissueMotion,
                rng: np.random.Generator) -> np.ndarray:
     """Small existing gas volumes filled at random; ``motion.gas_pockets`` new pockets placed in
-    soft tissue away from bone."""
+    soft tissue away from bone, in the middle half of the patient (axis i: left-right)."""
     out = hu.copy()
     gas, n = ndimage.label((hu < -500) & patient)
     if n:
         sizes = ndimage.sum_labels(np.ones_like(hu), gas, range(1, n + 1)) * np.prod(spacing_kji) / 1000.0
         for lab in np.flatnonzero((sizes < 300.0) & (rng.random(n) < motion.fill_gas_probability)) + 1:
             out[gas == lab] = 20.0
-    soft = np.argwhere(far_from_bone & patient & (hu > -100) & (hu < 100))
+    # bowel gas lies in the abdomen and pelvis: the middle half of the patient from left to right
+    cols = np.flatnonzero(patient.any((0, 1)))
+    middle = np.zeros(hu.shape[2], dtype=bool)
+    if cols.size:
+        c0, c1 = cols[0], cols[-1]
+        middle[int(c0 + 0.25 * (c1 - c0)):int(c1 - 0.25 * (c1 - c0)) + 1] = True
+    soft = np.argwhere(far_from_bone & patient & (hu > -100) & (hu < 100) & middle[None, None, :])
     for _ in range(motion.gas_pockets if len(soft) else 0):
         centre = soft[rng.integers(len(soft))]
         radii = rng.uniform(*motion.gas_radius_mm, size=3)

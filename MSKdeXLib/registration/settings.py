@@ -49,7 +49,8 @@ class BoundedMotion:
     prior_mm: float = 0.0           # prior SD of the in-plane translation (0: none)
     # doubtful below these final similarities (in the body's window): bone-only DRRs / with the soft tissue
     doubtful_below: float = 0.53
-    doubtful_below_tissue: float = 0.62
+    doubtful_below_tissue: float = 0.25   # 0.62 before round 6 (own renderer, unmoved tissue); set on the
+                                          # foreign-renderer calibration trials (RESULTS_registration.md)
 
     def depth_bound(self, radius_mm: float | None, pixel_mm: float) -> float:
         """Depth bound (mm); a part's may grow with its size (:meth:`PartSettings.depth_bound`)."""
@@ -82,7 +83,7 @@ class PartSettings(BoundedMotion):
     prior_deg: float = 3.0
     prior_mm: float = 1.5
     doubtful_below: float = 0.2
-    doubtful_below_tissue: float = 0.4
+    doubtful_below_tissue: float = 0.3    # 0.4 before round 6; foreign-renderer calibration trials
     # depth bound set by the part's size (0: off, every part gets ``bounds_depth_mm``): a depth
     # shift moves a point at in-plane distance r from the part's centre in proportion to r on the
     # detector (magnification), so a part's depth is observed in proportion to its in-plane RMS
@@ -135,6 +136,11 @@ class RegistrationSettings:
     # bodies' background
     soft_tissue: bool = True
     tissue_mm: float = 3.0        # voxel size of that tissue volume (smooth: coarser than the bones)
+    # the bodies' voxels in that tissue volume hold tissue of this CT number, and the bodies' DRRs are
+    # their attenuation in excess of it: a bone that moved displaces soft tissue instead of leaving a
+    # bone-shaped hole (None: air, as before round 6; then a femur in a new hip pose left its old
+    # outline dark in the DRR)
+    tissue_fill_hu: float | None = 40.0
     tissue_search: bool = False   # the tissue in the global search too (in-plane, CMA-ES); off: there bone-only
                                   # (measured: the body outline then lured pelvis starts at 60 mm / 40 deg away)
     drr_match_blur: bool = False  # blur each level's DRR like the radiograph there (see drr_blur_sigma_mm)

@@ -109,9 +109,12 @@ class BodyVolumes:
         key = TISSUE if structures is None else tuple(sorted(st.label for st in structures))
         if key not in self._vols:
             max_hu = self.s.max_hu if self.s.max_hu > 0 else None
-            self._vols[key] = (tissue_volume(self.ct, self.labels, self.body_structures, self.s.tissue_mm, max_hu=max_hu)
+            fill = self.s.tissue_fill_hu if self.s.soft_tissue else None
+            self._vols[key] = (tissue_volume(self.ct, self.labels, self.body_structures, self.s.tissue_mm, max_hu=max_hu,
+                                             fill_hu=fill)
                                if structures is None else
-                               body_volume(self.ct, self.labels, structures, target_mm=self.s.volume_mm, max_hu=max_hu))
+                               body_volume(self.ct, self.labels, structures, target_mm=self.s.volume_mm, max_hu=max_hu,
+                                           over_hu=fill))
         rkey = (key, camera)
         if rkey not in self._renderers:
             if len(self._renderers) > 24:  # bounded: drop the oldest
