@@ -8,7 +8,6 @@ core's numerical modules) is imported at module load: only inside the functions 
 
 import logging
 import os
-import pathlib
 import sys
 from typing import Annotated, Optional, Union
 
@@ -19,7 +18,8 @@ import vtk
 from slicer import (vtkMRMLLabelMapVolumeNode, vtkMRMLLinearTransformNode, vtkMRMLMarkupsFiducialNode,
                     vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTableNode)
 from slicer.i18n import tr as _
-from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.parameterNodeWrapper import (Choice, GuiConnector, WithinRange, parameterNodeGuiConnector,
+                                         parameterNodeWrapper)
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
@@ -38,6 +38,18 @@ def _add_library_path() -> str:
 
 
 LIBRARY_PARENT = _add_library_path()
+
+# Light core modules only at start-up (torch and the numerical modules load in the functions
+# that need them, so the module loads in a Slicer without PyTorch).
+from MSKdeXLib import dependencies  # noqa: E402
+from MSKdeXLib.anatomy.density import DensityModel  # noqa: E402
+from MSKdeXLib.anatomy.structures import BUILTIN_TABLES  # noqa: E402
+from MSKdeXLib.projection.geometry import Camera  # noqa: E402
+
+#: the module's documentation (the repository's docs/slicer.md)
+HOMEPAGE = "https://github.com/mskdex/SlicerMSKdeX"
+DOCUMENTATION_URL = f"{HOMEPAGE}/blob/main/docs/slicer.md"
+_DENSITY, _CAMERA = DensityModel(), Camera()
 
 #: sample data (DESIGN.md section 5): TotalSegmentator test files, Apache-2.0
 _TS = "https://raw.githubusercontent.com/wasserth/TotalSegmentator"
@@ -71,31 +83,68 @@ class MSKdeX(ScriptedLoadableModule):
             "decomposing it into per-structure projections learned from CT. Inputs: a CT with a "
             "TotalSegmentator (or 22-class hip) segmentation to compute CT metrics, render DRRs, "
             "register bones and build/train models; a radiograph and a trained model to estimate. "
-            "Long tasks run in a background process and can be cancelled. "
-            "See docs/slicer.md in the MSKdeX repository.")
-        self.parent.helpText += self.getDefaultModuleDocumentationLink()
+            "Long tasks run in a background process and can be cancelled.")
+        self.parent.helpText += ("<p>" + _("See the {start}MSKdeX documentation{end}.").format(
+            start=f'<a href="{DOCUMENTATION_URL}">', end="</a>") + "</p>")
         self.parent.acknowledgementText = _(
             "Open implementation of the method of: ") + CITATION + " " + _(
             "Sample data and label tables from TotalSegmentator (Apache-2.0): ") + TOTALSEG_CITATION
         slicer.app.connect("startupCompleted()", registerSampleData)
 
 
+#: Sample Data sources (category MSKdeX): (name, file, URL, SHA-256, load properties)
+SAMPLES = (
+    ("MSKdeXPelvisCT", "MSKdeXPelvisCT.nii.gz", SAMPLE_CT_URL, SAMPLE_CT_SHA256, {}),
+    ("MSKdeXPelvisLabels", "MSKdeXPelvisLabels.nii.gz", SAMPLE_LABELS_URL, SAMPLE_LABELS_SHA256, {"labelmap": True}),
+)
+
+
 def registerSampleData():
-    """The pelvis CT and its TotalSegmentator v1 labels, by URL and SHA-256."""
+    """The pelvis CT and its TotalSegmentator v1 labels, by URL and SHA-256: one Sample Data
+    source each (SampleData applies one set of load properties to all files of a source)."""
     import SampleData
 
-    icons = os.path.join(os.path.dirname(__file__), "Resources", "Icons")
-    SampleData.SampleDataLogic.registerCustomSampleDataSource(
-        category="MSKdeX",
-        sampleName="MSKdeXPelvisCT",
-        uris=[SAMPLE_CT_URL, SAMPLE_LABELS_URL],
-        fileNames=["MSKdeXPelvisCT.nii.gz", "MSKdeXPelvisLabels.nii.gz"],
-        nodeNames=["MSKdeXPelvisCT", "MSKdeXPelvisLabels"],
-        thumbnailFileName=os.path.join(icons, "MSKdeX.png"),
-        checksums=[f"SHA256:{SAMPLE_CT_SHA256}", f"SHA256:{SAMPLE_LABELS_SHA256}"],
-        loadFileType=["VolumeFile", "VolumeFile"],
-        loadFileProperties=[{}, {"labelmap": True}],
-    )
+    icon = os.path.join(os.path.dirname(__file__), "Resources", "Icons", "MSKdeX.png")
+    for name, fileName, url, sha256, properties in SAMPLES:
+        SampleData.SampleDataLogic.registerCustomSampleDataSource(
+            category="MSKdeX", sampleName=name, uris=url, fileNames=fileName, nodeNames=name,
+            thumbnailFileName=icon, checksums=f"SHA256:{sha256}", loadFileType="VolumeFile",
+            loadFileProperties=dict(properties))
+
+
+@parameterNodeGuiConnector
+class PathLineEditToStrConnector(GuiConnector):
+    """ctkPathLineEdit <-> a str parameter: an unset path stays an empty field (Slicer's own
+    pathlib.Path connector writes Path() as '.')."""
+
+    @staticmethod
+    def canRepresent(widget, datatype) -> bool:
+        from slicer.parameterNodeWrapper import unannotatedType
+
+        return type(widget) == ctk.ctkPathLineEdit and unannotatedType(datatype) == str
+
+    @staticmethod
+    def create(widget, datatype):
+        return PathLineEditToStrConnector(widget) if PathLineEditToStrConnector.canRepresent(widget, datatype) else None
+
+    def __init__(self, widget):
+        super().__init__()
+        self._widget = widget
+
+    def _connect(self):
+        self._widget.currentPathChanged.connect(self.changed)
+
+    def _disconnect(self):
+        self._widget.currentPathChanged.disconnect(self.changed)
+
+    def widget(self):
+        return self._widget
+
+    def read(self):
+        return str(self._widget.currentPath)
+
+    def write(self, value) -> None:
+        self._widget.currentPath = value or ""
 
 
 #
@@ -105,50 +154,50 @@ def registerSampleData():
 class MSKdeXParameterNode:
     """Everything the GUI edits, saved with the scene. Units in names: mm, deg, HU."""
 
-    ctVolume: vtkMRMLScalarVolumeNode
-    segmentation: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]
-    radiograph: vtkMRMLScalarVolumeNode
+    ctVolume: Optional[vtkMRMLScalarVolumeNode]
+    segmentation: Optional[Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]]
+    radiograph: Optional[vtkMRMLScalarVolumeNode]
     # CT metrics
-    leanLowHU: float = -29.0
-    leanHighHU: float = 150.0
-    metricsTable: vtkMRMLTableNode
+    leanLowHU: Annotated[float, WithinRange(-1024.0, 3071.0)] = float(_DENSITY.lean_window_hu[0])
+    leanHighHU: Annotated[float, WithinRange(-1024.0, 3071.0)] = float(_DENSITY.lean_window_hu[1])
+    metricsTable: Optional[vtkMRMLTableNode]
     # DRR
-    sidMm: Annotated[float, WithinRange(300.0, 3000.0)] = 1000.0
-    detectorRows: Annotated[int, WithinRange(16, 2048)] = 256
-    detectorCols: Annotated[int, WithinRange(16, 2048)] = 256
-    pixelSpacingMm: Annotated[float, WithinRange(0.05, 10.0)] = 1.6
-    poseTransform: vtkMRMLLinearTransformNode
+    sidMm: Annotated[float, WithinRange(300.0, 3000.0)] = float(_CAMERA.sid_mm)
+    detectorRows: Annotated[int, WithinRange(16, 2048)] = int(_CAMERA.rows)
+    detectorCols: Annotated[int, WithinRange(16, 2048)] = int(_CAMERA.cols)
+    pixelSpacingMm: Annotated[float, WithinRange(0.05, 10.0)] = float(_CAMERA.spacing_row_mm)
+    poseTransform: Optional[vtkMRMLLinearTransformNode]
     rotationLRDeg: Annotated[float, WithinRange(-45.0, 45.0)] = 0.0
     rotationPADeg: Annotated[float, WithinRange(-45.0, 45.0)] = 0.0
     rotationISDeg: Annotated[float, WithinRange(-45.0, 45.0)] = 0.0
     translationLRMm: Annotated[float, WithinRange(-200.0, 200.0)] = 0.0
     translationPAMm: Annotated[float, WithinRange(-200.0, 200.0)] = 0.0
     translationISMm: Annotated[float, WithinRange(-200.0, 200.0)] = 0.0
-    drrVolume: vtkMRMLScalarVolumeNode
+    drrVolume: Optional[vtkMRMLScalarVolumeNode]
     liveUpdate: bool = False
     # Registration
     registrationBones: str = ""
-    landmarks: vtkMRMLMarkupsFiducialNode
-    radiographLandmarks: vtkMRMLMarkupsFiducialNode
-    registrationTransform: vtkMRMLLinearTransformNode
+    landmarks: Optional[vtkMRMLMarkupsFiducialNode]
+    radiographLandmarks: Optional[vtkMRMLMarkupsFiducialNode]
+    registrationTransform: Optional[vtkMRMLLinearTransformNode]
     qaOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     showCheckerboard: bool = False
     # Training
-    datasetFolder: pathlib.Path
-    trainConfig: pathlib.Path
-    trainOutputFolder: pathlib.Path
+    datasetFolder: str = ""
+    trainConfig: str = ""
+    trainOutputFolder: str = ""
     trainDevice: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
     resumeTraining: bool = False
     # Estimate
-    modelFolder: pathlib.Path
+    modelFolder: str = ""
     device: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
     overlayOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
-    estimatesTable: vtkMRMLTableNode
+    estimatesTable: Optional[vtkMRMLTableNode]
 
 
 def _isSet(path) -> bool:
-    """True when a path parameter was chosen (an unset pathlib.Path reads as '.')."""
-    return path is not None and str(path) not in ("", ".")
+    """True when a path parameter was chosen."""
+    return bool(path) and str(path) not in ("", ".")
 
 
 #
@@ -169,6 +218,7 @@ class MSKdeXWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._jobKind = ""
         self._layers = None
         self._jobNote = ""
+        self._qaShown = None
 
     # --- setup ------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -200,8 +250,6 @@ class MSKdeXWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slider.connect("valueChanged(double)", self.onPoseSliderChanged)
         self.ui.runRegistrationButton.connect("clicked(bool)", self.onRunRegistration)
         self.ui.cancelRegistrationButton.connect("clicked(bool)", self.onCancelJob)
-        self.ui.checkerboardCheckBox.connect("toggled(bool)", self.onQAChanged)
-        self.ui.qaOpacitySlider.connect("valueChanged(double)", self.onQAChanged)
         self.ui.startTrainingButton.connect("clicked(bool)", self.onStartTraining)
         self.ui.cancelTrainingButton.connect("clicked(bool)", self.onCancelJob)
         self.ui.applyButton.connect("clicked(bool)", self.onApply)
@@ -215,10 +263,16 @@ class MSKdeXWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
+        """Module unloaded / application exit: stop the job, the timers and every observer."""
+        self._drrTimer.stop()
+        self._jobTimer.stop()
         if self._job is not None:
             self._job.cancel(grace_s=2.0)
+            self._job = None
         self.removeObservers()
         self._setParameterNode(None)
+        if self.logic is not None:
+            self.logic.cleanup()
 
     def enter(self) -> None:
         self.initializeParameterNode()
@@ -227,7 +281,7 @@ class MSKdeXWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
 
     def onSceneStartClose(self, caller, event) -> None:
         self._setParameterNode(None)
@@ -246,15 +300,28 @@ class MSKdeXWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _setParameterNode(self, node) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self._parameterNodeGuiTag = None
+            if self.hasObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified):
+                self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
         self._parameterNode = node
+        self._qaShown = None
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
             self._checkCanApply()
+
+    def _onParameterNodeModified(self, caller=None, event=None) -> None:
+        """Any parameter changed (GUI or code): buttons, and the registration QA view when its
+        opacity / checkerboard changed (read here, after the parameter node has the new value)."""
+        self._checkCanApply()
+        p = self._parameterNode
+        if p is not None and self._qaShown is not None and self._qaShown != (p.qaOpacity, p.showCheckerboard):
+            self.onQAChanged()
 
     def _checkCanApply(self, caller=None, event=None) -> None:
         p = self._parameterNode
+        if p is None:
+            return
         busy = self._job is not None
         hasCase = bool(p.ctVolume and p.segmentation)
         self.ui.computeMetricsButton.enabled = hasCase
@@ -323,9 +390,11 @@ class MSKdeXWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onUpdateDRR(self) -> None:
         p = self._parameterNode
-        if not p.ctVolume:
+        if p is None or not p.ctVolume:
             return
         channel = self.ui.drrChannelComboBox.currentText
+        if not self.logic.ensureDependencies(askUser=True):
+            return
         with slicer.util.tryWithErrorDisplay(_("Failed to render the DRR."), waitCursor=True):
             p.drrVolume, p.poseTransform = self.logic.renderDRR(
                 p.ctVolume, p.segmentation, self.logic.cameraOf(p), self.logic.sliderPose(p),
@@ -335,33 +404,36 @@ class MSKdeXWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # --- registration -----------------------------------------------------------------------
     def onRunRegistration(self) -> None:
         p = self._parameterNode
+        if not self.logic.ensureDependencies(askUser=True):
+            return
         with slicer.util.tryWithErrorDisplay(_("Failed to start the registration."), waitCursor=True):
             self._startJob("registration", self.logic.startRegistration(
                 p.ctVolume, p.segmentation, p.radiograph, p.registrationBones, p.landmarks,
                 p.radiographLandmarks, float(p.sidMm)))
 
-    def onQAChanged(self, value=None) -> None:
+    def onQAChanged(self) -> None:
         p = self._parameterNode
         if p and p.radiograph and p.drrVolume:
+            self._qaShown = (p.qaOpacity, p.showCheckerboard)
             self.logic.showQA(p.radiograph, p.drrVolume, p.qaOpacity, p.showCheckerboard)
 
     # --- training ---------------------------------------------------------------------------
     def onStartTraining(self) -> None:
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay(_("Failed to start training."), waitCursor=True):
-            if not self.logic.ensureTorch(askUser=True):
+            if not self.logic.ensureDependencies(askUser=True):
                 return
             self._startJob("training", self.logic.startTraining(
-                str(p.datasetFolder), str(p.trainOutputFolder), str(p.trainConfig) if _isSet(p.trainConfig) else None,
+                p.datasetFolder, p.trainOutputFolder, p.trainConfig if _isSet(p.trainConfig) else None,
                 p.trainDevice, p.resumeTraining))
 
     # --- estimate ---------------------------------------------------------------------------
     def onApply(self) -> None:
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay(_("Failed to start the estimate."), waitCursor=True):
-            if not self.logic.ensureTorch(askUser=True):
+            if not self.logic.ensureDependencies(askUser=True):
                 return
-            self._startJob("estimate", self.logic.startEstimate(p.radiograph, str(p.modelFolder), p.device))
+            self._startJob("estimate", self.logic.startEstimate(p.radiograph, p.modelFolder, p.device))
 
     def onOverlayOpacity(self, value) -> None:
         self.logic.setOverlayOpacity(value)
@@ -437,7 +509,7 @@ class MSKdeXWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.doubtfulLabel.text = (_("doubtful: {names}; check visually").format(names=", ".join(doubtful))
                                           if doubtful else _("all bodies converged"))
         elif kind == "training":
-            p.modelFolder = pathlib.Path(p.trainOutputFolder)
+            p.modelFolder = p.trainOutputFolder
         elif kind == "estimate":
             self._layers, p.estimatesTable = self.logic.readEstimate(job, p.radiograph, p.estimatesTable,
                                                                      p.overlayOpacity)
@@ -484,28 +556,67 @@ class MSKdeXLogic(ScriptedLoadableModuleLogic):
         self._registration = None
         self._estimateRadiograph = None
         self._estimateLayers = None
+        #: extra ``mskdex register`` options (advanced: set from the Python console)
+        self.registrationExtraArgs = []
+        self._scene = slicer.mrmlScene
+        self._closeTag = self._scene.AddObserver(self._scene.EndCloseEvent, self._onSceneClosed)
 
     def getParameterNode(self):
         return MSKdeXParameterNode(super().getParameterNode())
+
+    def _onSceneClosed(self, caller=None, event=None) -> None:
+        """File > Close Scene removed every node: forget the ones this logic reuses."""
+        self._registration = None
+        self._estimateRadiograph = None
+        self._estimateLayers = None
+        self._lossTable = None
+
+    def cleanup(self) -> None:
+        """Stop observing the scene (the module is being unloaded)."""
+        if self._closeTag is not None:
+            self._scene.RemoveObserver(self._closeTag)
+            self._closeTag = None
 
     # --- dependencies -----------------------------------------------------------------------
     @staticmethod
     def torchVersion() -> Optional[str]:
         """Installed torch version, or None (checked without importing torch)."""
-        import importlib.metadata
+        return dependencies.installed_version("torch")
 
-        try:
-            return importlib.metadata.version("torch")
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
-    def ensureTorch(self, askUser: bool = True) -> bool:
-        """Make PyTorch available: ask first, then install it with SlicerPyTorch's utilities
-        (right CUDA build). Never pip-installs numpy/vtk/SimpleITK into Slicer."""
-        version = self.torchVersion()
-        if version:
-            logging.info(f"MSKdeX: torch {version}")
+    def ensureDependencies(self, askUser: bool = True) -> bool:
+        """Make the core's runtime packages available (MSKdeXLib.dependencies, one list): torch
+        through the PyTorch extension's installer (the build matching the GPU), the rest with
+        pip, the versions of what Slicer ships pinned. Asks first; True when all are present."""
+        missing = dependencies.missing()
+        if not missing:
             return True
+        names = ", ".join(dependencies.distribution(r) for r in missing)
+        if askUser and not slicer.util.confirmOkCancelDisplay(_(
+                "MSKdeX needs these Python packages, which are not installed: {names}. Install them now "
+                "(a download of up to a few GB with PyTorch)? Slicer may need a restart afterwards.").format(
+                names=names)):
+            return False
+        torch = [r for r in missing if dependencies.distribution(r) == "torch"]
+        if torch and not self._installTorch():
+            return False
+        rest = [r for r in missing if dependencies.distribution(r) != "torch"]
+        if rest:
+            import tempfile
+
+            with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+                f.write(dependencies.pip_constraints())
+            with slicer.util.WaitCursor():
+                slicer.util.pip_install(["-c", f.name, *rest])
+            os.remove(f.name)
+        still = dependencies.missing()
+        if still:
+            slicer.util.errorDisplay(_("Could not install: {names}. See the Python console.").format(
+                names=", ".join(still)))
+            return False
+        return True
+
+    def _installTorch(self) -> bool:
+        """torch through SlicerPyTorch's PyTorchUtils (the PyTorch extension, a declared dependency)."""
         try:
             import PyTorchUtils
         except ImportError:
@@ -513,28 +624,12 @@ class MSKdeXLogic(ScriptedLoadableModuleLogic):
                 "MSKdeX needs PyTorch. Install the 'PyTorch' extension (SlicerPyTorch) from the "
                 "Extensions Manager, restart Slicer, then try again."))
             return False
-        if askUser and not slicer.util.confirmOkCancelDisplay(_(
-                "MSKdeX needs PyTorch, which is not installed. Install it now (a download of up to "
-                "a few GB)? Slicer may need a restart afterwards.")):
-            return False
-        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
         with slicer.util.WaitCursor():
-            torch = torchLogic.installTorch(askConfirmation=False)
+            torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False)
         if torch is None:
             slicer.util.errorDisplay(_("PyTorch installation failed; see the Python console."))
             return False
-        for name in ("safetensors",):
-            if not self._hasPackage(name):
-                slicer.util.pip_install(name)
-        slicer.util.infoDisplay(_("Installed torch {v}. If MSKdeX still reports it missing, restart "
-                                  "Slicer.").format(v=self.torchVersion()))
         return True
-
-    @staticmethod
-    def _hasPackage(name: str) -> bool:
-        import importlib.util
-
-        return importlib.util.find_spec(name) is not None
 
     # --- inputs -----------------------------------------------------------------------------
     def loadSampleData(self):
@@ -542,9 +637,10 @@ class MSKdeXLogic(ScriptedLoadableModuleLogic):
         import SampleData
 
         registerSampleData()
-        nodes = SampleData.SampleDataLogic().downloadSample("MSKdeXPelvisCT")
-        ct = next(n for n in nodes if not n.IsA("vtkMRMLLabelMapVolumeNode"))
-        labels = next(n for n in nodes if n.IsA("vtkMRMLLabelMapVolumeNode"))
+        logic = SampleData.SampleDataLogic()
+        ct, labels = (logic.downloadSample(name) for name, *_ in SAMPLES)
+        if ct is None or labels is None or not labels.IsA("vtkMRMLLabelMapVolumeNode"):
+            raise RuntimeError(_("The sample data could not be downloaded or loaded; see the Python console."))
         return ct, labels
 
     def labelMap(self, ctNode, segmentationNode):
@@ -561,10 +657,10 @@ class MSKdeXLogic(ScriptedLoadableModuleLogic):
         return sb.structure_rows(labels)
 
     # --- CT metrics -------------------------------------------------------------------------
-    def computeMetrics(self, ctNode, segmentationNode, leanLowHU=-29.0, leanHighHU=150.0, tableNode=None):
+    def computeMetrics(self, ctNode, segmentationNode, leanLowHU=_DENSITY.lean_window_hu[0],
+                       leanHighHU=_DENSITY.lean_window_hu[1], tableNode=None):
         """Per-structure volume_cm3 / mass_g of muscles and bones into a table node."""
         from MSKdeXLib import slicer_bridge as sb
-        from MSKdeXLib.anatomy.density import DensityModel
         from MSKdeXLib.anatomy.ct_metrics import structure_metrics
 
         ct = sb.volume_from_node(ctNode)
@@ -620,12 +716,14 @@ class MSKdeXLogic(ScriptedLoadableModuleLogic):
         return drrNode, poseNode
 
     def showInSliceView(self, background, label=None, view: str = "Red") -> None:
-        """Show a radiograph-like node in a slice view (Coronal, fitted)."""
+        """Show a radiograph-like node face-on in a slice view: the view turned into the
+        volume's own plane (a 2D image loaded from a file lies in the axial plane, a DRR of this
+        module in the coronal one), then fitted."""
         from MSKdeXLib import slicer_bridge as sb
 
         sliceWidget = slicer.app.layoutManager().sliceWidget(view)
-        sliceWidget.mrmlSliceNode().SetOrientation("Coronal")
         sb.set_overlay(sliceWidget.mrmlSliceCompositeNode(), background=background, label=label)
+        sliceWidget.mrmlSliceNode().RotateToVolumePlane(background)
         sliceWidget.sliceLogic().FitSliceToAll()
 
     # --- background jobs --------------------------------------------------------------------
@@ -646,8 +744,10 @@ class MSKdeXLogic(ScriptedLoadableModuleLogic):
         return self._outputs[kind]
 
     def _save(self, node, name: str) -> str:
+        """Write ``node`` for a subprocess, in world coordinates (parent transforms applied),
+        without touching the node's own storage (the user's file stays the node's file)."""
         path = os.path.join(self.workDir(), name)
-        if not slicer.util.saveNode(node, path):
+        if not slicer.util.exportNode(node, path, {}, world=True):
             raise RuntimeError(f"cannot write {node.GetName()} to {path}")
         return path
 
@@ -668,7 +768,7 @@ class MSKdeXLogic(ScriptedLoadableModuleLogic):
         return self.lastJob
 
     def startRegistration(self, ctNode, segmentationNode, radiographNode, bones="", ctLandmarksNode=None,
-                          radiographLandmarksNode=None, sidMm: float = 1000.0):
+                          radiographLandmarksNode=None, sidMm: float = _CAMERA.sid_mm):
         """``mskdex register``: bones (comma-separated bodies), optional paired landmarks (points on
         the CT and on the radiograph, written as CSV x,y,z,row,col), radiograph geometry from its
         spacing and ``sidMm``."""
@@ -686,10 +786,10 @@ class MSKdeXLogic(ScriptedLoadableModuleLogic):
         table = None
         if not segmentationNode.IsA("vtkMRMLSegmentationNode"):
             labels = self.labelMap(ctNode, segmentationNode)
-            table = labels.table.name if labels.table.name in ("totalseg_v1", "totalseg_v2", "hip22") else None
+            table = labels.table.name if labels.table.name in BUILTIN_TABLES else None
         argv = jobs.register_args(self._save(ctNode, "ct.nii.gz"), self._labelsFile(segmentationNode), xray,
                                   self._newOutput("registration"), bones=bones or None, landmarks=landmarks,
-                                  sid_mm=sidMm, spacing_mm=spacing, table=table)
+                                  sid_mm=sidMm, spacing_mm=spacing, table=table, extra=self.registrationExtraArgs)
         return self._start(argv)
 
     def _labelsFile(self, segmentationNode) -> str:

@@ -9,6 +9,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+#: exit codes of the ``mskdex`` command line (docs/cli.md)
+EXIT_OK = 0
+EXIT_INTERNAL = 1       # a bug: a traceback is printed (please report it)
+EXIT_USER_ERROR = 2     # bad input, bad option, unwritable output, diverged computation: one line on stderr
+EXIT_DOUBTFUL = 3       # register: finished, outputs written, but a registration is doubtful
+EXIT_INTERRUPTED = 130  # Ctrl-C / SIGINT (128 + 2): partial outputs removed
+EXIT_BROKEN_PIPE = 141  # stdout closed early (`mskdex metrics ... | head`; 128 + SIGPIPE), quietly
+
 
 class UserError(Exception):
     """An error caused by the user's input, reported without a traceback."""

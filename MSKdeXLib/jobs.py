@@ -98,10 +98,17 @@ class Job:
         env.setdefault("PYTHONUNBUFFERED", "1")
         kwargs: dict = {}
         if os.name == "nt":
-            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]
+            # own console group (CTRL_BREAK reaches it, not Slicer) and no console window popping up
+            kwargs["creationflags"] = (subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]
+                                       | subprocess.CREATE_NO_WINDOW)  # type: ignore[attr-defined]
+        else:
+            # own process group: inside Slicer the process is the PythonSlicer launcher, which does
+            # not forward signals to the interpreter it starts; cancel() signals the whole group
+            kwargs["start_new_session"] = True
         self._proc = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       stdin=subprocess.DEVNULL, cwd=self.cwd, env=env, text=True,
                                       encoding="utf-8", errors="replace", bufsize=1, **kwargs)
+        self._tree = _ProcessTree(self._proc)
         self.started_at = time.time()
         for name, stream in (("stdout", self._proc.stdout), ("stderr", self._proc.stderr)):
             t = threading.Thread(target=self._read, args=(name, stream), daemon=True)
@@ -134,7 +141,7 @@ class Job:
 
     @property
     def succeeded(self) -> bool:
-        return self.finished and self.returncode == 0 and not self.cancelled
+        return self.finished and self.returncode in (0, 3) and not self.cancelled  # 3: register's "doubtful"
 
     # --- output -----------------------------------------------------------------------------
     def poll(self) -> list[dict]:
@@ -187,21 +194,23 @@ class Job:
 
     # --- cancel -----------------------------------------------------------------------------
     def cancel(self, grace_s: float = 5.0) -> None:
-        """Ask the job to stop (SIGINT: ``mskdex`` exits cleanly, code 130), then kill it after
-        ``grace_s`` seconds. Only this job's own process is signalled."""
-        if not self.running:
+        """Stop the job and every process it started (a launcher's child included): ask first
+        (SIGINT / CTRL_BREAK to its process group: ``mskdex`` exits cleanly, code 130), kill
+        the whole group (POSIX) or job object (Windows) after ``grace_s`` seconds."""
+        if self._proc is None or (self._proc.poll() is not None and not self._tree.alive()):
             return
         self.cancelled = True
-        proc = self._proc
-        assert proc is not None
+        self._tree.interrupt()
+        t_end = time.time() + grace_s
+        while self._tree.alive() and time.time() < t_end:
+            time.sleep(0.05)
+        if self._tree.alive():
+            self._tree.kill()
         try:
-            proc.send_signal(signal.CTRL_BREAK_EVENT if os.name == "nt" else signal.SIGINT)  # type: ignore[attr-defined]
-            proc.wait(grace_s)
+            self._proc.wait(grace_s)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        except OSError:
-            pass
+            self._proc.kill()
+            self._proc.wait()
 
     def summary(self) -> str:
         """One paragraph for an error box: the command, exit code, error and the log tail."""
@@ -209,6 +218,100 @@ class Job:
         status = "cancelled" if self.cancelled else f"exit code {self.returncode}"
         head = f"{' '.join(self.command[2:]) if len(self.command) > 2 else ' '.join(self.command)} ({status})"
         return "\n".join(x for x in (head, self.state.error or "", tail) if x)
+
+
+class _ProcessTree:
+    """A started process and everything it starts: its process group (POSIX, the process leads
+    a new session) or a job object that kills its members when closed (Windows)."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc = proc
+        self._job = _windows_job_object(proc) if os.name == "nt" else None
+
+    def alive(self) -> bool:
+        if os.name == "nt":
+            return self.proc.poll() is None or (self._job is not None and self._job.active() > 0)
+        self.proc.poll()  # reap the leader when it ended
+        try:
+            os.killpg(self.proc.pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+
+    def interrupt(self) -> None:
+        try:
+            if os.name == "nt":
+                self.proc.send_signal(signal.CTRL_BREAK_EVENT)  # type: ignore[attr-defined]
+            else:
+                os.killpg(self.proc.pid, signal.SIGINT)
+        except OSError:  # e.g. CTRL_BREAK from a GUI process without a console: kill instead
+            self.kill()
+
+    def kill(self) -> None:
+        try:
+            if os.name == "nt":
+                if self._job is not None:
+                    self._job.terminate()
+                self.proc.kill()
+            else:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def _windows_job_object(proc: subprocess.Popen):
+    """A Windows job object holding ``proc`` (children join it), closed = all killed; None when
+    it cannot be created (the process alone is then stopped)."""
+    import ctypes
+    from ctypes import wintypes
+
+    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)  # type: ignore[attr-defined]
+
+    class _Limits(ctypes.Structure):
+        _fields_ = [("PerProcessUserTimeLimit", ctypes.c_int64), ("PerJobUserTimeLimit", ctypes.c_int64),
+                    ("LimitFlags", wintypes.DWORD), ("MinimumWorkingSetSize", ctypes.c_size_t),
+                    ("MaximumWorkingSetSize", ctypes.c_size_t), ("ActiveProcessLimit", wintypes.DWORD),
+                    ("Affinity", ctypes.c_size_t), ("PriorityClass", wintypes.DWORD),
+                    ("SchedulingClass", wintypes.DWORD)]
+
+    class _Io(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_uint64) for n in ("ReadOperationCount", "WriteOperationCount",
+                                                   "OtherOperationCount", "ReadTransferCount",
+                                                   "WriteTransferCount", "OtherTransferCount")]
+
+    class _Extended(ctypes.Structure):
+        _fields_ = [("BasicLimitInformation", _Limits), ("IoInfo", _Io), ("ProcessMemoryLimit", ctypes.c_size_t),
+                    ("JobMemoryLimit", ctypes.c_size_t), ("PeakProcessMemoryUsed", ctypes.c_size_t),
+                    ("PeakJobMemoryUsed", ctypes.c_size_t)]
+
+    class _Accounting(ctypes.Structure):
+        _fields_ = [("TotalUserTime", ctypes.c_int64), ("TotalKernelTime", ctypes.c_int64),
+                    ("ThisPeriodTotalUserTime", ctypes.c_int64), ("ThisPeriodTotalKernelTime", ctypes.c_int64),
+                    ("TotalPageFaultCount", wintypes.DWORD), ("TotalProcesses", wintypes.DWORD),
+                    ("ActiveProcesses", wintypes.DWORD), ("TotalTerminatedProcesses", wintypes.DWORD)]
+
+    JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE, EXTENDED_LIMIT_INFORMATION, BASIC_ACCOUNTING_INFORMATION = 0x2000, 9, 1
+    handle = kernel32.CreateJobObjectW(None, None)
+    if not handle:
+        return None
+    info = _Extended()
+    info.BasicLimitInformation.LimitFlags = JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE
+    kernel32.SetInformationJobObject(handle, EXTENDED_LIMIT_INFORMATION, ctypes.byref(info), ctypes.sizeof(info))
+    if not kernel32.AssignProcessToJobObject(handle, wintypes.HANDLE(proc._handle)):  # type: ignore[attr-defined]
+        kernel32.CloseHandle(handle)
+        return None
+
+    class _Job:
+        def active(self) -> int:
+            acc = _Accounting()
+            ok = kernel32.QueryInformationJobObject(handle, BASIC_ACCOUNTING_INFORMATION, ctypes.byref(acc),
+                                                    ctypes.sizeof(acc), None)
+            return int(acc.ActiveProcesses) if ok else 0
+
+        def terminate(self) -> None:
+            kernel32.TerminateJobObject(handle, 1)
+
+    return _Job()
 
 
 def run_mskdex(subcommand: str, *args: str, timeout: float | None = None,

@@ -102,6 +102,23 @@ def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
     return value
 
 
+def check_finite_fields(obj: Any, skip: Iterable[str] = ()) -> None:
+    """UserError naming ``Class.field`` when a number (or a number in a tuple/list) of the
+    dataclass ``obj`` is NaN or infinite: a one-line guard for a settings object's
+    ``__post_init__`` before its own range checks (``None`` and non-numbers are left alone)."""
+    import dataclasses
+
+    skipped = set(skip)
+    for f in dataclasses.fields(obj):
+        if f.name in skipped:
+            continue
+        value = getattr(obj, f.name)
+        items = value if isinstance(value, (list, tuple)) else [value]
+        for v in items:
+            if isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and not math.isfinite(float(v)):
+                raise UserError(f"{type(obj).__name__}.{f.name} must be finite, got {value!r}")
+
+
 # ---------------------------------------------------------------- argparse types
 
 

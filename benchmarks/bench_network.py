@@ -1,6 +1,6 @@
 """Benchmarks of the decomposition network: inference time, training throughput, ablation.
 
-Three parts (``--part``, default ``all``):
+Four parts (``--part``; ``all`` = the first three):
 
 * ``inference``: seconds per radiograph of :func:`MSKdeXLib.learning.inference.predict` (resampling,
   normalisation, generator, channel sums) for a 512 x 512 radiograph (projected density of the
@@ -20,6 +20,16 @@ Three parts (``--part``, default ``all``):
   (intensity-sum loss off), ``no_bone_paired`` (bone L1 + GC off), ``paired_muscles`` (full +
   paired muscle L1: what unpairing costs on virtual data). Reports held-out muscle mean PCC
   (mass, volume), muscle MAPE and the calibrated interval's coverage (``--tta`` passes).
+
+* ``specificity``: the network beside the baselines (constant, global-scalar oracle, ridge on the
+  radiograph, template; :mod:`MSKdeXLib.evaluation.comparison`) on the **specificity cohort**
+  (``mskdex cohort --preset specificity``, seed 14): ``--spec-train`` subjects (indices 0..),
+  ``--spec-val`` (10000..: calibration and the ridge penalty) and the FIXED test split
+  ``--spec-test`` (20000..). Per network configuration (``--spec-configs``: the paper's unpaired
+  muscles, paired muscle L1) three rows: the backbone's channel sums alone, the sum head's gain
+  alone (times the backbone's mean training sums) and the full model. Columns: means over the
+  muscles of PCC, share PCC, partial PCC given the true total muscle mass, asymmetry-index PCC,
+  the gluteus/iliopsoas pairs' asymmetry PCC, MAPE, muscle pixel r, coverage with effective n.
 
 Each part writes ``OUT/<part>.json``; ``--markdown`` prints the tables. The same script runs on
 a GPU (``--device cuda``) at full scale, e.g.::
@@ -292,6 +302,152 @@ def bench_ablation(args) -> dict:
             "config_example": variant_config(args, {}), "variants": results}
 
 
+# ------------------------------------------------------------------------------------------------
+# Specificity: network vs baselines on a fixed test split of the specificity cohort
+# ------------------------------------------------------------------------------------------------
+#: the specificity benchmark's cohort seed and index ranges: train 0.., validation 10000.., and the
+#: FIXED test split 20000..20000+n-1 (no choice is made on it; subject i depends only on seed and i)
+SPEC_SEED, SPEC_VAL_START, SPEC_TEST_START = 14, 10000, 20000
+SPEC_CONFIGS = ("unpaired", "paired")
+
+
+def specificity_data(args, root: Path) -> tuple[Path, Path]:
+    """Specificity-preset cohorts (train / val / test index ranges) and their records: the
+    training set (train + val splits) and the test records (true channels of the test subjects)."""
+    from MSKdeXLib.io import sample_data
+    from MSKdeXLib.learning.cohort import CohortConfig, build_cohort, preset_ranges
+    from MSKdeXLib.learning.dataset.builder import DatasetSettings, build_dataset
+
+    case = sample_data.pelvis_ct() or sample_data.default_case()
+    config = CohortConfig(ct=str(case.ct), labels=str(case.labels), table=case.table, seed=SPEC_SEED,
+                          rows=args.spec_detector, cols=args.spec_detector, voxel_mm=args.voxel_mm,
+                          ranges=preset_ranges("specificity").to_dict())
+    folders = {}
+    for split, start, n in (("train", 0, args.spec_train), ("val", SPEC_VAL_START, args.spec_val),
+                            ("test", SPEC_TEST_START, args.spec_test)):
+        out = root / f"cohort_{split}"
+        doc = out / "cohort.json"
+        have = {e["index"] for e in json.loads(doc.read_text())["subjects"]} if doc.exists() else set()
+        t0 = time.time()
+        if not set(range(start, start + n)) <= have:
+            build_cohort(config, n, out, workers=args.workers, force=True, start=start)
+        folders[split] = [out / f"subject-{i:04d}" for i in range(start, start + n)]
+        print(f"{split} cohort ({n} subjects from index {start}): {time.time() - t0:.0f} s", flush=True)
+    cam = json.loads((folders["train"][0] / "subject.json").read_text())["camera"]
+    fov = cam["spacing_row_mm"] * cam["rows"], cam["spacing_col_mm"] * cam["cols"]
+    size = args.spec_size
+    common = dict(image_size=(size, size), pixel_spacing_mm=(fov[0] / size, fov[1] / size))
+    data, test = root / "dataset", root / "test_records"
+    build_dataset(folders["train"], data, DatasetSettings(**common, split="train"))
+    build_dataset(folders["val"], data, DatasetSettings(**common, split="val"))
+    build_dataset(folders["test"], test, DatasetSettings(**common, split="test"))
+    return data, test
+
+
+def specificity_config(args, name: str) -> dict:
+    """The demo's training configuration (paper's unpaired muscles, or paired muscle L1) at this scale."""
+    from MSKdeXLib.demo import PAIRED_MUSCLE_LOSSES, DemoSettings, training_config
+
+    cfg = training_config(DemoSettings(steps=args.spec_steps, image_px=args.spec_size, seed=args.seed,
+                                       batch_size=args.batch_size))
+    if name == "paired":
+        cfg["losses"] = {**cfg["losses"], **PAIRED_MUSCLE_LOSSES}
+    cfg["model"] = {**cfg["model"], **json.loads(args.spec_model)}
+    return cfg
+
+
+@torch.no_grad()
+def network_parts(model_dir: Path, records_dir: Path, split: str) -> dict:
+    """Per record of ``split``: the backbone's channel sums (gain 1), the sum head's gain (None
+    without a head), the full model's sums, the full channel images, ids."""
+    from MSKdeXLib.learning.dataset.records import load_dataset_info, load_record
+    from MSKdeXLib.learning.inference import load_model
+
+    gen = load_model(model_dir, "cpu").generator
+    info = load_dataset_info(records_dir)
+    ids, base, gains, images = [], [], [], []
+    for r in info.split(split):
+        x = load_record(info, r)["xray"].float()[None]
+        b, g = gen.parts(x)
+        ids.append(Path(r["source"]).name)
+        base.append(b[0].double().sum(dim=(1, 2)).numpy())
+        gains.append(None if g is None else g[0].double().numpy())
+        images.append((b[0] * (1 if g is None else g[0][:, None, None])).numpy())
+    base = np.array(base)
+    gain = None if gains[0] is None else np.array(gains)
+    return {"ids": ids, "backbone": base, "gain": gain, "full": base if gain is None else base * gain,
+            "images": np.array(images)}
+
+
+def network_rows(name: str, model_dir: Path, data: Path, test_dir: Path, channels: list, split: str = "test") -> dict:
+    """Summaries (comparison table rows) of one trained network: backbone sums, the sum head's
+    gain alone (times the backbone's mean training sums), the full model (calibrated interval)."""
+    from MSKdeXLib.evaluation.agreement import evaluate
+    from MSKdeXLib.evaluation.baselines import split_arrays
+    from MSKdeXLib.evaluation.channel_agreement import channel_correlation
+    from MSKdeXLib.evaluation.comparison import rows_of, summary
+    from MSKdeXLib.learning.inference import calibration_quantiles, interval_scale
+
+    test = split_arrays(test_dir, split)
+    parts = network_parts(model_dir, test_dir, split)
+    assert parts["ids"] == test.ids
+    truth = rows_of(test.ids, channels, test.truth)
+    muscle = [j for j, c in enumerate(channels) if c.get("kind") == "muscle"]
+    r = np.array([channel_correlation(p, t) for p, t in zip(parts["images"], test.images)])
+    pix = {q: float(np.nanmean(r[:, [j for j in muscle if channels[j]["quantity"] == q]]))
+           for q in ("mass_g", "volume_cm3")}
+    cfg = json.loads((model_dir / "config.json").read_text())
+    cal = cfg.get("calibration")
+    out = {f"{name}: backbone sums": summary(evaluate(rows_of(test.ids, channels, parts["backbone"]), truth), pix)}
+    if parts["gain"] is not None:
+        train_base = network_parts(model_dir, data, "train")["backbone"].mean(axis=0)
+        out[f"{name}: sum-head gain x mean backbone"] = summary(
+            evaluate(rows_of(test.ids, channels, parts["gain"] * train_base), truth))
+    full = parts["full"]
+    lo = hi = None
+    if cal:
+        half = calibration_quantiles(cal, 1)[None] * np.array(
+            [interval_scale(f[None], float(cal.get("floor_fraction", 0.01))) for f in full])
+        lo, hi = np.maximum(full - half, 0.0), full + half
+    out[f"{name}: full model"] = summary(
+        evaluate(rows_of(test.ids, channels, full, lo, hi, float(cal["level"]) if cal else None), truth), pix)
+    return out
+
+
+def bench_specificity(args) -> dict:
+    """Network (each configuration: backbone, head, full) beside the baselines on the fixed test split."""
+    from MSKdeXLib.evaluation.comparison import compare_with_baselines
+    from MSKdeXLib.learning.dataset.records import load_dataset_info
+    from MSKdeXLib.learning.training import train
+
+    root = Path(args.out) / "specificity_work"
+    t0 = time.time()
+    data, test_dir = specificity_data(args, root)
+    t_data = time.time() - t0
+    channels = load_dataset_info(test_dir).channels
+    # --spec-eval val: every choice (configuration, variant) is made here; test: the reported run
+    eval_dir, split = (data, "val") if args.spec_eval == "val" else (test_dir, "test")
+    rows, seconds = {}, {}
+    for name in args.spec_configs:
+        t0 = time.time()
+        model_dir = root / f"model_{name}{args.spec_tag}"
+        if not (args.spec_reuse and (model_dir / "config.json").exists()):
+            train(specificity_config(args, name), data, model_dir, device="cpu", force=True)
+        seconds[name] = round(time.time() - t0, 1)
+        rows.update(network_rows(name + args.spec_tag, model_dir, data, eval_dir, channels, split))
+        print(f"{name}: trained in {seconds[name]:.0f} s", flush=True)
+    comp = compare_with_baselines(data, eval_dir, rows, split)
+    return {"evaluated_on": split, "scale": {"train": args.spec_train, "val": args.spec_val, "test": args.spec_test,
+                      "seed": SPEC_SEED, "index_ranges": {"train": [0, args.spec_train],
+                                                          "val": [SPEC_VAL_START, SPEC_VAL_START + args.spec_val],
+                                                          "test": [SPEC_TEST_START, SPEC_TEST_START + args.spec_test]},
+                      "image_px": args.spec_size, "detector_px": args.spec_detector, "voxel_mm": args.voxel_mm,
+                      "steps": args.spec_steps, "batch_size": args.batch_size},
+            "data_seconds": round(t_data, 1), "train_seconds": seconds, "ridge_alpha": comp["ridge_alpha"],
+            "configs": {n: specificity_config(args, n) for n in args.spec_configs},
+            "rows": comp["rows"], "markdown": comp["markdown"]}
+
+
 def markdown(results: dict) -> str:
     lines = []
     if "inference" in results:
@@ -317,12 +473,19 @@ def markdown(results: dict) -> str:
                          f"{vol['mean_mape_percent']:.1f} | {cov:.1%} | {mr.get('mass_g', float('nan')):.3f} / "
                          f"{mr.get('volume_cm3', float('nan')):.3f} | {br.get('mass_g', float('nan')):.3f} | "
                          f"{v['train_seconds']:.0f} |")
+    if "specificity" in results:
+        r = results["specificity"]
+        sc = r["scale"]
+        lines += [f"Specificity cohort (seed {sc['seed']}), table on the {r['evaluated_on']} split: {sc['train']} train / {sc['val']} val / {sc['test']} "
+                  f"test subjects (test indices {sc['index_ranges']['test']}), {sc['image_px']} px records, "
+                  f"{sc['steps']} steps; ridge alpha {r['ridge_alpha']:g}", "", r["markdown"]]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=("all", "inference", "throughput", "ablation"), default="all")
+    p.add_argument("--part", choices=("all", "inference", "throughput", "ablation", "specificity"), default="all",
+                   help="'all' = inference, throughput and ablation; 'specificity' runs alone")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (inference / throughput)")
     p.add_argument("--image-size", type=int, default=256, help="model grid of inference / throughput")
@@ -360,6 +523,20 @@ def main() -> None:
     p.add_argument("--instance-noise", type=float, default=0.0, help="discriminator input noise SD (ablation)")
     p.add_argument("--real-label", type=float, default=1.0, help="LSGAN real target (ablation)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    g = p.add_argument_group("specificity part (fixed test split: seed 14, indices 20000..)")
+    g.add_argument("--spec-train", type=int, default=120, help="training subjects (indices 0..)")
+    g.add_argument("--spec-val", type=int, default=30, help="validation subjects (indices 10000..): every choice")
+    g.add_argument("--spec-test", type=int, default=60, help="test subjects (indices 20000..): never looked at")
+    g.add_argument("--spec-size", type=int, default=32, help="record side, px (the network's input)")
+    g.add_argument("--spec-detector", type=int, default=96, help="simulated detector side, px")
+    g.add_argument("--spec-steps", type=int, default=3000, help="training steps per configuration")
+    g.add_argument("--spec-configs", nargs="+", default=list(SPEC_CONFIGS), choices=SPEC_CONFIGS,
+                   help="unpaired = the paper's (demo's) configuration; paired = muscle L1 (upper bound)")
+    g.add_argument("--spec-eval", choices=("val", "test"), default="test",
+                   help="split the table is computed on: 'val' for every choice, 'test' once per reported model")
+    g.add_argument("--spec-model", default="{}", help="JSON merged into the model config (variants, on val)")
+    g.add_argument("--spec-tag", default="", help="suffix of the model folders and rows (variants)")
+    g.add_argument("--spec-reuse", action="store_true", help="reuse trained models of the same tag")
     p.add_argument("--out", default="bench_network_out")
     p.add_argument("--markdown", action="store_true")
     args = p.parse_args()
@@ -373,7 +550,7 @@ def main() -> None:
         t0 = time.time()
         results[part] = {"machine": machine(args.device),
                          **{"inference": bench_inference, "throughput": bench_throughput,
-                            "ablation": bench_ablation}[part](args)}
+                            "ablation": bench_ablation, "specificity": bench_specificity}[part](args)}
         results[part]["seconds"] = round(time.time() - t0, 1)
         (out / f"{part}.json").write_text(json.dumps(results[part], indent=1, default=float))
     if args.markdown:

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from ..errors import UserError
+from ..errors import UserError, listing
 
 KINDS = ("muscle", "bone", "other")
 
@@ -357,7 +357,7 @@ class TableMatch:
     def describe(self) -> str:
         text = f"{self.table.name} (confidence {self.confidence:.2f})"
         if self.unknown:
-            text += f"; not in the table: {', '.join(str(u) for u in self.unknown[:10])}"
+            text += f"; not in the table: {listing(self.unknown, 10)}"
         return text
 
 

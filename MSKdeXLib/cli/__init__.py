@@ -8,11 +8,13 @@ inside ``run`` so that ``--help`` is instant.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import os
 import sys
 
 from .. import __version__
-from ..errors import UserError
+from ..errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
 from ..validation import finite_float
 from .option_checks import check_options
 
@@ -58,20 +60,48 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; returns its exit code (see :mod:`MSKdeXLib.errors`: 0 done, 2 user error,
+    3 register finished but doubtful, 130 interrupted, 141 stdout closed early)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
-        return 2
+        return EXIT_USER_ERROR
     try:
         check_options(args)
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return code
     except UserError as exc:
         print(f"mskdex {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"mskdex {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # the reader went away (`mskdex metrics ... | head`): stop quietly, as Unix tools do
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+    except OSError as exc:
+        if exc.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        where = exc.filename or ""
+        print(f"mskdex {args.command}: error: {where}{': ' if where else ''}cannot write ({exc.strerror})",
+              file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+#: OSErrors a user's environment causes (permissions, read-only or full file systems): one line, exit 2
+_ENVIRONMENT_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not complain."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import closing
+
 from .common import add_ct_args, add_density_args, add_force, add_progress, density_from_args
 
 
@@ -31,6 +33,10 @@ def add_parser(sub, name: str):
     p.add_argument("--keep-ct", action="store_true", help="also write each subject's modified CT + labels")
     p.add_argument("--no-deformation", action="store_true", help="no elastic deformation")
     p.add_argument("--no-pose-change", action="store_true", help="every subject at the default AP view")
+    p.add_argument("--preset", choices=("default", "demo", "specificity"), default=None,
+                   help="named variation ranges (MSKdeXLib.learning.cohort.PRESETS): 'specificity' draws every "
+                        "muscle and side independently, adds unilateral hip-osteoarthritis patterns, size, and "
+                        "acquisition as wide as real AP hip radiographs; --ranges and the flags below override it")
     g = p.add_argument_group("body composition (fractions of a muscle's voxels; override --ranges)")
     g.add_argument("--ranges", default=None, metavar="FILE|demo",
                    help="JSON file with any of the cohort's variation ranges (keys of "
@@ -57,6 +63,7 @@ def add_parser(sub, name: str):
 def run(args) -> int:
     from ..learning.cohort import CohortConfig, build_cohort
     from ..errors import UserError, require_file
+    from ..io.outputs import resumable_folder
     from .common import Progress
 
     require_file(args.ct, "CT")
@@ -76,11 +83,10 @@ def run(args) -> int:
                           kinds=tuple(args.kind or ("muscle", "bone")),
                           density=density_from_args(args).to_dict(), ranges=ranges.to_dict())
     bar = Progress(args.progress, args.n, "cohort")
-    try:
+    # each subject folder is built atomically; a cohort folder without any finished subject is removed
+    with resumable_folder(args.out, lambda p: any(p.glob("subject-*/subject.json"))), closing(bar):
         doc = build_cohort(config, args.n, args.out, workers=args.workers, force=args.force,
                            on_subject=lambda e: bar.update(1, subject=e["name"]), start=args.start)
-    finally:
-        bar.close()
     bar.event("done", subjects=len(doc["subjects"]), seconds=doc["seconds"])
     if args.progress != "json":
         print(f"{len(doc['subjects'])} subjects in {args.out} ({doc['seconds']:.1f} s)")
@@ -97,6 +103,10 @@ def ranges_from_args(args):
     from ..errors import UserError
 
     base: dict = {}
+    if getattr(args, "preset", None):
+        from ..learning.cohort import preset_ranges
+
+        base = preset_ranges(args.preset).to_dict()
     if args.ranges == "demo":
         from ..demo import demo_ranges
 
@@ -104,13 +114,14 @@ def ranges_from_args(args):
     elif args.ranges:
         from ..io.documents import read_json
 
-        base = read_json(args.ranges, "cohort ranges")
-        if not isinstance(base, dict):
+        user = read_json(args.ranges, "cohort ranges")
+        if not isinstance(user, dict):
             raise UserError("cohort ranges must be a JSON object", args.ranges)
         known = {f.name for f in dataclasses.fields(CohortRanges)}
-        unknown = sorted(set(base) - known)
+        unknown = sorted(set(user) - known)
         if unknown:
             raise UserError(f"unknown cohort range key(s) {unknown}; known: {sorted(known)}", args.ranges)
+        base = {**base, **user}
     flags = {"body_change": args.body_change, "max_atrophy": args.max_atrophy,
              "max_hypertrophy": args.max_hypertrophy, "max_infiltration": args.max_infiltration,
              "subcutaneous_fat_mm": args.subcutaneous_fat_mm}

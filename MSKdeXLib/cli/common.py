@@ -8,6 +8,7 @@ import sys
 import time
 
 from ..anatomy.density import DensityModel
+from ..validation import finite_or_none
 
 
 def add_ct_args(p: argparse.ArgumentParser, labels_required: bool = True) -> None:
@@ -115,7 +116,8 @@ class Progress:
     def event(self, kind: str, **info) -> None:
         if self.mode == "json":
             rec = {"event": kind, "stage": self.desc, "elapsed_s": round(time.time() - self.t0, 3), **info}
-            print(json.dumps(rec, default=float), file=sys.stderr, flush=True)
+            text = json.dumps(finite_or_none(rec), default=lambda o: finite_or_none(float(o)))  # strict: NaN -> null
+            print(text, file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self._bar is not None:

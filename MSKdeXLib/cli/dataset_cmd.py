@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import closing
+
 from .common import add_force, add_progress, split_names
 
 
@@ -43,6 +45,9 @@ def add_parser(sub, name: str):
     p.add_argument("--test-fraction", type=float, default=0.1)
     p.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
                    help="build only records whose index %% N == I (run N of these, in parallel)")
+    p.add_argument("--include-doubtful", action="store_true",
+                   help="use real cases whose registration is doubtful (refused by default); their doubtful "
+                        "bodies' bones are unpaired. Each record states its registration status")
     p.add_argument("--merge", action="store_true",
                    help="only rewrite dataset.json listing every record built (after sharded runs)")
     add_force(p)
@@ -52,14 +57,19 @@ def add_parser(sub, name: str):
 
 
 def _default_spacing(cases) -> tuple[float, float]:
-    import json
-
+    from ..errors import UserError
+    from ..io.documents import read_json
     from ..learning.dataset.builder import read_registration
 
     c = cases[0]
     if c.kind == "virtual":
-        cam = json.loads((c.folder / "subject.json").read_text())["camera"]
-        return (float(cam["spacing_row_mm"]), float(cam["spacing_col_mm"]))
+        path = c.folder / "subject.json"
+        try:
+            cam = read_json(path, "subject description")["camera"]
+            return (float(cam["spacing_row_mm"]), float(cam["spacing_col_mm"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"subject description lacks a valid 'camera' ({type(exc).__name__}: {exc})",
+                            path) from None
     camera, _ = read_registration(c.folder / "registration.json")  # the radiograph's detector
     return (camera.spacing_row_mm, camera.spacing_col_mm)
 
@@ -67,6 +77,7 @@ def _default_spacing(cases) -> tuple[float, float]:
 def run(args) -> int:
     from ..learning.dataset.builder import DatasetSettings, build_dataset, discover_cases, merge
     from ..errors import UserError
+    from ..io.outputs import resumable_folder
     from .common import Progress
 
     if args.merge:
@@ -92,11 +103,11 @@ def run(args) -> int:
     i, n = args.shard
     todo = sum(1 for k in range(len(cases)) if k % n == i) if n >= 1 else 0
     bar = Progress(args.progress, todo, "build-dataset")
-    try:
+    # records are built one by one and reused by a rerun; a folder without any record is removed
+    with resumable_folder(args.out, lambda p: any(p.glob("records/*.safetensors"))), closing(bar):
         summary = build_dataset(args.cases, args.out, settings, shard=args.shard, force=args.force,
-                                on_record=lambda e: bar.update(1, record=e["id"], cached=e["cached"]))
-    finally:
-        bar.close()
+                                on_record=lambda e: bar.update(1, record=e["id"], cached=e["cached"]),
+                                include_doubtful=args.include_doubtful)
     bar.event("done", **summary)
     if args.progress != "json":
         print(f"{summary['built']} records built, {summary['cached']} cached; dataset.json lists "

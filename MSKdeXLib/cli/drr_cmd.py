@@ -8,6 +8,8 @@ pixel) and ``preview.png`` (DRR beside a colour composite of the channels).
 
 from __future__ import annotations
 
+from contextlib import closing
+
 from .common import (Progress, add_ct_args, add_density_args, add_device, add_force, add_progress,
                      add_structure_args, density_from_args, load_case, resolve_device, split_names)
 
@@ -80,16 +82,16 @@ def run(args) -> int:
 
     from ..errors import UserError
     from ..projection.geometry import Camera, perturbed_pose
-    from ..io.outputs import prepare_out_dir, write_json
+    from ..io.outputs import output_folder, write_json
     from ..anatomy.ct_metrics import structure_metrics
     from ..projection.rendering import QUANTITY_NAMES, DRRRenderer, isocentre_of
     from ..projection.geometry import ap_pose
     from ..visualize import drr_preview
 
     quantities = _quantities(args.channels)
-    out = prepare_out_dir(args.out, args.force, OUTPUT_FILES)
     progress = Progress(args.progress, total=4, desc="drr")
-    try:
+    # built in a staging folder renamed into place at the end: an error or Ctrl-C leaves nothing
+    with output_folder(args.out, args.force, OUTPUT_FILES) as out, closing(progress):
         ct, labels = load_case(args)
         density = density_from_args(args)
         kinds = args.kind or (None if args.structures else ["muscle", "bone"])
@@ -158,10 +160,8 @@ def run(args) -> int:
                     args.force, (camera.spacing_row_mm, camera.spacing_col_mm))
         write_json(out / "summary.json", summary, args.force)
         progress.update(1, stage="written")
-        progress.event("done", out=str(out))
-    finally:
-        progress.close()
+        progress.event("done", out=str(args.out))
     bad = [e for e in entries if not e["inside_detector"]]
-    print(f"wrote {out} ({len(entries)} channels" + (f"; {len(bad)} not fully inside the detector" if bad else "")
+    print(f"wrote {args.out} ({len(entries)} channels" + (f"; {len(bad)} not fully inside the detector" if bad else "")
           + ")")
     return 0

@@ -37,9 +37,8 @@ OPTION_RULES: dict[str, dict[str, Any]] = {
     "noise_level": _NON_NEGATIVE, "electronic_noise": _NON_NEGATIVE, "bits": {"low": 8, "high": 16, "integer": True},
     "gamma": _POSITIVE,
     # cohort
-    "n": _AT_LEAST_1, "start": _COUNT, "workers": _AT_LEAST_1, "max_atrophy": _FRACTION,
-    "max_hypertrophy": _NON_NEGATIVE, "max_infiltration": {"low": 0.0, "high": 1.0},
-    "subcutaneous_fat_mm": _NON_NEGATIVE, "body_change": {"low": -1.0, "low_open": True},
+    # (the body-composition fractions and --body-change are checked by cohort_cmd.ranges_from_args)
+    "n": _AT_LEAST_1, "start": _COUNT, "workers": _AT_LEAST_1,
     # data set, training, inference, registration, demo
     "val_fraction": _FRACTION, "test_fraction": _FRACTION, "steps": _AT_LEAST_1, "tta": _COUNT,
     "seed": _COUNT, "max_evals": _COUNT, "refine_steps": _COUNT,
@@ -47,7 +46,7 @@ OPTION_RULES: dict[str, dict[str, Any]] = {
 }
 
 #: options that are (low, high) pairs: low < high
-WINDOW_OPTIONS = ("lean_window", "window", "body_change")
+WINDOW_OPTIONS = ("lean_window", "window")
 
 
 def option_name(dest: str) -> str:

@@ -30,17 +30,23 @@ def add_parser(sub, name: str):
 
 
 def run(args) -> int:
-    import warnings
-
     from ..errors import UserError
-    from ..learning.inference import load_model, predict, write_outputs
-    from ..io.outputs import prepare_out_dir
-    from ..io.radiographs import load_radiograph
-    from .common import resolve_device
+    from ..io.outputs import output_folder
 
     if args.tta is not None and args.tta < 0:
         raise UserError("--tta must be >= 0")
-    prepare_out_dir(args.out, args.force, expected=("estimates.csv", "estimates.json", "overlay.png", "channels"))
+    names = ("estimates.csv", "estimates.json", "overlay.png", "channels")
+    with output_folder(args.out, args.force, names, last=("estimates.json",)) as stage:  # nothing left on error
+        return _predict(args, stage)
+
+
+def _predict(args, out) -> int:
+    import warnings
+
+    from ..learning.inference import load_model, predict, write_outputs
+    from ..io.radiographs import load_radiograph
+    from .common import resolve_device
+
     model = load_model(args.model, resolve_device(args.device))
     spacing = None
     if args.pixel_spacing:
@@ -49,7 +55,7 @@ def run(args) -> int:
         warnings.simplefilter("ignore")  # the estimates carry their own warnings
         rg = load_radiograph(args.xray, spacing)
     est = predict(model, rg, tta=args.tta, seed=args.seed, rec_id=args.id)
-    write_outputs(args.out, est, force=True, image_format=args.format)
+    write_outputs(out, est, force=True, image_format=args.format)
     lo, hi = est.interval()
     how = est.interval_method()
     head = f"{how['level']:.0%} interval" + ("" if how["calibrated"] else " (uncalibrated)")

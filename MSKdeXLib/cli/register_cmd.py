@@ -81,11 +81,23 @@ def settings_from_args(args):
 
 
 def run(args) -> int:
+    """Register, writing OUT through a staging folder renamed into place at the end (an error or
+    Ctrl-C leaves nothing; registration.json moves in last). Exit code 3 when a body is doubtful."""
+    from ..io.outputs import output_folder
+    from ..registration.run import OUTPUTS
+
+    with output_folder(args.out, args.force, OUTPUTS, last=("registration.json",)) as stage:
+        return _run(args, stage)
+
+
+def _run(args, stage: Path) -> int:
     # the registration (torch) is imported here, not at the top: every `mskdex` command imports
     # this module to build its parser, and most never register
+    from ..errors import EXIT_DOUBTFUL
     from ..registration.run import RegistrationRequest, register_radiograph
+    from ..validation import NonFiniteError, is_finite
 
-    req = RegistrationRequest(args.xray, args.ct, args.labels, Path(args.out), args.bones, args.init_pose,
+    req = RegistrationRequest(args.xray, args.ct, args.labels, stage, args.bones, args.init_pose,
                               args.landmarks, args.sid, args.spacing, args.table, args.resample_labels,
                               settings_from_args(args), args.force)
     device = resolve_device(args.device)
@@ -101,11 +113,18 @@ def run(args) -> int:
         outcome = register_radiograph(req, device, notify)
     finally:
         prog.close()
-    prog.event("done", output=str(req.out))
+    for r in outcome.results:  # a NaN similarity or pose is a failed registration, never a success
+        if not (is_finite(r.final_similarity) and is_finite(r.ct_to_camera)):
+            what = "similarity" if not is_finite(r.final_similarity) else "pose"
+            raise NonFiniteError(f"registration failed: body '{r.name}' has a non-finite {what}", args.xray)
+    prog.event("done", output=str(args.out))
     if args.progress != "json":
         for r in outcome.results:
             extra = f", mTRE {r.mtre_mm:.2f} mm" if r.mtre_mm is not None else ""
             print(f"{r.name}: similarity {r.initial_similarity:.3f} -> {r.final_similarity:.3f}"
                   f"{' (DOUBTFUL)' if r.doubtful else ''}{extra}, {r.runtime_s:.1f} s")
-        print(f"wrote {outcome.path}")
-    return 0
+        print(f"wrote {Path(args.out) / outcome.path.name}")
+    doubtful = any(r.doubtful for r in outcome.results)
+    if doubtful and args.progress != "json":
+        print(f"DOUBTFUL: exit code {EXIT_DOUBTFUL}; check qa.png before using this registration")
+    return EXIT_DOUBTFUL if doubtful else 0

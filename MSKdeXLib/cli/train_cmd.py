@@ -32,7 +32,7 @@ def run(args) -> int:
     import os
 
     from ..errors import UserError
-    from ..io.outputs import write_json
+    from ..io.outputs import resumable_folder, write_json
     from ..learning.training import default_config, load_config, merge_config, train
 
     if args.write_default_config:
@@ -59,8 +59,10 @@ def run(args) -> int:
 
             cfg = load_checkpoint(args.out)[1]["config"]
         cfg["steps"] = int(args.steps)
-    res = train(cfg, args.data, args.out, resume=args.resume, device=args.device, progress=args.progress,
-                force=args.force)
+    # an interrupted or diverged run leaves a resumable checkpoint, or nothing
+    with resumable_folder(args.out, lambda p: (p / "checkpoint.json").exists()):
+        res = train(cfg, args.data, args.out, resume=args.resume, device=args.device, progress=args.progress,
+                    force=args.force)
     last = res.history[-1] if res.history else {}
     if int(os.environ.get("RANK", "0")) == 0:
         summary = ", ".join(f"{k}={v:.4g}" for k, v in last.items() if k != "step")

@@ -36,39 +36,14 @@ from typing import Any, Iterable
 import numpy as np
 
 from ..errors import UserError
-from ..anatomy.structures import normalize_name
-
-QUANTITIES = ("mass_g", "volume_cm3")
+from ..anatomy.structures import get_table, normalize_name
+from . import specificity as spec_metrics
+from .statistics import QUANTITIES, icc_2_1, pearson  # noqa: F401  (re-exported)
 
 
 # ---------------------------------------------------------------------------------------------
 # Statistics
 # ---------------------------------------------------------------------------------------------
-def pearson(x: np.ndarray, y: np.ndarray) -> float:
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    if len(x) < 2 or x.std() == 0 or y.std() == 0:
-        return float("nan")
-    xc, yc = x - x.mean(), y - y.mean()
-    return float((xc * yc).sum() / np.sqrt((xc * xc).sum() * (yc * yc).sum()))
-
-
-def icc_2_1(x: np.ndarray, y: np.ndarray | None = None) -> float:
-    """ICC(2,1): two-way random, absolute agreement, single measures (Shrout & Fleiss 1979).
-
-    ``x`` and ``y`` are two raters' values of n targets, or ``x`` alone an (n, k) matrix."""
-    data = np.asarray(x, float) if y is None else np.column_stack([np.asarray(x, float), np.asarray(y, float)])
-    n, k = data.shape
-    if n < 2:
-        return float("nan")
-    grand = data.mean()
-    ss_rows = k * ((data.mean(axis=1) - grand) ** 2).sum()
-    ss_cols = n * ((data.mean(axis=0) - grand) ** 2).sum()
-    ss_err = ((data - grand) ** 2).sum() - ss_rows - ss_cols
-    msr, msc, mse = ss_rows / (n - 1), ss_cols / (k - 1), ss_err / ((n - 1) * (k - 1))
-    den = msr + (k - 1) * mse + k * (msc - mse) / n
-    return float((msr - mse) / den) if den != 0 else float("nan")
-
-
 def agreement(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     """All statistics of one structure/quantity."""
     p, t = np.asarray(pred, float), np.asarray(truth, float)
@@ -96,6 +71,30 @@ class Evaluation:
     notes: list[str] = field(default_factory=list)
     #: (structure, quantity) -> [(id, low, high, truth, level)] for predictions with an interval
     intervals: dict[tuple[str, str], list[tuple[str, float, float, float, float]]] = field(default_factory=dict)
+    #: structure name -> kind ("muscle", "bone", ...) where the rows said it or a built-in table knows it
+    kinds: dict[str, str] = field(default_factory=dict)
+    #: every row left out of the statistics: {id, structure, quantity, reason} (issue 15: never silently)
+    dropped: list[dict[str, str]] = field(default_factory=list)
+
+    def dropped_lines(self) -> list[str]:
+        """One line per (case, reason): 'case7: estimate is not a finite number (hip_left mass_g, ...)'."""
+        from ..errors import listing
+
+        groups: dict[tuple[str, str], list[str]] = {}
+        for d in self.dropped:
+            groups.setdefault((d["id"], d["reason"]), []).append(f"{d['structure']} {d['quantity']}".strip())
+        return [f"{rid}: {reason}" + (f" ({listing(items)})" if any(items) else "")
+                for (rid, reason), items in groups.items()]
+
+
+    def muscles(self) -> list[str]:
+        """The paired structures of kind "muscle" (table order of their first appearance)."""
+        names = dict.fromkeys(s for s, _ in sorted(self.pairs))
+        return [n for n in names if self.kinds.get(n) == "muscle"]
+
+    def specificity(self) -> dict[str, Any]:
+        """Share, asymmetry and partial PCCs of the muscles (:mod:`.specificity`); {} with < 2 muscles."""
+        return spec_metrics.specificity(self.pairs, self.muscles())
 
     def coverage(self) -> dict[str, Any]:
         """Empirical coverage of the prediction intervals: overall, per quantity, with the
@@ -107,8 +106,15 @@ class Evaluation:
         def summary(vals) -> dict[str, Any]:
             hit = [lo <= t <= hi for _, lo, hi, t, _ in vals]
             levels = sorted({round(lv, 6) for *_, lv in vals if np.isfinite(lv)})
-            return {"coverage": float(np.mean(hit)), "n": len(hit),
-                    "nominal": levels[0] if len(levels) == 1 else (levels or None)}
+            by_subject: dict[str, list[bool]] = {}
+            for (i, *_), h in zip(vals, hit):
+                by_subject.setdefault(i, []).append(h)
+            ess = spec_metrics.effective_sample_size(by_subject)
+            cov = float(np.mean(hit))
+            return {"coverage": cov, "n": len(hit),
+                    "nominal": levels[0] if len(levels) == 1 else (levels or None),
+                    "n_subjects": ess["n_subjects"], "n_effective": ess["n_effective"],
+                    "ci95_effective": list(spec_metrics.wilson_interval(cov, ess["n_effective"]))}
 
         out = {"overall": summary(allv)}
         for q in QUANTITIES:
@@ -125,8 +131,11 @@ class Evaluation:
         nom = cov["overall"]["nominal"]
         nom_t = f"{nom:.0%}" if isinstance(nom, float) else str(nom)
         parts = [f"{q} {cov[q]['coverage']:.1%}" for q in QUANTITIES if q in cov]
-        return (f"interval coverage of the truth: {cov['overall']['coverage']:.1%} overall "
-                f"(n = {cov['overall']['n']}; {', '.join(parts)}); nominal {nom_t}")
+        o = cov["overall"]
+        lo, hi = o["ci95_effective"]
+        return (f"interval coverage of the truth: {o['coverage']:.1%} overall "
+                f"(n = {o['n']} values of {o['n_subjects']} subjects, effective n = {o['n_effective']:.0f}, "
+                f"95 % CI {lo:.0%}-{hi:.0%}; {', '.join(parts)}); nominal {nom_t}")
 
     def headline(self) -> dict[str, float]:
         """Mean PCC over structures, per quantity (structures with a defined PCC)."""
@@ -168,6 +177,9 @@ class Evaluation:
         if cov:
             text = self.coverage_text()
             lines += ["", text[0].upper() + text[1:] + "."]
+        spec = spec_metrics.to_markdown(self.specificity())
+        if spec:
+            lines += ["", spec.rstrip("\n")]
         return "\n".join(lines) + "\n"
 
 
@@ -180,19 +192,40 @@ def evaluate(pred_rows: Iterable[dict[str, Any]], truth_rows: Iterable[dict[str,
             raise UserError(f"unknown quantity '{q}' (use {QUANTITIES})")
         return (str(r["id"]), normalize_name(str(r["structure"])), q)
 
-    truth, names = {}, {}
+    truth, names, kinds, dropped = {}, {}, {}, []
+    pred_rows = list(pred_rows)
+
+    def drop(r, reason):
+        dropped.append({"id": str(r.get("id", "")), "structure": str(r.get("structure", "")),
+                        "quantity": str(r.get("quantity", "")), "reason": reason})
+
     for r in truth_rows:
         k = key(r)
+        if not np.isfinite(_number(r["value"])):
+            drop(r, "truth is not a finite number (null/NaN)")
+            continue
         truth[k] = float(r["value"])
         names.setdefault(k[1], str(r["structure"]))
+        if r.get("kind"):
+            kinds.setdefault(names[k[1]], str(r["kind"]))
+    for r in pred_rows:
+        n = names.get(normalize_name(str(r["structure"])))
+        if n and r.get("kind"):
+            kinds.setdefault(n, str(r["kind"]))
     pairs: dict[tuple[str, str], list[tuple[str, float, float]]] = {}
     intervals: dict[tuple[str, str], list[tuple[str, float, float, float, float]]] = {}
     unmatched = 0
     seen = set()
+    pred_ids = set()
     for r in pred_rows:
         k = key(r)
+        pred_ids.add(k[0])
+        if not np.isfinite(_number(r["value"])):
+            drop(r, "estimate is not a finite number (null/NaN)")
+            continue
         if k not in truth:
             unmatched += 1
+            drop(r, "no finite truth for this case, structure and quantity")
             continue
         seen.add(k)
         pairs.setdefault((names[k[1]], k[2]), []).append((k[0], float(r["value"]), truth[k]))
@@ -210,7 +243,20 @@ def evaluate(pred_rows: Iterable[dict[str, Any]], truth_rows: Iterable[dict[str,
                       **interval_stats(intervals.get((s, q), []))})
     if not pairs:
         raise UserError("no prediction matches a truth row (check the ids, structure names and quantities)")
-    return Evaluation(pairs, stats, unmatched, len(set(truth) - seen), notes, intervals)
+    for rid in sorted({k[0] for k in truth} - pred_ids):
+        dropped.append({"id": rid, "structure": "", "quantity": "", "reason": "truth without any estimate"})
+    for n in names.values():
+        kinds.setdefault(n, builtin_kind(n))
+    return Evaluation(pairs, stats, unmatched, len(set(truth) - seen), notes, intervals, kinds=kinds, dropped=dropped)
+
+
+def builtin_kind(name: str) -> str:
+    """The kind of a structure name in the built-in tables (TotalSegmentator v1/v2, hip22), else "other"."""
+    for table in ("totalseg_v1", "totalseg_v2", "hip22"):
+        s = get_table(table).find(name)
+        if s is not None:
+            return s.kind
+    return "other"
 
 
 def _number(v: Any) -> float:
@@ -244,9 +290,10 @@ def _wide_to_long(rid: str, items: Iterable[dict[str, Any]], level: Any = None) 
         rid_i = str(it.get("id") or rid)
         for q in QUANTITIES:
             v = it.get(q)
-            if name is not None and v not in (None, ""):
+            if name is not None and q in it and v != "":  # null (a NaN written as strict JSON) is kept: evaluate reports it
                 interval = {"low": it.get(f"{q}_low"), "high": it.get(f"{q}_high"), "level": it.get("level", level)}
-                out.append({"id": rid_i, "structure": str(name), "quantity": q, "value": float(v),
+                out.append({"id": rid_i, "structure": str(name), "quantity": q, "value": _number(v),
+                            **({"kind": str(it["kind"])} if it.get("kind") else {}),
                             **_interval_fields(interval, level)})
     return out
 
@@ -258,8 +305,9 @@ def _interval_fields(r: dict[str, Any], level: Any) -> dict[str, float]:
     return {"low": float(r["low"]), "high": float(r["high"]), "level": _number(r.get("level", level))}
 
 
-def read_rows(path: str | Path) -> list[dict[str, Any]]:
-    """Rows {id, structure, quantity, value} from a file or a folder (recursively)."""
+def read_rows(path: str | Path, skipped: list[str] | None = None) -> list[dict[str, Any]]:
+    """Rows {id, structure, quantity, value} from a file or a folder (recursively). Files of a
+    folder that are not results are skipped; with a ``skipped`` list, each is named there with why."""
     from ..learning.inference import case_id_from_path
 
     path = Path(path)
@@ -273,8 +321,10 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
         for f in files:
             try:
                 rows += read_rows(f)
-            except UserError:
-                continue  # not a results file (e.g. a sidecar): skip it
+            except UserError as exc:
+                if skipped is not None:  # not a results file (e.g. a sidecar): skipped, and said so
+                    skipped.append(str(exc))
+                continue
         if not rows:
             raise UserError("folder holds no readable estimates / metrics files", path)
         return rows
@@ -292,7 +342,8 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
             rid = str(d.get("id") or rid)
             level = d.get("interval")
             return [{"id": str(r.get("id") or rid), "structure": r["structure"], "quantity": r["quantity"],
-                     "value": float(r["value"]), **_interval_fields(r, level)} for r in d["rows"]]
+                     "value": _number(r["value"]), **({"kind": str(r["kind"])} if r.get("kind") else {}),
+                     **_interval_fields(r, level)} for r in d["rows"]]
         if isinstance(d, dict) and isinstance(d.get("structures"), list):
             rows = _wide_to_long(str(d.get("id") or rid), d["structures"], d.get("interval"))
             if rows:
@@ -384,9 +435,11 @@ def write_report(ev: Evaluation, out_dir: str | Path, force: bool = False) -> di
              "markdown": write_text(out / "evaluation.md", ev.to_markdown(), force),
              "json": write_json(out / "evaluation.json", {"statistics": ev.stats, "headline_mean_pcc": ev.headline(),
                                                           "interval_coverage": ev.coverage(),
+                                                          "specificity": ev.specificity(),
                                                           "icc": "ICC(2,1), two-way random, absolute agreement",
                                                           "unmatched_predictions": ev.unmatched_pred,
-                                                          "unmatched_truth": ev.unmatched_truth, "notes": ev.notes},
+                                                          "unmatched_truth": ev.unmatched_truth, "notes": ev.notes,
+                                                          "dropped": ev.dropped},
                                  force),
              "pairs": write_text(out / "pairs.csv", "\n".join(pair_lines) + "\n", force)}
     for p in plot(ev, out, force):

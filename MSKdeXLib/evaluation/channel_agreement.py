@@ -23,7 +23,7 @@ from ..errors import UserError
 def channel_correlation(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
     """Per-channel Pearson correlation over pixels of ``pred`` and ``target`` (C, H, W), same
     grid; NaN where either channel is constant."""
-    from .agreement import pearson
+    from .statistics import pearson
 
     p, t = np.asarray(pred), np.asarray(target)
     if p.shape != t.shape or p.ndim != 3:

@@ -14,7 +14,12 @@ on the CT grid, LPS mm), then imaged with a changed pose and acquisition:
 * a smooth **elastic deformation** (random low-frequency displacement field; CT linear, labels
   nearest);
 * a **pose** change (rotation deg about the LPS axes through the isocentre, translation mm);
-* **acquisition** changes (energy, noise, scatter, contrast) of the simulated radiograph.
+* **acquisition** changes (energy, noise, scatter, contrast) of the simulated radiograph;
+* with the **specificity** preset (:func:`specificity_ranges`, ``mskdex cohort --preset
+  specificity``) also: every muscle and side changed on its own, a unilateral hip-osteoarthritis
+  pattern, an anisotropic size change (voxel spacing scaled, so the truth stays exact), the SID,
+  focal spot and detector blur, grid or no grid, collimation, and vendor-style processing of the
+  image (unsharp masking, S-shaped LUT). Every range: :class:`CohortRanges`.
 
 Subject ``i`` depends only on (seed, i): its random generator is ``default_rng([seed, i])``.
 The truth (metrics.json) is computed from the modified CT + labels; the target channels are
@@ -62,31 +67,95 @@ MAX_TOTAL_HYPERTROPHY = 0.5
 # ------------------------------------------------------------------------------------------------
 @dataclass
 class CohortRanges:
-    """How strongly subjects vary. Fractions are of the muscle's voxels; mm, deg, HU."""
+    """How strongly subjects vary: every range of a cohort, in one place. Fractions are of a
+    muscle's voxels; mm, deg, HU, kV. ``(lo, hi)`` = uniform in [lo, hi]. The defaults are the
+    original cohort (mostly one body-wide muscle factor, moderate nuisance); the fields after
+    ``contrast`` default to "off", so a cohort made without them is unchanged. Named presets:
+    :data:`PRESETS` (``mskdex cohort --preset``)."""
 
-    # body-wide change (fraction of voxels) shared by every muscle of a subject, U(lo, hi)
-    body_change: tuple[float, float] = (-0.25, 0.15)
-    change_probability: float = 0.8         # chance that a muscle gets its own extra change
-    max_atrophy: float = 0.15               # per-muscle extra: up to 15 % of voxels become fat
-    max_hypertrophy: float = 0.15           # per-muscle extra: up to +15 % (limited by nearby fat)
+    # --- muscles: a body-wide part shared by all muscles, then each muscle and side on its own ---
+    body_change: tuple[float, float] = (-0.25, 0.15)  # body-wide change (fraction of voxels), all muscles
+    change_probability: float = 0.8         # chance that a muscle (each side separately) gets its own extra change
+    max_atrophy: float = 0.15               # per-muscle extra atrophy: U(0.03, x) of voxels become fat (2/3 of changes)
+    max_hypertrophy: float = 0.15           # per-muscle extra growth: U(0.03, x) (1/3 of changes; limited by nearby fat)
     # the total change of a muscle is kept in [-MAX_TOTAL_ATROPHY, MAX_TOTAL_HYPERTROPHY]
-    infiltration_probability: float = 0.5
-    max_infiltration: float = 0.20          # up to 20 % of lean voxels become fatty
+    infiltration_probability: float = 0.5   # chance that a muscle (each side separately) is fat-infiltrated
+    max_infiltration: float = 0.20          # U(0.02, x) of its lean voxels become fatty
+    # --- habitus and pose (independent of the muscles) ---
     subcutaneous_fat_mm: float = 9.0        # thickness change in [-x, +x] mm
     elastic_mm: float = 3.0                 # std of the control-point displacements, mm
     elastic_control_mm: float = 80.0        # control-point spacing, mm (low frequency)
     rotation_deg: float = 5.0               # uniform in [-x, x] about each LPS axis
     translation_mm: float = 10.0            # uniform in [-x, x] along each LPS axis
-    energy_kvp: tuple[float, float] = (70.0, 90.0)
+    # --- acquisition ---
+    energy_kvp: tuple[float, float] = (70.0, 90.0)   # tube voltage, kV
     # relative noise at the median signal, scatter fraction, detector gamma: moderate ranges (a
     # scatter fraction of 0.3 or noise of 1 % already hide most bone contrast at these pixel sizes)
-    noise: tuple[float, float] = (0.002, 0.008)
-    scatter: tuple[float, float] = (0.02, 0.15)
-    contrast: tuple[float, float] = (0.9, 1.1)
+    noise: tuple[float, float] = (0.002, 0.008)      # relative quantum noise at the median signal
+    scatter: tuple[float, float] = (0.02, 0.15)      # scatter share of the signal (with an anti-scatter grid)
+    contrast: tuple[float, float] = (0.9, 1.1)       # detector / LUT gamma
+    # --- specificity preset additions (off by default) ---
+    oa_probability: float = 0.0             # chance of a unilateral hip-osteoarthritis pattern (side 50/50)
+    oa_muscles: tuple[str, ...] = ("gluteus_medius", "gluteus_minimus", "iliopsoas")  # affected-side muscles
+    oa_atrophy: tuple[float, float] = (0.10, 0.30)       # their extra atrophy (fraction of voxels)
+    oa_infiltration: tuple[float, float] = (0.05, 0.25)  # their extra fat infiltration (fraction of lean voxels)
+    scale: float = 0.0                      # overall size: each grid axis scaled by U(1 - x, 1 + x), independently
+    sid_mm: tuple[float, float] | None = None            # source-to-image distance, mm (None: the cohort's)
+    focal_spot_mm: tuple[float, float] = (1.2, 1.2)      # focal spot FWHM, mm
+    detector_blur_mm: tuple[float, float] = (0.15, 0.15)  # detector unsharpness (Gaussian sigma), mm
+    no_grid_probability: float = 0.0        # chance of a grid-less image (bedside): scatter from scatter_no_grid
+    scatter_no_grid: tuple[float, float] = (0.5, 0.7)    # scatter share without a grid
+    collimation: float = 0.0                # up to this fraction of the field width cut at each edge, U(0, x)
+    unsharp_probability: float = 0.0        # vendor processing: chance of unsharp masking
+    unsharp_amount: tuple[float, float] = (0.3, 1.5)     # x + a (x - blur(x)), on the [0, 1] detector codes
+    unsharp_sigma_mm: tuple[float, float] = (4.0, 20.0)  # its blur (Gaussian sigma at the detector), mm
+    lut_strength: tuple[float, float] = (0.0, 0.0)       # S-shaped LUT (logistic of slope k; 0 = linear)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CohortRanges":
+        """From :meth:`to_dict`'s JSON (lists back to tuples); unknown keys raise TypeError."""
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
+
+
+def specificity_ranges() -> CohortRanges:
+    """The **specificity** preset: each muscle and side changes on its own (atrophy/hypertrophy
+    and fat infiltration drawn independently), a unilateral hip-osteoarthritis pattern in 40 %
+    of subjects (affected-side gluteus medius/minimus and iliopsoas atrophy + fat infiltration),
+    a smaller body-wide factor, and habitus (subcutaneous fat, anisotropic size +-10 %), pose and
+    acquisition drawn independently of them, acquisition as wide as real AP hip radiographs
+    (kVp, SID, noise, grid or not, blur, collimation, unsharp masking, LUT/gamma). A method that
+    knows one number per subject cannot predict the per-muscle shares or the left-right
+    asymmetries of this cohort."""
+    return CohortRanges(
+        body_change=(-0.15, 0.10), change_probability=1.0, max_atrophy=0.20, max_hypertrophy=0.15,
+        infiltration_probability=0.6, max_infiltration=0.20,
+        oa_probability=0.4, oa_atrophy=(0.05, 0.20), oa_infiltration=(0.05, 0.20),
+        subcutaneous_fat_mm=9.0, scale=0.10, elastic_mm=2.0, rotation_deg=3.0, translation_mm=10.0,
+        energy_kvp=(70.0, 85.0), sid_mm=(1000.0, 1150.0), noise=(0.001, 0.006), scatter=(0.10, 0.35),
+        no_grid_probability=0.15, scatter_no_grid=(0.5, 0.7), focal_spot_mm=(0.6, 1.2),
+        detector_blur_mm=(0.1, 0.4), collimation=0.05, contrast=(0.8, 1.25), unsharp_probability=0.7,
+        unsharp_amount=(0.3, 1.5), unsharp_sigma_mm=(4.0, 20.0), lut_strength=(0.0, 6.0))
+
+
+def preset_ranges(name: str) -> CohortRanges:
+    """The ranges of a named preset (:data:`PRESETS`); UserError for an unknown name."""
+    if name == "demo":  # the demo's ranges live with the demo (lazy: demo imports the cohort)
+        from ..demo import demo_ranges
+
+        return CohortRanges.from_dict(demo_ranges())
+    if name not in PRESETS:
+        raise UserError(f"unknown cohort preset '{name}' (use {', '.join(PRESETS)})")
+    return PRESETS[name]()
+
+
+#: named cohort presets (``mskdex cohort --preset``): the original ranges, the demo's
+#: (wide body-wide muscle change, moderate nuisance) and the specificity benchmark's
+PRESETS: dict[str, Callable[[], CohortRanges]] = {"default": CohortRanges, "demo": lambda: preset_ranges("demo"),
+                                                   "specificity": specificity_ranges}
 
 
 @dataclass
@@ -104,6 +173,9 @@ class SubjectSpec:
     rotation_deg: tuple[float, float, float] = (0.0, 0.0, 0.0)
     translation_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
     acquisition: dict[str, float] = field(default_factory=dict)
+    oa_side: str | None = None                                        # side of the hip-OA pattern
+    scale: tuple[float, float, float] = (1.0, 1.0, 1.0)               # size factor per grid axis (i, j, k)
+    processing: dict[str, float] = field(default_factory=dict)        # vendor processing of the image
 
     @property
     def name(self) -> str:
@@ -112,6 +184,7 @@ class SubjectSpec:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["rotation_deg"], d["translation_mm"] = list(self.rotation_deg), list(self.translation_mm)
+        d["scale"] = list(self.scale)
         return d
 
 
@@ -124,7 +197,10 @@ def sample_subject(seed: int, index: int, muscles: list[str], ranges: CohortRang
                    ) -> SubjectSpec:
     """Draw subject ``index``'s parameters (deterministic in seed and index). A muscle's change
     is the subject's body-wide change plus, with ``change_probability``, its own extra change
-    (2/3 atrophy, 1/3 hypertrophy), clipped to [-MAX_TOTAL_ATROPHY, MAX_TOTAL_HYPERTROPHY]."""
+    (2/3 atrophy, 1/3 hypertrophy), clipped to [-MAX_TOTAL_ATROPHY, MAX_TOTAL_HYPERTROPHY];
+    each muscle and side is drawn independently. The specificity additions (hip-OA pattern,
+    size, SID, blur, grid, collimation, vendor processing) come from their own random stream,
+    so cohorts made without them are unchanged."""
     rng = subject_rng(seed, index, 0)
     lo, hi = (float(v) for v in ranges.body_change)
     body = float(subject_rng(seed, index, 3).uniform(lo, hi)) if hi > lo else lo
@@ -138,14 +214,12 @@ def sample_subject(seed: int, index: int, muscles: list[str], ranges: CohortRang
                 extra = -float(rng.uniform(min(0.03, ranges.max_atrophy), ranges.max_atrophy))
             else:
                 extra = float(rng.uniform(min(0.03, ranges.max_hypertrophy), ranges.max_hypertrophy))
-        total = min(max(body + extra, -MAX_TOTAL_ATROPHY), MAX_TOTAL_HYPERTROPHY)
-        if abs(total) > 1e-9:
-            changes[name] = total
+        changes[name] = body + extra
         if rng.random() < ranges.infiltration_probability:
             infil[name] = float(rng.uniform(0.02, ranges.max_infiltration))
     lo_hi = lambda r: float(rng.uniform(*r))  # noqa: E731
-    return SubjectSpec(
-        index=int(index), seed=int(seed), muscle_changes=changes, body_change=body, infiltration=infil,
+    spec = SubjectSpec(
+        index=int(index), seed=int(seed), body_change=body,
         subcutaneous_fat_mm=float(rng.uniform(-1, 1) * ranges.subcutaneous_fat_mm),
         elastic_mm=float(ranges.elastic_mm), elastic_control_mm=float(ranges.elastic_control_mm),
         rotation_deg=tuple(float(v) for v in rng.uniform(-1, 1, 3) * ranges.rotation_deg),
@@ -153,6 +227,41 @@ def sample_subject(seed: int, index: int, muscles: list[str], ranges: CohortRang
         acquisition={"energy_kvp": lo_hi(ranges.energy_kvp), "noise": lo_hi(ranges.noise),
                      "scatter": lo_hi(ranges.scatter), "contrast": lo_hi(ranges.contrast)},
     )
+    _specificity_draws(spec, subject_rng(seed, index, 4), muscles, ranges, changes, infil)
+    spec.muscle_changes = {k: min(max(v, -MAX_TOTAL_ATROPHY), MAX_TOTAL_HYPERTROPHY) for k, v in changes.items()
+                           if abs(min(max(v, -MAX_TOTAL_ATROPHY), MAX_TOTAL_HYPERTROPHY)) > 1e-9}
+    spec.infiltration = {k: min(v, 0.9) for k, v in infil.items()}
+    return spec
+
+
+def _specificity_draws(spec: SubjectSpec, rng: np.random.Generator, muscles: list[str], ranges: CohortRanges,
+                       changes: dict[str, float], infil: dict[str, float]) -> None:
+    """The specificity preset's draws (in place; nothing drawn for a feature that is off):
+    the hip-OA pattern (added to ``changes`` / ``infil``), size, and acquisition extras."""
+    if ranges.oa_probability > 0 and rng.random() < ranges.oa_probability:
+        spec.oa_side = "left" if rng.random() < 0.5 else "right"
+        for stem in ranges.oa_muscles:
+            name = f"{stem}_{spec.oa_side}"
+            if name in muscles:
+                changes[name] = changes.get(name, 0.0) - float(rng.uniform(*ranges.oa_atrophy))
+                infil[name] = infil.get(name, 0.0) + float(rng.uniform(*ranges.oa_infiltration))
+    if ranges.scale > 0:
+        spec.scale = tuple(float(v) for v in 1.0 + rng.uniform(-1, 1, 3) * ranges.scale)
+    acq = spec.acquisition
+    if ranges.sid_mm is not None:
+        acq["sid_mm"] = float(rng.uniform(*ranges.sid_mm))
+    if tuple(ranges.focal_spot_mm) != (1.2, 1.2) or tuple(ranges.detector_blur_mm) != (0.15, 0.15):
+        acq["focal_spot_mm"] = float(rng.uniform(*ranges.focal_spot_mm))
+        acq["detector_blur_mm"] = float(rng.uniform(*ranges.detector_blur_mm))
+    if ranges.no_grid_probability > 0 and rng.random() < ranges.no_grid_probability:
+        acq["grid"], acq["scatter"] = 0.0, float(rng.uniform(*ranges.scatter_no_grid))
+    if ranges.collimation > 0:
+        acq["collimation_fraction"] = [float(v) for v in rng.uniform(0, ranges.collimation, 4)]
+    if ranges.unsharp_probability > 0 and rng.random() < ranges.unsharp_probability:
+        spec.processing["unsharp_amount"] = float(rng.uniform(*ranges.unsharp_amount))
+        spec.processing["unsharp_sigma_mm"] = float(rng.uniform(*ranges.unsharp_sigma_mm))
+    if max(ranges.lut_strength) > 0:
+        spec.processing["lut_strength"] = float(rng.uniform(*ranges.lut_strength))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -497,11 +606,7 @@ class CohortConfig:
                             tuple(d["lean_window_hu"]))
 
     def cohort_ranges(self) -> CohortRanges:
-        r = dict(self.ranges)
-        for k in ("body_change", "energy_kvp", "noise", "scatter", "contrast"):
-            if k in r:
-                r[k] = tuple(r[k])
-        return CohortRanges(**r)
+        return CohortRanges.from_dict(self.ranges)
 
 
 _CASE_CACHE: dict[str, Any] = {}
@@ -522,18 +627,77 @@ def load_source(config: CohortConfig) -> tuple[Volume, LabelMap]:
     return _CASE_CACHE[key]
 
 
-def acquisition_settings(spec: SubjectSpec):
-    """The subject's :class:`~MSKdeXLib.projection.simulate.SimulationSettings` (kVp, noise, scatter, gamma)."""
+def acquisition_settings(spec: SubjectSpec, camera: Camera | None = None):
+    """The subject's :class:`~MSKdeXLib.projection.simulate.SimulationSettings` (kVp, noise, scatter,
+    gamma; focal spot, detector blur and collimation when the spec has them; the collimation
+    needs the ``camera``)."""
     from ..projection.simulate import SimulationSettings
 
     a = spec.acquisition
+    extra = {k: a[k] for k in ("focal_spot_mm", "detector_blur_mm") if k in a}
+    if "collimation_fraction" in a and camera is not None:
+        left, right, top, bottom = a["collimation_fraction"]
+        w, h = camera.cols * camera.spacing_col_mm, camera.rows * camera.spacing_row_mm
+        extra["collimation_mm"] = (-w / 2 + left * w, w / 2 - right * w, -h / 2 + top * h, h / 2 - bottom * h)
     return SimulationSettings(kvp=a["energy_kvp"], noise_level=a["noise"], scatter_fraction=a["scatter"],
-                              gamma=a["contrast"])
+                              gamma=a["contrast"], **extra)
+
+
+def subject_camera(camera: Camera, spec: SubjectSpec) -> Camera:
+    """The cohort's camera with the subject's source-to-image distance (when drawn)."""
+    sid = spec.acquisition.get("sid_mm")
+    return camera if sid is None else Camera.from_dict({**camera.to_dict(), "sid_mm": float(sid)})
+
+
+def scale_anatomy(ct: Volume, labels: LabelMap, factors, centre_lps) -> tuple[Volume, LabelMap]:
+    """The subject larger or smaller: voxel spacing times ``factors`` (per grid axis i, j, k),
+    about ``centre_lps`` (which stays in place). Masses and volumes scale with the product of
+    the factors, and the truth is computed on the scaled grid, so it stays exact."""
+    f = np.asarray(factors, np.float64)
+    if np.allclose(f, 1.0):
+        return ct, labels
+    spacing = np.asarray(ct.spacing) * f
+    c = np.asarray(centre_lps, np.float64)
+    idx_c = np.linalg.solve(ct.direction @ np.diag(ct.spacing), c - np.asarray(ct.origin))
+    origin = c - ct.direction @ (spacing * idx_c)
+    new_ct = Volume(ct.array, tuple(spacing), tuple(origin), ct.direction, ct.source, dict(ct.metadata))
+    return new_ct, relabel(new_ct, labels, labels.label_array())
+
+
+def vendor_processing(codes: np.ndarray, bits: int, pixel_mm: float, processing: dict[str, float]) -> np.ndarray:
+    """Vendor-style image processing of detector codes (0 .. 2^bits - 1; 0 = outside the field,
+    left at 0): unsharp masking ``x + a (x - G_sigma(x))`` and an S-shaped LUT (logistic of
+    slope ``lut_strength`` rescaled to [0, 1]; 0 = identity), on x = codes / (2^bits - 1)."""
+    if not processing:
+        return codes
+    top = float(2 ** int(bits) - 1)
+    inside = codes > 0
+    x = codes.astype(np.float64) / top
+    amount = float(processing.get("unsharp_amount", 0.0))
+    if amount > 0:
+        sigma = float(processing["unsharp_sigma_mm"]) / pixel_mm
+        w = ndimage.gaussian_filter(inside.astype(np.float64), sigma)
+        blur = ndimage.gaussian_filter(x * inside, sigma) / np.maximum(w, 1e-6)  # field edges not darkened
+        x = x + amount * (x - blur)
+    k = float(processing.get("lut_strength", 0.0))
+    if k > 1e-3:
+        sig = lambda v: 1.0 / (1.0 + np.exp(-k * (v - 0.5)))  # noqa: E731
+        x = (sig(np.clip(x, 0, 1)) - sig(0.0)) / (sig(1.0) - sig(0.0))
+    out = np.round(np.clip(x, 0.0, 1.0) * top) * inside
+    return out.astype(codes.dtype)
 
 
 def make_subject(config: CohortConfig, index: int, out_dir: Path, force: bool = False) -> dict:
-    """Build subject ``index`` into ``out_dir / subject-XXXX``; returns its cohort entry."""
-    from ..io.outputs import prepare_out_dir, write_json, write_volume
+    """Build subject ``index`` into ``out_dir / subject-XXXX``; returns its cohort entry. The
+    folder is built beside and renamed into place: an interrupted subject leaves nothing."""
+    from ..io.outputs import output_folder
+
+    with output_folder(Path(out_dir) / SubjectSpec(index, 0).name, force) as stage:
+        return _make_subject(config, index, stage, force)
+
+
+def _make_subject(config: CohortConfig, index: int, folder: Path, force: bool) -> dict:
+    from ..io.outputs import write_json, write_volume
 
     t0 = time.time()
     ct0, labels0 = load_source(config)
@@ -541,13 +705,15 @@ def make_subject(config: CohortConfig, index: int, out_dir: Path, force: bool = 
     structures0 = labels0.select(kinds=list(config.kinds))
     muscles = [s.name for s in structures0 if s.kind == "muscle"]
     spec = sample_subject(config.seed, index, muscles, config.cohort_ranges())
-    folder = prepare_out_dir(Path(out_dir) / spec.name, force)
     ct, labels, applied = modify_anatomy(ct0, labels0, spec)
+    centre = bone_centre(ct0, labels0)
+    ct, labels = scale_anatomy(ct, labels, spec.scale, centre)
     structures = [s for s in structures0 if s.label in labels.entries]
     camera = Camera.from_dict(config.camera) if config.camera else \
         fit_camera(ct0, labels0, config.rows, config.cols, config.sid_mm)
+    camera = subject_camera(camera, spec)
     base = base_view(ct0, labels0, camera)
-    pose = subject_pose(base, spec, bone_centre(ct0, labels0))
+    pose = subject_pose(base, spec, centre)
 
     metrics = metrics_document(ct, labels, structures, density)
     metrics["settings"]["virtual_subject"] = {"seed": spec.seed, "index": spec.index}
@@ -590,11 +756,14 @@ def write_radiograph(ct: Volume, labels: LabelMap, camera: Camera, pose: np.ndar
     """Simulate the subject's radiograph at ``pose``; write DICOM DX + sidecar (true pose)."""
     from ..projection.simulate import simulate_radiograph, write_dicom_dx
 
-    settings = acquisition_settings(spec)
+    settings = acquisition_settings(spec, camera)
     seed = int(subject_rng(spec.seed, spec.index, 2).integers(0, 2**31 - 1))
     rad = simulate_radiograph(ct, camera, pose, settings, seed, labels=labels)
-    dcm, side = write_dicom_dx(folder / "xray.dcm", rad, camera, pose, settings, seed, force,
-                               extra={"virtual_subject": {"cohort_seed": spec.seed, "index": spec.index}})
+    extra = {"virtual_subject": {"cohort_seed": spec.seed, "index": spec.index}}
+    if spec.processing:
+        rad.pixels = vendor_processing(rad.pixels, settings.bits, camera.spacing_col_mm, spec.processing)
+        extra["vendor_processing"] = dict(spec.processing)
+    dcm, side = write_dicom_dx(folder / "xray.dcm", rad, camera, pose, settings, seed, force, extra=extra)
     return {"file": dcm.name, "sidecar": side.name}
 
 

@@ -36,12 +36,20 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, DistributedSampler
 
 from .. import __version__
 from ..errors import UserError
+from ..io.documents import read_json
+from ..io.outputs import atomic_path, prepare_out_dir, write_json
 from ..validation import NonFiniteError
+from . import losses as L
+from .checkpoint import MODEL_FORMAT, load_checkpoint, save_checkpoint, save_model
 from .config_checks import check_training_config
-from .inference import DEFAULT_TTA, FLOOR_FRACTION, INTERVAL
+from .dataset.records import DEFAULT_AUGMENT, RecordDataset, load_dataset_info, load_record
+from .inference import DEFAULT_TTA, FLOOR_FRACTION, INTERVAL, calibrate_on_split, load_model
+from .networks.discriminator import MultiScaleDiscriminator
+from .networks.generator import DEFAULT_ARCH, build_generator, min_image_size, resolve_arch
 
 DEFAULT_LOSSES = {"l1": 100.0, "gradient_correlation": 1.0, "gan": 1.0, "feature_matching": 10.0,
                   "cycle": 1.0, "intensity_sum": 1.0, "muscle_l1": 0.0, "intensity_sum_sq": 0.0,
@@ -64,8 +72,6 @@ RESUMABLE_KEYS = ("steps", "checkpoint_every", "log_every", "val_every", "calibr
 
 def default_config() -> dict[str, Any]:
     """The default training configuration (JSON-ready; every key documented in ``_doc``)."""
-    from .dataset.records import DEFAULT_AUGMENT
-    from .networks.generator import DEFAULT_ARCH
 
     return {
         "_doc": {
@@ -143,7 +149,6 @@ def merge_config(user: dict[str, Any] | None, source: str = "config") -> dict[st
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
-    from ..io.documents import read_json
 
     user = read_json(path, "training config")
     return merge_config(user, str(path))
@@ -180,7 +185,6 @@ def init_distributed(device: torch.device) -> DistInfo:
 # ---------------------------------------------------------------------------------------------
 def summarise_data(info, split: str) -> tuple[dict[str, Any], list[float]]:
     """(data summary for the model config, auto channel scales) from the un-augmented split."""
-    from .dataset.records import load_record
 
     recs = info.split(split)
     if not recs:
@@ -214,7 +218,6 @@ def summarise_data(info, split: str) -> tuple[dict[str, Any], list[float]]:
 def _with_legacy_arch(model: dict[str, Any], ckpt_model: dict[str, Any] | None) -> dict[str, Any]:
     """``model`` with the architecture keys that a checkpoint's model config lacks (written
     before they existed) set to the values that checkpoint was trained with."""
-    from .networks.generator import resolve_arch
 
     if not ckpt_model:
         return model
@@ -225,7 +228,6 @@ def _with_legacy_arch(model: dict[str, Any], ckpt_model: dict[str, Any] | None) 
 def pooled_xrays(info, split: str, head) -> torch.Tensor:
     """The sum head's pooled features (N, pool * pool) of a split's un-augmented normalised
     radiographs, read one record at a time (a large split never sits in memory whole)."""
-    from .dataset.records import load_record
 
     return torch.cat([head.features(load_record(info, r)["xray"].float()[None]) for r in info.split(split)])
 
@@ -248,7 +250,6 @@ def generator_losses(pred: torch.Tensor, recon: torch.Tensor | None, batch: dict
                      disc=None, disc_plain=None, noise: float = 0.0) -> dict[str, torch.Tensor]:
     """Each switched-on generator loss (unweighted) plus ``total`` (weighted sum). ``noise``: SD
     of the instance noise added to the discriminator's inputs (normalised channels)."""
-    from . import losses as L
 
     y = batch["targets"]
     paired = batch["paired"].bool()
@@ -293,7 +294,6 @@ def discriminator_loss(pred: torch.Tensor, batch: dict[str, torch.Tensor], scale
     """LSGAN loss of the discriminator: real targets vs generated (detached) channels, in one
     forward call (real and fake concatenated along the batch); ``noise`` = SD of the instance
     noise on both, ``real_label`` = LSGAN target of the real ones."""
-    from . import losses as L
 
     idx = groups["gan"].nonzero().flatten().tolist()
     real = (batch["targets"] / scales)[:, idx]
@@ -357,221 +357,270 @@ def model_config(cfg: dict, info, scales: list[float], summary: dict, step: int)
     }
 
 
+class Trainer:
+    """One training run, in the order it happens (each part a method a newcomer can find):
+
+    1. :meth:`_configure` - the merged config (or the checkpoint's on resume), the device, the
+       data set and its checks, the channel scales;
+    2. :meth:`_build` - generator, discriminator, optimisers, the sum head's input statistics,
+       the state of a resumed checkpoint, DistributedDataParallel wrappers;
+    3. :meth:`_loaders` - training loader (distributed sampler), validation records;
+    4. :meth:`run` - the step loop (:meth:`step`: discriminator then generator update; logging,
+       validation, checkpoints) and :meth:`finish` (final state, model folder, result).
+    """
+
+    def __init__(self, config: dict[str, Any] | None, data_dir: str | Path | None, out_dir: str | Path, *,
+                 resume: bool = False, device: str = "auto", progress: str = "none", force: bool = False):
+        self.out = Path(out_dir)
+        self.progress_mode = progress
+        self._configure(config, data_dir, resume, device, force)
+        self._build()
+        self._loaders()
+
+    # --- 1. configuration, device, data ---------------------------------------------------------
+    def _configure(self, config, data_dir, resume: bool, device: str, force: bool) -> None:
+        from ..cli.common import resolve_device  # lazy: issue 12 moves it out of the cli package
+
+        out = self.out
+        ckpt = None
+        if resume:
+            if not (out / "checkpoint.json").exists():
+                raise UserError("nothing to resume (no checkpoint.json)", out)
+            ckpt = load_checkpoint(out)
+            if config is None:  # continue with the checkpoint's own config
+                config = ckpt[1]["config"]
+        cfg = merge_config({k: v for k, v in (config or {}).items() if k != "_doc"})
+        cfg["model"] = {**cfg["model"], "recon_head": float(cfg["losses"]["cycle"]) > 0}
+        if ckpt is not None:  # architecture keys added since that checkpoint keep their legacy values
+            cfg["model"] = _with_legacy_arch(cfg["model"], ckpt[1]["config"].get("model"))
+        dev = resolve_device(device)
+        self.dist = init_distributed(dev)
+        if self.dist.world > 1 and dev.type == "cuda":
+            dev = torch.device("cuda", self.dist.local_rank)
+            torch.cuda.set_device(dev)
+        self.dev, self.ckpt, self.cfg = dev, ckpt, cfg
+        data_dir = data_dir or cfg["data"]["dir"] or (ckpt[1]["config"]["data"]["dir"] if ckpt else None)
+        if not data_dir:
+            raise UserError("no training data: pass --data DIR or set data.dir in the config")
+        cfg["data"]["dir"] = str(Path(data_dir).resolve())
+        self.info = info = load_dataset_info(data_dir)
+        h, w = info.image_size
+        m = min_image_size(cfg["model"])
+        if h % m or w % m:
+            raise UserError(f"image size {h}x{w} must be a multiple of {m} for this model",
+                            Path(data_dir) / "dataset.json")
+        if ckpt is not None:
+            _check_resumable(cfg, ckpt[1]["config"], out)
+        elif self.dist.main:
+            prepare_out_dir(out, force)
+        # scales, summary (identical on every rank: computed from the same files)
+        if ckpt is not None:
+            self.summary, self.scales = ckpt[1]["data_summary"], ckpt[1]["channel_scales"]
+        else:
+            self.summary, auto = summarise_data(info, cfg["data"]["train_split"])
+            self.scales = auto if cfg["channel_scales"] == "auto" else [float(s) for s in cfg["channel_scales"]]
+        if len(self.scales) != len(info.channels):
+            raise UserError(f"channel_scales has {len(self.scales)} entries for {len(info.channels)} channels")
+
+    # --- 2. networks, optimisers, resumed state -------------------------------------------------
+    def _build(self) -> None:
+        cfg, info, dev = self.cfg, self.info, self.dev
+        self.seed = int(cfg["seed"])
+        torch.manual_seed(self.seed)
+        self.weights = {k: float(v) for k, v in cfg["losses"].items()}
+        self.gen = gen = build_generator(cfg["model"], len(info.channels), self.scales).to(dev)
+        self.groups = channel_groups(info.channels, cfg["gan_kinds"], cfg.get("intensity_sum_kinds"))
+        use_gan = bool(self.groups["gan"].any()) and (self.weights["gan"] > 0 or self.weights["feature_matching"] > 0)
+        dcfg = cfg["discriminator"]
+        self.disc = MultiScaleDiscriminator(int(self.groups["gan"].sum()), int(dcfg["width"]), int(dcfg["n_layers"]),
+                                            int(dcfg["n_scales"])).to(dev) if use_gan else None
+        self.ocfg = ocfg = cfg["optimizer"]
+        if ocfg.get("schedule", "constant") not in ("constant", "cosine"):
+            raise UserError(f"unknown optimizer.schedule '{ocfg['schedule']}' (use constant or cosine)")
+        opt_kw = dict(lr=float(ocfg["lr"]), betas=tuple(ocfg["betas"]), weight_decay=float(ocfg["weight_decay"]))
+        self.opt_g = torch.optim.AdamW(gen.parameters(), **opt_kw)
+        self.acfg = {**DEFAULT_ADVERSARIAL, **cfg["adversarial"]}
+        self.d_ratio = float(self.acfg["d_lr_ratio"])
+        self.opt_d = torch.optim.AdamW(self.disc.parameters(), **{**opt_kw, "lr": opt_kw["lr"] * self.d_ratio}) \
+            if self.disc is not None else None
+        if gen.sum_head is not None and self.ckpt is None:  # standardise its input on the training split
+            gen.sum_head.set_feature_stats(pooled_xrays(info, cfg["data"]["train_split"], gen.sum_head).to(dev))
+        self.step_no, self.history = 0, []
+        self.saved_step = None  # step of the last checkpoint on disk (for the divergence message)
+        if self.ckpt is not None:
+            self._restore(*self.ckpt)
+        self.gen_run, self.disc_run = gen, self.disc
+        if self.dist.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [dev.index] if dev.type == "cuda" else None
+            self.gen_run = DDP(gen, device_ids=ids)
+            self.disc_run = DDP(self.disc, device_ids=ids) if self.disc is not None else None
+
+    def _restore(self, parts: dict, meta: dict) -> None:
+        """Weights, optimiser states, RNG state, step and history of a checkpoint."""
+        self.gen.load_state_dict(parts["generator"])
+        self.opt_g.load_state_dict(parts["opt_g"])
+        if self.disc is not None:
+            self.disc.load_state_dict(parts["discriminator"])
+            self.opt_d.load_state_dict(parts["opt_d"])
+        if parts["rng"]["torch"] is not None:
+            torch.set_rng_state(parts["rng"]["torch"])
+        self.step_no, self.history = int(meta["step"]), list(meta.get("history", []))
+        self.saved_step = self.step_no
+
+    # --- 3. data loading --------------------------------------------------------------------------
+    def _loaders(self) -> None:
+        cfg, dist = self.cfg, self.dist
+        self.ds = RecordDataset(self.info, cfg["data"]["train_split"], cfg["data"]["augment"], self.seed)
+        self.sampler = DistributedSampler(self.ds, num_replicas=dist.world, rank=dist.rank, shuffle=True,
+                                          seed=self.seed, drop_last=len(self.ds) >= dist.world * 2)
+        bs = int(cfg["data"]["batch_size"])
+        self.loader = DataLoader(self.ds, batch_size=bs, sampler=self.sampler,
+                                 num_workers=int(cfg["data"]["num_workers"]), collate_fn=_collate,
+                                 drop_last=len(self.sampler) >= bs)
+        self.steps_per_epoch = len(self.loader)
+        if self.steps_per_epoch == 0:
+            raise UserError("training split too small for one batch")
+        self.val_ds = RecordDataset(self.info, cfg["data"]["val_split"], None, self.seed)
+        self.amp = bool(cfg["amp"]) and self.dev.type == "cuda" and torch.cuda.is_bf16_supported()
+        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if self.amp else nullcontext
+        self.total = int(cfg["steps"])
+
+    # --- 4. the loop ----------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        """Train to ``steps`` (from the resumed step), then :meth:`finish`."""
+        from ..cli.common import Progress  # lazy: issue 12 moves it out of the cli package
+
+        prog = Progress(self.progress_mode if self.dist.main else "none", total=self.total, desc="train")
+        prog.n = self.step_no
+        if prog._bar is not None:
+            prog._bar.update(self.step_no)
+        t0 = time.time()
+        self.gen.train()
+        ck_every = int(self.cfg["checkpoint_every"])
+        while self.step_no < self.total:
+            epoch, within = divmod(self.step_no, self.steps_per_epoch)
+            self.sampler.set_epoch(epoch)
+            self.ds.set_epoch(epoch)
+            for batch in itertools.islice(self.loader, within, None):
+                if self.step_no >= self.total:
+                    break
+                rec = self.step(_to(batch, self.dev))
+                prog.update(1, **{f"loss_{k}": rec[k] for k in ("total", "intensity_sum") if k in rec})
+                if self.step_no % ck_every == 0 and self.step_no < self.total:
+                    self.write_state(final=False)
+        self.write_state(final=True)
+        prog.event("done", step=self.step_no, total=self.total, seconds=round(time.time() - t0, 2), out=str(self.out))
+        prog.close()
+        return self.finish()
+
+    def _set_learning_rate(self) -> None:
+        lr = learning_rate(self.ocfg, self.step_no, self.total)
+        for opt, ratio in ((self.opt_g, 1.0), (self.opt_d, self.d_ratio)):
+            if opt is not None:
+                for group in opt.param_groups:
+                    group["lr"] = lr * ratio
+
+    def step(self, batch: dict) -> dict[str, float]:
+        """One optimisation step (discriminator, then generator) on a batch on the device; returns
+        the step's record (losses; validation metrics when due), appended to the history when logged."""
+        self._set_learning_rate()
+        step, weights = self.step_no, self.weights
+        adv, noise = adversarial_schedule(self.acfg, step, self.total)
+        w_step = weights if adv == 1.0 else {**weights, "gan": weights["gan"] * adv,
+                                             "feature_matching": weights["feature_matching"] * adv}
+        with self.autocast():
+            out_g = self.gen_run(batch["xray"], reconstruct=weights["cycle"] > 0)
+        pred, recon = out_g if isinstance(out_g, tuple) else (out_g, None)
+        rec: dict[str, float] = {"step": step + 1}
+        scales = self.gen.scales
+        if self.disc is not None and adv > 0:
+            self.opt_d.zero_grad(set_to_none=True)
+            with self.autocast():
+                loss_d = discriminator_loss(pred, batch, scales, self.groups, self.disc_run, noise,
+                                            float(self.acfg["real_label"]))
+            _require_finite_loss({"discriminator": loss_d}, step, self.saved_step)
+            loss_d.float().backward()
+            self.opt_d.step()
+            rec["discriminator"] = float(loss_d.detach())
+        self.opt_g.zero_grad(set_to_none=True)
+        with self.autocast():
+            losses = generator_losses(pred.float(), None if recon is None else recon.float(), batch, scales,
+                                      self.groups, w_step, self.disc_run if adv > 0 else None, self.disc, noise)
+        _require_finite_loss(losses, step, self.saved_step)
+        losses["total"].float().backward()
+        self.opt_g.step()
+        self.step_no = step = step + 1
+        rec.update({k: float(v.detach()) for k, v in losses.items()})
+        if step % int(self.cfg["log_every"]) == 0 or step == self.total:
+            if self.dist.main and len(self.val_ds) and (step % int(self.cfg["val_every"]) == 0 or step == self.total):
+                rec.update(validate(self.gen, self.val_ds, self.dev, self.groups, scales, self.autocast))
+            self.history.append(rec)
+        return rec
+
+    # --- 5. state on disk and the result --------------------------------------------------------
+    def model_config(self) -> dict[str, Any]:
+        return model_config(self.cfg, self.info, self.scales, self.summary, self.step_no)
+
+    def write_state(self, final: bool) -> None:
+        """Checkpoint + history (rank 0); with ``final`` also the calibration, the model folder
+        and the loss curves."""
+        if not self.dist.main:
+            return
+        mc = self.model_config()
+        if final:
+            mc.update(calibration_record(self.gen, self.info, self.cfg["calibration"], self.seed, self.dev))
+        meta = {"step": self.step_no, "epoch": self.step_no // self.steps_per_epoch,
+                "steps_per_epoch": self.steps_per_epoch, "seeds": {"seed": self.seed}, "config": self.cfg,
+                "history": self.history, "channel_scales": self.scales, "data_summary": self.summary,
+                "code_version": __version__, "model_config": mc, "world_size": self.dist.world, "amp": self.amp}
+        save_checkpoint(self.out, generator=self.gen, discriminator=self.disc, opt_g=self.opt_g, opt_d=self.opt_d,
+                        meta=meta)
+        self.saved_step = self.step_no
+        write_json(self.out / "history.json", self.history, force=True)
+        if final:
+            save_model(self.out, self.gen, mc, force=True)
+            plot_history(self.history, self.out / "loss_curves.png")
+
+    def finish(self) -> TrainResult:
+        """Wait for every rank; the result with the model config as written."""
+        if self.dist.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+        final_cfg = self.model_config()
+        if self.dist.main and (self.out / "config.json").exists():
+            final_cfg = json.loads((self.out / "config.json").read_text())
+        return TrainResult(self.out, self.step_no, self.history, final_cfg)
+
+
+def _check_resumable(cfg: dict[str, Any], ckpt_config: dict[str, Any], out: Path) -> None:
+    """UserError unless ``cfg`` equals the checkpoint's config outside :data:`RESUMABLE_KEYS`."""
+    old_cfg = merge_config({k: v for k, v in ckpt_config.items() if k != "_doc"})  # keys added since
+    old_cfg["model"] = _with_legacy_arch(old_cfg["model"], ckpt_config.get("model"))
+    old = {k: v for k, v in old_cfg.items() if k not in RESUMABLE_KEYS + ("_doc",)}
+    new = {k: v for k, v in cfg.items() if k not in RESUMABLE_KEYS + ("_doc",)}
+    if json.dumps(old, sort_keys=True) != json.dumps(new, sort_keys=True):
+        diff = sorted(k for k in set(old) | set(new) if json.dumps(old.get(k), sort_keys=True)
+                      != json.dumps(new.get(k), sort_keys=True))
+        raise UserError(f"config differs from the checkpoint's in {diff}; only {list(RESUMABLE_KEYS)} "
+                        "may change on --resume", out)
+
+
 def train(config: dict[str, Any] | None, data_dir: str | Path | None, out_dir: str | Path, *, resume: bool = False,
           device: str = "auto", progress: str = "none", force: bool = False) -> TrainResult:
     """Train a decomposition model; writes checkpoints, history, loss curves and the model
     folder (``out_dir/model.safetensors`` + ``out_dir/config.json``). Returns the history.
 
     ``config`` None: the defaults, or with ``resume`` the checkpoint's config. ``data_dir`` None:
-    ``config["data"]["dir"]`` (or the checkpoint's)."""
-    from .checkpoint import load_checkpoint, save_checkpoint, save_model
-    from ..cli.common import Progress, resolve_device
-    from .dataset.records import RecordDataset, load_dataset_info
-    from ..io.outputs import prepare_out_dir, write_json
-    from .networks.discriminator import MultiScaleDiscriminator
-    from .networks.generator import build_generator, min_image_size
-
-    out = Path(out_dir)
-    ckpt = None
-    if resume:
-        if not (out / "checkpoint.json").exists():
-            raise UserError("nothing to resume (no checkpoint.json)", out)
-        ckpt = load_checkpoint(out)
-        if config is None:  # continue with the checkpoint's own config
-            config = ckpt[1]["config"]
-    cfg = merge_config({k: v for k, v in (config or {}).items() if k != "_doc"})
-    cfg["model"] = {**cfg["model"], "recon_head": float(cfg["losses"]["cycle"]) > 0}
-    if ckpt is not None:  # architecture keys added since that checkpoint keep their legacy values
-        cfg["model"] = _with_legacy_arch(cfg["model"], ckpt[1]["config"].get("model"))
-    dev = resolve_device(device)
-    dist_info = init_distributed(dev)
-    if dist_info.world > 1 and dev.type == "cuda":
-        dev = torch.device("cuda", dist_info.local_rank)
-        torch.cuda.set_device(dev)
-    data_dir = data_dir or cfg["data"]["dir"] or (ckpt[1]["config"]["data"]["dir"] if ckpt else None)
-    if not data_dir:
-        raise UserError("no training data: pass --data DIR or set data.dir in the config")
-    cfg["data"]["dir"] = str(Path(data_dir).resolve())
-    info = load_dataset_info(data_dir)
-    h, w = info.image_size
-    m = min_image_size(cfg["model"])
-    if h % m or w % m:
-        raise UserError(f"image size {h}x{w} must be a multiple of {m} for this model", Path(data_dir) / "dataset.json")
-
-    if ckpt is not None:
-        old_cfg = merge_config({k: v for k, v in ckpt[1]["config"].items() if k != "_doc"})  # keys added since
-        old_cfg["model"] = _with_legacy_arch(old_cfg["model"], ckpt[1]["config"].get("model"))
-        old = {k: v for k, v in old_cfg.items() if k not in RESUMABLE_KEYS + ("_doc",)}
-        new = {k: v for k, v in cfg.items() if k not in RESUMABLE_KEYS + ("_doc",)}
-        if json.dumps(old, sort_keys=True) != json.dumps(new, sort_keys=True):
-            diff = sorted(k for k in set(old) | set(new) if json.dumps(old.get(k), sort_keys=True)
-                          != json.dumps(new.get(k), sort_keys=True))
-            raise UserError(f"config differs from the checkpoint's in {diff}; only {list(RESUMABLE_KEYS)} "
-                            "may change on --resume", out)
-    elif dist_info.main:
-        prepare_out_dir(out, force)
-
-    # scales, summary (identical on every rank: computed from the same files)
-    if ckpt is not None:
-        summary, scales = ckpt[1]["data_summary"], ckpt[1]["channel_scales"]
-    else:
-        summary, auto = summarise_data(info, cfg["data"]["train_split"])
-        scales = auto if cfg["channel_scales"] == "auto" else [float(s) for s in cfg["channel_scales"]]
-    if len(scales) != len(info.channels):
-        raise UserError(f"channel_scales has {len(scales)} entries for {len(info.channels)} channels")
-
-    seed = int(cfg["seed"])
-    torch.manual_seed(seed)
-    weights = {k: float(v) for k, v in cfg["losses"].items()}
-    arch = cfg["model"]
-    gen = build_generator(arch, len(info.channels), scales).to(dev)
-    groups = channel_groups(info.channels, cfg["gan_kinds"], cfg.get("intensity_sum_kinds"))
-    use_gan = bool(groups["gan"].any()) and (weights["gan"] > 0 or weights["feature_matching"] > 0)
-    dcfg = cfg["discriminator"]
-    disc = MultiScaleDiscriminator(int(groups["gan"].sum()), int(dcfg["width"]), int(dcfg["n_layers"]),
-                                   int(dcfg["n_scales"])).to(dev) if use_gan else None
-    ocfg = cfg["optimizer"]
-    if ocfg.get("schedule", "constant") not in ("constant", "cosine"):
-        raise UserError(f"unknown optimizer.schedule '{ocfg['schedule']}' (use constant or cosine)")
-    opt_kw = dict(lr=float(ocfg["lr"]), betas=tuple(ocfg["betas"]), weight_decay=float(ocfg["weight_decay"]))
-    opt_g = torch.optim.AdamW(gen.parameters(), **opt_kw)
-    acfg = {**DEFAULT_ADVERSARIAL, **cfg["adversarial"]}
-    d_ratio = float(acfg["d_lr_ratio"])
-    opt_d = torch.optim.AdamW(disc.parameters(), **{**opt_kw, "lr": opt_kw["lr"] * d_ratio}) if disc is not None else None
-
-    if gen.sum_head is not None and ckpt is None:  # standardise its input on the training split
-        gen.sum_head.set_feature_stats(pooled_xrays(info, cfg["data"]["train_split"], gen.sum_head).to(dev))
-
-    step, history = 0, []
-    saved_step = None  # step of the last checkpoint on disk (for the divergence message)
-    if ckpt is not None:
-        parts, meta = ckpt
-        gen.load_state_dict(parts["generator"])
-        opt_g.load_state_dict(parts["opt_g"])
-        if disc is not None:
-            disc.load_state_dict(parts["discriminator"])
-            opt_d.load_state_dict(parts["opt_d"])
-        if parts["rng"]["torch"] is not None:
-            torch.set_rng_state(parts["rng"]["torch"])
-        step, history = int(meta["step"]), list(meta.get("history", []))
-        saved_step = step
-
-    gen_run, disc_run = gen, disc
-    if dist_info.world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        ids = [dev.index] if dev.type == "cuda" else None
-        gen_run = DDP(gen, device_ids=ids)
-        disc_run = DDP(disc, device_ids=ids) if disc is not None else None
-
-    ds = RecordDataset(info, cfg["data"]["train_split"], cfg["data"]["augment"], seed)
-    from torch.utils.data import DataLoader, DistributedSampler
-
-    sampler = DistributedSampler(ds, num_replicas=dist_info.world, rank=dist_info.rank, shuffle=True, seed=seed,
-                                 drop_last=len(ds) >= dist_info.world * 2)
-    bs = int(cfg["data"]["batch_size"])
-    per_rank = len(sampler)
-    drop_last = per_rank >= bs
-    loader = DataLoader(ds, batch_size=bs, sampler=sampler, num_workers=int(cfg["data"]["num_workers"]),
-                        collate_fn=_collate, drop_last=drop_last)
-    steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
-        raise UserError("training split too small for one batch")
-    val_ds = RecordDataset(info, cfg["data"]["val_split"], None, seed)
-    amp = bool(cfg["amp"]) and dev.type == "cuda" and torch.cuda.is_bf16_supported()
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else nullcontext
-    scales_t = gen.scales
-
-    total = int(cfg["steps"])
-    prog = Progress(progress if dist_info.main else "none", total=total, desc="train")
-    prog.n = step
-    if prog._bar is not None:
-        prog._bar.update(step)
-
-    def write_state(final: bool) -> None:
-        nonlocal saved_step
-        if not dist_info.main:
-            return
-        mc = model_config(cfg, info, scales, summary, step)
-        if final:
-            mc.update(calibration_record(gen, info, cfg["calibration"], seed, dev))
-        meta = {"step": step, "epoch": step // steps_per_epoch, "steps_per_epoch": steps_per_epoch,
-                "seeds": {"seed": seed}, "config": cfg, "history": history, "channel_scales": scales,
-                "data_summary": summary, "code_version": __version__, "model_config": mc,
-                "world_size": dist_info.world, "amp": amp}
-        save_checkpoint(out, generator=gen, discriminator=disc, opt_g=opt_g, opt_d=opt_d, meta=meta)
-        saved_step = step
-        write_json(out / "history.json", history, force=True)
-        if final:
-            save_model(out, gen, mc, force=True)
-            plot_history(history, out / "loss_curves.png")
-
-    t0 = time.time()
-    gen.train()
-    while step < total:
-        epoch, within = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch)
-        ds.set_epoch(epoch)
-        for batch in itertools.islice(loader, within, None):
-            if step >= total:
-                break
-            batch = _to(batch, dev)
-            lr = learning_rate(ocfg, step, total)
-            for opt, ratio in ((opt_g, 1.0), (opt_d, d_ratio)):
-                if opt is not None:
-                    for group in opt.param_groups:
-                        group["lr"] = lr * ratio
-            adv, noise = adversarial_schedule(acfg, step, total)
-            w_step = weights if adv == 1.0 else {**weights, "gan": weights["gan"] * adv,
-                                                 "feature_matching": weights["feature_matching"] * adv}
-            with autocast():
-                out_g = gen_run(batch["xray"], reconstruct=weights["cycle"] > 0)
-            pred, recon = out_g if isinstance(out_g, tuple) else (out_g, None)
-            rec: dict[str, float] = {"step": step + 1}
-            if disc is not None and adv > 0:
-                opt_d.zero_grad(set_to_none=True)
-                with autocast():
-                    loss_d = discriminator_loss(pred, batch, scales_t, groups, disc_run, noise,
-                                                float(acfg["real_label"]))
-                _require_finite_loss({"discriminator": loss_d}, step, saved_step)
-                loss_d.float().backward()
-                opt_d.step()
-                rec["discriminator"] = float(loss_d.detach())
-            opt_g.zero_grad(set_to_none=True)
-            with autocast():
-                losses = generator_losses(pred.float(), None if recon is None else recon.float(), batch,
-                                          scales_t, groups, w_step, disc_run if adv > 0 else None, disc, noise)
-            _require_finite_loss(losses, step, saved_step)
-            losses["total"].float().backward()
-            opt_g.step()
-            step += 1
-            rec.update({k: float(v.detach()) for k, v in losses.items()})
-            log_every, ck_every, val_every = (int(cfg["log_every"]), int(cfg["checkpoint_every"]),
-                                              int(cfg["val_every"]))
-            if step % log_every == 0 or step == total:
-                if dist_info.main and len(val_ds) and (step % val_every == 0 or step == total):
-                    rec.update(validate(gen, val_ds, dev, groups, scales_t, autocast))
-                history.append(rec)
-            prog.update(1, **{f"loss_{k}": rec[k] for k in ("total", "intensity_sum") if k in rec})
-            if step % ck_every == 0 and step < total:
-                write_state(final=False)
-    write_state(final=True)
-    prog.event("done", step=step, total=total, seconds=round(time.time() - t0, 2), out=str(out))
-    prog.close()
-    if dist_info.world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-    final_cfg = model_config(cfg, info, scales, summary, step)
-    if dist_info.main and (out / "config.json").exists():
-        final_cfg = json.loads((out / "config.json").read_text())
-    return TrainResult(out, step, history, final_cfg)
+    ``config["data"]["dir"]`` (or the checkpoint's). See :class:`Trainer` for the parts."""
+    return Trainer(config, data_dir, out_dir, resume=resume, device=device, progress=progress, force=force).run()
 
 
 def calibration_record(gen, info, ccfg: dict[str, Any], seed: int, dev) -> dict[str, Any]:
     """{"calibration": record} of the trained generator on ``ccfg["split"]``, or
     {"calibration": None, "calibration_note": why} when disabled or too few records."""
-    from .inference import calibrate_on_split
 
     ccfg = {**DEFAULT_CALIBRATION, **(ccfg or {})}
     if not ccfg["enabled"]:
@@ -612,7 +661,6 @@ def learning_rate(ocfg: dict[str, Any], step: int, total: int) -> float:
 @torch.no_grad()
 def validate(gen, val_ds, dev, groups, scales, autocast) -> dict[str, float]:
     """Validation metrics: OWIS and mean absolute relative sum error per quantity."""
-    from . import losses as L
 
     was = gen.training
     gen.eval()
@@ -634,7 +682,6 @@ def plot_history(history: list[dict[str, float]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..io.outputs import atomic_path
 
     keys = sorted({k for r in history for k in r if k != "step"})
     fig, ax = plt.subplots(figsize=(8, 5))
@@ -662,10 +709,6 @@ def recalibrate(model_dir: str | Path, data_dir: str | Path, *, split: str = "va
     """(Re)calibrate a model folder's interval on a data set's ``split`` (e.g. a model trained
     before calibration existed) and rewrite its config.json atomically; a model that already
     carries a calibration is only changed with ``force``. Returns the calibration record."""
-    from .checkpoint import MODEL_FORMAT
-    from .dataset.records import load_dataset_info
-    from .inference import calibrate_on_split, load_model
-    from ..io.outputs import write_json
 
     model = load_model(model_dir, device)
     info = load_dataset_info(data_dir)

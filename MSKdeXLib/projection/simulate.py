@@ -396,5 +396,9 @@ def write_dicom_dx(path: str | Path, radiograph: Radiograph, camera: Camera | No
     write_dx_dicom(path, radiograph, bits=bits, force=force, kvp=(sett or {}).get("kvp"), sid_mm=sid,
                    sod_mm=dist, series_description="MSKdeX simulated radiograph",
                    image_comments=json.dumps({"seed": doc["seed"], "ct_source": doc["ct_source"]}))
-    write_json(side, doc, force)
+    try:
+        write_json(side, doc, force)
+    except BaseException:  # an error or Ctrl-C here: never leave the image without its sidecar
+        Path(path).unlink(missing_ok=True)
+        raise
     return Path(path), side

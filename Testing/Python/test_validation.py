@@ -77,3 +77,51 @@ def test_json_is_strict(tmp_path):
     assert parsed == {"a": None, "b": [1.0, None], "c": [None, 2.0], "d": 3}
     write_json(tmp_path / "x.json", {"nan": math.nan})
     assert json.loads((tmp_path / "x.json").read_text()) == {"nan": None}
+
+
+def test_listing_never_cuts_silently():
+    from MSKdeXLib.errors import listing
+
+    assert listing(["a", "b"]) == "a, b"
+    assert listing([f"c{i}" for i in range(11)]) == "c0, c1, c2, c3, c4 and 6 more"
+
+
+def test_diverged_loss_message_and_resumable_folder(tmp_path):
+    import torch
+
+    from MSKdeXLib.io.outputs import resumable_folder
+    from MSKdeXLib.learning.training import _require_finite_loss
+
+    _require_finite_loss({"total": torch.tensor(1.0)}, 7, None)
+    with pytest.raises(NonFiniteError, match=r"loss l1 is not finite at step 8; no model written; the checkpoint "
+                                             r"of step 5 is kept"):
+        _require_finite_loss({"l1": torch.tensor(float("nan")), "total": torch.tensor(1.0)}, 7, 5)
+    for keep in (False, True):
+        out = tmp_path / f"run{keep}"
+        with pytest.raises(KeyboardInterrupt):
+            with resumable_folder(out, lambda p: (p / "checkpoint.json").exists()):
+                out.mkdir()
+                if keep:
+                    (out / "checkpoint.json").write_text("{}")
+                raise KeyboardInterrupt
+        assert out.exists() == keep
+
+
+def test_check_finite_fields_names_the_field():
+    from dataclasses import dataclass
+
+    from MSKdeXLib.validation import check_finite_fields
+
+    @dataclass
+    class Geometry:
+        sid_mm: float = 1000.0
+        spacing_mm: tuple = (1.0, 1.0)
+        name: str = "ap"
+        window: tuple | None = None
+
+    check_finite_fields(Geometry())
+    with pytest.raises(UserError, match=r"Geometry\.sid_mm must be finite, got nan"):
+        check_finite_fields(Geometry(sid_mm=float("nan")))
+    with pytest.raises(UserError, match=r"Geometry\.spacing_mm must be finite"):
+        check_finite_fields(Geometry(spacing_mm=(1.0, float("inf"))))
+    check_finite_fields(Geometry(sid_mm=float("nan")), skip=("sid_mm",))

@@ -30,10 +30,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ...errors import UserError
+from ...errors import UserError, listing
 from ...projection.geometry import Camera
 from ...io.documents import read_json
 from ...anatomy.structures import Structure
+from ...validation import require_finite
 
 FORMAT = "mskdex-dataset/1"
 QUANTITY_KEYS = {"mass_g": "mass", "volume_cm3": "volume"}
@@ -292,9 +293,14 @@ def auto_split(record_id: str, settings: DatasetSettings) -> str:
 
 def _structures_of_case(case: Case) -> list[Structure]:
     if case.kind == "virtual":
-        doc = json.loads((case.folder / "subject.json").read_text())
-        return [Structure(int(d["label"]), d["name"], d["kind"], d.get("side", "none"),
-                          tuple(d.get("color", (128, 128, 128)))) for d in doc["structures"]]
+        path = case.folder / "subject.json"
+        doc = read_json(path, "subject description")
+        try:
+            return [Structure(int(d["label"]), d["name"], d["kind"], d.get("side", "none"),
+                              tuple(d.get("color", (128, 128, 128)))) for d in doc["structures"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"subject description lacks valid 'structures' ({type(exc).__name__}: {exc})",
+                            path) from None
     f = real_case_files(case.folder)
     from ...io.volumes import load_ct, load_labels
 
@@ -317,11 +323,17 @@ def build_virtual_record(case: Case, channels: list[dict], settings: DatasetSett
     from ...io.radiographs import load_radiograph
 
     tpath = case.folder / "targets.safetensors"
-    with safe_open(str(tpath), "numpy") as fh:
-        meta = fh.metadata() or {}
-        names = json.loads(meta["structures"])
-        camera = Camera.from_dict(json.loads(meta["camera"]))
-        arrays = {k: fh.get_tensor(k) for k in ("mass", "volume")}
+    try:
+        with safe_open(str(tpath), "numpy") as fh:
+            meta = fh.metadata() or {}
+            names = json.loads(meta["structures"])
+            camera = Camera.from_dict(json.loads(meta["camera"]))
+            arrays = {k: fh.get_tensor(k) for k in ("mass", "volume")}
+    except Exception as exc:  # safetensors raises its own error types on a truncated/corrupt file  # noqa: BLE001
+        msg = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise UserError(f"targets unreadable (truncated or corrupt? {msg})", tpath) from None
+    for k, a in arrays.items():
+        require_finite(f"{k} targets", a, str(tpath))
     metrics = _read_metrics(case.folder / "metrics.json")
     spacing_in = (camera.spacing_row_mm, camera.spacing_col_mm)
     cx, cy = camera.principal_point
@@ -343,7 +355,7 @@ def build_virtual_record(case: Case, channels: list[dict], settings: DatasetSett
 
 
 def _radiograph_file(folder: Path) -> Path:
-    doc = json.loads((folder / "subject.json").read_text())
+    doc = read_json(folder / "subject.json", "subject description")
     return folder / doc.get("files", {}).get("radiograph", "xray.dcm")
 
 
@@ -438,6 +450,17 @@ def build_real_record(case: Case, channels: list[dict], settings: DatasetSetting
     return {"xray": xray[None], "targets": targets, "paired": paired, "truth": truth}
 
 
+def registration_status(case: Case) -> dict:
+    """How a case's bone channels are aligned with its radiograph (recorded in each record):
+    ``{"status": "true pose"}`` for a virtual subject, ``"registered"`` or ``"doubtful"`` (with the
+    doubtful bodies) for a real case."""
+    if case.kind == "virtual":
+        return {"status": "true pose", "doubtful_bodies": []}
+    _, bodies = read_registration(real_case_files(case.folder)["registration"])
+    doubtful = [b.name for b in bodies if b.doubtful]
+    return {"status": "doubtful" if doubtful else "registered", "doubtful_bodies": doubtful}
+
+
 def write_record(out: Path, rec_id: str, arrays: dict, entry: dict, input_hash: str) -> None:
     """``records/<id>.safetensors`` (contract tensors; the hash in its metadata) and its manifest
     ``records/<id>.json`` (the dataset.json record entry + hash), both atomically."""
@@ -445,6 +468,8 @@ def write_record(out: Path, rec_id: str, arrays: dict, entry: dict, input_hash: 
 
     from ...io.outputs import atomic_path, write_json
 
+    for k in ("xray", "targets", "truth"):  # a NaN record would poison training silently
+        require_finite(f"record {k}", arrays[k], rec_id)
     tensors = {"xray": np.ascontiguousarray(arrays["xray"], dtype=np.float32),
                "targets": np.ascontiguousarray(arrays["targets"], dtype=np.float32),
                "paired": np.asarray(arrays["paired"], dtype=np.uint8),
@@ -499,11 +524,13 @@ def merge(out: str | Path) -> dict:
 
 def build_dataset(case_paths: Sequence[str | Path], out: str | Path, settings: DatasetSettings,
                   shard: tuple[int, int] = (0, 1), force: bool = False,
-                  on_record: Callable[[dict], None] | None = None) -> dict:
+                  on_record: Callable[[dict], None] | None = None, include_doubtful: bool = False) -> dict:
     """Build (or complete) the data set in ``out``; returns a summary.
 
     A data set folder holding other settings is refused unless ``force`` (then all its records
-    are rebuilt). Records already built from the same inputs are skipped.
+    are rebuilt). Records already built from the same inputs are skipped. A real case whose
+    registration is doubtful is refused (before anything is built) unless ``include_doubtful``
+    (its doubtful bodies' bones are then unpaired); each record says its ``registration`` status.
     """
     from ...io.outputs import write_json
 
@@ -511,6 +538,14 @@ def build_dataset(case_paths: Sequence[str | Path], out: str | Path, settings: D
     if not (n >= 1 and 0 <= i < n):
         raise UserError(f"--shard must be i/n with 0 <= i < n, got {i}/{n}")
     cases = discover_cases(case_paths)
+    mine = [case for idx, case in enumerate(cases) if idx % n == i]
+    status = {case.id: registration_status(case) for case in mine}
+    doubtful = [f"{c.id} ({', '.join(status[c.id]['doubtful_bodies'])})" for c in mine
+                if status[c.id]["status"] == "doubtful"]
+    if doubtful and not include_doubtful:
+        raise UserError(f"{len(doubtful)} case(s) with a doubtful registration: {listing(doubtful)}; check "
+                        "their qa.png and register again, or pass --include-doubtful to use them (doubtful "
+                        "bodies' bones then unpaired)")
     structures, channels = choose_channels(_structures_of_case(cases[0]), settings)
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -544,7 +579,7 @@ def build_dataset(case_paths: Sequence[str | Path], out: str | Path, settings: D
             case, channels, settings)
         entry = {"id": case.id, "file": f"records/{case.id}.safetensors",
                  "split": auto_split(case.id, settings), "source": str(case.folder),
-                 "kind": case.kind, "index": idx,
+                 "kind": case.kind, "index": idx, "registration": status[case.id],
                  "paired_note": ("virtual: all channels rendered at the radiograph's true pose"
                                  if case.kind == "virtual" else
                                  "real: bones at the registered pose, muscles at the CT's default view")}

@@ -125,11 +125,20 @@ class DecompositionGenerator(nn.Module):
         (one forward call, as DistributedDataParallel wants). ``sum_input`` (B, 1, H, W): what
         the sum head reads instead of ``xray`` (test-time augmentation: the un-augmented input,
         since the head reads < 1 % intensity changes that a small shift swamps)."""
-        out = F.softplus(self.backbone(xray).float()) * self.scales
-        if self.sum_head is not None:
-            gain = self.sum_head(xray if sum_input is None else sum_input)
-            out = out * torch.exp(gain)[:, :, None, None]
+        out, gain = self.parts(xray, sum_input)
+        if gain is not None:
+            out = out * gain[:, :, None, None]
         return (out, self.reconstruct(out)) if reconstruct else out
+
+    def parts(self, xray: torch.Tensor, sum_input: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The two factors of the output: the backbone's channels ``softplus(raw) * scale``
+        (B, C, H, W), and the sum head's gain ``exp(g(x))`` (B, C), None without a sum head.
+        Their channel sums tell where an estimate comes from (benchmarks: backbone vs head)."""
+        base = F.softplus(self.backbone(xray).float()) * self.scales
+        if self.sum_head is None:
+            return base, None
+        return base, torch.exp(self.sum_head(xray if sum_input is None else sum_input))
 
     def reconstruct(self, channels: torch.Tensor) -> torch.Tensor:
         """Radiograph rebuilt from (physical) channels, for the cycle loss."""

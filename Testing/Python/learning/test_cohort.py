@@ -198,3 +198,82 @@ def test_cli_body_composition_ranges(tmp_path, capsys):
         assert main(run + extra) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and words in err
+
+
+SIDED = ["gluteus_maximus_left", "gluteus_maximus_right", "gluteus_medius_left", "gluteus_medius_right",
+         "gluteus_minimus_left", "gluteus_minimus_right", "iliopsoas_left", "iliopsoas_right"]
+
+
+def test_specificity_preset_draws_each_muscle_and_side_on_its_own():
+    """Per-muscle extras (change minus the body-wide part) are uncorrelated across muscles and
+    sides, except through the hip-OA pattern, which lowers the affected side's medius/minimus/iliopsoas."""
+    r = co.preset_ranges("specificity")
+    specs = [co.sample_subject(14, i, SIDED, r) for i in range(600)]
+    ch = np.array([[s.muscle_changes.get(n, 0.0) for n in SIDED] for s in specs])
+    body = np.array([s.body_change for s in specs])
+    plain = np.array([s.oa_side is None for s in specs])
+    extra = ch[plain] - body[plain, None]
+    c = np.corrcoef(extra.T)
+    assert np.abs(c[~np.eye(len(SIDED), dtype=bool)]).max() < 0.15
+    assert 0.3 < 1 - plain.mean() < 0.5  # OA pattern in ~40 % of subjects
+    left = np.array([s.oa_side == "left" for s in specs])
+    med_l, med_r = SIDED.index("gluteus_medius_left"), SIDED.index("gluteus_medius_right")
+    assert (ch[left, med_l] - ch[left, med_r]).mean() < -0.05
+    assert all(np.mean([s.infiltration.get("iliopsoas_left", 0) for s in specs if s.oa_side == side])
+               > np.mean([s.infiltration.get("iliopsoas_left", 0) for s in specs if s.oa_side is None])
+               for side in ("left",))
+    sc = np.array([s.scale for s in specs])
+    assert np.all(np.abs(sc - 1) <= 0.1 + 1e-12) and abs(np.corrcoef(sc[:, 0], sc[:, 1])[0, 1]) < 0.15
+    assert abs(np.corrcoef(sc.prod(axis=1), body)[0, 1]) < 0.15  # habitus independent of the muscles
+    acq = specs[0].acquisition
+    assert {"sid_mm", "focal_spot_mm", "detector_blur_mm", "collimation_fraction"} <= set(acq)
+    assert 0.5 < np.mean([bool(s.processing.get("unsharp_amount")) for s in specs]) < 0.9
+
+
+def test_default_ranges_draw_nothing_new():
+    s = co.sample_subject(3, 2, SIDED)
+    assert s.oa_side is None and s.scale == (1.0, 1.0, 1.0) and s.processing == {}
+    assert set(s.acquisition) == {"energy_kvp", "noise", "scatter", "contrast"}
+    with pytest.raises(co.UserError, match="unknown cohort preset"):
+        co.preset_ranges("nope")
+
+
+def test_vendor_processing():
+    rng = np.random.default_rng(0)
+    codes = np.zeros((40, 40), np.float32)
+    codes[5:35, 5:35] = np.round(1000 + 2000 * rng.random((30, 30)))
+    assert co.vendor_processing(codes, 12, 2.0, {}) is codes
+    out = co.vendor_processing(codes, 12, 2.0, {"unsharp_amount": 1.0, "unsharp_sigma_mm": 10.0})
+    assert np.all(out[codes == 0] == 0) and out[5:35, 5:35].std() > codes[5:35, 5:35].std()
+    lut = co.vendor_processing(codes, 12, 2.0, {"lut_strength": 6.0})
+    order = np.argsort(codes[5:35, 5:35].ravel())
+    assert np.all(np.diff(lut[5:35, 5:35].ravel()[order]) >= 0)  # monotone
+    assert lut.max() <= 4095 and not np.array_equal(lut, codes)
+
+
+def test_specificity_subject_sums_stay_exact(pelvis_case, tmp_path):
+    """A specificity-preset subject (scaled anatomy, own SID, collimation, vendor processing):
+    channel sums still equal the CT truth, and the size change shows in the truth."""
+    config = co.CohortConfig(ct=str(pelvis_case.ct), labels=str(pelvis_case.labels), seed=14, rows=40, cols=40,
+                             voxel_mm=6.0, ranges=co.preset_ranges("specificity").to_dict())
+    co.build_cohort(config, 1, tmp_path / "c")
+    t, m, x, s = _subject(tmp_path / "c" / "subject-0000")
+    for q, key in (("mass", "mass_g"), ("volume", "volume_cm3")):
+        truth = np.array([r[key] for r in m["structures"]])
+        np.testing.assert_allclose(t[q].astype(np.float64).sum(axis=(1, 2)), truth, rtol=0.005)
+    spec = s["spec"]
+    assert spec["scale"] != [1.0, 1.0, 1.0] and "sid_mm" in spec["acquisition"]
+    side = json.loads((tmp_path / "c" / "subject-0000" / "xray.json").read_text())
+    assert abs(side["geometry"]["sid_mm"] - spec["acquisition"]["sid_mm"]) < 1e-6
+
+
+def test_scale_anatomy_scales_every_truth(pelvis):
+    ct, labels = pelvis
+    centre = co.bone_centre(ct, labels)
+    ct2, lab2 = co.scale_anatomy(ct, labels, (1.1, 0.9, 1.05), centre)
+    before, after = _metrics(ct, labels), _metrics(ct2, lab2)
+    for name, m in before.items():
+        assert after[name].volume_cm3 == pytest.approx(m.volume_cm3 * 1.1 * 0.9 * 1.05, rel=1e-9)
+        assert after[name].mass_g == pytest.approx(m.mass_g * 1.1 * 0.9 * 1.05, rel=1e-9)
+    np.testing.assert_allclose(co.bone_centre(ct2, lab2), centre, atol=3.0)  # about the centre (voxel rounding)
+    assert co.scale_anatomy(ct, labels, (1.0, 1.0, 1.0), centre)[0] is ct

@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
+from MSKdeXLib.errors import UserError
 from MSKdeXLib.learning.dataset import builder as ds
 
 
@@ -141,10 +142,14 @@ def test_real_case_bones_paired_muscles_unpaired(pelvis, pelvis_case, tmp_path):
     (case / "registration.json").write_text(json.dumps(reg))
     settings = ds.DatasetSettings(image_size=(48, 48), pixel_spacing_mm=(9.0, 9.0),
                                   structures=["hip_left", "femur_left", "gluteus_medius_left"])
-    ds.build_dataset([case], tmp_path / "real", settings)
+    with pytest.raises(UserError, match=r"1 case\(s\) with a doubtful registration: .*\(femur_left\).*--include-doubtful"):
+        ds.build_dataset([case], tmp_path / "real", settings)  # doubtful is refused by default (issue 15)
+    assert not (tmp_path / "real").exists()
+    ds.build_dataset([case], tmp_path / "real", settings, include_doubtful=True)
     info = load_dataset_info(tmp_path / "real")
     rec = info.records[0]
     assert rec["kind"] == "real"
+    assert rec["registration"] == {"status": "doubtful", "doubtful_bodies": ["femur_left"]}
     t = load_record(info, rec)
     names = [f"{c['structure']}:{c['quantity']}" for c in info.channels]
     assert dict(zip(names, t["paired"].tolist())) == {

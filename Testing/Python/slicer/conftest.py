@@ -1,0 +1,131 @@
+"""Fixtures of the Slicer-in-a-box tests: one Slicer session per test and Slicer version."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+import slicer_box  # noqa: E402
+
+#: training settings small enough for a test (seconds on one CPU core)
+TINY_TRAIN = {"model": {"features": [8, 16, 32], "strides": [2, 2], "num_res_units": 1},
+              "discriminator": {"width": 8, "n_layers": 2, "n_scales": 1},
+              "data": {"batch_size": 2}, "steps": 2, "log_every": 1, "checkpoint_every": 10, "val_every": 10}
+#: ``mskdex register`` options that keep a registration to seconds
+TINY_REGISTRATION = ["--max-evals", "0", "--refine-steps", "2", "--fine-px", "32"]
+
+
+def _slicer_core():
+    try:
+        import slicer
+    except ImportError:
+        return None
+    return slicer if hasattr(slicer, "vtkMRMLScene") else None
+
+
+@pytest.fixture(params=slicer_box.VERSIONS)
+def box(request, tmp_path):
+    """A started Slicer session (Slicer's Python of one release + slicer-core MRML + stand-ins)."""
+    if _slicer_core() is None:
+        pytest.skip("slicer-core (Slicer's MRML in plain Python) not installed")
+    if slicer_box.reference_dir(request.param) is None:
+        pytest.skip(f"Slicer {request.param} Python sources not found in {slicer_box.REFERENCE}")
+    b = slicer_box.SlicerBox(request.param, tmp_path / "slicer").start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def panel(box):
+    """The module loaded, its panel set up and shown (what a user gets by selecting MSKdeX)."""
+    box.load_module()
+    box.create_widget()
+    box.enter()
+    return box.widget
+
+
+@pytest.fixture
+def sample_cache(box, pelvis_case):
+    """Slicer's download cache holding the sample files (as after a first download): SampleData
+    verifies their SHA-256 and loads them without a network."""
+    cache = Path(box.scene.GetCacheManager().GetRemoteCacheDirectory())
+    cache.mkdir(parents=True, exist_ok=True)
+    shutil.copy(pelvis_case.ct, cache / "MSKdeXPelvisCT.nii.gz")
+    shutil.copy(pelvis_case.labels, cache / "MSKdeXPelvisLabels.nii.gz")
+    return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(pelvis, tmp_path_factory):
+    """A 3-record training set of two structures (hip_left, gluteus_medius_left) and a tiny
+    training config file."""
+    from MSKdeXLib.learning.dataset.records import parallel_projection_dataset
+
+    ct, labels = pelvis
+    d = tmp_path_factory.mktemp("box_dataset")
+    parallel_projection_dataset(ct, labels, d, ["hip_left", "gluteus_medius_left"], ("mass_g", "volume_cm3"),
+                                n_records=3, size=32, seed=4)
+    cfg = d.parent / "box_train.json"
+    cfg.write_text(json.dumps(TINY_TRAIN))
+    return d, cfg
+
+
+LAUNCHER = '''#!{python}
+"""PythonSlicer stand-in: like the CTK launcher, starts the real interpreter as a child
+process and does not forward signals (a SIGINT/SIGTERM ends the launcher, not the child)."""
+import os, subprocess, sys
+env = dict(os.environ)
+env["PYTHONNOUSERSITE"] = "1"
+child = subprocess.Popen([{real!r}] + sys.argv[1:], env=env)
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "children.txt"), "a") as f:
+    f.write(f"{{child.pid}}\\n")
+sys.exit(child.wait())
+'''
+
+
+def make_launcher(folder: Path, real_python: str) -> Path:
+    """bin/PythonSlicer (the launcher stand-in) in ``folder``; its children's pids go to
+    bin/children.txt."""
+    bin_dir = folder / "bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    exe = bin_dir / "PythonSlicer"
+    exe.write_text(LAUNCHER.format(python=sys.executable, real=real_python))
+    exe.chmod(exe.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return exe
+
+
+def alive(pid: int) -> bool:
+    """True while process ``pid`` runs (a zombie counts as ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def launcher_children(exe: Path) -> list[int]:
+    p = exe.parent / "children.txt"
+    return [int(x) for x in p.read_text().split()] if p.is_file() else []
+
+
+@pytest.fixture
+def launcher(tmp_path, monkeypatch):
+    """sys.executable is Slicer's PythonSlicer launcher stand-in (as inside Slicer); stray
+    children are killed at the end whatever the test did."""
+    exe = make_launcher(tmp_path / "Slicer", sys.executable)
+    monkeypatch.setattr(sys, "executable", str(exe))
+    yield exe
+    for pid in launcher_children(exe):
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)

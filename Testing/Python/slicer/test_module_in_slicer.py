@@ -1,0 +1,390 @@
+"""The MSKdeX module driven through Slicer's own Python (5.8.1 and 5.10.0) as a user would.
+
+Every test runs once per Slicer release (the ``box`` fixture); see slicer_box.py for what is
+real and what is stood in. Issue 13's defects each have a test here (named in its docstring).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import TINY_REGISTRATION, alive, launcher_children
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def _radiograph_file(pelvis, path: Path, rows=72, cols=80, spacing=5.0) -> Path:
+    """A radiograph file (2D NRRD with its pixel spacing) rendered from the real pelvis CT at the
+    default AP view: what a user loads with File > Add Data. (slicer-core's ITK reads NRRD but
+    not TIFF/PNG; Slicer reads all of them with the same archetype reader, same geometry.)"""
+    import SimpleITK as sitk
+    import torch
+
+    from MSKdeXLib.projection.geometry import Camera
+    from MSKdeXLib.projection.rendering import DRRRenderer, default_view
+
+    ct, labels = pelvis
+    cam = Camera(rows, cols, spacing, spacing, 1000.0)
+    with torch.no_grad():
+        img = DRRRenderer(ct, cam, labels=labels).attenuation(torch.as_tensor(default_view(ct, labels, cam)))[0]
+    image = sitk.GetImageFromArray(img.numpy().astype(np.float32))
+    image.SetSpacing((spacing, spacing))
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def _rows(table_node):
+    from MSKdeXLib import slicer_bridge as sb
+
+    return sb.rows_from_table_node(table_node)
+
+
+def _wait_idle(box, widget, timeout=240):
+    box.process_events(until=lambda: widget._job is None, timeout=timeout)
+
+
+# ---------------------------------------------------------------------------------------------
+# Defect 1: the parameter node
+# ---------------------------------------------------------------------------------------------
+def test_setup_creates_a_parameter_node_bound_to_every_widget(box, panel):
+    """Defect 1 (Optional node types): setup() and enter() give a parameter node; every
+    parameter is connected to its widget both ways; nodes can be unset (None)."""
+    p = panel._parameterNode
+    assert p is not None
+    ui = panel.ui
+    names = {w.property("SlicerParameterName") for w in vars(ui).values() if w.property("SlicerParameterName")}
+    assert names == set(type(p).allParameters)
+    # GUI -> parameter node -> GUI
+    ui.sidSpinBox.value = 1100.0
+    assert p.sidMm == 1100.0
+    p.detectorRows = 128
+    assert ui.detectorRowsSpinBox.value == 128
+    ct = box.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ct")
+    ui.ctVolumeSelector.setCurrentNode(ct)
+    assert p.ctVolume is ct
+    p.ctVolume = None
+    assert ui.ctVolumeSelector.currentNode() is None and p.ctVolume is None
+    assert not box.errors
+
+
+def test_hu_window_widgets_keep_their_range(box, panel):
+    """Defect 11 (HU range widgets overridden to +-inf): the lean HU spin boxes keep a finite
+    range that holds the core's default window."""
+    from MSKdeXLib.anatomy.density import DensityModel
+
+    lo, hi = DensityModel().lean_window_hu
+    for w, v in ((panel.ui.leanLowSpinBox, lo), (panel.ui.leanHighSpinBox, hi)):
+        assert np.isfinite(w.minimum) and np.isfinite(w.maximum)
+        assert w.minimum <= v <= w.maximum and w.value == v
+
+
+def test_defaults_come_from_the_core(box, panel):
+    """The module's defaults are the core's: lean HU window (DensityModel), SID and detector
+    (Camera)."""
+    from MSKdeXLib.anatomy.density import DensityModel
+    from MSKdeXLib.projection.geometry import Camera
+
+    p = panel._parameterNode
+    assert (p.leanLowHU, p.leanHighHU) == tuple(DensityModel().lean_window_hu)
+    cam = Camera()
+    assert (p.sidMm, p.detectorRows, p.detectorCols, p.pixelSpacingMm) == (
+        cam.sid_mm, cam.rows, cam.cols, cam.spacing_row_mm)
+
+
+def test_unset_paths_show_empty(box, panel):
+    """Defect 11 ('.' shown for unset paths): a path nobody chose shows as an empty field."""
+    for name in ("datasetPathLineEdit", "trainConfigPathLineEdit", "trainOutputPathLineEdit",
+                 "modelPathLineEdit"):
+        assert getattr(panel.ui, name).currentPath == "", name
+    assert not panel.ui.startTrainingButton.enabled and not panel.ui.applyButton.enabled
+
+
+# ---------------------------------------------------------------------------------------------
+# Defect 2: sample data
+# ---------------------------------------------------------------------------------------------
+def test_sample_data_loads_through_slicers_sample_data(box, sample_cache, pelvis):
+    """Defect 2 (loadFileProperties list; downloadSample returns one node): the registered
+    sources load with SampleData's own code (checksums verified) as a CT and a label map."""
+    import SampleData
+
+    box.load_module()
+    logic = box.py.MSKdeXLogic()
+    ct, labels = logic.loadSampleData()
+    assert ct.IsA("vtkMRMLScalarVolumeNode") and not ct.IsA("vtkMRMLLabelMapVolumeNode")
+    assert labels.IsA("vtkMRMLLabelMapVolumeNode")
+    ct_core, lab_core = pelvis
+    assert box.slicer.util.arrayFromVolume(ct).shape == ct_core.array.shape
+    assert logic.labelMap(ct, labels).table.name == "totalseg_v1"
+    # every source registered for the Sample Data panel loads on its own, one node each
+    sources = SampleData.SampleDataLogic.sampleDataSourcesByCategory("MSKdeX")
+    assert sources
+    for source in sources:
+        node = SampleData.SampleDataLogic().downloadSample(source.sampleName)
+        assert node is not None and node.GetScene() is box.scene
+    assert not box.errors
+
+
+# ---------------------------------------------------------------------------------------------
+# Defects 3 and 4: dependencies
+# ---------------------------------------------------------------------------------------------
+def test_every_job_asks_for_its_dependencies_first(box, panel, sample_cache, pelvis, tmp_path, monkeypatch):
+    """Defect 4 (DRR / registration never ensure torch) and 3: every action that needs the
+    module's runtime packages asks for them first; when the user declines, nothing runs."""
+    asked = []
+
+    def decline(*args, **kwargs):
+        asked.append(True)
+        return False
+
+    for name in ("ensureDependencies", "ensureTorch"):
+        if hasattr(panel.logic, name):
+            monkeypatch.setattr(panel.logic, name, decline)
+    panel.ui.loadSampleButton.click()
+    p = panel._parameterNode
+    p.radiograph = box.slicer.util.loadVolume(str(_radiograph_file(pelvis, tmp_path / "xray.nrrd")))
+    p.detectorRows = p.detectorCols = 32
+    p.pixelSpacingMm = 10.0
+    for button in (panel.ui.updateDRRButton, panel.ui.runRegistrationButton):
+        n = len(asked)
+        assert button.click()
+        assert len(asked) == n + 1, button.objectName
+    assert p.drrVolume is None and panel._job is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Defect 5: cancel through the launcher
+# ---------------------------------------------------------------------------------------------
+def test_cancel_stops_the_worker_behind_the_launcher(box, panel, tiny_dataset, launcher, tmp_path):
+    """Defect 5: inside Slicer the job's process is the PythonSlicer launcher, which does not
+    forward signals; Cancel must stop the worker (its process group) and the panel leaves busy."""
+    import json
+
+    data, cfg = tiny_dataset
+    long_cfg = tmp_path / "long.json"
+    long_cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "steps": 100000}))
+    p = panel._parameterNode
+    p.datasetFolder, p.trainConfig, p.trainOutputFolder = str(data), str(long_cfg), str(tmp_path / "model")
+    p.trainDevice = "cpu"
+    assert panel.ui.startTrainingButton.click()
+    job = panel._job
+    assert job is not None and panel.ui.cancelTrainingButton.enabled
+    box.process_events(until=lambda: job.state.step >= 1, timeout=180)  # training really runs
+    workers = launcher_children(launcher)
+    assert workers and all(alive(w) for w in workers)
+    panel.ui.cancelTrainingButton.click()
+    box.process_events(until=lambda: panel._job is None, timeout=30)
+    deadline = time.time() + 10
+    while any(alive(w) for w in workers) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(w) for w in workers)
+    assert panel.ui.startTrainingButton.enabled and not panel.ui.cancelTrainingButton.enabled
+    assert "cancelled" in panel.ui.statusLabel.text
+
+
+# ---------------------------------------------------------------------------------------------
+# Defect 6: the bones field's hint
+# ---------------------------------------------------------------------------------------------
+def test_bones_placeholder_is_valid_input(box, panel, pelvis):
+    """Defect 6: what the Bones field suggests is what the registration parser accepts."""
+    from MSKdeXLib.registration.pipeline import parse_bodies
+
+    hint = panel.ui.registrationBonesLineEdit.placeholderText
+    text = hint.split("e.g.", 1)[-1].strip()
+    bodies = parse_bodies(text, pelvis[1])
+    assert len(bodies) >= 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Defect 7: overlays in the volume's own plane
+# ---------------------------------------------------------------------------------------------
+def _slice_normal(slice_node):
+    m = slice_node.GetSliceToRAS()
+    return np.array([m.GetElement(r, 2) for r in range(3)])
+
+
+def _volume_normal(node):
+    import vtk
+
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    k = np.array([m.GetElement(r, 2) for r in range(3)])
+    return k / np.linalg.norm(k)
+
+
+def test_radiograph_overlay_lies_in_the_image_plane(box, pelvis, tmp_path):
+    """Defect 7: a radiograph loaded the normal Slicer way (File > Add Data: a 2D image lies
+    in the axial plane) is shown face-on, not edge-on."""
+    box.load_module()
+    node = box.slicer.util.loadVolume(str(_radiograph_file(pelvis, tmp_path / "xray.nrrd")))
+    logic = box.py.MSKdeXLogic()
+    logic.showInSliceView(node)
+    red = box.slicer.app.layoutManager().sliceWidget("Red")
+    assert abs(np.dot(_slice_normal(red.mrmlSliceNode()), _volume_normal(node))) == pytest.approx(1.0, abs=1e-6)
+    from MSKdeXLib import slicer_bridge as sb
+
+    rgba = sb.slice_rgba(red.sliceLogic(), fit=False)
+    assert (rgba[..., :3].std(axis=(0, 1)) > 5).all()  # the image, not a line
+
+
+# ---------------------------------------------------------------------------------------------
+# Defect 9: saving the user's nodes for the subprocesses
+# ---------------------------------------------------------------------------------------------
+def test_saving_inputs_keeps_the_users_files_and_transforms(box, pelvis_case):
+    """Defect 9: writing the CT for a subprocess neither re-points the node's own storage (the
+    user's file) nor ignores a parent transform."""
+    import SimpleITK as sitk
+    import vtk
+
+    box.load_module()
+    node = box.slicer.util.loadVolume(str(pelvis_case.ct))
+    before = node.GetStorageNode().GetFileName()
+    t = box.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    shift = vtk.vtkMatrix4x4()
+    shift.SetElement(0, 3, 25.0)  # 25 mm to the patient's right... RAS +x = left; LPS x = -25
+    t.SetMatrixTransformToParent(shift)
+    node.SetAndObserveTransformNodeID(t.GetID())
+    logic = box.py.MSKdeXLogic()
+    path = logic._save(node, "ct.nii.gz")
+    assert node.GetStorageNode().GetFileName() == before
+    written = sitk.ReadImage(path)
+    original = sitk.ReadImage(str(pelvis_case.ct))
+    np.testing.assert_allclose(np.subtract(written.GetOrigin(), original.GetOrigin()), [-25.0, 0, 0], atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Defect 11: module housekeeping and packaging
+# ---------------------------------------------------------------------------------------------
+def test_cleanup_stops_timers_and_observers(box, panel):
+    """Defect 11 (timers left running in cleanup()): after the module is unloaded no timer of
+    the panel runs and no scene observer of it is left."""
+    panel._drrTimer.start()
+    panel._jobTimer.start()
+    box.exit()
+    box.unload()
+    assert not box.active_timers()
+    assert not panel.Observations
+
+
+def test_help_links_to_this_modules_documentation(box):
+    """Defect 11 (documentation link to a page that does not exist): the help links to the
+    repository's docs/slicer.md, which exists."""
+    import re
+
+    box.load_module()
+    links = re.findall(r'href="([^"]+)"', box.parent.helpText)
+    assert links and not any("slicer.readthedocs.io" in u for u in links)
+    for url in links:
+        m = re.match(r"https://github.com/mskdex/SlicerMSKdeX/blob/main/(.+)$", url)
+        assert m and (ROOT / m.group(1)).is_file(), url
+
+
+def test_self_test_registered_once(box):
+    """Defect 11 (self-test registered twice): MSKdeXTest runs from one ctest registration."""
+    box.load_module()
+    assert "MSKdeX" in box.slicer.selfTests
+    cmake = [p.read_text() for p in (ROOT / "MSKdeX").rglob("CMakeLists.txt")]
+    regs = sum(t.count("slicer_add_python_unittest") for t in cmake)
+    assert regs == 1
+    assert not (ROOT / "MSKdeX" / "Testing" / "Python" / "MSKdeXSelfTest.py").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole session, as a user would click it (defects 8, 10 and everything together)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_user_session(box, panel, sample_cache, pelvis, tiny_dataset, launcher, tmp_path):
+    """Load sample -> metrics -> DRR -> registration (real subprocess, tiny settings) -> QA ->
+    train a tiny model -> estimate -> export CSV -> Close Scene -> estimate again (defect 8)
+    -> exit -> cleanup. QA opacity changes are applied with the new value (defect 10)."""
+    ui, util = panel.ui, box.slicer.util
+    p = panel._parameterNode
+    panel.logic.registrationExtraArgs = list(TINY_REGISTRATION)
+
+    # inputs
+    assert ui.loadSampleButton.click()
+    assert p.ctVolume is not None and p.segmentation is not None
+    assert ui.structuresTableWidget.rowCount() > 5
+    assert "totalseg_v1" in ui.structureTableLabel.text
+
+    # CT metrics
+    assert ui.computeMetricsButton.enabled and ui.computeMetricsButton.click()
+    rows = _rows(p.metricsTable)
+    assert {"gluteus_maximus_left", "femur_right"} <= {r["name"] for r in rows}
+
+    # DRR
+    p.detectorRows = p.detectorCols = 48
+    p.pixelSpacingMm = 6.0
+    assert ui.updateDRRButton.click()
+    assert util.arrayFromVolume(p.drrVolume).shape == (1, 48, 48)
+
+    # registration on a radiograph file loaded the normal way
+    xray = util.loadVolume(str(_radiograph_file(pelvis, tmp_path / "xray.nrrd", rows=48, cols=56, spacing=6.0)))
+    p.radiograph = xray
+    p.registrationBones = "pelvis,femur_left"
+    assert ui.runRegistrationButton.enabled and ui.runRegistrationButton.click()
+    assert ui.cancelRegistrationButton.enabled and not ui.runRegistrationButton.enabled
+    _wait_idle(box, panel)
+    assert not box.errors, box.errors
+    assert "pelvis" in ui.similarityLabel.text
+    assert p.registrationTransform is not None and p.drrVolume is not None
+    red = box.slicer.app.layoutManager().sliceWidget("Red")
+    comp = red.mrmlSliceCompositeNode()
+    assert comp.GetBackgroundVolumeID() == xray.GetID() and comp.GetForegroundVolumeID() == p.drrVolume.GetID()
+    ui.qaOpacitySlider.value = 0.8  # defect 10: the view shows the value just chosen
+    assert comp.GetForegroundOpacity() == pytest.approx(0.8)
+    ui.qaOpacitySlider.value = 0.3
+    assert comp.GetForegroundOpacity() == pytest.approx(0.3)
+
+    # training
+    data, cfg = tiny_dataset
+    p.datasetFolder, p.trainConfig, p.trainOutputFolder = str(data), str(cfg), str(tmp_path / "model")
+    p.trainDevice = "cpu"
+    assert ui.startTrainingButton.enabled and ui.startTrainingButton.click()
+    _wait_idle(box, panel)
+    assert not box.errors, box.errors
+    assert (tmp_path / "model" / "config.json").is_file()
+    assert str(p.modelFolder) == str(tmp_path / "model")
+
+    # estimate on the radiograph
+    p.device = "cpu"
+    assert ui.applyButton.enabled and ui.applyButton.click()
+    _wait_idle(box, panel)
+    assert not box.errors, box.errors
+    est = _rows(p.estimatesTable)
+    assert [r["structure"] for r in est] == ["hip_left", "gluteus_medius_left"]
+    assert ui.structureVisibilityListWidget.count == 2
+    assert comp.GetLabelVolumeID()  # the channels' label map over the radiograph
+    assert abs(np.dot(_slice_normal(red.mrmlSliceNode()), _volume_normal(xray))) == pytest.approx(1.0, abs=1e-6)
+
+    # export
+    from slicer_box import QFileDialog
+
+    QFileDialog.nextSavePath = str(tmp_path / "estimates.csv")
+    assert ui.exportCsvButton.click()
+    with open(tmp_path / "estimates.csv") as f:
+        assert [r["structure"] for r in csv.DictReader(f)] == ["hip_left", "gluteus_medius_left"]
+
+    # File > Close Scene, then the same again on a radiograph loaded afresh (defect 8)
+    box.close_scene()
+    p = panel._parameterNode
+    assert p is not None and p.radiograph is None and p.estimatesTable is None
+    xray2 = util.loadVolume(str(tmp_path / "xray.nrrd"))
+    p.radiograph, p.modelFolder, p.device = xray2, str(tmp_path / "model"), "cpu"
+    assert ui.applyButton.enabled and ui.applyButton.click()
+    _wait_idle(box, panel)
+    assert not box.errors, box.errors
+    assert p.estimatesTable is not None and p.estimatesTable.GetScene() is box.scene
+    assert len(_rows(p.estimatesTable)) == 2
+    assert box.scene.GetNodeByID(comp.GetLabelVolumeID()) is not None
+
+    box.exit()
+    box.unload()
+    assert not box.active_timers()
+    assert panel._job is None
