@@ -716,13 +716,16 @@ class MSKdeXLogic(ScriptedLoadableModuleLogic):
         return drrNode, poseNode
 
     def showInSliceView(self, background, label=None, view: str = "Red") -> None:
-        """Show a radiograph-like node face-on in a slice view: the view turned into the
-        volume's own plane (a 2D image loaded from a file lies in the axial plane, a DRR of this
-        module in the coronal one), then fitted."""
+        """Show a radiograph-like node (and a label layer over it) face-on in a slice view: the
+        view turned into the volume's own plane (a 2D image loaded from a file lies in the axial
+        plane, a DRR of this module in the coronal one), other layers cleared, then fitted."""
         from MSKdeXLib import slicer_bridge as sb
 
         sliceWidget = slicer.app.layoutManager().sliceWidget(view)
-        sb.set_overlay(sliceWidget.mrmlSliceCompositeNode(), background=background, label=label)
+        composite = sliceWidget.mrmlSliceCompositeNode()
+        composite.SetForegroundVolumeID(None)  # only these layers: the view is fitted to them
+        composite.SetLabelVolumeID(None)
+        sb.set_overlay(composite, background=background, label=label)
         sliceWidget.mrmlSliceNode().RotateToVolumePlane(background)
         sliceWidget.sliceLogic().FitSliceToAll()
 
@@ -806,8 +809,12 @@ class MSKdeXLogic(ScriptedLoadableModuleLogic):
                                                       radiographNode, nodes=self._registration)
         return self._registration
 
+    #: colour of the registered bones over the radiograph (a Slicer default colour table)
+    QA_COLOR_NODE_ID = "vtkMRMLColorTableNodeRed"
+
     def showQA(self, radiographNode, drrNode, opacity: float, checkerboard: bool) -> None:
-        """Registration QA: DRR over the radiograph (alpha) or a checkerboard of both."""
+        """Registration QA: the registered bones (red) over the radiograph with ``opacity``, or a
+        checkerboard of both on the radiograph's own grid."""
         from MSKdeXLib import slicer_bridge as sb
 
         composite = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceCompositeNode()
@@ -816,10 +823,17 @@ class MSKdeXLogic(ScriptedLoadableModuleLogic):
             board = a.__class__(sb.checkerboard(a.pixels, b.pixels), a.pixel_spacing, a.spacing_source)
             node = slicer.mrmlScene.GetFirstNodeByName("MSKdeX checkerboard")
             node = sb.radiograph_to_node(board, slicer.mrmlScene, "MSKdeX checkerboard", node)
+            matrix = vtk.vtkMatrix4x4()
+            radiographNode.GetIJKToRASMatrix(matrix)
+            node.SetIJKToRASMatrix(matrix)  # where the radiograph is
+            node.SetAndObserveTransformNodeID(radiographNode.GetTransformNodeID())
             composite.SetForegroundVolumeID(None)
             self.showInSliceView(node)
         else:
             self.showInSliceView(radiographNode)
+            display = drrNode.GetDisplayNode()
+            if display is not None and slicer.mrmlScene.GetNodeByID(self.QA_COLOR_NODE_ID) is not None:
+                display.SetAndObserveColorNodeID(self.QA_COLOR_NODE_ID)
             sb.set_overlay(composite, foreground=drrNode, foreground_opacity=opacity)
 
     def startTraining(self, datasetFolder, outputFolder, configFile=None, device="auto", resume=False):

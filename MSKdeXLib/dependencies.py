@@ -25,6 +25,9 @@ SLICER_INSTALLS = (
     "matplotlib>=3.6",     # pictures written by register / train / predict (QA, loss curve, overlay)
     "scikit-image>=0.21",  # registration QA edges (registration.qa)
 )
+#: used by the ``mskdex`` command line only in ways the module never starts it (text progress
+#: bars; the module runs ``--progress json``): not installed into Slicer
+COMMAND_LINE_ONLY = ("tqdm",)
 #: import name -> distribution name, where they differ
 IMPORT_NAMES = {"PIL": "pillow", "skimage": "scikit-image", "vtkmodules": "vtk", "yaml": "pyyaml"}
 

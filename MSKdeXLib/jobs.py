@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from .errors import EXIT_DOUBTFUL
+
 PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
 
 
@@ -141,7 +143,8 @@ class Job:
 
     @property
     def succeeded(self) -> bool:
-        return self.finished and self.returncode in (0, 3) and not self.cancelled  # 3: register's "doubtful"
+        # EXIT_DOUBTFUL: register finished with its outputs written, one registration to check visually
+        return self.finished and self.returncode in (0, EXIT_DOUBTFUL) and not self.cancelled
 
     # --- output -----------------------------------------------------------------------------
     def poll(self) -> list[dict]:

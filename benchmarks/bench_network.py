@@ -321,10 +321,12 @@ def specificity_data(args, root: Path) -> tuple[Path, Path]:
     case = sample_data.pelvis_ct() or sample_data.default_case()
     config = CohortConfig(ct=str(case.ct), labels=str(case.labels), table=case.table, seed=SPEC_SEED,
                           rows=args.spec_detector, cols=args.spec_detector, voxel_mm=args.voxel_mm,
-                          ranges=preset_ranges("specificity").to_dict())
+                          ranges={**preset_ranges("specificity").to_dict(), **json.loads(args.spec_ranges)})
     folders = {}
     for split, start, n in (("train", 0, args.spec_train), ("val", SPEC_VAL_START, args.spec_val),
                             ("test", SPEC_TEST_START, args.spec_test)):
+        if n == 0:  # e.g. a validation-only diagnostic
+            continue
         out = root / f"cohort_{split}"
         doc = out / "cohort.json"
         have = {e["index"] for e in json.loads(doc.read_text())["subjects"]} if doc.exists() else set()
@@ -340,7 +342,8 @@ def specificity_data(args, root: Path) -> tuple[Path, Path]:
     data, test = root / "dataset", root / "test_records"
     build_dataset(folders["train"], data, DatasetSettings(**common, split="train"))
     build_dataset(folders["val"], data, DatasetSettings(**common, split="val"))
-    build_dataset(folders["test"], test, DatasetSettings(**common, split="test"))
+    if folders.get("test"):
+        build_dataset(folders["test"], test, DatasetSettings(**common, split="test"))
     return data, test
 
 
@@ -424,7 +427,7 @@ def bench_specificity(args) -> dict:
     t0 = time.time()
     data, test_dir = specificity_data(args, root)
     t_data = time.time() - t0
-    channels = load_dataset_info(test_dir).channels
+    channels = load_dataset_info(data).channels
     # --spec-eval val: every choice (configuration, variant) is made here; test: the reported run
     eval_dir, split = (data, "val") if args.spec_eval == "val" else (test_dir, "test")
     rows, seconds = {}, {}
@@ -530,7 +533,9 @@ def main() -> None:
     g.add_argument("--spec-size", type=int, default=32, help="record side, px (the network's input)")
     g.add_argument("--spec-detector", type=int, default=96, help="simulated detector side, px")
     g.add_argument("--spec-steps", type=int, default=3000, help="training steps per configuration")
-    g.add_argument("--spec-configs", nargs="+", default=list(SPEC_CONFIGS), choices=SPEC_CONFIGS,
+    g.add_argument("--spec-ranges", default="{}",
+                   help="JSON overriding cohort ranges of the preset (diagnostics; use another --out)")
+    g.add_argument("--spec-configs", nargs="*", default=list(SPEC_CONFIGS), choices=SPEC_CONFIGS,
                    help="unpaired = the paper's (demo's) configuration; paired = muscle L1 (upper bound)")
     g.add_argument("--spec-eval", choices=("val", "test"), default="test",
                    help="split the table is computed on: 'val' for every choice, 'test' once per reported model")

@@ -116,7 +116,7 @@ def alive(pid: int) -> bool:
 
 def launcher_children(exe: Path) -> list[int]:
     p = exe.parent / "children.txt"
-    return [int(x) for x in p.read_text().split()] if p.is_file() else []
+    return [int(x) for x in p.read_text(encoding="utf-8").split()] if p.is_file() else []
 
 
 @pytest.fixture

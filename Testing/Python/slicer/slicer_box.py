@@ -18,6 +18,7 @@ conftest.py does it); ``box.stop()`` puts every patched module back.
 from __future__ import annotations
 
 import inspect
+import locale
 import logging
 import os
 import sys
@@ -1113,7 +1114,11 @@ class LayoutManager(QObject):
             logic = slicer.vtkMRMLSliceLogic()
             logic.SetMRMLApplicationLogic(box.app_logic)
             logic.SetMRMLScene(box.scene)
-            node = logic.AddSliceNode(name)
+            node = box.scene.GetSingletonNode(name, "vtkMRMLSliceNode")  # made by the layout logic
+            if node is None:
+                node = logic.AddSliceNode(name)
+            else:
+                logic.SetSliceNode(node)
             node.SetOrientation(orientation)
             node.SetDimensions(400, 400, 1)
             logics.AddItem(logic)
@@ -1294,6 +1299,7 @@ class SlicerBox:
         if self.ref is None:
             raise RuntimeError(f"Slicer {self.version} reference sources not found in {REFERENCE}")
         self.slicer = slicer
+        self._locale = locale.setlocale(locale.LC_ALL)  # C++ libraries may change it; put back at stop()
         for name in list(sys.modules):
             if name in _PATCHED_MODULES or name in _SLICER_PY or name.startswith("slicer.parameterNodeWrapper."):
                 self._saved_modules[name] = sys.modules.pop(name)
@@ -1424,6 +1430,7 @@ class SlicerBox:
     def stop(self):
         import slicer
 
+        locale.setlocale(locale.LC_ALL, self._locale)
         if self._handler is not None:
             logging.getLogger().removeHandler(self._handler)
         for t in list(QTimer.ALL):

@@ -17,7 +17,7 @@ REPO = "https://github.com/mskdex/SlicerMSKdeX"
 
 
 def _cmake_vars() -> dict[str, str]:
-    text = (ROOT / "CMakeLists.txt").read_text()
+    text = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
     return dict(re.findall(r'set\((EXTENSION_[A-Z]+) "([^"]*)"\)', text))
 
 
@@ -27,8 +27,8 @@ def test_catalog_entry_is_valid_for_the_extensions_index(version):
     schemas = sorted((REFERENCE / version / "Schemas").glob("slicer-extension-catalog-entry-schema-*.json"))
     if not schemas:
         pytest.skip(f"Slicer {version} schemas not found in {REFERENCE}")
-    schema = json.loads(schemas[-1].read_text())
-    entry = json.loads(ENTRY.read_text())
+    schema = json.loads(schemas[-1].read_text(encoding="utf-8"))
+    entry = json.loads(ENTRY.read_text(encoding="utf-8"))
     jsonschema.validate(entry, schema)
     assert entry["$schema"].split("#")[0].endswith(schemas[-1].name)  # the schema it says it follows
     # an entry that breaks the schema is refused (the validation is real)
@@ -38,7 +38,7 @@ def test_catalog_entry_is_valid_for_the_extensions_index(version):
 
 def test_dependencies_are_declared_in_both_places():
     """The PyTorch extension is a dependency: CMake's EXTENSION_DEPENDS and the catalog entry."""
-    entry = json.loads(ENTRY.read_text())
+    entry = json.loads(ENTRY.read_text(encoding="utf-8"))
     assert entry["build_dependencies"] == ["PyTorch"]
     assert _cmake_vars()["EXTENSION_DEPENDS"].split() == entry["build_dependencies"]
     assert entry["scm_url"].removesuffix(".git") == REPO

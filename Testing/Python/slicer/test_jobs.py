@@ -22,7 +22,7 @@ def test_metrics_subprocess_output_matches_in_process(pelvis_case, pelvis, tmp_p
                    on_log=lambda stream, line: logs.append((stream, line))).start()
     assert job.pid is not None
     assert job.wait(timeout=120) == 0 and job.succeeded
-    report = json.loads(out.read_text())
+    report = json.loads(out.read_text(encoding="utf-8"))
     ct, labels = pelvis
     expected = {m.structure.name: m for m in structure_metrics(ct, labels, labels.select(
         ["gluteus medius left", "femur right"]))}

@@ -7,8 +7,6 @@ real and what is stood in. Issue 13's defects each have a test here (named in it
 from __future__ import annotations
 
 import csv
-import os
-import signal
 import time
 from pathlib import Path
 
@@ -168,7 +166,7 @@ def test_cancel_stops_the_worker_behind_the_launcher(box, panel, tiny_dataset, l
 
     data, cfg = tiny_dataset
     long_cfg = tmp_path / "long.json"
-    long_cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "steps": 100000}))
+    long_cfg.write_text(json.dumps({**json.loads(cfg.read_text(encoding="utf-8")), "steps": 100000}))
     p = panel._parameterNode
     p.datasetFolder, p.trainConfig, p.trainOutputFolder = str(data), str(long_cfg), str(tmp_path / "model")
     p.trainDevice = "cpu"
@@ -233,6 +231,23 @@ def test_radiograph_overlay_lies_in_the_image_plane(box, pelvis, tmp_path):
     assert (rgba[..., :3].std(axis=(0, 1)) > 5).all()  # the image, not a line
 
 
+def test_qa_view_follows_the_value_just_chosen(box, panel, pelvis, tmp_path):
+    """Defect 10: moving the QA opacity slider shows the value just chosen (the QA handler ran
+    before the parameter node had it), and the checkerboard box switches the view."""
+    util = box.slicer.util
+    p = panel._parameterNode
+    p.radiograph = util.loadVolume(str(_radiograph_file(pelvis, tmp_path / "xray.nrrd", rows=40, cols=44, spacing=8.0)))
+    p.drrVolume = util.loadVolume(str(tmp_path / "xray.nrrd"), {"name": "drr"})
+    panel.onQAChanged()  # what a finished registration does
+    comp = box.slicer.app.layoutManager().sliceWidget("Red").mrmlSliceCompositeNode()
+    for value in (0.8, 0.3, 0.65):
+        panel.ui.qaOpacitySlider.value = value
+        assert comp.GetForegroundOpacity() == pytest.approx(value)
+    panel.ui.checkerboardCheckBox.checked = True
+    assert comp.GetForegroundVolumeID() is None
+    assert box.scene.GetNodeByID(comp.GetBackgroundVolumeID()).GetName() == "MSKdeX checkerboard"
+
+
 # ---------------------------------------------------------------------------------------------
 # Defect 9: saving the user's nodes for the subprocesses
 # ---------------------------------------------------------------------------------------------
@@ -289,7 +304,7 @@ def test_self_test_registered_once(box):
     """Defect 11 (self-test registered twice): MSKdeXTest runs from one ctest registration."""
     box.load_module()
     assert "MSKdeX" in box.slicer.selfTests
-    cmake = [p.read_text() for p in (ROOT / "MSKdeX").rglob("CMakeLists.txt")]
+    cmake = [p.read_text(encoding="utf-8") for p in (ROOT / "MSKdeX").rglob("CMakeLists.txt")]
     regs = sum(t.count("slicer_add_python_unittest") for t in cmake)
     assert regs == 1
     assert not (ROOT / "MSKdeX" / "Testing" / "Python" / "MSKdeXSelfTest.py").exists()
@@ -388,3 +403,29 @@ def test_user_session(box, panel, sample_cache, pelvis, tiny_dataset, launcher, 
     box.unload()
     assert not box.active_timers()
     assert panel._job is None
+
+
+@pytest.mark.parametrize("box", ["v5.8.1"], indirect=True)
+def test_doubtful_registration_is_shown_not_failed(box, panel, sample_cache, pelvis, launcher, tmp_path):
+    """Found by the harness: ``mskdex register`` exits 3 when a registration is doubtful (its
+    outputs written); the panel loads them and flags the body instead of reporting a failure.
+    The radiograph here is a parallel projection (no cone beam): the bones cannot match it."""
+    import SimpleITK as sitk
+
+    ct, _ = pelvis
+    rho = np.clip(1 + ct.array / 1000.0, 0, None).sum(axis=1)[::-1, ::-1].astype(np.float32)
+    image = sitk.GetImageFromArray(rho)
+    image.SetSpacing((3.0, 3.0))
+    sitk.WriteImage(image, str(tmp_path / "parallel.nrrd"))
+    ui, p = panel.ui, panel._parameterNode
+    panel.logic.registrationExtraArgs = list(TINY_REGISTRATION)
+    assert ui.loadSampleButton.click()
+    p.radiograph = box.slicer.util.loadVolume(str(tmp_path / "parallel.nrrd"))
+    p.registrationBones = "pelvis"
+    assert ui.runRegistrationButton.click()
+    job = panel._job
+    _wait_idle(box, panel)
+    assert job.returncode == 3
+    assert not box.errors, box.errors
+    assert "doubtful: pelvis" in ui.doubtfulLabel.text and "pelvis" in ui.similarityLabel.text
+    assert p.registrationTransform is not None and p.registrationTransform.GetAttribute("MSKdeX.doubtful") == "1"

@@ -51,7 +51,7 @@ def _ui_widgets() -> dict[str, tuple[str, str | None]]:
 
 
 def _module_tree() -> ast.Module:
-    return ast.parse(MODULE.read_text())
+    return ast.parse(MODULE.read_text(encoding="utf-8"))
 
 
 def _class(tree: ast.Module, name: str) -> ast.ClassDef:
@@ -165,7 +165,7 @@ def test_module_load_imports_nothing_heavy():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
     # functions importing the heavy parts do it lazily; torch itself is never imported by the module
-    assert "import torch" not in MODULE.read_text()
+    assert "import torch" not in MODULE.read_text(encoding="utf-8")
     # module-level statements run at load: only the path setup call, constants, classes, functions
     for node in tree.body:
         if isinstance(node, ast.Expr) and not isinstance(node.value, ast.Constant):
@@ -198,13 +198,13 @@ def test_module_finds_its_library_in_both_layouts(tmp_path):
 
 
 def test_extension_build_files():
-    top = (ROOT / "CMakeLists.txt").read_text()
+    top = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
     for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY \"Quantification\"", "EXTENSION_CONTRIBUTORS",
                 "EXTENSION_DESCRIPTION", "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS",
                 "find_package(Slicer REQUIRED)", "include(${Slicer_USE_FILE})", "add_subdirectory(MSKdeX)",
                 "include(${Slicer_EXTENSION_GENERATE_CONFIG})", "include(${Slicer_EXTENSION_CPACK})"):
         assert key in top, key
-    mod = (ROOT / "MSKdeX" / "CMakeLists.txt").read_text()
+    mod = (ROOT / "MSKdeX" / "CMakeLists.txt").read_text(encoding="utf-8")
     for key in ("slicerMacroBuildScriptedModule", "Resources/UI/MSKdeX.ui", "Resources/Icons/MSKdeX.png",
                 "slicer_add_python_unittest", "MSKdeXLib"):
         assert key in mod, key
