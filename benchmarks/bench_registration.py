@@ -6,13 +6,13 @@ fixed before any test run):
 
 1. **Poses**: the first body at a random pose (+-5 deg, +-15 mm about an AP view centred on the
    bodies); pelvis CT: each femur in a hip pose (flexion, abduction, rotation about the femoral
-   head, each uniform within +-15 deg, :func:`~MSKdeXLib.registration.moved_tissue.hip_motion`) plus up
+   head, each uniform within +-15 deg, :func:`benchmarks.moved_tissue.hip_motion`) plus up
    to 1 mm joint translation; chest CT: the spine (T6-L1) relative to the other bones and T9 / T12
    relative to the spine, each up to 3 deg about its centre plus up to 1 mm.
-2. **Moved soft tissue** (:mod:`MSKdeXLib.registration.moved_tissue`): a smooth displacement field
+2. **Moved soft tissue** (:mod:`benchmarks.moved_tissue`): a smooth displacement field
    (3-8 mm, correlation 30-60 mm, tapered to 0 near bone), subcutaneous fat -8..+8 mm, 0-4 gas
    pockets and existing bowel gas filled at random; bones rigid per body, displacing soft tissue.
-3. **Foreign renderer and detector** (:mod:`MSKdeXLib.registration.foreign`): DiffDRR's Siddon ray
+3. **Foreign renderer and detector** (:mod:`benchmarks.foreign`): DiffDRR's Siddon ray
    tracer, another HU -> attenuation map, beam hardening, heel effect, scatter (SPR 0.4-1.2), quantum
    noise at 3000-20000 quanta/mm^2, scintillator spread, vendor processing (unsharp mask, dynamic
    range compression, sigmoid LUT, 10 bits), and electronic shutters hiding the CT's cut ends (the
@@ -47,14 +47,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: benchmarks.* below
+
 from MSKdeXLib.io import sample_data
 from MSKdeXLib.io.volumes import load_ct, load_labels
 from MSKdeXLib.projection.geometry import Camera, ap_pose, project
 from MSKdeXLib.registration import pipeline
 from MSKdeXLib.registration.articulated import extend_inferior, rotate_about, simulate_articulated
-from MSKdeXLib.registration.foreign import DetectorChain, foreign_radiograph, shutters_hiding
-from MSKdeXLib.registration.moved_tissue import TissueMotion, cut_ends, femur_axis, hip_motion, moved_scene
 from MSKdeXLib.registration.optimize import PoseSpace
+
+from benchmarks.foreign import DetectorChain, foreign_radiograph, shutters_hiding  # noqa: E402
+from benchmarks.moved_tissue import TissueMotion, cut_ends, femur_axis, hip_motion, moved_scene  # noqa: E402
 
 CASES = {"pelvis": ("pelvis_ct", "pelvis,femur_left,femur_right"),
          "chest": ("chest_ct", "bones,spine=vertebrae_T6..vertebrae_L1,vertebrae_T9,vertebrae_T12")}

@@ -14,9 +14,9 @@ from MSKdeXLib.io.images import Volume  # noqa: E402
 from MSKdeXLib.projection.geometry import Camera, ap_pose, project, rotation_xyz  # noqa: E402
 from MSKdeXLib.projection.rendering import DRRRenderer, default_view  # noqa: E402
 from MSKdeXLib.registration import pipeline  # noqa: E402
-from MSKdeXLib.registration.foreign import (DetectorChain, foreign_radiograph, mu_of_hu, shutters_hiding,  # noqa: E402
+from benchmarks.foreign import (DetectorChain, foreign_radiograph, mu_of_hu, shutters_hiding,  # noqa: E402
                                             siddon_line_integral)
-from MSKdeXLib.registration.moved_tissue import TissueMotion, cut_ends, moved_scene  # noqa: E402
+from benchmarks.moved_tissue import TissueMotion, cut_ends, moved_scene  # noqa: E402
 from MSKdeXLib.registration.optimize import PoseSpace  # noqa: E402
 from MSKdeXLib.registration.views import working_grid  # noqa: E402
 

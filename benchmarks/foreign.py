@@ -1,14 +1,14 @@
 """Radiographs from a forward model this project did not write, for measuring registration
-without an "inverse crime".
+without an "inverse crime" (benchmarks and tests only: DiffDRR is not a dependency of MSKdeXLib).
 
 * Line integrals by **DiffDRR's Siddon ray tracer** (:class:`diffdrr.renderers.Siddon`, DiffDRR
   0.6.1, MIT; exact ray / voxel intersection lengths, nearest-voxel values), not by this
-  project's plane-sampled trilinear :class:`~MSKdeXLib.projection.rendering.DRRRenderer`. Only
+  project's plane-sampled trilinear :class:`MSKdeXLib.projection.rendering.DRRRenderer`. Only
   ``diffdrr.renderers`` is imported (it needs torch alone), so DiffDRR's other dependencies
   (torchvision, kornia ...) are not needed. Each volume is rendered at its own pose: the
   (moved) soft tissue at the first body's pose, every body's bone at its pose
   (:func:`siddon_line_integral`); line integrals add.
-* A **detector chain unlike** :mod:`~MSKdeXLib.projection.simulate`'s (:class:`DetectorChain`):
+* A **detector chain unlike** ``MSKdeXLib.projection.simulate``'s (:class:`DetectorChain`):
   one HU -> attenuation map at another effective energy with bone relatively more attenuating,
   beam hardening on the line integral, anode heel effect, a two-Gaussian scatter kernel with a
   higher scatter-to-primary ratio, quantum noise at a clinical dose, scintillator spread (two
@@ -29,8 +29,8 @@ import torch
 from diffdrr.renderers import Siddon
 from scipy import ndimage
 
-from ..io.images import Volume
-from ..projection.geometry import Camera, invert_rigid, project
+from MSKdeXLib.io.images import Volume
+from MSKdeXLib.projection.geometry import Camera, invert_rigid, project
 
 #: effective linear attenuation of water of the foreign model (1/mm, about 60 keV; ours: 0.02)
 MU_WATER_FOREIGN = 0.0206

@@ -1,5 +1,5 @@
 """A patient whose soft tissue moved between CT and radiograph, for measuring registration: the
-bones stay rigid per body, everything else changes (:func:`moved_scene`).
+bones stay rigid per body, everything else changes (:func:`moved_scene`; benchmarks and tests).
 
 * **Soft tissue deformed** by a smooth random displacement field (a Gaussian random field of
   correlation length ``field_sigma_mm``, largest displacement ``amplitude_mm``), tapered to
@@ -23,11 +23,12 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from ..io.images import Volume
-from .bodies import Body
-from .bodyvolume import block_factors, body_mask
-from .foreign import mu_of_hu
-from .articulated import rotate_about
+from MSKdeXLib.io.images import Volume
+from MSKdeXLib.registration.articulated import rotate_about
+from MSKdeXLib.registration.bodies import Body
+from MSKdeXLib.registration.bodyvolume import block_factors, body_mask
+
+from benchmarks.foreign import mu_of_hu
 
 
 @dataclass
