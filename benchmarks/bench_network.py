@@ -331,7 +331,10 @@ def specificity_data(args, root: Path) -> tuple[Path, Path]:
         doc = out / "cohort.json"
         have = {e["index"] for e in json.loads(doc.read_text())["subjects"]} if doc.exists() else set()
         t0 = time.time()
-        if not set(range(start, start + n)) <= have:
+        missing = sorted(set(range(start, start + n)) - have)
+        if missing and have and missing == list(range(missing[0], start + n)):  # extend a cached cohort
+            build_cohort(config, len(missing), out, workers=args.workers, start=missing[0])
+        elif missing:
             build_cohort(config, n, out, workers=args.workers, force=True, start=start)
         folders[split] = [out / f"subject-{i:04d}" for i in range(start, start + n)]
         print(f"{split} cohort ({n} subjects from index {start}): {time.time() - t0:.0f} s", flush=True)
