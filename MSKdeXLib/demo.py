@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from .anatomy.quantities import QUANTITIES
 from .errors import UserError
 
 
@@ -307,7 +308,7 @@ def muscle_mean_pcc(stats: list[dict], muscles: set[str]) -> dict[str, float]:
     import math
 
     out = {}
-    for q in ("mass_g", "volume_cm3"):
+    for q in QUANTITIES:
         v = [st["pcc"] for st in stats if st["quantity"] == q and st["structure"] in muscles
              and math.isfinite(st["pcc"])]
         if v:
@@ -386,7 +387,7 @@ def report_markdown(summary: dict, ev, per_subject: list, channels: list[dict]) 
         agreement_text(summary.get("channel_agreement", {}), s["heldout_subjects"]), "",
         "## Estimates vs truth", "",
     ]
-    for q in ("mass_g", "volume_cm3"):
+    for q in QUANTITIES:
         if any(st["quantity"] == q for st in ev.stats):
             lines += [f"![scatter {q}](evaluation/scatter_{q}.png)", ""]
     muscles = [c for c in channels if c["kind"] == "muscle" and c["quantity"] == "mass_g"]

@@ -3,7 +3,7 @@
 The Slicer module (and any other front end) starts e.g. ``mskdex train --progress json`` with
 :class:`Job`, calls :meth:`Job.poll` from its own thread (a Qt timer) to receive the progress
 events (``{"event": "progress"|"log"|"done"|"error", "stage", "step", "total", "elapsed_s",
-...}``, see :class:`MSKdeXLib.cli.common.Progress`), and :meth:`Job.cancel` to stop it. Lines
+...}``, see :class:`MSKdeXLib.progress.Progress`), and :meth:`Job.cancel` to stop it. Lines
 that are not JSON objects are kept as the job's log (shown with errors). Callbacks run in the
 thread that calls :meth:`poll`, never in the reader threads.
 """
@@ -355,7 +355,7 @@ def register_args(ct: str, labels: str, xray: str, out: str, bones: str | None =
         args += ["--landmarks", landmarks]
     if sid_mm:
         args += ["--sid", repr(float(sid_mm))]
-    args += _spacing_args("--spacing", spacing_mm)
+    args += _spacing_args("--pixel-spacing", spacing_mm)
     if force:
         args.append("--force")
     return ["register", *map(str, args), *map(str, extra), "--progress", "json"]

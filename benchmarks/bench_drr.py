@@ -40,7 +40,9 @@ from pathlib import Path
 
 import numpy as np
 
-FOV_MM = 409.6  # detector side at SID: 256 x 1.6 mm
+from MSKdeXLib.settings import DRR_DETECTOR, SID_MM
+
+FOV_MM = DRR_DETECTOR.rows * DRR_DETECTOR.pixel_spacing_mm  # detector side at SID: 256 x 1.6 = 409.6 mm
 
 
 def _load(case: str):
@@ -57,13 +59,13 @@ def _load(case: str):
 def _camera(size: int):
     from MSKdeXLib.projection.geometry import Camera
 
-    return Camera(size, size, FOV_MM / size, FOV_MM / size, 1000.0)
+    return Camera(size, size, FOV_MM / size, FOV_MM / size, SID_MM)
 
 
 def _stretch_to(ct, labels, slices: int):
     """The CT and labels resampled to ``slices`` slices (linear / nearest): a 512x512xN case."""
     from MSKdeXLib.io.images import Volume
-    from MSKdeXLib.io.volumes import LabelMap
+    from MSKdeXLib.io.images import LabelMap
 
     nk = ct.array.shape[0]
     pos = (np.arange(slices) + 0.5) * nk / slices - 0.5
@@ -186,7 +188,7 @@ def worker(spec: dict) -> dict:
         _gpu_reset(dev)
         r = DRRRenderer(ct, cam, labels, structures, samples_per_ray=spec.get("samples"), device=dev)
         axis = r.dominant_axis(pose)
-        res["samples_per_ray"] = r._samples(axis)
+        res["samples_per_ray"] = r.ray_samples(axis)
         before = res["rss_data_mb"]
         with torch.no_grad():
             if kind == "ours":

@@ -55,6 +55,7 @@ from MSKdeXLib.projection.geometry import Camera, ap_pose, project
 from MSKdeXLib.registration import pipeline
 from MSKdeXLib.registration.articulated import extend_inferior, rotate_about, simulate_articulated
 from MSKdeXLib.registration.optimize import PoseSpace
+from MSKdeXLib.settings import SID_MM
 
 from benchmarks.foreign import DetectorChain, foreign_radiograph, shutters_hiding  # noqa: E402
 from benchmarks.moved_tissue import TissueMotion, cut_ends, femur_axis, hip_motion, moved_scene  # noqa: E402
@@ -307,7 +308,7 @@ def main() -> None:
         for f in args.from_json:
             rows += json.loads(Path(f).read_text())
     else:
-        cam = Camera(args.size, args.size, args.spacing, args.spacing, 1000.0)
+        cam = Camera(args.size, args.size, args.spacing, args.spacing, SID_MM)
         for name in args.cases:
             case = Case(name, getattr(args, f"{name}_bodies"), cam)
             for mm, deg in args.ranges:

@@ -21,7 +21,7 @@ def draw(out: Path, force: bool = False) -> Path:
     from MSKdeXLib.projection.geometry import Camera, ap_pose, invert_rigid
     from MSKdeXLib.visualize import save_figure
 
-    cam = Camera(256, 256, 1.6, 1.6, 1000.0)
+    cam = Camera()  # the default (DRR) detector of MSKdeXLib.settings
     iso = np.zeros(3)
     pose = ap_pose(iso, cam)
     cam_to_ct = invert_rigid(pose)
@@ -34,12 +34,13 @@ def draw(out: Path, force: bool = False) -> Path:
     ax = fig.add_subplot(1, 2, 1)
     # Side view of the patient (y = posterior to the right, z = superior up), looking from the patient's left.
     src = to_ct([0, 0, 0])[0]
-    det = to_ct(np.array([[0, y, cam.sid_mm] for y in (-204.8, 204.8)]))
+    half = cam.rows * cam.spacing_row_mm / 2
+    det = to_ct(np.array([[0, y, cam.sid_mm] for y in (-half, half)]))
     ax.plot([src[1]], [src[2]], "o", color="orange", ms=10)
     ax.annotate("X-ray source\n(camera origin)", (src[1], src[2]), (src[1] + 30, src[2] + 120), fontsize=8)
     ax.plot(det[:, 1], det[:, 2], color="k", lw=4)
     ax.annotate("detector (z_cam = SID)", (det[0, 1], det[1, 2]), (det[0, 1] - 260, det[1, 2] + 40), fontsize=8)
-    for y in (-204.8, 0, 204.8):
+    for y in (-half, 0, half):
         p = to_ct([0, y, cam.sid_mm])[0]
         ax.plot([src[1], p[1]], [src[2], p[2]], color="gold", lw=0.8)
     body = plt.Circle((0, 0), 1, fill=False)

@@ -13,12 +13,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..io.images import LabelMap, Volume
 from .density import DensityModel
-from ..io.images import Volume
-from ..io.volumes import LabelMap
 from .structures import Structure
 
 MM3_PER_CM3 = 1000.0
+#: the columns of a metrics table (``mskdex metrics --csv``, the Slicer module's table), in order
+METRIC_COLUMNS = ("name", "label", "kind", "side", "voxels", "volume_cm3", "mass_g", "lean_volume_cm3", "mean_hu")
 
 
 @dataclass
@@ -79,3 +80,23 @@ def structure_metrics(ct: Volume, labels: LabelMap, structures: list[Structure] 
                                     float(lean_count) * voxel_cm3,
                                     float(hu_sum / count) if count else float("nan")))
     return out
+
+
+def metrics_document(ct: Volume, labels: LabelMap, structures: list[Structure] | None = None,
+                     density: DensityModel = DensityModel()) -> dict:
+    """Metrics of ``structures`` (default: all present) as ``mskdex metrics --json`` writes them: the
+    rows of :meth:`StructureMetrics.to_dict`, the settings (density, table and how it was detected,
+    label notes) and the CT grid."""
+    rows = [m.to_dict() for m in structure_metrics(ct, labels, structures, density)]
+    detection = None if labels.match is None else {"confidence": labels.match.confidence,
+                                                   "scores": labels.match.scores}
+    return {"structures": rows,
+            "settings": {"density": density.to_dict(), "table": labels.table.name,
+                         "table_detection": detection, "labels": labels.notes},
+            "ct": ct.grid_description()}
+
+
+def metrics_csv(rows: list[dict]) -> str:
+    """The rows of :func:`metrics_document` as CSV text with the :data:`METRIC_COLUMNS`."""
+    lines = [",".join(METRIC_COLUMNS)] + [",".join(str(r[c]) for c in METRIC_COLUMNS) for r in rows]
+    return "\n".join(lines) + "\n"

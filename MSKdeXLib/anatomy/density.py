@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ..errors import UserError
+from ..validation import check_non_negative, check_number, check_positive, check_window
 
 
 @dataclass(frozen=True)
@@ -23,10 +23,11 @@ class DensityModel:
     min_density_g_cm3: float = 0.0
     lean_window_hu: tuple[float, float] = (-29.0, 150.0)
 
-    def __post_init__(self) -> None:
-        lo, hi = self.lean_window_hu
-        if not lo < hi:
-            raise UserError(f"lean HU window must have low < high, got [{lo}, {hi}]")
+    def __post_init__(self) -> None:  # one check per field, one line naming it
+        check_number("density intercept (g/cm^3)", self.intercept_g_cm3)
+        check_positive("density slope (g/cm^3 per HU)", self.slope_g_cm3_per_hu)
+        check_non_negative("minimum density (g/cm^3)", self.min_density_g_cm3)
+        check_window("lean HU window", self.lean_window_hu)
 
     def density(self, hu):
         """Density in g/cm^3 of an array of HU (numpy or torch)."""

@@ -142,7 +142,7 @@ _MUSCLE_PALETTE = [
 
 
 
-def _colour(name: str, kind: str) -> tuple[int, int, int]:
+def colour_of(name: str, kind: str) -> tuple[int, int, int]:
     """A stable, distinct display colour for a structure name."""
     if kind == "bone":
         return _BONE_COLOR
@@ -157,7 +157,8 @@ _BONE_WORDS = ("vertebrae", "rib_", "humerus", "scapula", "clavicula", "femur", 
                "skull", "sternum")
 
 
-def _kind_of(name: str) -> str:
+def kind_of(name: str) -> str:
+    """Kind of a structure from its (normalised) name: muscle, bone or other."""
     if name.startswith(_MUSCLE_WORDS):
         return "muscle"
     if name.startswith(_BONE_WORDS):
@@ -165,7 +166,8 @@ def _kind_of(name: str) -> str:
     return "other"
 
 
-def _side_of(name: str) -> str:
+def side_of(name: str) -> str:
+    """Side of a structure from its (normalised) name: left, right or none."""
     for side in ("left", "right"):
         if name.endswith("_" + side):
             return side
@@ -177,11 +179,11 @@ def _table(name: str, names: list[str], kinds: Mapping[str, str] | None = None) 
     kinds = kinds or {}
     out, m = [], 0
     for label, n in enumerate(names, start=1):
-        kind = kinds.get(n, _kind_of(n))
-        color = _colour(n, kind)
+        kind = kinds.get(n, kind_of(n))
+        color = colour_of(n, kind)
         if kind == "muscle":
             color, m = _MUSCLE_PALETTE[m % len(_MUSCLE_PALETTE)], m + 1
-        out.append(Structure(label, n, kind, _side_of(n), color))
+        out.append(Structure(label, n, kind, side_of(n), color))
     return StructureTable(name, out)
 
 
@@ -331,11 +333,11 @@ def load_table(path: str | Path) -> StructureTable:
             raise UserError(f"each row needs an integer 'label' and a 'name' (got {row})", path) from None
         if label <= 0 or not name:
             raise UserError(f"bad row {row}: label must be > 0 and name non-empty", path)
-        kind = (row.get("kind") or _kind_of(normalize_name(name))).strip().lower()
+        kind = (row.get("kind") or kind_of(normalize_name(name))).strip().lower()
         if kind not in KINDS:
             raise UserError(f"structure '{name}' has unknown kind '{kind}' (use {KINDS})", path)
-        side = (row.get("side") or _side_of(normalize_name(name))).strip().lower()
-        color = _parse_color(row.get("color", row.get("colour")), name, path) or _colour(name, kind)
+        side = (row.get("side") or side_of(normalize_name(name))).strip().lower()
+        color = _parse_color(row.get("color", row.get("colour")), name, path) or colour_of(name, kind)
         out.append(Structure(label, name, kind, side, color))
     if not out:
         raise UserError("structure table has no rows", path)

@@ -16,6 +16,7 @@ import sys
 from .. import __version__
 from ..errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
 from ..validation import finite_float
+from .common import fill_settings_help
 from .option_checks import check_options
 
 #: subcommand name -> module (relative to this package) defining add_parser(subparsers)
@@ -38,6 +39,10 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*a, **kw)
         # every ``type=float`` option (in groups too: they share this registry) refuses NaN/inf
         self.register("type", float, finite_float())
+
+    def format_help(self) -> str:
+        fill_settings_help(self)  # defaults of settings in heavy modules: read only when help is shown
+        return super().format_help()
 
     def error(self, message: str):  # one line, exit code 2 (argparse's own convention)
         self.exit(2, f"{self.prog}: error: {message}\n")

@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from contextlib import closing
 
-from .common import add_ct_args, add_density_args, add_force, add_progress, density_from_args
+from ..errors import UserError, require_file
+from ..io.documents import read_json
+from ..io.outputs import resumable_folder
+from ..settings import COHORT_DETECTOR
+from .common import (LazyChoices, Progress, add_ct_args, add_density_args, add_force, add_kind, add_progress, add_sid,
+                     density_from_args, settings_options, settings_values)
+
+#: body-composition option dest -> CohortRanges field (defaults come from there)
+RANGE_FIELDS = {"body_change": "body_change", "max_atrophy": "max_atrophy", "max_hypertrophy": "max_hypertrophy",
+                "max_infiltration": "max_infiltration", "subcutaneous_fat_mm": "subcutaneous_fat_mm"}
 
 
 def add_parser(sub, name: str):
@@ -22,19 +33,19 @@ def add_parser(sub, name: str):
     p.add_argument("--start", type=int, default=0,
                    help="index of the first subject (extend a cohort or build it in pieces)")
     p.add_argument("--workers", type=int, default=1, help="parallel processes (default 1)")
-    p.add_argument("--detector", nargs=2, type=int, metavar=("ROWS", "COLS"), default=(256, 256),
-                   help="detector size in pixels (default 256 256); the pixel spacing is fitted so "
-                        "that the labelled anatomy fills the field of view")
-    p.add_argument("--sid", type=float, default=1000.0, help="source-to-image distance, mm (default 1000)")
+    p.add_argument("--detector", nargs=2, type=int, metavar=("ROWS", "COLS"),
+                   default=(COHORT_DETECTOR.rows, COHORT_DETECTOR.cols),
+                   help=f"detector size in pixels (default {COHORT_DETECTOR.rows} {COHORT_DETECTOR.cols}); the pixel "
+                        "spacing is fitted so that the labelled anatomy fills the field of view")
+    add_sid(p)
     p.add_argument("--voxel-mm", type=float, default=None,
                    help="resample the CT to isotropic voxels of this size first (faster on big CTs)")
-    p.add_argument("--kind", action="append", choices=("muscle", "bone", "other"),
-                   help="structures whose channels and metrics are produced (default: muscle, bone)")
+    add_kind(p, "structures whose channels and metrics are produced (repeatable)")
     p.add_argument("--keep-ct", action="store_true", help="also write each subject's modified CT + labels")
     p.add_argument("--no-deformation", action="store_true", help="no elastic deformation")
     p.add_argument("--no-pose-change", action="store_true", help="every subject at the default AP view")
-    p.add_argument("--preset", choices=("default", "demo", "specificity"), default=None,
-                   help="named variation ranges (MSKdeXLib.learning.cohort.PRESETS): 'specificity' draws every "
+    p.add_argument("--preset", choices=LazyChoices("MSKdeXLib.learning.cohort:PRESETS"), default=None, metavar="NAME",
+                   help="named variation ranges (%(choices)s; MSKdeXLib.learning.cohort.PRESETS): 'specificity' draws every "
                         "muscle and side independently, adds unilateral hip-osteoarthritis patterns, size, and "
                         "acquisition as wide as real AP hip radiographs; --ranges and the flags below override it")
     g = p.add_argument_group("body composition (fractions of a muscle's voxels; override --ranges)")
@@ -42,17 +53,17 @@ def add_parser(sub, name: str):
                    help="JSON file with any of the cohort's variation ranges (keys of "
                         "MSKdeXLib.learning.cohort.CohortRanges, e.g. body_change, max_atrophy, noise), or 'demo' for "
                         "the demo's ranges (muscle change wide, nuisance moderate)")
-    g.add_argument("--body-change", nargs=2, type=float, metavar=("LOW", "HIGH"), default=None,
+    g.add_argument("--body-change", nargs=2, type=float, metavar=("LOW", "HIGH"),
                    help="body-wide muscle change shared by all muscles of a subject, U(LOW, HIGH) "
-                        "(default -0.25 0.15: sarcopenic to muscular)")
-    g.add_argument("--max-atrophy", type=float, default=None,
-                   help="per-muscle extra atrophy: up to this fraction becomes fat (default 0.15)")
-    g.add_argument("--max-hypertrophy", type=float, default=None,
-                   help="per-muscle extra growth into nearby fat, up to this fraction (default 0.15)")
-    g.add_argument("--max-infiltration", type=float, default=None,
-                   help="fat infiltration: up to this fraction of lean voxels become fatty (default 0.20)")
-    g.add_argument("--subcutaneous-fat-mm", type=float, default=None,
-                   help="subcutaneous fat thickness change in [-MM, +MM] (default 9)")
+                        "(sarcopenic to muscular)")
+    g.add_argument("--max-atrophy", type=float, help="per-muscle extra atrophy: up to this fraction becomes fat")
+    g.add_argument("--max-hypertrophy", type=float,
+                   help="per-muscle extra growth into nearby fat, up to this fraction")
+    g.add_argument("--max-infiltration", type=float,
+                   help="fat infiltration: up to this fraction of lean voxels become fatty")
+    g.add_argument("--subcutaneous-fat-mm", type=float, help="subcutaneous fat thickness change in [-MM, +MM]")
+    settings_options(p, "MSKdeXLib.learning.cohort:CohortRanges", RANGE_FIELDS)
+    settings_options(p, "MSKdeXLib.learning.cohort:CohortConfig", {"kind": "kinds"})
     add_density_args(p)
     add_force(p)
     add_progress(p)
@@ -61,10 +72,7 @@ def add_parser(sub, name: str):
 
 
 def run(args) -> int:
-    from ..learning.cohort import CohortConfig, build_cohort
-    from ..errors import UserError, require_file
-    from ..io.outputs import resumable_folder
-    from .common import Progress
+    from ..learning.cohort import CohortConfig, build_cohort  # lazy: scipy and torch; keeps `mskdex --help` instant
 
     require_file(args.ct, "CT")
     require_file(args.labels, "label map")
@@ -80,8 +88,8 @@ def run(args) -> int:
     config = CohortConfig(ct=str(args.ct), labels=str(args.labels), table=args.table, seed=args.seed,
                           rows=args.detector[0], cols=args.detector[1], sid_mm=args.sid,
                           voxel_mm=args.voxel_mm, keep_ct=args.keep_ct,
-                          kinds=tuple(args.kind or ("muscle", "bone")),
-                          density=density_from_args(args).to_dict(), ranges=ranges.to_dict())
+                          density=density_from_args(args).to_dict(), ranges=ranges.to_dict(),
+                          **({"kinds": tuple(args.kind)} if args.kind else {}))
     bar = Progress(args.progress, args.n, "cohort")
     # each subject folder is built atomically; a cohort folder without any finished subject is removed
     with resumable_folder(args.out, lambda p: any(p.glob("subject-*/subject.json"))), closing(bar):
@@ -96,24 +104,18 @@ def run(args) -> int:
 def ranges_from_args(args):
     """The cohort's :class:`~MSKdeXLib.learning.cohort.CohortRanges` from --ranges and the body-composition
     flags (UserError naming the file or flag when invalid)."""
-    import dataclasses
-    import json
-
-    from ..learning.cohort import MAX_TOTAL_ATROPHY, MAX_TOTAL_HYPERTROPHY, CohortRanges
-    from ..errors import UserError
+    from ..learning.cohort import MAX_TOTAL_ATROPHY, MAX_TOTAL_HYPERTROPHY, CohortRanges  # lazy: scipy (--help)
 
     base: dict = {}
     if getattr(args, "preset", None):
-        from ..learning.cohort import preset_ranges
+        from ..learning.cohort import preset_ranges  # lazy: scipy (--help)
 
         base = preset_ranges(args.preset).to_dict()
     if args.ranges == "demo":
-        from ..demo import demo_ranges
+        from ..demo import demo_ranges  # lazy: the demo's ranges only for --ranges demo
 
         base = demo_ranges()
     elif args.ranges:
-        from ..io.documents import read_json
-
         user = read_json(args.ranges, "cohort ranges")
         if not isinstance(user, dict):
             raise UserError("cohort ranges must be a JSON object", args.ranges)
@@ -122,10 +124,7 @@ def ranges_from_args(args):
         if unknown:
             raise UserError(f"unknown cohort range key(s) {unknown}; known: {sorted(known)}", args.ranges)
         base = {**base, **user}
-    flags = {"body_change": args.body_change, "max_atrophy": args.max_atrophy,
-             "max_hypertrophy": args.max_hypertrophy, "max_infiltration": args.max_infiltration,
-             "subcutaneous_fat_mm": args.subcutaneous_fat_mm}
-    values = {**base, **{k: v for k, v in flags.items() if v is not None}}
+    values = {**base, **settings_values(args, RANGE_FIELDS)}
     try:
         ranges = CohortRanges(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items()})
         json.dumps(ranges.to_dict())

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import argparse
 from contextlib import closing
 
-from .common import add_force, add_progress, split_names
+from ..errors import UserError
+from ..io.outputs import resumable_folder
+from .common import (LazyChoices, Progress, add_force, add_kind, add_pixel_spacing, add_progress, settings_options,
+                     settings_values, spacing_rc, split_names)
+
+#: option dest -> DatasetSettings field (defaults come from there)
+SETTINGS_FIELDS = {"image_size": "image_size", "kind": "kinds", "quantities": "quantities",
+                   "bone_quantities": "bone_quantities", "normalisation": "normalisation_method", "split": "split",
+                   "val_fraction": "val_fraction", "test_fraction": "test_fraction"}
 
 
 def _shard(text: str) -> tuple[int, int]:
-    import argparse
-
     try:
         i, n = (int(v) for v in text.split("/"))
     except ValueError:
@@ -26,23 +33,20 @@ def add_parser(sub, name: str):
     p.add_argument("--cases", nargs="+", default=[],
                    help="case folders, or folders of case folders (e.g. a cohort)")
     p.add_argument("--out", required=True, help="data-set folder")
-    p.add_argument("--image-size", nargs=2, type=int, metavar=("H", "W"), default=(256, 256),
-                   help="record size in pixels (default 256 256)")
-    p.add_argument("--spacing", nargs="+", type=float, metavar="MM", default=None,
-                   help="record pixel spacing at the detector, mm (one value or row col; "
-                        "default: that of the first case's radiograph)")
+    p.add_argument("--image-size", nargs=2, type=int, metavar=("H", "W"), help="record size in pixels")
+    add_pixel_spacing(p, None, "record pixel spacing at the detector, mm (default: that of the first case's "
+                      "radiograph)")
     p.add_argument("--structures", default=None, help="comma-separated structure names (default: by --kind)")
-    p.add_argument("--kind", action="append", choices=("muscle", "bone", "other"),
-                   help="structures of this kind (repeatable; default muscle and bone)")
-    p.add_argument("--quantities", default="mass_g,volume_cm3",
-                   help="channels per muscle/other structure (default mass_g,volume_cm3)")
-    p.add_argument("--bone-quantities", default="mass_g", help="channels per bone (default mass_g)")
-    p.add_argument("--normalisation", default="zscore", choices=("zscore", "percentile", "minmax"),
-                   help="radiograph intensity scaling (default zscore)")
-    p.add_argument("--split", default="auto", choices=("auto", "train", "val", "test"),
-                   help="split of these records (auto: from a hash of the record id)")
-    p.add_argument("--val-fraction", type=float, default=0.1)
-    p.add_argument("--test-fraction", type=float, default=0.1)
+    add_kind(p, "structures of this kind (repeatable)")
+    p.add_argument("--quantities", help="channels per muscle/other structure")
+    p.add_argument("--bone-quantities", help="channels per bone")
+    p.add_argument("--normalisation", choices=LazyChoices("MSKdeXLib.learning.dataset.format:NORMALISATION_METHODS"),
+                   metavar="METHOD", help="radiograph intensity scaling: %(choices)s")
+    p.add_argument("--split", choices=LazyChoices("MSKdeXLib.learning.dataset.builder:SPLIT_CHOICES"),
+                   metavar="SPLIT", help="split of these records: %(choices)s (auto: from a hash of the record id)")
+    p.add_argument("--val-fraction", type=float, help="share of the records in the validation split (auto)")
+    p.add_argument("--test-fraction", type=float, help="share of the records in the test split (auto)")
+    settings_options(p, "MSKdeXLib.learning.dataset.builder:DatasetSettings", SETTINGS_FIELDS)
     p.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
                    help="build only records whose index %% N == I (run N of these, in parallel)")
     p.add_argument("--include-doubtful", action="store_true",
@@ -56,29 +60,9 @@ def add_parser(sub, name: str):
     return p
 
 
-def _default_spacing(cases) -> tuple[float, float]:
-    from ..errors import UserError
-    from ..io.documents import read_json
-    from ..learning.dataset.builder import read_registration
-
-    c = cases[0]
-    if c.kind == "virtual":
-        path = c.folder / "subject.json"
-        try:
-            cam = read_json(path, "subject description")["camera"]
-            return (float(cam["spacing_row_mm"]), float(cam["spacing_col_mm"]))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise UserError(f"subject description lacks a valid 'camera' ({type(exc).__name__}: {exc})",
-                            path) from None
-    camera, _ = read_registration(c.folder / "registration.json")  # the radiograph's detector
-    return (camera.spacing_row_mm, camera.spacing_col_mm)
-
-
 def run(args) -> int:
-    from ..learning.dataset.builder import DatasetSettings, build_dataset, discover_cases, merge
-    from ..errors import UserError
-    from ..io.outputs import resumable_folder
-    from .common import Progress
+    from ..learning.dataset.builder import (DatasetSettings, build_dataset, case_spacing,  # lazy: scipy, torch
+                                            discover_cases, merge)  # (keeps `mskdex --help` instant)
 
     if args.merge:
         doc = merge(args.out)
@@ -86,20 +70,17 @@ def run(args) -> int:
         return 0
     if not args.cases:
         raise UserError("give the case folders with --cases (or --merge)")
+    spacing = spacing_rc(args.pixel_spacing)
     cases = discover_cases(args.cases)
-    if args.spacing is None:
-        spacing = _default_spacing(cases)
-    elif len(args.spacing) in (1, 2):
-        spacing = tuple(args.spacing) * (2 if len(args.spacing) == 1 else 1)
-    else:
-        raise UserError("--spacing takes one value or two (row col)")
-    settings = DatasetSettings(image_size=tuple(args.image_size), pixel_spacing_mm=tuple(spacing),
-                               structures=split_names(args.structures),
-                               kinds=tuple(args.kind or ("muscle", "bone")),
-                               quantities=tuple(split_names(args.quantities) or ()),
-                               bone_quantities=tuple(split_names(args.bone_quantities) or ()),
-                               normalisation_method=args.normalisation, split=args.split,
-                               val_fraction=args.val_fraction, test_fraction=args.test_fraction)
+    given = settings_values(args, SETTINGS_FIELDS)
+    for key in ("image_size", "kinds"):
+        if key in given:
+            given[key] = tuple(given[key])
+    for key in ("quantities", "bone_quantities"):
+        if key in given:
+            given[key] = tuple(split_names(given[key]) or ())
+    settings = DatasetSettings(pixel_spacing_mm=spacing or case_spacing(cases[0]),
+                               structures=split_names(args.structures), **given)
     i, n = args.shard
     todo = sum(1 for k in range(len(cases)) if k % n == i) if n >= 1 else 0
     bar = Progress(args.progress, todo, "build-dataset")

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from .common import add_force, add_progress
+import sys
+
+from ..errors import UserError
+from .common import add_force, add_progress, resolve_device, settings_options
+
+#: option dest -> DemoSettings field (defaults, and --quick's values, come from there)
+SETTINGS_FIELDS = {"subjects": "train_subjects", "heldout": "heldout_subjects",
+                   "calibration_subjects": "calibration_subjects", "steps": "steps", "workers": "workers"}
 
 
 def add_parser(sub, name: str):
@@ -13,14 +20,13 @@ def add_parser(sub, name: str):
                        "A tiny CPU demonstration on virtual data only; about 6 minutes on 2 CPU cores "
                        "(--quick: about a minute).")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--subjects", type=int, default=None,
-                   help="virtual training subjects (default 150; --quick 4)")
-    p.add_argument("--heldout", type=int, default=None, help="held-out virtual subjects (default 30; --quick 3)")
-    p.add_argument("--calibration-subjects", type=int, default=None,
-                   help="virtual subjects that only calibrate the estimates' interval (default 20; --quick 3; "
-                        "0 = uncalibrated)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default 4800; --quick 8)")
-    p.add_argument("--workers", type=int, default=None, help="processes for the cohort (default 2; --quick 1)")
+    p.add_argument("--subjects", type=int, help="virtual training subjects")
+    p.add_argument("--heldout", type=int, help="held-out virtual subjects")
+    p.add_argument("--calibration-subjects", type=int,
+                   help="virtual subjects that only calibrate the estimates' interval (0 = uncalibrated)")
+    p.add_argument("--steps", type=int, help="training steps")
+    p.add_argument("--workers", type=int, help="processes for the cohort")
+    settings_options(p, "MSKdeXLib.demo:DemoSettings", SETTINGS_FIELDS, variants={"--quick": "quick"})
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="few subjects, tiny images, few steps (~1 minute)")
     p.add_argument("--paired-muscles", action="store_true",
@@ -34,11 +40,7 @@ def add_parser(sub, name: str):
 
 
 def run(args) -> int:
-    import sys
-
-    from ..demo import DemoSettings, run_demo
-    from ..errors import UserError
-    from .common import resolve_device
+    from ..demo import DemoSettings, run_demo  # lazy: torch, scipy; keeps `mskdex --help` instant
 
     s = DemoSettings.quick() if args.quick else DemoSettings()
     for attr, value in (("train_subjects", args.subjects), ("heldout_subjects", args.heldout),

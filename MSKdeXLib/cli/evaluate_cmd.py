@@ -27,7 +27,7 @@ def add_parser(sub, name: str):
 
 
 def run(args) -> int:
-    from ..evaluation.agreement import evaluate, read_rows, write_report
+    from ..evaluation.agreement import evaluate, read_rows, write_report  # lazy: matplotlib; keeps --help instant
 
     from ..io.outputs import output_folder
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..anatomy.ct_metrics import metrics_csv, metrics_document
+from ..io.outputs import check_new, write_json, write_text
 from .common import (add_ct_args, add_density_args, add_force, add_structure_args, density_from_args,
                      load_case, split_names)
 
@@ -22,39 +24,18 @@ def add_parser(sub, name: str):
     return p
 
 
-def metrics_report(args):
-    """(report dict, rows) for the chosen structures."""
-    from ..anatomy.ct_metrics import structure_metrics
-
-    ct, labels = load_case(args)
-    density = density_from_args(args)
-    kinds = args.kind or (None if args.all or args.structures else ["muscle", "bone"])
-    chosen = labels.select(split_names(args.structures), kinds)
-    rows = [m.to_dict() for m in structure_metrics(ct, labels, chosen, density)]
-    report = {
-        "structures": rows,
-        "settings": {"density": density.to_dict(), "table": labels.table.name,
-                     "table_detection": None if labels.match is None else
-                     {"confidence": labels.match.confidence, "scores": labels.match.scores},
-                     "labels": labels.notes},
-        "ct": ct.grid_description(),
-    }
-    return report, rows
-
-
 def run(args) -> int:
-    from ..io.outputs import check_new, write_json, write_text
-
     for out in (args.json_out, args.csv_out):
         if out:
             check_new(out, args.force)
-    report, rows = metrics_report(args)
+    ct, labels = load_case(args)
+    kinds = args.kind or (None if args.all or args.structures else ["muscle", "bone"])
+    report = metrics_document(ct, labels, labels.select(split_names(args.structures), kinds), density_from_args(args))
+    rows = report["structures"]
     if args.json_out:
         write_json(args.json_out, report, args.force)
     if args.csv_out:
-        cols = ["name", "label", "kind", "side", "voxels", "volume_cm3", "mass_g", "lean_volume_cm3", "mean_hu"]
-        lines = [",".join(cols)] + [",".join(str(r[c]) for c in cols) for r in rows]
-        write_text(args.csv_out, "\n".join(lines) + "\n", args.force)
+        write_text(args.csv_out, metrics_csv(rows), args.force)
     if not args.json_out and not args.csv_out:
         print(f"structure table: {report['settings']['table']}")
         print(f"{'structure':<28}{'kind':<8}{'volume_cm3':>12}{'mass_g':>12}{'mean_HU':>10}")

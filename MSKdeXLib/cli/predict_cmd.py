@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from .common import add_device, add_force
+import warnings
+
+from ..errors import UserError
+from ..io.outputs import output_folder
+from ..io.radiographs import load_radiograph
+from .common import add_device, add_force, add_pixel_spacing, resolve_device, spacing_rc
 
 
 def add_parser(sub, name: str):
@@ -18,8 +23,7 @@ def add_parser(sub, name: str):
     p.add_argument("--tta", type=int, default=None,
                    help="extra test-time-augmentation passes (default: as many as the model's interval was "
                         "calibrated with, else 4; 0 = none)")
-    p.add_argument("--pixel-spacing", type=float, nargs="+", default=None, metavar="MM",
-                   help="pixel spacing (mm; one value or row col) overriding the file's")
+    add_pixel_spacing(p, None, "pixel spacing (mm) overriding the file's", old_alias=False)
     p.add_argument("--id", default=None, help="case id in the outputs (default: from the file name)")
     p.add_argument("--format", choices=("nrrd", "nifti"), default="nrrd", help="channel image format")
     p.add_argument("--seed", type=int, default=0, help="seed of the test-time augmentation")
@@ -30,27 +34,18 @@ def add_parser(sub, name: str):
 
 
 def run(args) -> int:
-    from ..errors import UserError
-    from ..io.outputs import output_folder
-
     if args.tta is not None and args.tta < 0:
         raise UserError("--tta must be >= 0")
+    spacing = spacing_rc(args.pixel_spacing)
     names = ("estimates.csv", "estimates.json", "overlay.png", "channels")
     with output_folder(args.out, args.force, names, last=("estimates.json",)) as stage:  # nothing left on error
-        return _predict(args, stage)
+        return _predict(args, stage, spacing)
 
 
-def _predict(args, out) -> int:
-    import warnings
-
-    from ..learning.inference import load_model, predict, write_outputs
-    from ..io.radiographs import load_radiograph
-    from .common import resolve_device
+def _predict(args, out, spacing) -> int:
+    from ..learning.inference import load_model, predict, write_outputs  # lazy: torch; keeps `mskdex --help` instant
 
     model = load_model(args.model, resolve_device(args.device))
-    spacing = None
-    if args.pixel_spacing:
-        spacing = args.pixel_spacing[0] if len(args.pixel_spacing) == 1 else tuple(args.pixel_spacing[:2])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the estimates carry their own warnings
         rg = load_radiograph(args.xray, spacing)

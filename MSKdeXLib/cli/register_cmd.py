@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import Progress, add_ct_args, add_device, add_force, add_progress, resolve_device
+from .common import (LazyChoices, Progress, add_ct_args, add_device, add_force, add_pixel_spacing, add_progress,
+                     add_sid, resolve_device, spacing_rc)
 
 
 def add_parser(sub, name: str):
@@ -34,12 +35,10 @@ def add_parser(sub, name: str):
                         "{'ct_to_camera': ...}, or a previous registration.json")
     p.add_argument("--landmarks", default=None,
                    help="CSV x,y,z,row,col (CT LPS mm <-> radiograph pixel), >= 4 pairs: start pose by PnP")
-    p.add_argument("--sid", type=float, default=1000.0,
-                   help="source-to-image distance, mm, when the radiograph has no sidecar (default 1000)")
-    p.add_argument("--spacing", type=float, nargs="+", default=None, metavar="MM",
-                   help="detector pixel spacing (mm; one value or row col), overrides the file's")
-    p.add_argument("--similarity", default=None, choices=("ncc", "gc", "pgncc", "ms-pgncc", "ms-gc"),
-                   help="similarity measure (default pgncc)")
+    add_sid(p, "source-to-image distance, mm, when the radiograph has no sidecar")
+    add_pixel_spacing(p, None, "detector pixel spacing (mm), overrides the file's")
+    p.add_argument("--similarity", default=None, choices=LazyChoices("MSKdeXLib.registration.similarity:MEASURES"),
+                   metavar="MEASURE", help="similarity measure: %(choices)s (default pgncc)")
     p.add_argument("--fine-px", type=int, default=None, help="long side of the finest level, px (default 192)")
     p.add_argument("--no-inplane-search", action="store_true",
                    help="skip the 2D rotation + shift search of the first body")
@@ -98,7 +97,7 @@ def _run(args, stage: Path) -> int:
     from ..validation import NonFiniteError, is_finite
 
     req = RegistrationRequest(args.xray, args.ct, args.labels, stage, args.bones, args.init_pose,
-                              args.landmarks, args.sid, args.spacing, args.table, args.resample_labels,
+                              args.landmarks, args.sid, spacing_rc(args.pixel_spacing), args.table, args.resample_labels,
                               settings_from_args(args), args.force)
     device = resolve_device(args.device)
     prog = Progress(args.progress, None, "register")

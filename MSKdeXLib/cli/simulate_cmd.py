@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import add_ct_args, add_device, add_force, add_progress
+from ..errors import UserError
+from ..io.outputs import check_new
+from ..projection.geometry import ISOCENTRE_TO_DETECTOR_MM, Camera, perturbed_pose
+from ..settings import RADIOGRAPH_DETECTOR
+from .common import (LazyChoices, Progress, add_ct_args, add_device, add_force, add_pixel_spacing, add_progress,
+                     add_sid, load_case, resolve_device, settings_options, settings_values, spacing_rc)
 
 
 def add_parser(sub, name: str):
@@ -17,39 +22,39 @@ def add_parser(sub, name: str):
     add_ct_args(p, labels_required=False)
     p.add_argument("--out", required=True, help="output DICOM file (.dcm); the sidecar is FILE.json")
     g = p.add_argument_group("geometry")
-    g.add_argument("--rows", type=int, default=512, help="detector rows (default 512)")
-    g.add_argument("--cols", type=int, default=512, help="detector columns (default 512)")
-    g.add_argument("--spacing", type=float, nargs="+", default=[0.8], metavar="MM",
-                   help="detector pixel spacing in mm, one value or ROW COL (default 0.8)")
-    g.add_argument("--sid", type=float, default=1000.0, help="source-to-image distance, mm (default 1000)")
+    g.add_argument("--rows", type=int, default=RADIOGRAPH_DETECTOR.rows,
+                   help=f"detector rows (default {RADIOGRAPH_DETECTOR.rows})")
+    g.add_argument("--cols", type=int, default=RADIOGRAPH_DETECTOR.cols,
+                   help=f"detector columns (default {RADIOGRAPH_DETECTOR.cols})")
+    add_pixel_spacing(g, RADIOGRAPH_DETECTOR.pixel_spacing_mm, "detector pixel spacing in mm")
+    add_sid(g)
     g.add_argument("--sod", type=float, default=None,
-                   help="source-to-isocentre distance, mm (default SID - 150)")
+                   help=f"source-to-isocentre distance, mm (default SID - {ISOCENTRE_TO_DETECTOR_MM:g})")
     g.add_argument("--rotation", type=float, nargs=3, default=(0.0, 0.0, 0.0), metavar=("RX", "RY", "RZ"),
                    help="extra rotation in degrees about the patient's L, P, S axes through the isocentre")
     g.add_argument("--translation", type=float, nargs=3, default=(0.0, 0.0, 0.0),
                    metavar=("TX", "TY", "TZ"), help="extra translation in mm along L, P, S")
-    s = p.add_argument_group("acquisition and detector (defaults: see SimulationSettings)")
-    s.add_argument("--spectrum", choices=("poly", "mono"), default="poly",
-                   help="poly: kVp spectrum with water/bone materials; mono: renderer's effective energy")
-    s.add_argument("--kvp", type=float, default=75.0, help="tube voltage, kV (default 75)")
-    s.add_argument("--filtration", type=float, default=2.5, help="total filtration, mm Al (default 2.5)")
-    s.add_argument("--focal-spot", type=float, default=1.2, help="focal spot FWHM, mm (default 1.2)")
-    s.add_argument("--scatter-fraction", type=float, default=0.3,
-                   help="mean scatter share of the detected signal, 0..<1 (default 0.3)")
-    s.add_argument("--scatter-sigma", type=float, default=30.0, help="scatter kernel sigma, mm (default 30)")
-    s.add_argument("--photons", type=float, default=3.0e6,
-                   help="unattenuated photons per mm^2 at the detector: the dose (default 3e6)")
-    s.add_argument("--noise-level", type=float, default=None,
+    s = p.add_argument_group("acquisition and detector (defaults: SimulationSettings)")
+    s.add_argument("--spectrum", choices=LazyChoices("MSKdeXLib.projection.simulate:SPECTRA"), metavar="MODEL",
+                   help="%(choices)s; poly: kVp spectrum with water/bone materials, mono: the renderer's "
+                        "effective energy")
+    s.add_argument("--kvp", type=float, help="tube voltage, kV")
+    s.add_argument("--filtration", type=float, help="total filtration, mm Al")
+    s.add_argument("--focal-spot", type=float, help="focal spot FWHM, mm")
+    s.add_argument("--scatter-fraction", type=float, help="mean scatter share of the detected signal, 0..<1")
+    s.add_argument("--scatter-sigma", type=float, help="scatter kernel sigma, mm")
+    s.add_argument("--photons", type=float, help="unattenuated photons per mm^2 at the detector: the dose")
+    s.add_argument("--noise-level", type=float,
                    help="relative quantum noise at the median signal (overrides --photons)")
     s.add_argument("--no-quantum-noise", action="store_true", help="no Poisson noise")
-    s.add_argument("--electronic-noise", type=float, default=20.0,
-                   help="Gaussian read noise, std in photons per pixel (default 20)")
-    s.add_argument("--bits", type=int, default=12, help="stored bits, 8..16 (default 12)")
-    s.add_argument("--gamma", type=float, default=1.0, help="detector contrast exponent (default 1)")
+    s.add_argument("--electronic-noise", type=float, help="Gaussian read noise, std in photons per pixel")
+    s.add_argument("--bits", type=int, help="stored bits, 8..16")
+    s.add_argument("--gamma", type=float, help="detector contrast exponent")
     s.add_argument("--window", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="window of -ln(I/I0) mapped to the output codes (default: automatic)")
     s.add_argument("--collimation", type=float, nargs=4, default=None, metavar=("X0", "X1", "Y0", "Y1"),
                    help="open field in detector mm from the image centre (x right, y down)")
+    settings_options(p, "MSKdeXLib.projection.simulate:SimulationSettings", SETTINGS_FIELDS)
     p.add_argument("--seed", type=int, default=0, help="random seed of the noise (default 0)")
     add_device(p)
     add_progress(p)
@@ -58,34 +63,33 @@ def add_parser(sub, name: str):
     return p
 
 
-def settings_from_args(args):
-    from ..projection.simulate import SimulationSettings
+#: option dest -> SimulationSettings field (defaults come from there)
+SETTINGS_FIELDS = {"spectrum": "spectrum", "kvp": "kvp", "filtration": "filtration_mm_al",
+                   "focal_spot": "focal_spot_mm", "scatter_fraction": "scatter_fraction",
+                   "scatter_sigma": "scatter_sigma_mm", "photons": "photons_per_mm2", "noise_level": "noise_level",
+                   "electronic_noise": "electronic_noise_photons", "bits": "bits", "gamma": "gamma"}
 
-    return SimulationSettings(
-        spectrum=args.spectrum, kvp=args.kvp, filtration_mm_al=args.filtration,
-        focal_spot_mm=args.focal_spot, scatter_fraction=args.scatter_fraction,
-        scatter_sigma_mm=args.scatter_sigma, photons_per_mm2=args.photons, noise_level=args.noise_level,
-        quantum_noise=not args.no_quantum_noise, electronic_noise_photons=args.electronic_noise,
-        bits=args.bits, gamma=args.gamma, window=tuple(args.window) if args.window else None,
-        collimation_mm=tuple(args.collimation) if args.collimation else None)
+
+def settings_from_args(args):
+    from ..projection.simulate import SimulationSettings  # lazy: torch; keeps `mskdex --help` instant
+
+    extra = {"window": tuple(args.window) if args.window else None,
+             "collimation_mm": tuple(args.collimation) if args.collimation else None}
+    if args.no_quantum_noise:
+        extra["quantum_noise"] = False
+    return SimulationSettings(**settings_values(args, SETTINGS_FIELDS), **extra)
 
 
 def run(args) -> int:
-    from ..errors import UserError
-    from ..projection.geometry import Camera, perturbed_pose
-    from ..io.outputs import check_new
-    from ..projection.rendering import default_view, isocentre_of
+    from ..projection.rendering import default_view, isocentre_of  # lazy: torch; keeps `mskdex --help` instant
     from ..projection.simulate import sidecar_path, simulate_radiograph, write_dicom_dx
-    from .common import Progress, load_case, resolve_device
 
     out = Path(args.out)
     if out.suffix.lower() != ".dcm":
         raise UserError("--out must be a .dcm file", out)
     check_new(out, args.force)
     check_new(sidecar_path(out), args.force)
-    if len(args.spacing) not in (1, 2):
-        raise UserError(f"--spacing takes one or two values, got {len(args.spacing)}")
-    sr, sc = (args.spacing * 2)[:2]
+    sr, sc = spacing_rc(args.pixel_spacing)
     camera = Camera(args.rows, args.cols, sr, sc, args.sid)
     settings = settings_from_args(args)
     device = resolve_device(args.device)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from .common import add_device, add_force, add_progress
+import os
+
+from ..errors import UserError
+from ..io.outputs import resumable_folder, write_json
+from .common import add_device, add_force, add_progress, resolve_device
 
 
 def add_parser(sub, name: str):
@@ -29,11 +33,8 @@ def add_parser(sub, name: str):
 
 
 def run(args) -> int:
-    import os
-
-    from ..errors import UserError
-    from ..io.outputs import resumable_folder, write_json
-    from ..learning.training import default_config, load_config, merge_config, train
+    from ..learning.training import (default_config, load_config, merge_config,  # lazy: torch; keeps
+                                     recalibrate, train)  # `mskdex --help` instant
 
     if args.write_default_config:
         write_json(args.write_default_config, default_config(), args.force)
@@ -42,9 +43,6 @@ def run(args) -> int:
     if not args.out:
         raise UserError("--out is required (the model folder to write)")
     if args.calibrate_only:
-        from ..learning.training import recalibrate
-        from .common import resolve_device
-
         if not args.data:
             raise UserError("--calibrate-only needs --data (a data set with a 'val' split)")
         cal = recalibrate(args.out, args.data, device=str(resolve_device(args.device)), force=args.force)
@@ -55,7 +53,7 @@ def run(args) -> int:
     cfg = load_config(args.config) if args.config else (None if args.resume else merge_config({}))
     if args.steps is not None:
         if cfg is None:
-            from ..learning.checkpoint import load_checkpoint
+            from ..learning.checkpoint import load_checkpoint  # lazy: torch; keeps `mskdex --help` instant
 
             cfg = load_checkpoint(args.out)[1]["config"]
         cfg["steps"] = int(args.steps)

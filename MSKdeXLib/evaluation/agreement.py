@@ -35,8 +35,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from ..errors import UserError
 from ..anatomy.structures import get_table, normalize_name
+from ..errors import UserError
 from . import specificity as spec_metrics
 from .statistics import QUANTITIES, icc_2_1, pearson  # noqa: F401  (re-exported)
 

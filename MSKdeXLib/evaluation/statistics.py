@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-#: the quantities estimated per structure (column names, with their units)
-QUANTITIES = ("mass_g", "volume_cm3")
+from ..anatomy.quantities import QUANTITIES  # noqa: F401  (the quantities estimated per structure, named there)
 
 
 def _constant(v: np.ndarray) -> bool:

@@ -1,4 +1,5 @@
-"""Core image types: a 3D :class:`Volume` in the LPS frame and a 2D :class:`Radiograph`.
+"""Core image types: a 3D :class:`Volume` in the LPS frame, the :class:`LabelMap` of structures on
+a CT grid, and a 2D :class:`Radiograph`.
 
 Frames and index order follow ITK / SimpleITK:
 
@@ -17,6 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from ..anatomy.structures import Structure, StructureTable, TableMatch
+from ..errors import UserError
 
 
 @dataclass
@@ -102,7 +106,7 @@ class Volume:
 
     # --- SimpleITK bridge -----------------------------------------------------------------
     def to_sitk(self):
-        import SimpleITK as sitk
+        import SimpleITK as sitk  # lazy: the command line's parser imports these types; --help stays instant
 
         img = sitk.GetImageFromArray(self.array)
         img.SetSpacing(self.spacing)
@@ -112,7 +116,7 @@ class Volume:
 
     @classmethod
     def from_sitk(cls, image, source: str = "", metadata: dict | None = None) -> "Volume":
-        import SimpleITK as sitk
+        import SimpleITK as sitk  # lazy: the command line's parser imports these types; --help stays instant
 
         if image.GetDimension() != 3:
             raise ValueError(f"expected a 3D image, got {image.GetDimension()}D")
@@ -124,6 +128,67 @@ class Volume:
             source,
             dict(metadata or {}),
         )
+
+
+@dataclass
+class LabelMap:
+    """Labelled structures on a CT grid, possibly in overlapping layers.
+
+    ``layers`` are int32 arrays indexed [k, j, i]; ``entries`` maps a structure's label value in
+    ``table`` to (layer index, value in that layer). A plain label map has one layer where the
+    value is the label itself.
+    """
+
+    grid: Volume
+    layers: list[np.ndarray]
+    table: StructureTable
+    entries: dict[int, tuple[int, int]]
+    match: TableMatch | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def structures(self) -> list[Structure]:
+        """Structures present (non-empty), in table order."""
+        return [self.table.by_label(lbl) for lbl in sorted(self.entries)]
+
+    def mask(self, structure: Structure | int | str) -> np.ndarray:
+        """Boolean mask [k, j, i] of one structure."""
+        s = self.resolve(structure)
+        layer, value = self.entries[s.label]
+        return self.layers[layer] == value
+
+    def resolve(self, structure: Structure | int | str) -> Structure:
+        if isinstance(structure, Structure):
+            label = structure.label
+        elif isinstance(structure, str):
+            label = self.table.by_name(structure).label
+        else:
+            label = int(structure)
+        if label not in self.entries:
+            s = self.table.find(str(structure)) if isinstance(structure, str) else None
+            name = s.name if s else structure
+            raise UserError(f"structure '{name}' is not in the label map ({self.grid.source})")
+        return self.table.by_label(label)
+
+    def select(self, names=None, kinds=None) -> list[Structure]:
+        """Present structures chosen by name (any spelling) and/or kind."""
+        if names:
+            chosen = [self.resolve(n) for n in names]
+        else:
+            chosen = self.structures
+        if kinds:
+            chosen = [s for s in chosen if s.kind in set(kinds)]
+        return chosen
+
+    def label_array(self, structures: list[Structure] | None = None) -> np.ndarray:
+        """A single int32 label array (value = table label) of the given structures.
+
+        Where layers overlap, later structures win; use :meth:`mask` for exact per-structure work.
+        """
+        out = np.zeros(self.grid.array.shape, dtype=np.int32)
+        for s in structures or self.structures:
+            out[self.mask(s)] = s.label
+        return out
 
 
 @dataclass

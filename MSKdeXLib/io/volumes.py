@@ -6,19 +6,17 @@ Bad input raises :class:`~MSKdeXLib.errors.UserError` with a one-line message na
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..anatomy.structures import (Structure, StructureTable, colour_of, detect_table, detect_table_from_names,
+                                  get_table, kind_of, normalize_name, side_of)
 from ..errors import UserError
 from ..validation import nonfinite_summary
-from .images import Volume
+from .images import LabelMap, Volume
 from .payload import check_dicom_files, check_dicom_folder, check_payload
-from ..anatomy.structures import (Structure, StructureTable, TableMatch, detect_table,
-                          detect_table_from_names, get_table, normalize_name, _colour, _kind_of,
-                          _side_of)
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 
@@ -84,67 +82,6 @@ def load_ct(path: str | Path, nonfinite: str = "refuse") -> Volume:
         vol.metadata["nonfinite"] = {"policy": "mask", "voxels": int(bad.sum()), "filled_hu": NONFINITE_FILL_HU,
                                      "summary": summary}
     return vol
-
-
-@dataclass
-class LabelMap:
-    """Labelled structures on a CT grid, possibly in overlapping layers.
-
-    ``layers`` are int32 arrays indexed [k, j, i]; ``entries`` maps a structure's label value in
-    ``table`` to (layer index, value in that layer). A plain label map has one layer where the
-    value is the label itself.
-    """
-
-    grid: Volume
-    layers: list[np.ndarray]
-    table: StructureTable
-    entries: dict[int, tuple[int, int]]
-    match: TableMatch | None = None
-    notes: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def structures(self) -> list[Structure]:
-        """Structures present (non-empty), in table order."""
-        return [self.table.by_label(lbl) for lbl in sorted(self.entries)]
-
-    def mask(self, structure: Structure | int | str) -> np.ndarray:
-        """Boolean mask [k, j, i] of one structure."""
-        s = self.resolve(structure)
-        layer, value = self.entries[s.label]
-        return self.layers[layer] == value
-
-    def resolve(self, structure: Structure | int | str) -> Structure:
-        if isinstance(structure, Structure):
-            label = structure.label
-        elif isinstance(structure, str):
-            label = self.table.by_name(structure).label
-        else:
-            label = int(structure)
-        if label not in self.entries:
-            s = self.table.find(str(structure)) if isinstance(structure, str) else None
-            name = s.name if s else structure
-            raise UserError(f"structure '{name}' is not in the label map ({self.grid.source})")
-        return self.table.by_label(label)
-
-    def select(self, names=None, kinds=None) -> list[Structure]:
-        """Present structures chosen by name (any spelling) and/or kind."""
-        if names:
-            chosen = [self.resolve(n) for n in names]
-        else:
-            chosen = self.structures
-        if kinds:
-            chosen = [s for s in chosen if s.kind in set(kinds)]
-        return chosen
-
-    def label_array(self, structures: list[Structure] | None = None) -> np.ndarray:
-        """A single int32 label array (value = table label) of the given structures.
-
-        Where layers overlap, later structures win; use :meth:`mask` for exact per-structure work.
-        """
-        out = np.zeros(self.grid.array.shape, dtype=np.int32)
-        for s in structures or self.structures:
-            out[self.mask(s)] = s.label
-        return out
 
 
 def _label_stats(layer: np.ndarray, ct: Volume | None) -> tuple[dict[int, int], dict[int, float] | None]:
@@ -216,7 +153,7 @@ def load_labels(path: str | Path, ct: Volume | None = None, table: str | Path | 
     unknown = sorted(v for v in counts if v not in tab)
     if unknown:
         # Keep unknown labels as generic structures rather than dropping their voxels silently.
-        extra = [Structure(v, f"label_{v}", "other", "none", _colour(f"label_{v}", "other")) for v in unknown]
+        extra = [Structure(v, f"label_{v}", "other", "none", colour_of(f"label_{v}", "other")) for v in unknown]
         tab = StructureTable(tab.name, list(tab.structures) + extra)
         notes["labels_not_in_table"] = unknown
     entries = {v: (0, v) for v in counts}
@@ -254,15 +191,15 @@ def _segmentation(img, path: Path, grid: Volume, table, notes) -> LabelMap:
     for idx, seg in enumerate(segs, start=1):
         known = ref.find(seg["name"])
         name = known.name if known else normalize_name(seg["name"])
-        kind = known.kind if known else _kind_of(name)
-        color = known.color if known else _colour(name, kind)
+        kind = known.kind if known else kind_of(name)
+        color = known.color if known else colour_of(name, kind)
         if seg["color"]:
             try:
                 color = tuple(int(round(float(c) * 255)) for c in seg["color"].split()[:3])
             except ValueError:
                 pass
         label = known.label if known else 1000 + idx
-        structures.append(Structure(label, name, kind, known.side if known else _side_of(name), color))
+        structures.append(Structure(label, name, kind, known.side if known else side_of(name), color))
         if seg["layer"] >= len(layers):
             raise UserError(f"segment '{seg['name']}' refers to missing layer {seg['layer']}", path)
         if np.any(layers[seg["layer"]] == seg["value"]):

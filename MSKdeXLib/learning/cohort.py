@@ -46,12 +46,13 @@ from typing import Any, Callable
 import numpy as np
 from scipy import ndimage
 
+from ..anatomy.ct_metrics import metrics_document
 from ..anatomy.density import DensityModel
 from ..errors import UserError
 from ..projection.geometry import Camera, ap_pose, perturbed_pose, project
-from ..io.images import Volume
-from ..io.volumes import LabelMap
+from ..io.images import LabelMap, Volume
 from ..anatomy.structures import Structure
+from ..settings import COHORT_DETECTOR, SID_MM
 
 COHORT_FORMAT = "mskdex-cohort/1"
 SUBJECT_FORMAT = "mskdex-virtual-subject/1"
@@ -312,10 +313,11 @@ def atrophy(hu: np.ndarray, labels: np.ndarray, label: int, fraction: float, spa
 
 def hypertrophy(hu: np.ndarray, labels: np.ndarray, label: int, fraction: float, spacing_ijk,
                 rng: np.random.Generator, max_distance_mm: float = 12.0,
-                fat_range_hu: tuple[float, float] = FAT_RANGE_HU) -> int:
+                fat_range_hu: tuple[float, float] = FAT_RANGE_HU, density: DensityModel = DensityModel()) -> int:
     """Grow muscle ``label`` by ``fraction`` of its voxels into unlabelled fat next to it.
 
-    Grown voxels take HU values drawn from the muscle's own lean voxels and the muscle's label.
+    Grown voxels take HU values drawn from the muscle's own lean voxels (``density``'s lean window)
+    and the muscle's label.
     Growth is limited to fat within ``max_distance_mm``; returns the number of voxels grown.
     """
     mask = labels == label
@@ -340,7 +342,7 @@ def hypertrophy(hu: np.ndarray, labels: np.ndarray, label: int, fraction: float,
     sel[flat] = True
     sel = sel.reshape(m.shape)
     source = hu_box[m]
-    lean = source[(source >= -29) & (source <= 150)]
+    lean = source[density.lean(source)]
     pool = lean if lean.size else np.array([40.0])
     hu_box[sel] = rng.choice(pool, int(sel.sum()))
     lab_box[sel] = label
@@ -449,8 +451,10 @@ def relabel(ct: Volume, labels: LabelMap, array: np.ndarray) -> LabelMap:
                     dict(labels.notes))
 
 
-def modify_anatomy(ct: Volume, labels: LabelMap, spec: SubjectSpec) -> tuple[Volume, LabelMap, dict]:
-    """Apply ``spec``'s anatomy changes; returns (ct', labels', applied summary)."""
+def modify_anatomy(ct: Volume, labels: LabelMap, spec: SubjectSpec, density: DensityModel = DensityModel()
+                   ) -> tuple[Volume, LabelMap, dict]:
+    """Apply ``spec``'s anatomy changes (lean tissue: ``density``'s window); returns (ct', labels', applied
+    summary)."""
     rng = subject_rng(spec.seed, spec.index, 1)
     hu = ct.array.astype(np.float32, copy=True)
     lab = labels.label_array().astype(np.int32)
@@ -462,7 +466,7 @@ def modify_anatomy(ct: Volume, labels: LabelMap, spec: SubjectSpec) -> tuple[Vol
         if frac < 0:
             changed = -atrophy(hu, lab, s.label, -frac, ct.spacing, rng)
         else:
-            changed = hypertrophy(hu, lab, s.label, frac, ct.spacing, rng)
+            changed = hypertrophy(hu, lab, s.label, frac, ct.spacing, rng, density=density)
         applied["muscles"].setdefault(name, {})["voxels_changed"] = changed
         applied["muscles"][name]["voxels_before"] = n0
     for name, frac in sorted(spec.infiltration.items()):
@@ -521,7 +525,7 @@ def base_view(ct: Volume, labels: LabelMap, camera: Camera) -> np.ndarray:
     return np.asarray(default_view(ct, labels, camera), dtype=np.float64)
 
 
-def fit_camera(ct: Volume, labels: LabelMap, rows: int, cols: int, sid_mm: float = 1000.0,
+def fit_camera(ct: Volume, labels: LabelMap, rows: int, cols: int, sid_mm: float = SID_MM,
                margin: float = 0.25) -> Camera:
     """A camera of ``rows x cols`` square pixels whose field of view holds every labelled voxel
     at the default view, with ``margin`` extra (room for pose changes and deformation)."""
@@ -551,18 +555,6 @@ def subject_pose(base: np.ndarray, spec: SubjectSpec, centre_lps: np.ndarray) ->
 # ------------------------------------------------------------------------------------------------
 # Truth: metrics and target channels
 # ------------------------------------------------------------------------------------------------
-def metrics_document(ct: Volume, labels: LabelMap, structures: list[Structure],
-                     density: DensityModel) -> dict:
-    """Metrics of ``structures`` in the ``mskdex metrics --json`` format."""
-    from ..anatomy.ct_metrics import structure_metrics
-
-    rows = [m.to_dict() for m in structure_metrics(ct, labels, structures, density)]
-    return {"structures": rows,
-            "settings": {"density": density.to_dict(), "table": labels.table.name,
-                         "table_detection": None, "labels": labels.notes},
-            "ct": ct.grid_description()}
-
-
 def render_channels(ct: Volume, labels: LabelMap, structures: list[Structure], camera: Camera,
                     pose: np.ndarray, density: DensityModel) -> dict[str, np.ndarray]:
     """Mass (g/pixel) and volume (cm^3/pixel) channels (K, rows, cols) at ``pose``."""
@@ -590,9 +582,9 @@ class CohortConfig:
     labels: str
     table: str | None = None
     seed: int = 0
-    rows: int = 256
-    cols: int = 256
-    sid_mm: float = 1000.0
+    rows: int = COHORT_DETECTOR.rows
+    cols: int = COHORT_DETECTOR.cols
+    sid_mm: float = SID_MM
     voxel_mm: float | None = None          # resample the CT first (isotropic), e.g. for big CTs
     keep_ct: bool = False
     kinds: tuple[str, ...] = ("muscle", "bone")
@@ -705,7 +697,7 @@ def _make_subject(config: CohortConfig, index: int, folder: Path, force: bool) -
     structures0 = labels0.select(kinds=list(config.kinds))
     muscles = [s.name for s in structures0 if s.kind == "muscle"]
     spec = sample_subject(config.seed, index, muscles, config.cohort_ranges())
-    ct, labels, applied = modify_anatomy(ct0, labels0, spec)
+    ct, labels, applied = modify_anatomy(ct0, labels0, spec, density)
     centre = bone_centre(ct0, labels0)
     ct, labels = scale_anatomy(ct, labels, spec.scale, centre)
     structures = [s for s in structures0 if s.label in labels.entries]

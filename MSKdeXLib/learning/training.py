@@ -39,9 +39,11 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from .. import __version__
+from ..devices import resolve_device
 from ..errors import UserError
 from ..io.documents import read_json
 from ..io.outputs import atomic_path, prepare_out_dir, write_json
+from ..progress import Progress
 from ..validation import NonFiniteError
 from . import losses as L
 from .checkpoint import MODEL_FORMAT, load_checkpoint, save_checkpoint, save_model
@@ -379,8 +381,6 @@ class Trainer:
 
     # --- 1. configuration, device, data ---------------------------------------------------------
     def _configure(self, config, data_dir, resume: bool, device: str, force: bool) -> None:
-        from ..cli.common import resolve_device  # lazy: issue 12 moves it out of the cli package
-
         out = self.out
         ckpt = None
         if resume:
@@ -490,8 +490,6 @@ class Trainer:
     # --- 4. the loop ----------------------------------------------------------------------------
     def run(self) -> TrainResult:
         """Train to ``steps`` (from the resumed step), then :meth:`finish`."""
-        from ..cli.common import Progress  # lazy: issue 12 moves it out of the cli package
-
         prog = Progress(self.progress_mode if self.dist.main else "none", total=self.total, desc="train")
         prog.n = self.step_no
         if prog._bar is not None:

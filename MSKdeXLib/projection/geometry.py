@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..errors import UserError
+from ..settings import DRR_DETECTOR, SID_MM
 
 #: Rotation taking LPS directions to camera axes for the default AP view (rows = camera axes).
 AP_ROTATION = np.array([[1.0, 0.0, 0.0],    # x_cam = +L  (image right = patient left)
@@ -34,11 +35,11 @@ AP_ROTATION = np.array([[1.0, 0.0, 0.0],    # x_cam = +L  (image right = patient
 class Camera:
     """A cone-beam (pinhole) X-ray camera. Distances in mm, principal point in pixels."""
 
-    rows: int = 256
-    cols: int = 256
-    spacing_row_mm: float = 1.6
-    spacing_col_mm: float = 1.6
-    sid_mm: float = 1000.0
+    rows: int = DRR_DETECTOR.rows
+    cols: int = DRR_DETECTOR.cols
+    spacing_row_mm: float = DRR_DETECTOR.pixel_spacing_mm
+    spacing_col_mm: float = DRR_DETECTOR.pixel_spacing_mm
+    sid_mm: float = SID_MM
     cx: float | None = None
     cy: float | None = None
 
@@ -158,9 +159,13 @@ def check_rigid(m: np.ndarray, what: str = "pose", tol: float = 1e-4) -> np.ndar
     return m
 
 
+#: the default view's isocentre (pelvis mid-plane) lies this far in front of the detector, mm
+ISOCENTRE_TO_DETECTOR_MM = 150.0
+
+
 def default_source_to_isocentre(camera: Camera) -> float:
     """Default source-to-isocentre distance: the isocentre 150 mm in front of the detector."""
-    return camera.sid_mm - 150.0
+    return camera.sid_mm - ISOCENTRE_TO_DETECTOR_MM
 
 
 def ap_pose(isocentre_lps, camera: Camera, source_to_isocentre_mm: float | None = None) -> np.ndarray:

@@ -54,18 +54,21 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from ..anatomy.density import DensityModel
-from ..errors import UserError
-from .geometry import Camera, ap_pose
-from ..io.images import Volume
 from ..anatomy.ct_metrics import MM3_PER_CM3
+from ..anatomy.density import DensityModel
+from ..anatomy.quantities import CHANNEL_KINDS, QUANTITY_NAMES
 from ..anatomy.structures import Structure
+from ..errors import UserError
+from ..io.images import Volume
+from ..settings import MU_WATER_PER_MM
+from .geometry import Camera, ap_pose
 
-#: Default linear attenuation of water, 1/mm (about 70 keV).
-MU_WATER_PER_MM = 0.02
 
-QUANTITIES = ("mass", "volume")
-QUANTITY_NAMES = {"mass": "mass_g", "volume": "volume_cm3"}
+#: the renderer's channel kinds ("mass": g per pixel, "volume": cm^3 per pixel); names with units:
+#: ``QUANTITY_NAMES`` (both from :mod:`MSKdeXLib.anatomy.quantities`)
+QUANTITIES = CHANNEL_KINDS
+__all__ = ["MU_WATER_PER_MM", "QUANTITIES", "QUANTITY_NAMES", "ChannelResult", "DRRRenderer", "default_view",
+           "isocentre_of", "union_mask"]
 
 # Elements per processing chunk (bounds temporary memory: ~12-24 bytes per element).
 # Measured on an idle 2-core Xeon (benchmarks/RESULTS.md, run F): with 1 thread 1 << 18 is best
@@ -266,7 +269,8 @@ class DRRRenderer:
         self._planes[key] = (planes.unsqueeze(1), pos)
         return self._planes[key]
 
-    def _samples(self, axis: int) -> int:
+    def ray_samples(self, axis: int) -> int:
+        """Attenuation samples per ray when ``axis`` (0 = i, 1 = j, 2 = k) is the dominant CT axis."""
         size = self.ct.array.shape[2 - axis]
         if self.samples_per_ray:
             return int(self.samples_per_ray)
@@ -297,7 +301,7 @@ class DRRRenderer:
     def _attenuation_one(self, pose: torch.Tensor, structures) -> torch.Tensor:
         cam = self.camera
         axis = self.dominant_axis(pose)
-        n = self._samples(axis)
+        n = self.ray_samples(axis)
         planes, pos = self._plane_stack(structures, axis, n)
         x_ax, y_ax = [a for a in (0, 1, 2) if a != axis]
         size = self.ct.array.shape[2 - axis]

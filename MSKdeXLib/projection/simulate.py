@@ -47,8 +47,12 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from .geometry import Camera, check_rigid
 from ..io.images import Radiograph, Volume
+from ..io.outputs import check_new, write_json
+from ..io.radiographs import write_dx_dicom
+from .filters import gaussian_blur
+from .geometry import Camera, check_rigid
+from .rendering import DRRRenderer
 
 #: NIST (Hubbell & Seltzer, SRD 126) mass attenuation coefficients mu/rho (cm^2/g) at ``ENERGIES_KEV``.
 ENERGIES_KEV = np.array([10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 80.0, 100.0, 150.0])
@@ -59,6 +63,10 @@ MASS_ATTENUATION_CM2_G = {
 }
 AL_DENSITY_G_CM3 = 2.699
 FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+
+
+#: the attenuation models (``SimulationSettings.spectrum``)
+SPECTRA = ("poly", "mono")
 
 
 @dataclass
@@ -86,8 +94,8 @@ class SimulationSettings:
     # (relative to the principal point: x to image right, y to image bottom)
 
     def __post_init__(self) -> None:
-        if self.spectrum not in ("poly", "mono"):
-            raise UserError(f"spectrum must be 'poly' or 'mono', got '{self.spectrum}'")
+        if self.spectrum not in SPECTRA:
+            raise UserError(f"spectrum must be one of {', '.join(SPECTRA)}, got '{self.spectrum}'")
         if not 20.0 <= float(self.kvp) <= 150.0:
             raise UserError(f"kVp must be within 20..150, got {self.kvp}")
         if self.filtration_mm_al < 0 or self.bin_kev <= 0:
@@ -169,44 +177,6 @@ def transmission_poly(water_g_cm2: torch.Tensor, bone_g_cm2: torch.Tensor, energ
     for w, a, b in zip(weights, mw, mb):
         out = out + float(w) * torch.exp(-(float(a) * water_g_cm2 + float(b) * bone_g_cm2))
     return out
-
-
-def separable_gaussian(x: torch.Tensor, sigma_rc: tuple[float, float], min_sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of (N, 1, H, W) images, sigma (rows, cols) in pixels, edges
-    replicated, kernel radius ceil(3 sigma) (at most the image size - 1); an axis whose sigma is
-    below ``min_sigma`` is left as it is. Differentiable."""
-    for dim, s in ((2, sigma_rc[0]), (3, sigma_rc[1])):
-        if s < min_sigma:
-            continue
-        radius = min(max(1, int(math.ceil(3.0 * s))), x.shape[dim] - 1)
-        if radius < 1:
-            continue
-        t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
-        k = torch.exp(-0.5 * (t / s) ** 2)
-        k = (k / k.sum()).view(1, 1, -1, 1) if dim == 2 else (k / k.sum()).view(1, 1, 1, -1)
-        pad = (0, 0, radius, radius) if dim == 2 else (radius, radius, 0, 0)
-        x = torch.nn.functional.conv2d(torch.nn.functional.pad(x, pad, mode="replicate"), k)
-    return x
-
-
-def gaussian_blur(img: torch.Tensor, sigma_px: float | tuple[float, float]) -> torch.Tensor:
-    """Gaussian blur of a (rows, cols) tensor, sigma in pixels (row, col); edges replicated.
-
-    Large kernels (sigma > 8 px) are applied on a downsampled copy (scatter is smooth)."""
-    sr, sc = (sigma_px, sigma_px) if np.isscalar(sigma_px) else sigma_px
-    if max(sr, sc) < 0.1:
-        return img
-    factor = max(1, int(min(sr, sc) // 4)) if min(sr, sc) > 8 else 1
-    x = img[None, None]
-    if factor > 1:
-        x = torch.nn.functional.avg_pool2d(torch.nn.functional.pad(
-            x, (0, -img.shape[1] % factor, 0, -img.shape[0] % factor), mode="replicate"), factor)
-        sr, sc = sr / factor, sc / factor
-    x = separable_gaussian(x, (sr, sc), 0.1)
-    if factor > 1:
-        x = torch.nn.functional.interpolate(x, scale_factor=factor, mode="bilinear", align_corners=False)
-        x = x[..., :img.shape[0], :img.shape[1]]
-    return x[0, 0]
 
 
 def field_mask(camera: Camera, collimation_mm, device="cpu") -> torch.Tensor:
@@ -308,7 +278,6 @@ def simulate_radiograph(ct: Volume, camera: Camera, pose, settings: SimulationSe
     spot blur, DICOM magnification factor) is taken at ``isocentre_lps`` (default: the CT's
     centre). ``labels`` are not needed by the physics; they are accepted for API symmetry.
     """
-    from .rendering import DRRRenderer
 
     settings = settings or SimulationSettings()
     pose = check_rigid(pose.detach().cpu().numpy() if isinstance(pose, torch.Tensor) else pose, "pose")
@@ -362,8 +331,6 @@ def write_dicom_dx(path: str | Path, radiograph: Radiograph, camera: Camera | No
     "ct_source" and the detector info; values not given are taken from the radiograph's
     metadata. Both files are checked before either is written (no overwrite without force).
     """
-    from ..io.outputs import check_new, write_json
-    from ..io.radiographs import write_dx_dicom
 
     meta = radiograph.metadata
     cam = camera.to_dict() if camera is not None else meta.get("camera")

@@ -14,7 +14,7 @@ from scipy import ndimage
 
 from ..anatomy.structures import Structure
 from ..errors import UserError
-from ..io.volumes import LabelMap
+from ..io.images import LabelMap
 
 #: named groups of structures that move together
 DEFAULT_GROUPS = {

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..io.volumes import LabelMap
+from ..io.images import LabelMap
 from ..projection.geometry import Camera
 from .bodies import Body, body_centre, inplane_radius_mm, joint_centre, parent_group
 from .optimize import Penalty, PoseSpace

@@ -34,8 +34,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..io.images import Volume
-from ..io.volumes import LabelMap
+from ..io.images import LabelMap, Volume
 from ..projection.geometry import Camera, project
 from ..projection.rendering import default_view
 from . import initialise

@@ -19,10 +19,10 @@ import torch
 
 from ..errors import UserError
 from ..io.documents import read_json
-from ..io.images import Volume
+from ..io.images import LabelMap, Volume
 from ..io.outputs import atomic_path, prepare_out_dir, remove_stale, write_json
 from ..io.radiographs import UncalibratedWarning, load_radiograph
-from ..io.volumes import LabelMap, load_ct, load_labels
+from ..io.volumes import load_ct, load_labels
 from ..projection.geometry import Camera, check_rigid
 from ..projection.rendering import DRRRenderer, default_view
 from ..projection.simulate import sidecar_path
@@ -30,6 +30,7 @@ from . import initialise
 from .bodies import Body, parse_bodies
 from .pipeline import BodyResult, register
 from .qa import qa_figure
+from ..settings import SID_MM
 from .settings import RegistrationSettings
 
 OUTPUTS = ("registration.json", "qa.png", "channels")
@@ -46,8 +47,8 @@ class RegistrationRequest:
     bones: str | None = None
     init_pose: str | None = None      # JSON file or inline JSON (4x4, {'ct_to_camera'}, registration.json)
     landmarks: str | None = None      # CSV x,y,z,row,col
-    sid_mm: float = 1000.0            # when the radiograph has no sidecar
-    spacing_mm: list[float] | None = None
+    sid_mm: float = SID_MM            # when the radiograph has no sidecar
+    spacing_mm: tuple[float, float] | None = None  # (row, col) mm, overrides the radiograph's
     table: str | None = None          # structure table of the label map (None: auto-detect)
     resample_labels: bool = False     # a label map on another grid is resampled onto the CT's
     settings: RegistrationSettings = field(default_factory=RegistrationSettings)
@@ -103,7 +104,7 @@ def load_geometry(xray_path: str, radiograph, sid_mm: float) -> tuple[Camera, di
             raise UserError(f"sidecar geometry is {cam.rows}x{cam.cols} but the image is {rows}x{cols}", side)
         return cam, doc
     if radiograph.pixel_spacing is None:
-        raise UserError("radiograph has no pixel spacing and no sidecar; pass --spacing MM", xray_path)
+        raise UserError("radiograph has no pixel spacing and no sidecar; pass --pixel-spacing MM", xray_path)
     return Camera(rows, cols, radiograph.pixel_spacing[0], radiograph.pixel_spacing[1], sid_mm), None
 
 

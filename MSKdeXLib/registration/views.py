@@ -12,11 +12,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..io.images import Volume
-from ..io.volumes import LabelMap
+from ..io.images import LabelMap, Volume
 from ..projection.geometry import Camera
 from ..projection.rendering import DRRRenderer
-from ..projection.simulate import separable_gaussian
+from ..projection.filters import separable_gaussian
 from .bodies import Body, background_groups
 from .bodyvolume import body_volume, crop_camera, mask_box, tissue_volume
 from .settings import RegistrationSettings

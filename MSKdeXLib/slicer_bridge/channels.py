@@ -13,7 +13,7 @@ import SimpleITK as sitk
 import slicer
 import vtk
 
-from ..anatomy.structures import Structure, _colour, _kind_of, _side_of
+from ..anatomy.structures import Structure, colour_of as _colour, kind_of as _kind_of, side_of as _side_of
 from ..errors import UserError
 from ..io.documents import read_json
 from .common import ATTR, _add, _display, _image_data, numpy_matrix, vtk_matrix

@@ -8,11 +8,11 @@ import numpy as np
 import slicer
 import vtk
 
-from ..anatomy.structures import (Structure, StructureTable, _colour, _kind_of, _side_of, detect_table,
-                                 detect_table_from_names, get_table, normalize_name)
+from ..anatomy.structures import (Structure, StructureTable, colour_of as _colour, detect_table,
+                                 detect_table_from_names, get_table, kind_of as _kind_of, normalize_name,
+                                 side_of as _side_of)
 from ..errors import UserError
-from ..io.images import Volume
-from ..io.volumes import LabelMap
+from ..io.images import LabelMap, Volume
 from .common import ATTR, _add, _node_array
 from .volumes import volume_from_node, volume_to_node
 

@@ -8,6 +8,7 @@ import numpy as np
 import slicer
 import vtk
 
+from ..anatomy.ct_metrics import METRIC_COLUMNS  # the metrics table's columns, named once (re-exported)
 from .common import _add
 
 
@@ -52,10 +53,6 @@ def rows_from_table_node(node) -> list[dict]:
             row[col.GetName()] = float(v) if isinstance(col, vtk.vtkDataArray) else str(v)
         out.append(row)
     return out
-
-
-METRIC_COLUMNS = ("name", "label", "kind", "side", "voxels", "volume_cm3", "mass_g",
-                  "lean_volume_cm3", "mean_hu")
 
 
 def metrics_table_node(rows: Sequence[dict], scene, name: str = "MSKdeX CT metrics", node=None):

@@ -29,17 +29,28 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+from safetensors import safe_open
 
+from ...anatomy.ct_metrics import metrics_document
+from ...anatomy.density import DensityModel
+from ...anatomy.quantities import CHANNEL_OF, QUANTITIES
+from ...anatomy.structures import Structure, normalize_name
 from ...errors import UserError, listing
-from ...projection.geometry import Camera
 from ...io.documents import read_json
-from ...anatomy.structures import Structure
+from ...io.outputs import write_json
+from ...io.radiographs import load_radiograph
+from ...io.volumes import load_ct, load_labels
+from ...projection.geometry import Camera, check_rigid
+from ...settings import DATASET_IMAGE, DRR_DETECTOR
 from ...validation import require_finite
+from ..cohort import base_view, render_channels
+from .format import FORMAT, dataset_header, normalise, record_file, write_dataset_json
+from .format import write_record as write_record_tensors
 
-FORMAT = "mskdex-dataset/1"
-QUANTITY_KEYS = {"mass_g": "mass", "volume_cm3": "volume"}
 DEFAULT_NORMALISATION = {"method": "zscore"}
 SPLITS = ("train", "val", "test")
+#: what ``DatasetSettings.split`` accepts: a split for every record, or "auto" (from a hash of the record id)
+SPLIT_CHOICES = SPLITS + ("auto",)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -98,8 +109,6 @@ def prepare_radiograph(pixels: np.ndarray, pixel_spacing: Sequence[float], image
     data-set spacing (detector plane), centred on the principal point (default the image
     centre), padding with the image minimum, then ``normalisation`` (data_loading.normalise).
     Inference must call this with the model's ``normalisation`` to see what training saw."""
-    from .records import normalise
-
     rows, cols = pixels.shape
     centre = ((rows - 1) / 2.0, (cols - 1) / 2.0) if principal_point_rc is None else principal_point_rc
     spacing_out = normalisation.get("pixel_spacing_mm")
@@ -216,11 +225,12 @@ def hash_inputs(files: Sequence[Path], settings: dict) -> str:
 # ------------------------------------------------------------------------------------------------
 @dataclass
 class DatasetSettings:
-    image_size: tuple[int, int] = (256, 256)
-    pixel_spacing_mm: tuple[float, float] = (1.6, 1.6)
+    image_size: tuple[int, int] = (DATASET_IMAGE.rows, DATASET_IMAGE.cols)
+    # the command line passes the first case's detector spacing; this default is the DRR detector's
+    pixel_spacing_mm: tuple[float, float] = (DRR_DETECTOR.pixel_spacing_mm, DRR_DETECTOR.pixel_spacing_mm)
     structures: list[str] | None = None             # names; None -> by kinds
     kinds: tuple[str, ...] = ("muscle", "bone")
-    quantities: tuple[str, ...] = ("mass_g", "volume_cm3")
+    quantities: tuple[str, ...] = QUANTITIES
     bone_quantities: tuple[str, ...] = ("mass_g",)
     normalisation_method: str = "zscore"
     split: str = "auto"                             # train | val | test | auto
@@ -233,10 +243,10 @@ class DatasetSettings:
         if len(self.pixel_spacing_mm) != 2 or min(self.pixel_spacing_mm) <= 0:
             raise UserError(f"--spacing must be positive mm, got {list(self.pixel_spacing_mm)}")
         bad = set(self.quantities) | set(self.bone_quantities)
-        bad -= set(QUANTITY_KEYS)
+        bad -= set(QUANTITIES)
         if bad:
-            raise UserError(f"unknown quantity {sorted(bad)}; use {sorted(QUANTITY_KEYS)}")
-        if self.split not in SPLITS + ("auto",):
+            raise UserError(f"unknown quantity {sorted(bad)}; use {sorted(QUANTITIES)}")
+        if self.split not in SPLIT_CHOICES:
             raise UserError(f"unknown split '{self.split}'; use auto, train, val or test")
 
     def normalisation(self) -> dict:
@@ -259,8 +269,6 @@ def choose_channels(structures: Sequence[Structure], settings: DatasetSettings
                     ) -> tuple[list[Structure], list[dict]]:
     """(structures, channels) of the data set: quantity-major order over chosen structures."""
     if settings.structures:
-        from ...anatomy.structures import normalize_name
-
         keys = {normalize_name(n): n for n in settings.structures}
         chosen = [s for s in structures if normalize_name(s.name) in keys]
         missing = set(keys) - {normalize_name(s.name) for s in chosen}
@@ -271,7 +279,7 @@ def choose_channels(structures: Sequence[Structure], settings: DatasetSettings
     if not chosen:
         raise UserError("no structure selected for the data set")
     channels = []
-    for q in QUANTITY_KEYS:
+    for q in QUANTITIES:
         for s in chosen:
             wanted = settings.bone_quantities if s.kind == "bone" else settings.quantities
             if q in wanted:
@@ -302,8 +310,6 @@ def _structures_of_case(case: Case) -> list[Structure]:
             raise UserError(f"subject description lacks valid 'structures' ({type(exc).__name__}: {exc})",
                             path) from None
     f = real_case_files(case.folder)
-    from ...io.volumes import load_ct, load_labels
-
     ct = load_ct(f["ct"])
     return load_labels(f["labels"], ct).structures
 
@@ -318,10 +324,6 @@ def _read_metrics(path: Path) -> dict[str, dict]:
 
 def build_virtual_record(case: Case, channels: list[dict], settings: DatasetSettings) -> dict:
     """Arrays of a virtual subject's record (all channels paired: rendered at the true pose)."""
-    from safetensors import safe_open
-
-    from ...io.radiographs import load_radiograph
-
     tpath = case.folder / "targets.safetensors"
     try:
         with safe_open(str(tpath), "numpy") as fh:
@@ -341,7 +343,7 @@ def build_virtual_record(case: Case, channels: list[dict], settings: DatasetSett
     for c in channels:
         if c["structure"] not in names or c["structure"] not in metrics:
             raise UserError(f"structure '{c['structure']}' missing from this subject", case.folder)
-        stack.append(arrays[QUANTITY_KEYS[c["quantity"]]][names.index(c["structure"])])
+        stack.append(arrays[CHANNEL_OF[c["quantity"]]][names.index(c["structure"])])
         truth.append(float(metrics[c["structure"]][c["quantity"]]))
     targets = resample_sum(np.stack(stack), spacing_in, (cy, cx), settings.image_size,
                            settings.pixel_spacing_mm)
@@ -373,8 +375,6 @@ def read_registration(path: Path) -> tuple[Camera, list[RegisteredBody]]:
     """(camera, bodies) from ``registration.json`` of ``mskdex register``: ``geometry`` (camera)
     and ``bodies`` [{name, structures, ct_to_camera, doubtful}]. A single top-level
     ``ct_to_camera`` (with ``camera`` or ``geometry``) is one body holding every bone."""
-    from ...projection.geometry import check_rigid
-
     doc = read_json(path, "registration")
     cam = doc.get("geometry") or doc.get("camera")
     if not isinstance(cam, dict):
@@ -395,15 +395,25 @@ def read_registration(path: Path) -> tuple[Camera, list[RegisteredBody]]:
         raise UserError(f"bad camera geometry ({exc})", path) from None
 
 
+def case_spacing(case: Case) -> tuple[float, float]:
+    """(row, col) pixel spacing in mm of the case's radiograph detector: a virtual subject's camera
+    (subject.json), a real case's registered camera (registration.json). The data set's default."""
+    if case.kind == "virtual":
+        path = case.folder / "subject.json"
+        try:
+            cam = read_json(path, "subject description")["camera"]
+            return (float(cam["spacing_row_mm"]), float(cam["spacing_col_mm"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"subject description lacks a valid 'camera' ({type(exc).__name__}: {exc})",
+                            path) from None
+    camera, _ = read_registration(case.folder / "registration.json")
+    return (camera.spacing_row_mm, camera.spacing_col_mm)
+
+
 def build_real_record(case: Case, channels: list[dict], settings: DatasetSettings) -> dict:
     """A real case: bones of each registered body rendered at that body's pose (paired, unless
     the registration is flagged doubtful); muscles and unregistered bones at the CT's own
     default view (unpaired). Truth: the CT's metrics."""
-    from ..cohort import base_view, metrics_document, render_channels
-    from ...anatomy.density import DensityModel
-    from ...io.radiographs import load_radiograph
-    from ...io.volumes import load_ct, load_labels
-
     f = real_case_files(case.folder)
     for key in ("ct", "labels", "radiograph"):
         if f[key] is None:
@@ -433,7 +443,7 @@ def build_real_record(case: Case, channels: list[dict], settings: DatasetSetting
         ch = render_channels(ct, labels, members, camera, view, density)
         for idx, s in enumerate(members):
             paired_of[s.name] = paired
-            for q, key in QUANTITY_KEYS.items():
+            for q, key in CHANNEL_OF.items():
                 rendered[(s.name, q)] = ch[key][idx]
     cx, cy = camera.principal_point
     spacing_in = (camera.spacing_row_mm, camera.spacing_col_mm)
@@ -464,18 +474,7 @@ def registration_status(case: Case) -> dict:
 def write_record(out: Path, rec_id: str, arrays: dict, entry: dict, input_hash: str) -> None:
     """``records/<id>.safetensors`` (contract tensors; the hash in its metadata) and its manifest
     ``records/<id>.json`` (the dataset.json record entry + hash), both atomically."""
-    from safetensors.numpy import save_file
-
-    from ...io.outputs import atomic_path, write_json
-
-    for k in ("xray", "targets", "truth"):  # a NaN record would poison training silently
-        require_finite(f"record {k}", arrays[k], rec_id)
-    tensors = {"xray": np.ascontiguousarray(arrays["xray"], dtype=np.float32),
-               "targets": np.ascontiguousarray(arrays["targets"], dtype=np.float32),
-               "paired": np.asarray(arrays["paired"], dtype=np.uint8),
-               "truth": np.asarray(arrays["truth"], dtype=np.float64)}
-    with atomic_path(out / entry["file"], force=True) as tmp:
-        save_file(tensors, str(tmp), metadata={"input_hash": input_hash, "id": rec_id})
+    write_record_tensors(out, rec_id, arrays, metadata={"input_hash": input_hash, "id": rec_id})
     write_json(out / "records" / f"{rec_id}.json", {**entry, "input_hash": input_hash}, force=True)
 
 
@@ -495,18 +494,12 @@ def cached(out: Path, rec_id: str, input_hash: str) -> bool:
 # The data set
 # ------------------------------------------------------------------------------------------------
 def _header(structures: list[Structure], channels: list[dict], settings: DatasetSettings) -> dict:
-    from ...anatomy.density import DensityModel
-
-    return {"format": FORMAT, "image_size": list(settings.image_size),
-            "pixel_spacing_mm": list(settings.pixel_spacing_mm),
-            "structures": [s.to_dict() for s in structures], "channels": channels,
-            "normalisation": settings.normalisation(), "density": DensityModel().to_dict()}
+    return dataset_header(settings.image_size, settings.pixel_spacing_mm, structures, channels,
+                          settings.normalisation(), DensityModel().to_dict())
 
 
 def merge(out: str | Path) -> dict:
     """Rewrite ``dataset.json`` so that it lists every record built (all shards)."""
-    from ...io.outputs import write_json
-
     out = Path(out)
     head_path = out / "header.json"
     if not head_path.exists():
@@ -517,9 +510,8 @@ def merge(out: str | Path) -> dict:
         e = json.loads(man.read_text())
         if (out / e["file"]).exists():
             records.append({k: v for k, v in e.items() if k != "input_hash"})
-    doc = {**head, "records": records}
-    write_json(out / "dataset.json", doc, force=True)
-    return doc
+    write_dataset_json(out, head, records)
+    return {**head, "records": records}
 
 
 def build_dataset(case_paths: Sequence[str | Path], out: str | Path, settings: DatasetSettings,
@@ -532,8 +524,6 @@ def build_dataset(case_paths: Sequence[str | Path], out: str | Path, settings: D
     registration is doubtful is refused (before anything is built) unless ``include_doubtful``
     (its doubtful bodies' bones are then unpaired); each record says its ``registration`` status.
     """
-    from ...io.outputs import write_json
-
     i, n = shard
     if not (n >= 1 and 0 <= i < n):
         raise UserError(f"--shard must be i/n with 0 <= i < n, got {i}/{n}")
@@ -577,7 +567,7 @@ def build_dataset(case_paths: Sequence[str | Path], out: str | Path, settings: D
             continue
         arrays = (build_virtual_record if case.kind == "virtual" else build_real_record)(
             case, channels, settings)
-        entry = {"id": case.id, "file": f"records/{case.id}.safetensors",
+        entry = {"id": case.id, "file": record_file(case.id),
                  "split": auto_split(case.id, settings), "source": str(case.folder),
                  "kind": case.kind, "index": idx, "registration": status[case.id],
                  "paired_note": ("virtual: all channels rendered at the radiograph's true pose"

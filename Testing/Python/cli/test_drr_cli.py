@@ -10,7 +10,7 @@ import SimpleITK as sitk
 
 from MSKdeXLib.cli import main
 
-ARGS = ["--rows", "88", "--cols", "80", "--spacing", "5", "--progress", "none",
+ARGS = ["--rows", "88", "--cols", "80", "--pixel-spacing", "5", "--progress", "none",
         "--structures", "gluteus_medius_left,gluteus maximus right,femur_left,sacrum"]
 
 

@@ -46,7 +46,7 @@ def kit(pelvis_case, tmp_path_factory, one_torch_thread):
 
     from MSKdeXLib.io.radiographs import write_dx_dicom
     from MSKdeXLib.io.volumes import load_ct, load_labels
-    from MSKdeXLib.learning.dataset.records import parallel_projection_dataset
+    from projection_dataset import parallel_projection_dataset
 
     d = tmp_path_factory.mktemp("fuzz_kit")
     ct = sitk.ReadImage(str(pelvis_case.ct))[::3, ::3, ::3]
@@ -66,7 +66,7 @@ def kit(pelvis_case, tmp_path_factory, one_torch_thread):
     base = ["--ct", str(d / "ct.nii.gz"), "--labels", str(d / "labels.nii.gz")]
 
     assert _quiet_main(["simulate-xray", *base, "--out", str(d / "xray.dcm"), "--rows", "64", "--cols", "64",
-                        "--spacing", "6", "--progress", "none"]) == 0
+                        "--pixel-spacing", "6", "--progress", "none"]) == 0
     rng = np.random.default_rng(0)
     write_dx_dicom(d / "noise.dcm", rng.random((64, 64)).astype(np.float32), 6.0)
 
@@ -215,7 +215,7 @@ CASES = [
     ("register-nan-ct", lambda k, o: ["register", *_ct(k, "ct_nan.nrrd"), "--xray", str(k / "xray.dcm"),
                                       "--out", o, "--progress", "none"], 2, r"ct_nan\.nrrd: CT has 60 non-finite"),
     ("register-truncated-xray", lambda k, o: ["register", *_ct(k), "--xray", str(k / "xray_cut.dcm"), "--out", o,
-                                              "--spacing", "6", "--progress", "none"], 2,
+                                              "--pixel-spacing", "6", "--progress", "none"], 2,
      r"xray_cut\.dcm: cannot decode DICOM pixel data .*less than expected"),
     ("register-not-an-image", lambda k, o: ["register", *_ct(k), "--xray", str(k / "tiny.json"), "--out", o,
                                             "--progress", "none"], 2, r"tiny\.json: not an image"),
@@ -236,7 +236,7 @@ CASES = [
                                        "--image-size", "32", "32", "--progress", "none"], 2,
      r"1 case\(s\) with a doubtful registration: real_case1 \(femur_left\).*--include-doubtful"),
     ("dataset-spacing-nan", lambda k, o: ["build-dataset", "--cases", str(k / "cohort"), "--out", o,
-                                          "--spacing", "nan"], 2, r"argument --spacing: must be a finite number"),
+                                          "--pixel-spacing", "nan"], 2, r"argument --pixel-spacing: must be a finite number"),
     ("dataset-fractions", lambda k, o: ["build-dataset", "--cases", str(k / "cohort"), "--out", o,
                                         "--val-fraction", "0.6", "--test-fraction", "0.5"], 2,
      r"--val-fraction \+ --test-fraction must be < 1"),
@@ -306,7 +306,7 @@ def test_read_only_destination(kit, read_only, capsys, command):
     argv = {"metrics": ["metrics", *_ct(kit), "--json", out + ".json"],
             "drr": ["drr", *_ct(kit), "--out", out, "--progress", "none"],
             "simulate-xray": ["simulate-xray", *_ct(kit), "--out", out + ".dcm", "--rows", "32", "--cols", "32",
-                              "--spacing", "12", "--progress", "none"],
+                              "--pixel-spacing", "12", "--progress", "none"],
             "cohort": ["cohort", *_ct(kit), "--n", "1", "--out", out, "--detector", "32", "32", "--progress", "none"],
             "build-dataset": ["build-dataset", "--cases", str(kit / "cohort"), "--out", out, "--image-size", "32", "32",
                               "--progress", "none"],

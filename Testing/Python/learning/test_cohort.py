@@ -64,6 +64,19 @@ def test_hypertrophy_and_infiltration(pelvis):
     assert c.volume_cm3 == b.volume_cm3 and c.mass_g < 0.9 * b.mass_g
 
 
+def test_hypertrophy_draws_from_the_configured_lean_window(pelvis):
+    """Grown voxels take HU from the muscle's lean voxels as the DensityModel defines them (not a
+    hard-coded [-29, 150]): a narrow window [60, 80] gives grown voxels inside it."""
+    ct, labels = pelvis
+    label = labels.table.by_name(MUSCLE).label
+    narrow = DensityModel(lean_window_hu=(60.0, 80.0))
+    for density, (lo, hi) in ((narrow, (60.0, 80.0)), (DensityModel(), (-29.0, 150.0))):
+        ct2, lab2 = _apply(ct, labels, lambda hu, lab: co.hypertrophy(
+            hu, lab, label, 0.1, ct.spacing, np.random.default_rng(1), density=density))
+        grown = lab2.mask(MUSCLE) & ~labels.mask(MUSCLE)
+        assert grown.sum() > 0 and lo <= ct2.array[grown].min() and ct2.array[grown].max() <= hi
+
+
 def test_subcutaneous_fat_and_elastic(pelvis):
     ct, labels = pelvis
     rng = np.random.default_rng(2)

@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 
 from MSKdeXLib.cli import main
-from MSKdeXLib.learning.dataset.records import parallel_projection_dataset
+from projection_dataset import parallel_projection_dataset
 from MSKdeXLib.errors import UserError
 from MSKdeXLib.io.images import Radiograph
 from MSKdeXLib.learning.inference import case_id_from_path, load_model, predict, write_outputs

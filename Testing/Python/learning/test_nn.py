@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from MSKdeXLib.learning.dataset.records import RecordDataset, parallel_projection_dataset, random_affine, warp
+from MSKdeXLib.learning.dataset.records import RecordDataset, random_affine, warp
+from projection_dataset import parallel_projection_dataset
 from MSKdeXLib.learning import losses as L
 from MSKdeXLib.learning.networks.discriminator import MultiScaleDiscriminator
 from MSKdeXLib.learning.networks.generator import build_generator

@@ -14,7 +14,7 @@ import torch
 
 from MSKdeXLib.learning.checkpoint import flatten_optimizer, load_model_files, unflatten_optimizer
 from MSKdeXLib.cli import main
-from MSKdeXLib.learning.dataset.records import parallel_projection_dataset
+from projection_dataset import parallel_projection_dataset
 from MSKdeXLib.errors import UserError
 from MSKdeXLib.learning.inference import load_model
 from MSKdeXLib.learning.training import default_config, load_config, merge_config, train

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from MSKdeXLib.projection.geometry import Camera, ap_pose, perturbed_pose, project, rotation_xyz
-from MSKdeXLib.io.volumes import LabelMap
+from MSKdeXLib.io.images import LabelMap
 from MSKdeXLib.anatomy.ct_metrics import mass_weights, structure_metrics
 from MSKdeXLib.projection.rendering import DRRRenderer, default_view, isocentre_of
 from MSKdeXLib.anatomy.structures import Structure, StructureTable

@@ -13,9 +13,10 @@ from MSKdeXLib.cli import main
 from MSKdeXLib.errors import UserError
 from MSKdeXLib.projection.geometry import Camera, perturbed_pose, project
 from MSKdeXLib.io.radiographs import load_radiograph
+from MSKdeXLib.projection.filters import gaussian_blur
 from MSKdeXLib.projection.simulate import (MASS_ATTENUATION_CM2_G, ENERGIES_KEV, SimulationSettings, detect,
-                                gaussian_blur, mass_attenuation, spectrum, split_materials,
-                                simulate_radiograph, transmission_poly, write_dicom_dx)
+                                           mass_attenuation, spectrum, split_materials, simulate_radiograph,
+                                           transmission_poly, write_dicom_dx)
 
 from MSKdeXLib.projection.rendering import isocentre_of  # noqa: E402
 
@@ -223,7 +224,7 @@ def test_cli_simulate_xray(tmp_path, pelvis_case, view, capsys):
     ct, labels, base = view
     out = tmp_path / "xr.dcm"
     args = ["simulate-xray", "--ct", str(pelvis_case.ct), "--labels", str(pelvis_case.labels),
-            "--out", str(out), "--rows", "40", "--cols", "48", "--spacing", "8", "9",
+            "--out", str(out), "--rows", "40", "--cols", "48", "--pixel-spacing", "8", "9",
             "--rotation", "0", "0", "5", "--translation", "10", "0", "0", "--seed", "3",
             "--progress", "none"]
     assert main(args) == 0
@@ -243,7 +244,7 @@ def test_cli_simulate_xray(tmp_path, pelvis_case, view, capsys):
     assert err.count("\n") == 0 and "--force" in err
     assert main(args + ["--force"]) == 0
     np.testing.assert_array_equal(load_radiograph(out).pixels, r.pixels)  # same seed, same image
-    for bad in (["--kvp", "500"], ["--scatter-fraction", "1.5"], ["--spacing", "1", "2", "3"]):
+    for bad in (["--kvp", "500"], ["--scatter-fraction", "1.5"], ["--pixel-spacing", "1", "2", "3"]):
         capsys.readouterr()
         assert main(args[:-2] + bad + ["--progress", "none", "--force"]) == 2
         assert capsys.readouterr().err.strip().count("\n") == 0

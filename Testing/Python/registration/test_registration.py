@@ -84,7 +84,7 @@ def test_registration_recovers_pelvis_pose_from_perturbed_starts(pelvis):
 def _simulate(tmp_path, pelvis_case, rows=64):
     assert main(["simulate-xray", "--ct", str(pelvis_case.ct), "--labels", str(pelvis_case.labels),
                  "--out", str(tmp_path / "x.dcm"), "--rows", str(rows), "--cols", str(rows),
-                 "--spacing", "6", "--progress", "none"]) == 0
+                 "--pixel-spacing", "6", "--progress", "none"]) == 0
     return tmp_path / "x.dcm"
 
 

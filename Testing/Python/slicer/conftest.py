@@ -70,7 +70,7 @@ def sample_cache(box, pelvis_case):
 def tiny_dataset(pelvis, tmp_path_factory):
     """A 3-record training set of two structures (hip_left, gluteus_medius_left) and a tiny
     training config file."""
-    from MSKdeXLib.learning.dataset.records import parallel_projection_dataset
+    from projection_dataset import parallel_projection_dataset
 
     ct, labels = pelvis
     d = tmp_path_factory.mktemp("box_dataset")

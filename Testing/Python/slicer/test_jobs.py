@@ -50,7 +50,7 @@ def test_user_error_is_reported_not_traceback(tmp_path):
 
 _PROGRESS_SCRIPT = textwrap.dedent("""
     import sys, time
-    from MSKdeXLib.cli.common import Progress
+    from MSKdeXLib.progress import Progress
     n, delay = int(sys.argv[1]), float(sys.argv[2])
     p = Progress("json", total=n, desc="train")
     print("plain log line", file=sys.stderr, flush=True)
@@ -104,7 +104,7 @@ def test_module_command_lines_parse_with_the_real_subcommands():
                                              table="totalseg_v1", device="cpu"))
     assert (a.command, a.ct, a.labels, a.xray, a.out, a.bones, a.landmarks) == (
         "register", "ct.nii.gz", "labels.seg.nrrd", "x.tif", "out", "pelvis,femur_left", "lm.csv")
-    assert a.sid == 1100.0 and a.spacing == [0.2, 0.25] and a.table == "totalseg_v1"
+    assert a.sid == 1100.0 and a.pixel_spacing == [0.2, 0.25] and a.table == "totalseg_v1"
     assert a.progress == "json" and a.device == "cpu" and not a.force
     t = parser.parse_args(jobs.train_args("ds", "model", config="c.json", resume=True, device="cuda"))
     assert (t.command, t.data, t.out, t.config, t.resume, t.device, t.progress) == (

@@ -307,7 +307,7 @@ def tiny_model(pelvis, tmp_path_factory):
 
     from MSKdeXLib import jobs
     from MSKdeXLib.cli import main
-    from MSKdeXLib.learning.dataset.records import parallel_projection_dataset
+    from projection_dataset import parallel_projection_dataset
 
     ct, labels = pelvis
     d = tmp_path_factory.mktemp("bridge_ds")
