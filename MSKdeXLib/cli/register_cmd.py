@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .common import (LazyChoices, Progress, add_ct_args, add_device, add_force, add_pixel_spacing, add_progress,
-                     add_sid, resolve_device, spacing_rc)
+                     add_sid, resolve_device, settings_options, spacing_rc)
 
 
 def add_parser(sub, name: str):
@@ -38,13 +38,16 @@ def add_parser(sub, name: str):
     add_sid(p, "source-to-image distance, mm, when the radiograph has no sidecar")
     add_pixel_spacing(p, None, "detector pixel spacing (mm), overrides the file's")
     p.add_argument("--similarity", default=None, choices=LazyChoices("MSKdeXLib.registration.similarity:MEASURES"),
-                   metavar="MEASURE", help="similarity measure: %(choices)s (default pgncc)")
-    p.add_argument("--fine-px", type=int, default=None, help="long side of the finest level, px (default 192)")
+                   metavar="MEASURE", help="similarity measure: %(choices)s")
+    p.add_argument("--fine-px", type=int, default=None, help="long side of the finest level, px")
     p.add_argument("--no-inplane-search", action="store_true",
                    help="skip the 2D rotation + shift search of the first body")
-    p.add_argument("--max-evals", type=int, default=None, help="CMA-ES evaluations per body (default 480)")
-    p.add_argument("--refine-steps", type=int, default=None,
-                   help="gradient steps per pyramid level (default 40)")
+    p.add_argument("--max-evals", type=int, default=None, help="CMA-ES evaluations per body")
+    p.add_argument("--refine-steps", type=int, default=None, help="gradient steps per pyramid level")
+    # help shows RegistrationSettings' defaults (the options left out keep them: settings_from_args)
+    settings_options(p, "MSKdeXLib.registration.settings:RegistrationSettings",
+                     {"similarity": "similarity", "fine_px": "fine_px", "max_evals": "cma_max_evals",
+                      "refine_steps": "refine_steps"})
     p.add_argument("--soft-tissue", choices=("on", "off"), default=None,
                    help="model the radiograph's soft tissue: the first body's DRR also holds the CT's other "
                         "tissue, which stays with it for the later bodies (default on; off: bone-only DRRs, "

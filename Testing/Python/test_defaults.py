@@ -17,6 +17,7 @@ from MSKdeXLib.learning.dataset.builder import SPLIT_CHOICES, DatasetSettings
 from MSKdeXLib.learning.dataset.format import NORMALISATION_METHODS
 from MSKdeXLib.progress import MODES
 from MSKdeXLib.projection.simulate import SPECTRA, SimulationSettings
+from MSKdeXLib.registration.settings import RegistrationSettings
 from MSKdeXLib.registration.similarity import MEASURES
 from MSKdeXLib.settings import COHORT_DETECTOR, DRR_DETECTOR, MU_WATER_PER_MM, RADIOGRAPH_DETECTOR, SID_MM
 
@@ -53,6 +54,9 @@ def expected_defaults() -> dict[tuple[str, str], object]:
     exp.update({("demo", k): getattr(demo, f) for k, f in (
         ("subjects", "train_subjects"), ("heldout", "heldout_subjects"),
         ("calibration_subjects", "calibration_subjects"), ("steps", "steps"), ("workers", "workers"))})
+    reg = RegistrationSettings()
+    exp.update({("register", "similarity"): reg.similarity, ("register", "fine_px"): reg.fine_px,
+                ("register", "max_evals"): reg.cma_max_evals, ("register", "refine_steps"): reg.refine_steps})
     exp.update({(cmd, "progress"): "bar" for cmd in ("drr", "simulate-xray", "register", "cohort", "build-dataset",
                                                      "train", "demo")})
     return exp
