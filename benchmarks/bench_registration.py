@@ -1,414 +1,325 @@
-"""Accuracy benchmark of 2D-3D registration on simulated radiographs of the real CTs.
+"""Accuracy and speed benchmark of 2D-3D registration (``mskdex register``'s pipeline) on
+radiographs of the real CTs made by a forward model we did not write, with moved soft tissue.
 
-Two modes (``--mode``):
+Each trial (``--set calibration`` or ``test``; seeds ``SEED_BASE[set] + 1000 * trial + range mm``,
+fixed before any test run):
 
-* ``chain`` (default): what ``mskdex register`` does. The radiograph is simulated
-  (:mod:`MSKdeXLib.registration.articulated`: same physics as simulate.simulate_radiograph)
-  with the first body at a random pose and every later body moved relative to it (see
-  :func:`run_chain`); the first body starts from a random perturbation up to the range (random
-  direction, magnitude uniform up to the range, camera frame about its centre) and all bodies
-  are registered in one call. Pelvis CT: pelvis, then the femurs as ball joints (hip rotations
-  up to the range's degrees; CT continued below its last slice so no artificial edge shows).
-  Chest CT: every bone ('bones'), then the spine and two vertebrae as parts (small motions).
-* ``independent``: each body starts from its own random perturbation of the (shared) true
-  pose and is registered alone (the old protocol).
+1. **Poses**: the first body at a random pose (+-5 deg, +-15 mm about an AP view centred on the
+   bodies); pelvis CT: each femur in a hip pose (flexion, abduction, rotation about the femoral
+   head, each uniform within +-15 deg, :func:`benchmarks.moved_tissue.hip_motion`) plus up
+   to 1 mm joint translation; chest CT: the spine (T6-L1) relative to the other bones and T9 / T12
+   relative to the spine, each up to 3 deg about its centre plus up to 1 mm.
+2. **Moved soft tissue** (:mod:`benchmarks.moved_tissue`): a smooth displacement field
+   (3-8 mm, correlation 30-60 mm, tapered to 0 near bone), subcutaneous fat -8..+8 mm, 0-4 gas
+   pockets and existing bowel gas filled at random; bones rigid per body, displacing soft tissue.
+3. **Foreign renderer and detector** (:mod:`benchmarks.foreign`): DiffDRR's Siddon ray
+   tracer, another HU -> attenuation map, beam hardening, heel effect, scatter (SPR 0.4-1.2), quantum
+   noise at 3000-20000 quanta/mm^2, scintillator spread, vendor processing (unsharp mask, dynamic
+   range compression, sigmoid LUT, 10 bits), and electronic shutters hiding the CT's cut ends (the
+   pelvis CT continued 90 mm below its last slice first, so that the femoral shafts go on).
+   ``--renderer own`` uses the project's own simulation instead (the previous protocol).
+4. **Registration**: the first body starts from a random perturbation up to the range (random
+   direction, magnitude uniform up to it; camera frame about its centre), the others from the
+   registered first body; everything in one :func:`~MSKdeXLib.registration.pipeline.register` call with
+   the CT's own (unmoved) soft tissue and the default settings (``--set-option`` overrides).
+   ``--old-code DIR`` registers the same radiograph from the same start with the code in ``DIR``
+   (e.g. a ``git worktree`` of the previous commit; ``benchmarks/register_once.py``), one after
+   the other, for a side-by-side time comparison under the same load.
 
-Reports per case, body and range: success rate (mTRE < 2 mm over the body's voxel centres),
-median mTRE, median projection distance, runtime per body, how many successes / failures the
-pipeline's doubtful rule flags, and the final similarity of successes / failures per body kind
-(to calibrate the thresholds); --precision adds truth-free precision measures (restart
-spread, similarity curvature) against success. ``--json`` keeps every trial; ``--from-json`` re-tabulates.
+Success: mTRE < 2 mm over the body's voxel centres; gross failure: mTRE > 5 mm. ``--json`` keeps
+every trial; ``--from-json`` re-makes the tables (with the current doubtful rule).
 
-    python benchmarks/bench_registration.py --trials 10 --json trials.json --out table.md
+    python benchmarks/bench_registration.py --cases pelvis --set test --trials 10 --json t.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: benchmarks.* below
+
 from MSKdeXLib.io import sample_data
-from MSKdeXLib.projection.geometry import Camera, ap_pose
 from MSKdeXLib.io.volumes import load_ct, load_labels
+from MSKdeXLib.projection.geometry import Camera, ap_pose, project
 from MSKdeXLib.registration import pipeline
 from MSKdeXLib.registration.articulated import extend_inferior, rotate_about, simulate_articulated
 from MSKdeXLib.registration.optimize import PoseSpace
-from MSKdeXLib.projection.rendering import default_view
-from MSKdeXLib.projection.simulate import simulate_radiograph
 from MSKdeXLib.settings import SID_MM
+
+from benchmarks.foreign import DetectorChain, foreign_radiograph, shutters_hiding  # noqa: E402
+from benchmarks.moved_tissue import TissueMotion, cut_ends, femur_axis, hip_motion, moved_scene  # noqa: E402
 
 CASES = {"pelvis": ("pelvis_ct", "pelvis,femur_left,femur_right"),
          "chest": ("chest_ct", "bones,spine=vertebrae_T6..vertebrae_L1,vertebrae_T9,vertebrae_T12")}
+#: seed bases of the trial sets, fixed before the test set was run: calibration trials set every
+#: threshold and option, test trials only measure
+SEED_BASE = {"calibration": 100_000, "test": 200_000}
+GROSS_MM = 5.0
 
 
-def _direction(rng) -> np.ndarray:
+def direction(rng) -> np.ndarray:
     v = rng.normal(size=3)
     return v / np.linalg.norm(v)
 
 
 def perturbation(rng, max_deg: float, max_mm: float) -> np.ndarray:
-    return np.r_[_direction(rng) * rng.uniform(0, max_deg), _direction(rng) * rng.uniform(0, max_mm)]
+    return np.r_[direction(rng) * rng.uniform(0, max_deg), direction(rng) * rng.uniform(0, max_mm)]
 
 
-def run_chain(args, case, ct, labels, bodies, base) -> list[dict]:
-    """The first body, then the others in one `register` call. The radiograph is simulated with
-    the first body at a random pose and every later body moved relative to it: a femur by a hip
-    rotation about its joint centre (random axis, angle uniform up to the range's degrees, plus
-    up to ``--hip-mm`` of joint translation), a part (the spine within 'bones', a vertebra within
-    the spine) relative to its group by a small rotation about its own centre (up to
-    ``--part-deg``, plus up to ``--part-mm``); every voxel is rendered at the pose of the last
-    body holding it. The first
-    body starts from a random perturbation up to the range, the others from the registered
-    first body's pose."""
-    rows = []
-    parent = bodies[0]
-    cam = cam_of(args)
-    # a ball joint with the first body (femur - pelvis); a part of an earlier group (vertebra) is none
-    joints = {b.name: None if any({st.label for st in b.structures} < {st.label for st in e.structures}
-                                  for e in bodies[:i])
-              else pipeline.joint_centre(labels, b, parent) for i, b in enumerate(bodies) if i > 0}
-    if case == "pelvis":  # the CT stops at the lesser trochanters: continue it (no artificial edge)
-        big, pad = extend_inferior(ct, labels, [b for b in bodies[1:] if joints[b.name] is not None])
-    else:
-        big, pad = ct, (lambda m: m)
-    for max_mm, max_deg in args.ranges:
-        for trial in (args.trial_ids or range(args.trials)):
-            rng = np.random.default_rng(1000 * trial + int(max_mm) + 7)
-            truth = PoseSpace(base, pipeline.body_centre(labels, parent)).matrix(
-                np.r_[rng.uniform(-5, 5, 3), rng.uniform(-15, 15, 3)])
-            true_poses, moved = {parent.name: truth}, {}
-            for i, body in enumerate(bodies[1:], start=1):
-                c = joints[body.name]
-                if c is not None:
-                    deg, mm = rng.uniform(0, max_deg), rng.uniform(0, args.hip_mm)
-                else:
-                    c = pipeline.body_centre(labels, body)
-                    deg, mm = rng.uniform(0, args.part_deg), rng.uniform(0, args.part_mm)
-                motion = rotate_about(c, _direction(rng) * deg)
-                motion[:3, 3] += _direction(rng) * mm
-                true_poses[body.name] = group_pose(body, bodies[:i], true_poses) @ motion
-                moved[body.name] = deg
-            # each voxel is rendered once, at the pose of the last body holding it
-            parts, taken = [], np.zeros(ct.array.shape, dtype=bool)
-            for body in bodies[:0:-1]:
-                m = body.mask(labels) & ~taken
-                taken |= m
-                parts.append((pad(m), true_poses[body.name]))
-            xray = simulate_articulated(big, cam, truth, parts, seed=trial)
-            if args.scan_parts:
-                rows += scan_parts(case, f"{max_mm:g} mm / {max_deg:g} deg", trial, ct, labels, bodies, xray,
-                                   cam, true_poses, make_settings(args, trial))
-                continue
-            start = PoseSpace(truth, pipeline.body_centre(labels, parent)).matrix(perturbation(rng, max_deg, max_mm))
-            settings = make_settings(args, trial)
-            t0 = time.time()
-            res = pipeline.register(ct, labels, xray, cam, bodies, start, settings, device=args.device,
-                                   true_poses=true_poses)
-            for body, r in zip(bodies, res):
-                pts = labels.grid.voxel_centres_lps(body.mask(labels))
-                row = {"case": case, "mode": "chain", "body": body.name, "kind": r.kind,
-                       "range": f"{max_mm:g} mm / {max_deg:g} deg", "trial": trial,
-                       "start_mtre_mm": pipeline.mtre_mm(pts, true_poses[body.name], r.initial_pose),
-                       "moved_deg": moved.get(body.name, 0.0), "mtre_mm": r.mtre_mm, "mpd_px": r.mpd_px,
-                       "similarity": r.final_similarity, "doubtful": r.doubtful, "seconds": r.runtime_s,
-                       "soft_tissue": settings.soft_tissue,
-                       "pose_error": [round(float(v), 3) for v in PoseSpace(
-                           true_poses[body.name], pipeline.body_centre(labels, body)).params_of(r.ct_to_camera)],
-                       "cma_x": [h["x"] for h in r.history if h["stage"] == "cma-es" and "x" in h],
-                       "profile": next((h for h in r.history if h["stage"] == "profile"), None),
-                       "initial_pose": np.asarray(r.initial_pose).tolist(),
-                       "motion": next((h for h in r.history if h["stage"] in ("joint-rotation", "part-motion")), None),
-                       "parent": next((h["of"] for h in r.history if h["stage"] in ("joint", "part")), None)}
-                rows.append(row)
-                print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}),
-                      flush=True)
-            print(f"# trial total {time.time() - t0:.1f} s", flush=True)
-    return rows
+class Case:
+    """A CT, its bodies, their anatomy and the view they are seen in."""
+
+    def __init__(self, name: str, spec: str | None, cam: Camera):
+        sc = getattr(sample_data, CASES[name][0])()
+        if sc is None:
+            raise FileNotFoundError(name)
+        self.name, self.paths, self.cam = name, (str(sc.ct), str(sc.labels)), cam
+        self.ct = load_ct(sc.ct)
+        self.labels = load_labels(sc.labels, self.ct)
+        self.spec = spec or CASES[name][1]
+        self.bodies = pipeline.parse_bodies(self.spec, self.labels)
+        every = np.zeros(self.ct.array.shape, dtype=bool)
+        for b in self.bodies:
+            every |= b.mask(self.labels)
+        self.base = ap_pose(self.ct.voxel_centres_lps(every).mean(0), cam)
+        first = self.bodies[0]
+        self.kinds = {}
+        for i, b in enumerate(self.bodies[1:], start=1):
+            k = pipeline.classify(b, self.labels, pipeline.RegistrationSettings(), [(e, self.base) for e in self.bodies[:i]])
+            self.kinds[b.name] = k
+        self.joints = [b for b in self.bodies[1:] if self.kinds[b.name].name == "joint"]
+        self.axes = {b.name: femur_axis(self.labels, b) for b in self.joints}
+        if self.joints:  # the CT stops at the lesser trochanters: continue it (the femoral shafts go on)
+            self.big, pad = extend_inferior(self.ct, self.labels, self.joints)
+        else:
+            self.big, pad = self.ct, (lambda m: m)
+        self.masks = {b.name: pad(b.mask(self.labels)) for b in self.bodies}
+        self.ends = cut_ends(self.big)
+        self.first_centre = pipeline.body_centre(self.labels, first)
 
 
-def scan_parts(case, rng_label, trial, ct, labels, bodies, xray, cam, true_poses, settings,
-               half_mm: float = 3.0, step_mm: float = 0.5) -> list[dict]:
-    """Diagnostic: every part body's similarity over in-plane translations (camera x = columns,
-    y = rows, +-``half_mm``) about its true pose, with every other body at its true pose (what
-    the part's search sees when its group is registered perfectly). Reports where the plain
-    and the prior-penalised similarity peak: a peak away from (0, 0) is a bias of the objective,
-    not of the search."""
-    sim = pipeline.get_similarity(settings.similarity, settings.patch_px)
-    full = torch.as_tensor(np.asarray(xray, dtype=np.float32))
-    levels = [pipeline.Level(cam, full, settings, "cpu", torch.float32)]
-    vols = pipeline.BodyVolumes(ct, labels, settings, "cpu", torch.float32)
-    pen = pipeline.prior_penalty(settings.prior_weight, settings.part.prior_deg, settings.part.prior_mm)
-    g = np.arange(-half_mm, half_mm + 1e-9, step_mm)
-    xs = torch.as_tensor([[0, 0, 0, a, b, 0] for b in g for a in g], dtype=torch.float64)
-    out = []
-    for i, body in enumerate(bodies):
-        registered = [(b, true_poses[b.name]) for b in bodies[:i]]
-        kind = pipeline.classify(body, labels, settings, registered)
-        if kind.name != "part":
-            continue
-        v = kind.views(levels, cam, true_poses[body.name], vols)[0][0]
-        space = PoseSpace(true_poses[body.name], pipeline.body_centre(labels, body))
-        with torch.no_grad():
-            val = sim(v.fixed, vols.drr(body.structures, v.camera, space.matrices(xs)) + v.background, v.mask)
-        val = val.double()
-        a, b = int(val.argmax()), int((val - pen(xs)).argmax())
-        row = {"case": case, "scan": "part-translation", "body": body.name, "range": rng_label, "trial": trial,
-               "at_truth": float(val[len(xs) // 2]), "max": float(val[a]),
-               "max_at_mm": xs[a, 3:5].tolist(), "penalised_max_at_mm": xs[b, 3:5].tolist(),
-               "part_roi_mm": settings.part.roi_mm}
-        out.append(row)
-        print(json.dumps(row), flush=True)
-    return out
+def true_poses(case: Case, rng) -> tuple[dict, dict]:
+    """({body: true ct_to_camera}, {body: description of its motion})."""
+    first = case.bodies[0]
+    truth = {first.name: PoseSpace(case.base, case.first_centre).matrix(np.r_[rng.uniform(-5, 5, 3),
+                                                                              rng.uniform(-15, 15, 3)])}
+    moved = {}
+    for i, body in enumerate(case.bodies[1:], start=1):
+        kind = case.kinds[body.name]
+        if kind.name == "joint":
+            motion, moved[body.name] = hip_motion(kind.centre, case.axes[body.name], rng)
+            mm = rng.uniform(0, 1.0)
+        else:
+            deg, mm = rng.uniform(0, 3.0), rng.uniform(0, 1.0)
+            motion = rotate_about(pipeline.body_centre(case.labels, body), direction(rng) * deg)
+            moved[body.name] = {"deg": float(deg)}
+        motion[:3, 3] += direction(rng) * mm
+        parent = kind.parent if hasattr(kind, "parent") else first
+        truth[body.name] = truth[parent.name] @ motion
+    return truth, moved
 
 
-def group_pose(body, earlier, true_poses) -> np.ndarray:
-    """True pose of the last earlier body holding all of ``body``'s structures (a vertebra's
-    'spine', the spine's 'bones'), else of the first body: a part moves relative to its group."""
-    own = {st.label for st in body.structures}
-    for other in earlier[::-1]:
-        if own < {st.label for st in other.structures}:
-            return true_poses[other.name]
-    return true_poses[earlier[0].name]
+def radiograph(case: Case, truth: dict, rng, renderer: str, seed: int) -> tuple[np.ndarray, dict]:
+    """(pixels, what was simulated) of one trial."""
+    if renderer == "own":  # the project's own simulation, soft tissue moving rigidly with the first body
+        parts, taken = [], np.zeros(case.big.array.shape, dtype=bool)
+        for body in case.bodies[:0:-1]:
+            m = case.masks[body.name] & ~taken
+            taken |= m
+            parts.append((m, truth[body.name]))
+        return simulate_articulated(case.big, case.cam, truth[case.bodies[0].name], parts, seed=seed), {}
+    motion, chain = TissueMotion.sample(rng), DetectorChain.sample(rng)
+    scene = moved_scene(case.big, case.labels, case.bodies, truth, motion, rng, masks=case.masks)
+    # tighter collimation at the top and bottom (0-15 mm more); at the sides only where it keeps the
+    # registered bodies in the field (a radiographer collimates to the region of interest)
+    extra = tuple(rng.uniform(0, 15, 4))
+    field = shutters_hiding(case.cam, truth[case.bodies[0].name], case.ends, 5.0, extra[:2] + (0.0, 0.0))
+    keep = np.flatnonzero(case_columns(case, truth))
+    narrowed = shutters_hiding(case.cam, truth[case.bodies[0].name], case.ends, 5.0, extra)
+    if keep.size == 0 or narrowed[:, keep].any(0).all():
+        field = narrowed
+    pixels = foreign_radiograph(scene, case.cam, chain, field, rng)
+    return pixels, {"tissue": vars(motion), "detector": chain.to_dict(), "field_fraction": float(field.mean())}
+
+
+def case_columns(case: Case, truth: dict, margin_mm: float = 10.0) -> np.ndarray:
+    """Bool (cols,): detector columns within ``margin_mm`` of a registered body's projection."""
+    cols = np.zeros(case.cam.cols, dtype=bool)
+    for body in case.bodies:
+        c = project(case.cam, truth[body.name], case.labels.grid.voxel_centres_lps(body.mask(case.labels))[::5])[:, 1]
+        m = margin_mm / case.cam.spacing_col_mm
+        cols[max(0, int(c.min() - m)):min(case.cam.cols, int(c.max() + m) + 1)] = True
+    return cols
 
 
 def make_settings(args, trial: int) -> pipeline.RegistrationSettings:
-    """Default settings (seeded by the trial) with the ``--set NAME=VALUE`` overrides."""
+    """Default settings (seeded by the trial) with the ``--set-option NAME=VALUE`` overrides."""
     s = pipeline.RegistrationSettings(seed=trial)
-    for item in args.set or []:
+    for item in args.set_option or []:
         key, value = item.split("=", 1)
         s.set(key, value)
     return s
 
 
-def cam_of(args) -> Camera:
-    return Camera(args.size, args.size, args.spacing, args.spacing, SID_MM)
+def run_old(case: Case, pixels, start, truth, seed: int, old_code: str) -> list[dict]:
+    """The same registration by the code in ``old_code`` (register_once.py in a subprocess)."""
+    meta = {"ct": case.paths[0], "labels": case.paths[1], "bodies": case.spec, "seed": seed,
+            "camera": {k: v for k, v in vars(case.cam).items()},
+            "true_poses": {k: np.asarray(v).tolist() for k, v in truth.items()}}
+    with tempfile.TemporaryDirectory() as tmp:
+        f = Path(tmp) / "trial.npz"
+        np.savez(f, pixels=pixels, start=start, meta=json.dumps(meta))
+        env = {**os.environ, "PYTHONPATH": old_code, "OMP_NUM_THREADS": "1"}
+        out = subprocess.run([sys.executable, str(Path(__file__).with_name("register_once.py")), str(f)],
+                             env=env, capture_output=True, text=True, check=True, cwd=old_code)
+    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
 
-def run(args) -> list[dict]:
-    torch.set_num_threads(args.threads)
-    cam = Camera(args.size, args.size, args.spacing, args.spacing, SID_MM)
+def run_trial(case: Case, trial: int, rng_mm: float, rng_deg: float, args) -> list[dict]:
+    seed = SEED_BASE[args.set] + 1000 * trial + int(rng_mm)
+    rng = np.random.default_rng(seed)
+    truth, moved = true_poses(case, rng)
+    t0 = time.time()
+    pixels, info = radiograph(case, truth, rng, args.renderer, seed)
+    sim_s = time.time() - t0
+    first = case.bodies[0]
+    start = PoseSpace(truth[first.name], case.first_centre).matrix(perturbation(rng, rng_deg, rng_mm))
+    settings = make_settings(args, trial)
+    res = pipeline.register(case.ct, case.labels, pixels, case.cam, case.bodies, start, settings, device=args.device,
+                            true_poses=truth)
+    common = {"case": case.name, "set": args.set, "renderer": args.renderer, "range": f"{rng_mm:g} mm / {rng_deg:g} deg",
+              "trial": trial, "seed": seed, "simulation_s": round(sim_s, 1), "soft_tissue": settings.soft_tissue}
     rows = []
-    for case in args.cases:
-        sc = getattr(sample_data, CASES[case][0])()
-        if sc is None:
-            print(f"skip {case}: data not found")
-            continue
-        ct = load_ct(sc.ct)
-        labels = load_labels(sc.labels, ct)
-        bodies = pipeline.parse_bodies(args.bodies.get(case, CASES[case][1]), labels)
-        if args.view == "bodies":  # AP view centred on the registered bodies (femurs inside the detector)
-            every = np.zeros(ct.array.shape, dtype=bool)
-            for b in bodies:
-                every |= b.mask(labels)
-            base = ap_pose(ct.voxel_centres_lps(every).mean(0), cam)
-        else:  # the default AP view (centred on all labelled bones), as `mskdex register` starts
-            base = default_view(ct, labels, cam)
-        if args.mode == "chain":
-            rows += run_chain(args, case, ct, labels, bodies, base)
-            continue
-        for max_mm, max_deg in args.ranges:
-            for trial in range(args.trials):
-                rng = np.random.default_rng(1000 * trial + int(max_mm))
-                truth = PoseSpace(base, pipeline.body_centre(labels, bodies[0])).matrix(
-                    np.r_[rng.uniform(-5, 5, 3), rng.uniform(-15, 15, 3)])
-                xray = simulate_radiograph(ct, cam, truth, seed=trial, labels=labels).pixels
-                for body in bodies:
-                    space = PoseSpace(truth, pipeline.body_centre(labels, body))
-                    start = space.matrix(perturbation(rng, max_deg, max_mm))
-                    settings = make_settings(args, trial)
-                    t0 = time.time()
-                    res = pipeline.register(ct, labels, xray, cam, [body], start, settings, device=args.device,
-                                            true_poses={body.name: truth})[0]
-                    pts = labels.grid.voxel_centres_lps(body.mask(labels))
-                    row = {"case": case, "mode": "independent", "body": body.name, "range": f"{max_mm:g} mm / {max_deg:g} deg",
-                           "trial": trial, "start_mtre_mm": pipeline.mtre_mm(pts, truth, start),
-                           "mtre_mm": res.mtre_mm, "mpd_px": res.mpd_px, "similarity": res.final_similarity,
-                           "doubtful": res.doubtful, "seconds": time.time() - t0, "soft_tissue": settings.soft_tissue}
-                    rows.append(row)
-                    print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}),
-                          flush=True)
+    for body, r in zip(case.bodies, res):
+        pts = case.labels.grid.voxel_centres_lps(body.mask(case.labels))
+        rows.append({**common, "code": "new", "body": body.name, "kind": r.kind,
+                     "start_mtre_mm": pipeline.mtre_mm(pts, truth[body.name], r.initial_pose),
+                     "moved": moved.get(body.name), "mtre_mm": r.mtre_mm, "mpd_px": r.mpd_px,
+                     "similarity": r.final_similarity, "doubtful": r.doubtful, "seconds": r.runtime_s,
+                     "motion": next((h for h in r.history if h["stage"] in ("joint-rotation", "part-motion")), None),
+                     "parent": next((h["of"] for h in r.history if h["stage"] in ("joint", "part")), None),
+                     "simulated": info if body is first else None})
+    if args.old_code:
+        for o in run_old(case, pixels, start, truth, trial, args.old_code):
+            rows.append({**common, "code": "old", **{k: v for k, v in o.items() if k != "ct_to_camera"}})
+    for row in rows:
+        print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
+                          if k not in ("simulated", "motion")}), flush=True)
     return rows
 
 
-def flagged(row: dict, settings: pipeline.RegistrationSettings, rows: list[dict] | None = None) -> bool:
+def flagged(row: dict, settings: pipeline.RegistrationSettings, rows: list[dict]) -> bool:
     """The pipeline's doubtful rule applied to a recorded trial with ``settings``' thresholds
-    (so that a table can be re-made after calibrating them): similarity below the kind's
-    threshold; for a joint / part, its motion at a bound or its parent (the first body of the
-    trial, or for a vertebra its group) doubtful."""
+    (re-made after calibrating them): similarity below the kind's threshold; for a joint /
+    part, its motion at a bound or its parent doubtful. Old-code rows keep their own flag."""
+    if row.get("code") == "old":
+        return bool(row["doubtful"])
     kind = row.get("kind", "first")
-    # a trial recorded before soft tissue existed (no key) used bone-only DRRs
     settings = replace(settings, soft_tissue=bool(row.get("soft_tissue", False)))
     flag = row["similarity"] < settings.doubtful_threshold(kind)
     if row.get("motion"):
         g = settings.kind_settings(kind)
-        b_deg, b_mm = g.bounds_deg, g.bounds_mm
-        flag = flag or any(abs(v) >= b_deg - 1.0 for v in row["motion"]["deg"]) \
-            or any(abs(v) >= b_mm - 0.05 for v in row["motion"]["translation_mm"][:2])
-        parent = row.get("parent")
-        if rows is not None and parent:
-            same = [r for r in rows if r["case"] == row["case"] and r["range"] == row["range"]
-                    and r["trial"] == row["trial"] and r["body"] == parent]
-            flag = flag or any(flagged(r, settings, rows) for r in same)
+        flag = flag or any(abs(v) >= g.bounds_deg - 1.0 for v in row["motion"]["deg"]) \
+            or any(abs(v) >= g.bounds_mm - 0.05 for v in row["motion"]["translation_mm"][:2])
+        same = [r for r in rows if r.get("code") == row.get("code") and r["case"] == row["case"]
+                and r["range"] == row["range"] and r["trial"] == row["trial"] and r["set"] == row["set"]
+                and r["body"] == row.get("parent")]
+        flag = flag or any(flagged(r, settings, rows) for r in same)
     return bool(flag)
 
 
 def table(rows: list[dict], args) -> str:
-    st = pipeline.RegistrationSettings()
-    lines = [f"Detector {args.size}x{args.size} at {args.spacing} mm, SID {SID_MM:g} mm, view '{args.view}', "
-             f"{args.threads} torch thread(s), device {args.device}; settings: defaults{' + ' + ' '.join(args.set) if args.set else ''}. "
-             f"Doubtful thresholds (bone-only DRRs / with soft tissue): {st.first.doubtful_below} / "
-             f"{st.first.doubtful_below_tissue} (first / free), {st.joint.doubtful_below} / "
-             f"{st.joint.doubtful_below_tissue} (joint), {st.part.doubtful_below} / {st.part.doubtful_below_tissue} "
-             f"(part).", "",
-             "| case | body (kind) | perturbation (up to) | success (mTRE < 2 mm) | median mTRE mm | median start mTRE mm "
-             "| median proj. dist px | median s/body | doubtful among successes | doubtful among failures |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    st = make_settings(args, 0)
+    lines = [f"Detector {args.size}x{args.size} at {args.spacing} mm, SID 1000 mm, {args.threads} torch thread(s); "
+             f"settings: defaults{' + ' + ' '.join(args.set_option) if args.set_option else ''}; doubtful "
+             f"thresholds (soft tissue): {st.first.doubtful_below_tissue} first / free, "
+             f"{st.joint.doubtful_below_tissue} joint, {st.part.doubtful_below_tissue} part.", "",
+             "| code | set | case | body (kind) | start (up to) | trials | success (< 2 mm) | median mTRE mm "
+             "| max mTRE mm | median s/body | max s/body | doubtful: successes | doubtful: gross failures (> 5 mm) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     keys = []
     for r in rows:
-        k = (r["case"], r["body"], r.get("kind", "first"), r["range"])
+        k = (r.get("code", "new"), r["set"], r["case"], r["body"], r.get("kind", "?"), r["range"])
         if k not in keys:
             keys.append(k)
     for k in keys:
-        g = [r for r in rows if (r["case"], r["body"], r.get("kind", "first"), r["range"]) == k]
+        g = [r for r in rows if (r.get("code", "new"), r["set"], r["case"], r["body"], r.get("kind", "?"), r["range"]) == k]
         ok = [r for r in g if r["mtre_mm"] < 2]
-        bad = [r for r in g if r["mtre_mm"] >= 2]
-        lines.append(f"| {k[0]} | {k[1]} ({k[2]}) | {k[3]} | {len(ok)}/{len(g)} ({100 * len(ok) / len(g):.0f} %) | "
-                     f"{np.median([r['mtre_mm'] for r in g]):.2f} | {np.median([r['start_mtre_mm'] for r in g]):.1f} | "
-                     f"{np.median([r['mpd_px'] for r in g]):.2f} | {np.median([r['seconds'] for r in g]):.1f} | "
-                     f"{sum(flagged(r, st, rows) for r in ok)}/{len(ok)} | "
-                     f"{sum(flagged(r, st, rows) for r in bad)}/{len(bad)} |")
+        gross = [r for r in g if r["mtre_mm"] > GROSS_MM]
+        mt, sec = [r["mtre_mm"] for r in g], [r["seconds"] for r in g]
+        lines.append(f"| {k[0]} | {k[1]} | {k[2]} | {k[3]} ({k[4]}) | {k[5]} | {len(g)} | {len(ok)}/{len(g)} "
+                     f"({100 * len(ok) / len(g):.0f} %) | {np.median(mt):.2f} | {max(mt):.2f} | {np.median(sec):.1f} | "
+                     f"{max(sec):.1f} | {sum(flagged(r, st, rows) for r in ok)}/{len(ok)} | "
+                     f"{sum(flagged(r, st, rows) for r in gross)}/{len(gross)} |")
     lines.append("")
-    for kinds, label in ((("first", "free"), "first / free bodies"), (("joint",), "joint bodies"),
-                         (("part",), "part bodies")):
-        succ = [r["similarity"] for r in rows if r.get("kind", "first") in kinds and r["mtre_mm"] < 2]
-        fail = [r["similarity"] for r in rows if r.get("kind", "first") in kinds and r["mtre_mm"] >= 2]
-        if succ or fail:
-            lines.append(f"- final similarity (pgncc), {label}: successes min {min(succ, default=float('nan')):.3f} / "
-                         f"median {np.median(succ) if succ else float('nan'):.3f} (n={len(succ)}); failures max "
-                         f"{max(fail, default=float('nan')):.3f} / median {np.median(fail) if fail else float('nan'):.3f} "
-                         f"(n={len(fail)})")
+    for kinds, label in ((("first", "free"), "first / free"), (("joint",), "joint"), (("part",), "part")):
+        sel = [r for r in rows if r.get("code", "new") == "new" and r.get("kind") in kinds]
+        succ = [r["similarity"] for r in sel if r["mtre_mm"] < 2]
+        fail = [r["similarity"] for r in sel if r["mtre_mm"] >= 2]
+        if sel:
+            lines.append(f"- final similarity, {label} bodies (new code): successes min "
+                         f"{min(succ, default=float('nan')):.3f} / median {np.median(succ) if succ else float('nan'):.3f} "
+                         f"(n={len(succ)}); failures max {max(fail, default=float('nan')):.3f} (n={len(fail)})")
     return "\n".join(lines) + "\n"
 
 
-def scan_table(scans: list[dict]) -> str:
-    """Summary of --scan-parts rows: how far the plain / penalised similarity peaks lie from the truth."""
-    if not scans:
-        return ""
-    lines = ["", "| body | window | scans | plain peak off truth (median / max mm) | plain peak at the 3-mm edge "
-             "| penalised peak off truth (median / max mm) |", "|---|---|---|---|---|---|"]
-    for key in sorted({(r["body"], r["part_roi_mm"]) for r in scans}):
-        g = [r for r in scans if (r["body"], r["part_roi_mm"]) == key]
-        d = [float(np.hypot(*r["max_at_mm"])) for r in g]
-        dp = [float(np.hypot(*r["penalised_max_at_mm"])) for r in g]
-        edge = sum(max(abs(v) for v in r["max_at_mm"]) >= 3.0 - 1e-9 for r in g)
-        win = f"{key[1]:g} mm of its projection" if key[1] > 0 else "wide (roi_margin_mm)"
-        lines.append(f"| {key[0]} | {win} | {len(g)} | {np.median(d):.2f} / {max(d):.2f} | {edge}/{len(g)} | "
-                     f"{np.median(dp):.2f} / {max(dp):.2f} |")
-    return "\n".join(lines) + "\n"
-
-
-def precision_table(rows: list[dict]) -> str:
-    """Truth-free precision measures of recorded chain trials (rows with ``cma_x`` / ``profile``)
-    against success: the spread of the CMA-ES restarts' best poses (max mTRE between them over
-    the body's voxels) and the curvature of the final similarity along depth and about the image's
-    row axis (-2 x the quadratic coefficient of a parabola fitted to the recorded profile, over
-    the value at the pose). A measure separates near misses when the failures' values lie outside
-    the successes' range."""
-    rows = [r for r in rows if r.get("profile") and r.get("cma_x") is not None]
-    if not rows:
-        return ""
-    cache: dict = {}
-    for r in rows:
-        if r["case"] not in cache:
-            sc = getattr(sample_data, CASES[r["case"]][0])()
-            ct = load_ct(sc.ct)
-            cache[r["case"]] = load_labels(sc.labels, ct)
-        labels = cache[r["case"]]
-        body = next(b for b in pipeline.parse_bodies(CASES[r["case"]][1], labels) if b.name == r["body"])
-        pts = labels.grid.voxel_centres_lps(body.mask(labels))[::20]
-        space = PoseSpace(np.asarray(r["initial_pose"]), pts.mean(0))
-        poses = [space.matrix(x) for x in r["cma_x"]]
-        r["_spread"] = max((pipeline.mtre_mm(pts, a, b) for a in poses for b in poses), default=float("nan"))
-        pr, st = r["profile"], np.asarray(r["profile"]["steps"])
-        h = len(st) // 2
-        xs = np.r_[st[:h], 0.0, st[h:]]
-        for key in ("depth_mm", "rot_y_deg"):
-            c = np.polyfit(xs, np.r_[pr[key][:h], pr["at"], pr[key][h:]], 2)
-            r["_curv_" + key] = float(-2 * c[0] / max(pr["at"], 1e-6))
-    lines = ["", "| body | measure | successes min / median / max (n) | failures (mTRE >= 2 mm) |", "|---|---|---|---|"]
-    for body in sorted({r["body"] for r in rows}):
-        for key, label in (("_spread", "restarts' spread mm"), ("_curv_depth_mm", "depth curvature /mm^2"),
-                           ("_curv_rot_y_deg", "row-axis rotation curvature /deg^2"), ("similarity", "final pgncc")):
-            ok = [r[key] for r in rows if r["body"] == body and r["mtre_mm"] < 2]
-            bad = [r[key] for r in rows if r["body"] == body and r["mtre_mm"] >= 2]
-            okt = f"{min(ok):.4f} / {np.median(ok):.4f} / {max(ok):.4f} ({len(ok)})" if ok else "-"
-            lines.append(f"| {body} | {label} | {okt} | {', '.join(f'{v:.4f}' for v in bad) or '-'} |")
-    return "\n".join(lines) + "\n"
-
-
-def main() -> None:
+def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", nargs="+", default=["pelvis", "chest"], choices=list(CASES))
     p.add_argument("--pelvis-bodies", default=None)
     p.add_argument("--chest-bodies", default=None)
-    p.add_argument("--ranges", nargs="+", default=["15,10", "30,20"], help="MM,DEG pairs")
+    p.add_argument("--set", choices=list(SEED_BASE), default="calibration",
+                   help="trial set: calibration (for every decision) or test (seeds fixed before, only measured)")
+    p.add_argument("--ranges", nargs="+", default=["15,10"], help="MM,DEG pairs")
     p.add_argument("--trials", type=int, default=10)
-    p.add_argument("--trial-ids", nargs="+", type=int, default=None,
-                   help="chain mode: run only these trial numbers (same random draws as in a full run)")
-    p.add_argument("--scan-parts", action="store_true",
-                   help="chain mode, diagnostic: scan each part's similarity over in-plane translations about "
-                        "its truth (others at truth) instead of registering")
+    p.add_argument("--trial-ids", nargs="+", type=int, default=None, help="only these trial numbers")
+    p.add_argument("--renderer", choices=("foreign", "own"), default="foreign")
+    p.add_argument("--old-code", default=None, help="also register every trial with the MSKdeXLib in this folder")
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--spacing", type=float, default=1.5)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--device", default="cpu", help="torch device of the registration (cpu, cuda[:N])")
-    p.add_argument("--view", choices=("default", "bodies"), default=None,
-                   help="true view: the default AP view (centred on all labelled bones), or centred on the "
-                        "benchmarked bodies (default: 'bodies' in chain mode - an AP hip view holding the "
-                        "proximal femurs - else 'default')")
-    p.add_argument("--mode", choices=("chain", "independent"), default="chain",
-                   help="pelvis case: 'chain' registers pelvis then femurs (hip rotations simulated); "
-                        "'independent' registers each body alone from its own perturbation")
-    p.add_argument("--hip-mm", type=float, default=1.0, help="chain mode: max joint translation, mm")
-    p.add_argument("--part-deg", type=float, default=3.0, help="chain mode: max rotation of a part (vertebra), deg")
-    p.add_argument("--part-mm", type=float, default=1.0, help="chain mode: max translation of a part, mm")
-    p.add_argument("--set", nargs="*", default=None, metavar="NAME=VALUE",
-                   help="override RegistrationSettings fields (NAME or GROUP.NAME, e.g. joint.bounds_depth_mm=0.25, part.roi_mm=10)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--set-option", nargs="*", default=None, metavar="NAME=VALUE",
+                   help="override RegistrationSettings (NAME or GROUP.NAME, e.g. part.roi_mm=10)")
     p.add_argument("--json", default=None, help="write every trial as JSON")
     p.add_argument("--from-json", nargs="+", default=None, help="only tabulate trials recorded with --json")
     p.add_argument("--out", default=None, help="write the table (markdown) here")
-    p.add_argument("--precision", action="store_true",
-                   help="also tabulate truth-free precision measures (restart spread, similarity curvature) "
-                        "of the trials against their success")
     args = p.parse_args()
-    if args.view is None:
-        args.view = "bodies" if args.mode == "chain" else "default"
     args.ranges = [tuple(float(v) for v in r.split(",")) for r in args.ranges]
-    args.bodies = {k: v for k, v in (("pelvis", args.pelvis_bodies), ("chest", args.chest_bodies)) if v}
-    if args.from_json:  # re-make the table of recorded trials (e.g. after calibrating thresholds)
-        rows = []
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+    if args.from_json:
         for f in args.from_json:
-            with open(f) as fh:
-                rows += json.load(fh)
+            rows += json.loads(Path(f).read_text())
     else:
-        rows = run(args)
-    scans = [r for r in rows if r.get("scan")]
-    rows = [r for r in rows if not r.get("scan")]
-    text = (table(rows, args) if rows else "") + scan_table(scans) if rows or scans else "no results\n"
-    if args.precision:
-        text += precision_table(rows)
+        cam = Camera(args.size, args.size, args.spacing, args.spacing, SID_MM)
+        for name in args.cases:
+            case = Case(name, getattr(args, f"{name}_bodies"), cam)
+            for mm, deg in args.ranges:
+                for trial in (args.trial_ids or range(args.trials)):
+                    rows += run_trial(case, trial, mm, deg, args)
+                    if args.json:  # kept as it goes: a stopped run keeps its trials
+                        Path(args.json).write_text(json.dumps(rows, indent=1))
+    text = table(rows, args) if rows else "no results\n"
     print(text)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(rows + scans, fh, indent=1)
     if args.out:
-        with open(args.out, "w") as fh:
-            fh.write("## Registration\n\n" + text)
+        Path(args.out).write_text("## Registration\n\n" + text)
 
 
 if __name__ == "__main__":

@@ -31,28 +31,39 @@ def block_factors(spacing_ijk, target_mm: float) -> tuple[int, int, int]:
 
 
 def body_volume(ct: Volume, labels, structures, margin_mm: float = 6.0, target_mm: float = 1.5,
-                mu_water_per_mm: float = MU_WATER_PER_MM, max_hu: float | None = None) -> Volume:
+                mu_water_per_mm: float = MU_WATER_PER_MM, max_hu: float | None = None,
+                over_hu: float | None = None) -> Volume:
     """Bone-only volume (HU) of ``structures``: cropped, block-averaged on mu (see module doc).
     ``max_hu``: CT numbers above it (metal implants) count as ``max_hu``: a radiograph's
-    beam-hardened metal is much less bright than a linear DRR of it."""
+    beam-hardened metal is much less bright than a linear DRR of it. ``over_hu``: the bone's
+    attenuation in excess of tissue of this CT number (what a bone adds to a
+    :func:`tissue_volume` whose bone voxels were filled with it; clipped at 0)."""
     mask = union_mask(labels, structures)
     if not mask.any():
         raise ValueError("structures have no voxels")
-    out = masked_volume(ct, mask, margin_mm, target_mm, mu_water_per_mm, max_hu)
+    minus = 0.0 if over_hu is None else mu_water_per_mm * max(0.0, 1.0 + over_hu / 1000.0)
+    out = masked_volume(ct, mask, margin_mm, target_mm, mu_water_per_mm, max_hu, minus)
     out.metadata["body_volume"] = [s.name for s in structures]
     return out
 
 
 def tissue_volume(ct: Volume, labels, excluded, target_mm: float = 1.5, mu_water_per_mm: float = MU_WATER_PER_MM,
-                  max_hu: float | None = None, body_only: bool = True) -> Volume:
+                  max_hu: float | None = None, body_only: bool = True, fill_hu: float | None = None) -> Volume:
     """Everything of the CT but the voxels of ``excluded`` structures (soft tissue, unregistered
     bones ...), block-averaged like :func:`body_volume`: what moves with the first body when the
     DRR models the radiograph's soft tissue. ``body_only``: only the patient (:func:`body_mask`),
-    not the CT's table or other objects, which a radiograph does not share."""
-    keep = ~union_mask(labels, excluded)
+    not the CT's table or other objects, which a radiograph does not share. ``fill_hu``: the
+    excluded voxels hold tissue of this CT number instead of air (a bone that moves displaces
+    soft tissue; its DRR is then its excess over it, :func:`body_volume`'s ``over_hu``)."""
+    excluded_mask = union_mask(labels, excluded)
+    keep = ~excluded_mask
+    src = ct
+    if fill_hu is not None:
+        src = ct.with_array(np.where(excluded_mask, np.float32(fill_hu), ct.array).astype(np.float32))
+        keep = np.ones_like(keep)
     if body_only:
-        keep &= body_mask(ct)
-    out = masked_volume(ct, keep, 0.0, target_mm, mu_water_per_mm, max_hu)
+        keep &= body_mask(ct) | (excluded_mask if fill_hu is not None else False)
+    out = masked_volume(src, keep, 0.0, target_mm, mu_water_per_mm, max_hu)
     out.metadata["body_volume"] = "tissue"
     return out
 
@@ -68,9 +79,11 @@ def body_mask(ct: Volume, threshold_hu: float = -400.0) -> np.ndarray:
 
 
 def masked_volume(ct: Volume, mask: np.ndarray, margin_mm: float = 6.0, target_mm: float = 1.5,
-                  mu_water_per_mm: float = MU_WATER_PER_MM, max_hu: float | None = None) -> Volume:
+                  mu_water_per_mm: float = MU_WATER_PER_MM, max_hu: float | None = None,
+                  minus_mu: float = 0.0) -> Volume:
     """The CT's voxels in ``mask`` [k, j, i] (others air), cropped to the mask's bounding box +
-    ``margin_mm`` and block-averaged on mu to about ``target_mm`` voxels (see module doc)."""
+    ``margin_mm`` and block-averaged on mu to about ``target_mm`` voxels (see module doc);
+    ``minus_mu`` (1/mm) is taken off every masked voxel's mu (clipped at 0)."""
     if not mask.any():
         raise ValueError("mask has no voxels")
     spacing = np.asarray(ct.spacing, dtype=np.float64)          # (i, j, k)
@@ -88,7 +101,8 @@ def masked_volume(ct: Volume, mask: np.ndarray, margin_mm: float = 6.0, target_m
     src = ct.array[box]
     hu[tuple(slice(0, n) for n in src.shape)] = src if max_hu is None else np.minimum(src, max_hu)
     m[tuple(slice(0, n) for n in src.shape)] = mask[box]
-    mu = np.where(m, mu_water_per_mm * np.maximum(0.0, 1.0 + hu / 1000.0), 0.0).astype(np.float32)
+    mu = np.where(m, np.maximum(0.0, mu_water_per_mm * np.maximum(0.0, 1.0 + hu / 1000.0) - minus_mu), 0.0)
+    mu = mu.astype(np.float32)
     if np.any(f_kji > 1):
         k, j, i = mu.shape
         mu = mu.reshape(k // f_kji[0], f_kji[0], j // f_kji[1], f_kji[1], i // f_kji[2], f_kji[2]).mean((1, 3, 5))

@@ -92,6 +92,7 @@ class BodyKind:
         if self.s.first.refine_full_res and views[-1].shape != (camera.rows, camera.cols):
             full = level_at(levels, camera, 1.0, self.s, levels[-1].device, levels[-1].dtype)
             views += body_views(self.body, [full], start, self.registered, vols, self.margin_mm(), self.s)
+            self._full_res = True
         return views, last
 
     # -- how far it searches ------------------------------------------------------------------
@@ -106,6 +107,17 @@ class BodyKind:
     def refine_divisor(self, level: int) -> float:
         """Gradient steps shrink on finer levels."""
         return level + 1
+
+    def refined(self, views: list[View]) -> range:
+        """Indices of the views the gradient refinement runs on (coarse to fine)."""
+        return range(len(views))
+
+    def refine_steps(self, views: list[View], level: int) -> int:
+        """Gradient steps on view ``level`` (the full-resolution view after the pyramid may take fewer)."""
+        n = self.s.first.full_res_steps
+        return n if n > 0 and level == len(views) - 1 and self._full_res else self.s.refine_steps
+
+    _full_res = False
 
     # -- how it is judged ----------------------------------------------------------------------
     def doubtful(self, final: float, x: np.ndarray, search: Search, parent_doubtful: bool) -> bool:
@@ -161,9 +173,17 @@ class BoundedBody(BodyKind):
 
     def views(self, levels: list[Level], camera: Camera, start: np.ndarray, vols: BodyVolumes
               ) -> tuple[list[View], int]:
-        f = max(1.0, self.s.roi_fine_mm / min(camera.spacing_row_mm, camera.spacing_col_mm))
-        lv = level_at(levels, camera, f, self.s, levels[-1].device, levels[-1].dtype)
-        return body_views(self.body, [lv], start, self.registered, vols, self.margin_mm(), self.s), 0
+        """One level of about ``roi_fine_mm`` pixels (scored and refined), after a coarser one of
+        about ``roi_search_mm`` for the CMA-ES when that is set."""
+        det = min(camera.spacing_row_mm, camera.spacing_col_mm)
+        sizes = [self.s.roi_fine_mm] if self.s.roi_search_mm <= self.s.roi_fine_mm else \
+            [self.s.roi_search_mm, self.s.roi_fine_mm]
+        lvs = [level_at(levels, camera, max(1.0, mm / det), self.s, levels[-1].device, levels[-1].dtype) for mm in sizes]
+        views = body_views(self.body, lvs, start, self.registered, vols, self.margin_mm(), self.s)
+        return views, len(views) - 1
+
+    def refined(self, views: list[View]) -> range:
+        return range(len(views) - 1, len(views))
 
     def radius_mm(self, start: np.ndarray) -> float | None:
         return None

@@ -45,7 +45,7 @@ from .metrics import mean_projection_distance_px, mtre_mm  # noqa: F401
 from .optimize import PoseSpace, cma_search, gradient_refine
 from .settings import RegistrationSettings
 from .similarity import Similarity, get_similarity
-from .views import BodyVolumes, Level, View, blur_batch, pyramid_factors, resample_to  # noqa: F401
+from .views import BodyVolumes, Level, View, blur_batch, pyramid_factors, resample_to, working_grid  # noqa: F401
 
 
 @dataclass
@@ -167,9 +167,10 @@ class BodyRun:
     def refine(self, search: Search) -> None:
         """Adam through the DRR on every view (coarse to fine; last the full-resolution one)."""
         name = self.kind.body.name
-        for i in range(len(self.views)):
+        for i in self.kind.refined(self.views):
             div = self.kind.refine_divisor(i)
-            res = gradient_refine(self.objective(i), self.space, self.x, self.s.refine_steps, self.s.refine_lr_deg / div,
+            res = gradient_refine(self.objective(i), self.space, self.x, self.kind.refine_steps(self.views, i),
+                                  self.s.refine_lr_deg / div,
                                   self.s.refine_lr_mm / div, self.ctx.dtype, self.ctx.device,
                                   callback=lambda n, f: self.ctx.notify("refine", body=name, step=n, similarity=f),
                                   bounds=search.box, penalty=search.penalty)
@@ -225,7 +226,8 @@ def register(ct: Volume, labels: LabelMap, pixels: np.ndarray, camera: Camera, b
     if not bodies:
         raise UserError("no bodies to register")
     dtype = torch.float32
-    full = torch.as_tensor(np.asarray(pixels, dtype=np.float32))
+    detector = camera
+    camera, full = working_grid(detector, pixels, s.working_mm)
     levels = [Level(camera.scaled(f) if f != 1.0 else camera, full, s, device, dtype)
               for f in pyramid_factors(camera, s.coarse_px, s.fine_px)]
     ctx = Context(camera, labels, s, levels, BodyVolumes(ct, labels, s, device, dtype, bodies),
@@ -239,7 +241,7 @@ def register(ct: Volume, labels: LabelMap, pixels: np.ndarray, camera: Camera, b
         if true_poses and body.name in true_poses:
             pts = labels.grid.voxel_centres_lps(body.mask(labels))
             result.mtre_mm = mtre_mm(pts, np.asarray(true_poses[body.name]), result.ct_to_camera)
-            result.mpd_px = mean_projection_distance_px(camera, pts, np.asarray(true_poses[body.name]),
+            result.mpd_px = mean_projection_distance_px(detector, pts, np.asarray(true_poses[body.name]),
                                                         result.ct_to_camera)
         ctx.results.append(result)
         ctx.registered.append((body, result.ct_to_camera))

@@ -20,13 +20,14 @@ class SearchSettings:
     """First body (and any free later body): in-plane search, CMA-ES, gradient refinement."""
 
     inplane_search: bool = True   # 2D rotation+shift search when no pose is given
-    cma_restarts: int = 3         # CMA-ES runs (different seeds), best kept
+    cma_restarts: int = 2         # CMA-ES runs (different seeds), best kept (3 before round 6)
     sigma_deg: float = 6.0
     sigma_mm: float = 12.0
     bounds_deg: float = 25.0
     bounds_mm: float = 45.0
     later_body_bounds: float = 0.6  # a free later body starts near the first one's pose: smaller search
     refine_full_res: bool = True    # a last gradient refinement on the detector's own pixels
+    full_res_steps: int = 20        # gradient steps of that refinement (0: ``refine_steps``; 40 before round 6)
     # doubtful below these final similarities (whole detector; calibrated:
     # benchmarks/RESULTS_registration.md): bone-only DRRs / with the soft tissue
     doubtful_below: float = 0.2
@@ -48,7 +49,8 @@ class BoundedMotion:
     prior_mm: float = 0.0           # prior SD of the in-plane translation (0: none)
     # doubtful below these final similarities (in the body's window): bone-only DRRs / with the soft tissue
     doubtful_below: float = 0.53
-    doubtful_below_tissue: float = 0.62
+    doubtful_below_tissue: float = 0.25   # 0.62 before round 6 (own renderer, unmoved tissue); set on the
+                                          # foreign-renderer calibration trials (RESULTS_registration.md)
 
     def depth_bound(self, radius_mm: float | None, pixel_mm: float) -> float:
         """Depth bound (mm); a part's may grow with its size (:meth:`PartSettings.depth_bound`)."""
@@ -81,7 +83,7 @@ class PartSettings(BoundedMotion):
     prior_deg: float = 3.0
     prior_mm: float = 1.5
     doubtful_below: float = 0.2
-    doubtful_below_tissue: float = 0.4
+    doubtful_below_tissue: float = 0.3    # 0.4 before round 6; foreign-renderer calibration trials
     # depth bound set by the part's size (0: off, every part gets ``bounds_depth_mm``): a depth
     # shift moves a point at in-plane distance r from the part's centre in proportion to r on the
     # detector (magnification), so a part's depth is observed in proportion to its in-plane RMS
@@ -112,7 +114,10 @@ class RegistrationSettings:
     similarity: str = "pgncc"
     patch_px: int = 8
     coarse_px: int = 48           # long side of the coarsest pyramid level (CMA-ES)
-    fine_px: int = 192            # long side of the finest level (capped by the detector)
+    fine_px: int = 96             # long side of the pyramid's finest level (capped by the detector;
+                                  # 192 before round 6: then refined twice at nearly the same pixels)
+    working_mm: float = 1.5       # a radiograph with finer pixels is area-averaged to about these first
+                                  # (integer factor): memory and time bounded by the working grid
     cma: bool = True
     cma_popsize: int = 16
     cma_max_evals: int = 480
@@ -123,12 +128,19 @@ class RegistrationSettings:
     roi_margin_mm: float = 40.0   # later bodies: similarity only near the body's start projection
     roi_fine_mm: float = 1.5      # joint / part bodies: one level with pixels of about this size
     roi_cma_restarts: int = 2     # joint / part bodies: CMA-ES runs (different seeds), best kept
+    roi_search_mm: float = 0.0    # > roi_fine_mm: joint / part bodies' CMA-ES on a level of about these
+                                  # pixels (cheaper), their refinement on ``roi_fine_mm``; 0: both on it
     prior_weight: float = 0.01    # similarity units per (motion / prior SD)^2 of joints / parts; 0: no prior
     # the first body's DRR also holds the CT's other tissue (the patient's soft tissue and bones of
     # no body, not the table: :func:`~.bodyvolume.tissue_volume`), which then stays with it as later
     # bodies' background
     soft_tissue: bool = True
     tissue_mm: float = 3.0        # voxel size of that tissue volume (smooth: coarser than the bones)
+    # the bodies' voxels in that tissue volume hold tissue of this CT number, and the bodies' DRRs are
+    # their attenuation in excess of it: a bone that moved displaces soft tissue instead of leaving a
+    # bone-shaped hole (None: air, as before round 6; then a femur in a new hip pose left its old
+    # outline dark in the DRR)
+    tissue_fill_hu: float | None = 40.0
     tissue_search: bool = False   # the tissue in the global search too (in-plane, CMA-ES); off: there bone-only
                                   # (measured: the body outline then lured pelvis starts at 60 mm / 40 deg away)
     drr_match_blur: bool = False  # blur each level's DRR like the radiograph there (see drr_blur_sigma_mm)

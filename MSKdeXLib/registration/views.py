@@ -43,6 +43,25 @@ def resample_to(pixels: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return F.adaptive_avg_pool2d(pixels[None, None], (rows, cols))[0, 0]
 
 
+def working_grid(camera: Camera, pixels: np.ndarray, working_mm: float) -> tuple[Camera, torch.Tensor]:
+    """(camera, float32 pixels) of the registration's working grid: a radiograph whose pixels
+    are finer than ``working_mm`` is area-averaged by the integer factor that brings them to
+    about it (a 2500 x 3000 radiograph at 0.15 mm becomes 250 x 300 at 1.5 mm), in slabs of rows
+    so that no full-size float copy is made; the same rays, so poses are unchanged."""
+    f = int(np.floor(working_mm / min(camera.spacing_row_mm, camera.spacing_col_mm) + 1e-6))
+    if f < 2:
+        return camera, torch.as_tensor(np.asarray(pixels, dtype=np.float32))
+    rows, cols = camera.rows // f, camera.cols // f
+    out = np.empty((rows, cols), dtype=np.float32)
+    for r in range(0, rows, 64):
+        block = np.asarray(pixels[r * f:min(rows, r + 64) * f, :cols * f], dtype=np.float32)
+        out[r:r + 64] = block.reshape(-1, f, cols, f).mean((1, 3))
+    cx, cy = camera.principal_point
+    cam = Camera(rows, cols, camera.spacing_row_mm * f, camera.spacing_col_mm * f, camera.sid_mm,
+                 (cx + 0.5) / f - 0.5, (cy + 0.5) / f - 0.5)
+    return cam, torch.from_numpy(out)
+
+
 def blur_batch(img: torch.Tensor, sigma_px: tuple[float, float]) -> torch.Tensor:
     """Gaussian blur (separable, edges replicated, differentiable) of (B, H, W) images with
     sigma (rows, cols) in pixels; unchanged when both are below 0.05 px."""
@@ -89,9 +108,12 @@ class BodyVolumes:
         key = TISSUE if structures is None else tuple(sorted(st.label for st in structures))
         if key not in self._vols:
             max_hu = self.s.max_hu if self.s.max_hu > 0 else None
-            self._vols[key] = (tissue_volume(self.ct, self.labels, self.body_structures, self.s.tissue_mm, max_hu=max_hu)
+            fill = self.s.tissue_fill_hu if self.s.soft_tissue else None
+            self._vols[key] = (tissue_volume(self.ct, self.labels, self.body_structures, self.s.tissue_mm, max_hu=max_hu,
+                                             fill_hu=fill)
                                if structures is None else
-                               body_volume(self.ct, self.labels, structures, target_mm=self.s.volume_mm, max_hu=max_hu))
+                               body_volume(self.ct, self.labels, structures, target_mm=self.s.volume_mm, max_hu=max_hu,
+                                           over_hu=fill))
         rkey = (key, camera)
         if rkey not in self._renderers:
             if len(self._renderers) > 24:  # bounded: drop the oldest
