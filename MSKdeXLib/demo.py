@@ -438,6 +438,31 @@ def _fmt(v: float) -> str:
     return f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}"
 
 
+BLAND_ALTMAN_CAPTION = ("*Bland-Altman plots of the same values: the difference estimate - truth against their mean, "
+                        "with the bias (solid) and the 95 % limits of agreement (dashed), the table's `bias` and "
+                        "`95 % LoA` columns. Look for a bias near zero, narrow limits and no trend with size.*")
+
+
+def estimates_table(per_subject: list, channels: list[dict], level: float) -> list[str]:
+    """The report's table: each held-out subject's muscle lean mass, estimate [interval] / CT truth
+    (error %), marked when the interval misses the truth."""
+    muscles = [c for c in channels if c["kind"] == "muscle" and c["quantity"] == "mass_g"]
+    lines = [f"Lean mass (g) of each muscle: estimate [{level:.0%} interval] / CT truth (error %); "
+             "a cell ends with ✗ when the interval misses the truth:", "",
+             "| subject | " + " | ".join(c["structure"].replace("_", " ") for c in muscles) + " |",
+             "|---|" + "---:|" * len(muscles)]
+    for name, est, truth in per_subject:
+        vals = {(r["structure"], r["quantity"]): r for r in est.rows()}
+        cells = []
+        for c in muscles:
+            r, t = vals[(c["structure"], "mass_g")], truth[c["structure"]]["mass_g"]
+            p, miss = r["value"], not (r["low"] <= t <= r["high"])
+            cells.append(f"{_fmt(p)} [{_fmt(r['low'])}–{_fmt(r['high'])}] / {_fmt(t)} ({100 * (p - t) / t:+.0f} %)"
+                         + (" ✗" if miss else ""))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def report_markdown(summary: dict, ev, per_subject: list, channels: list[dict]) -> str:
     """The demo report: what was done, the overlay, the scatter plot, estimates vs truth, PCC."""
     s = summary["settings"]
@@ -505,28 +530,11 @@ def report_markdown(summary: dict, ev, per_subject: list, channels: list[dict]) 
                       "one point per held-out subject; the dashed line is estimate = truth. Look for points along "
                       "the line (a high r) and bars that cross it (the interval covers the truth); a flat cloud "
                       "means the network gives every subject about the same value.*", ""]
-    muscles = [c for c in channels if c["kind"] == "muscle" and c["quantity"] == "mass_g"]
-    level = summary.get("interval", {}).get("level", 0.9)
-    lines += [f"Lean mass (g) of each muscle: estimate [{level:.0%} interval] / CT truth (error %); "
-              "a cell ends with ✗ when the interval misses the truth:", "",
-              "| subject | " + " | ".join(c["structure"].replace("_", " ") for c in muscles) + " |",
-              "|---|" + "---:|" * len(muscles)]
-    for name, est, truth in per_subject:
-        vals = {(r["structure"], r["quantity"]): r for r in est.rows()}
-        cells = []
-        for c in muscles:
-            r, t = vals[(c["structure"], "mass_g")], truth[c["structure"]]["mass_g"]
-            p, miss = r["value"], not (r["low"] <= t <= r["high"])
-            cells.append(f"{_fmt(p)} [{_fmt(r['low'])}–{_fmt(r['high'])}] / {_fmt(t)} ({100 * (p - t) / t:+.0f} %)"
-                         + (" ✗" if miss else ""))
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += estimates_table(per_subject, channels, summary.get("interval", {}).get("level", 0.9))
     lines += ["", "## Agreement per structure", "", ev.to_markdown(), ""]
-    for q in ("mass_g", "volume_cm3"):
-        if any(st["quantity"] == q for st in ev.stats):
-            lines += [f"![Bland-Altman {q}](evaluation/bland_altman_{q}.png)", ""]
-    lines += ["*Bland-Altman plots of the same values: the difference estimate - truth against their mean, with "
-              "the bias (solid) and the 95 % limits of agreement (dashed), the table's `bias` and `95 % LoA` "
-              "columns. Look for a bias near zero, narrow limits and no trend with size.*", "",
+    lines += [f"![Bland-Altman {q}](evaluation/bland_altman_{q}.png)" for q in ("mass_g", "volume_cm3")
+              if any(st["quantity"] == q for st in ev.stats)]
+    lines += ["", BLAND_ALTMAN_CAPTION, "",
               "## Run", "", f"- seconds per stage (wall clock): {json.dumps(summary['seconds'])}",
               f"- CPU seconds per stage (this process and the cohort's worker processes; on an idle machine "
               f"the wall clock is about this, the cohort's divided by its {s.get('workers')} workers): "

@@ -19,7 +19,7 @@ def add_parser(sub, name: str):
                        "prediction on held-out virtual radiographs, evaluation, and DIR/report.md (+ .html). "
                        "A tiny CPU demonstration on virtual data only; about 6 minutes on 2 idle CPU cores "
                        "(measured CPU time; much longer on a busy machine), --quick about 20 s. Bit-reproducible: it "
-                       "starts itself again with pinned threads and CPU code paths (--pin-environment).")
+                       "starts itself again with pinned threads and CPU code paths (--keep-environment: not).")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--subjects", type=int, help="virtual training subjects")
     p.add_argument("--heldout", type=int, help="held-out virtual subjects")
@@ -34,10 +34,10 @@ def add_parser(sub, name: str):
                    help="train the muscles with paired L1 on the (pixel-aligned) virtual subjects instead of the "
                         "paper's unpaired adversarial + intensity-sum losses: what unpairing costs")
     p.add_argument("--device", default="cpu", help="torch device for training and prediction (default cpu)")
-    p.add_argument("--pin-environment", choices=("on", "off"), default="on",
-                   help="on (default): start again with one thread per math library and one CPU code path "
-                        "(MSKdeXLib.reproducibility), so that the numbers are the same on any machine, busy or "
-                        "idle; off: run with the environment as it is (faster on many cores, numbers may differ)")
+    p.add_argument("--keep-environment", action="store_true",
+                   help="run with the environment as it is, instead of starting again with one thread per math "
+                        "library and one CPU code path (MSKdeXLib.reproducibility) as it does by default so that the "
+                        "numbers are the same on any machine, busy or idle (faster on many cores; numbers may differ)")
     add_force(p)
     add_progress(p)
     p.set_defaults(func=run)
@@ -49,7 +49,7 @@ def run(args) -> int:
     from ..reproducibility import reexec_pinned
 
     command_line = getattr(args, "command_line", None)
-    if command_line is not None and args.pin_environment == "on":
+    if command_line is not None and not args.keep_environment:
         reexec_pinned(command_line)  # returns when already pinned
     s = DemoSettings.quick() if args.quick else DemoSettings()
     for attr, value in (("train_subjects", args.subjects), ("heldout_subjects", args.heldout),

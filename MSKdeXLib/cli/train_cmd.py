@@ -15,15 +15,15 @@ def add_parser(sub, name: str):
                        "+ OUT/config.json (the model folder), checkpoints, history.json and loss_curves.png. "
                        "Multi-GPU: torchrun --nproc_per_node N -m MSKdeXLib train ... Before it starts it "
                        "times a few warm-up steps and prints the estimated duration. The default config is sized "
-                       "for a GPU (20,000 steps at 256 x 256: days on a CPU); --write-default-config FILE --for cpu "
+                       "for a GPU (20,000 steps at 256 x 256: days on a CPU); --write-default-config FILE --cpu "
                        "writes the demo's CPU-sized one.")
     p.add_argument("--config", default=None, help="training config JSON (missing keys take the defaults)")
     p.add_argument("--write-default-config", metavar="FILE", default=None,
                    help="write the default config (documented) to FILE and exit")
-    p.add_argument("--for", dest="target", choices=("gpu", "cpu"), default="gpu",
-                   help="with --write-default-config: gpu (default: the paper-sized network, 20,000 steps) or cpu "
-                        "(the demo's small network and 4,800 steps: about 5 minutes on 2 cores at 32 x 32 records, "
-                        "longer at larger records)")
+    p.add_argument("--cpu", action="store_true",
+                   help="with --write-default-config: the CPU-sized config (the demo's small network and 4,800 "
+                        "steps: about 5 minutes on 2 cores at 32 x 32 records, longer at larger records) instead of "
+                        "the paper-sized one for a GPU (20,000 steps)")
     p.add_argument("--data", default=None, help="training-set folder (mskdex-dataset/1); overrides data.dir")
     p.add_argument("--out", default=None, help="output model folder")
     p.add_argument("--resume", action="store_true", help="continue from OUT's last checkpoint")
@@ -44,9 +44,8 @@ def run(args) -> int:
                                      recalibrate, train)  # `mskdex --help` instant
 
     if args.write_default_config:
-        write_json(args.write_default_config, default_config() if args.target == "gpu" else cpu_config(),
-                   args.force)
-        print(f"wrote {args.write_default_config} ({args.target}-sized)")
+        write_json(args.write_default_config, cpu_config() if args.cpu else default_config(), args.force)
+        print(f"wrote {args.write_default_config} ({'cpu' if args.cpu else 'gpu'}-sized)")
         return 0
     if not args.out:
         raise UserError("--out is required (the model folder to write)")

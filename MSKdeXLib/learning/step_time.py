@@ -97,5 +97,5 @@ def cpu_advice(step_s: float, steps: int) -> str:
     fit = max(1, int(3600 / max(step_s, 1e-9)))
     return (f"that is long for a CPU: train on a GPU (--device cuda), or with fewer steps (--steps {fit} fits in "
             "about an hour at this size), or start from the CPU-sized configuration "
-            "(mskdex train --write-default-config FILE --for cpu: the demo's small network on 32 x 32 records; "
+            "(mskdex train --write-default-config FILE --cpu: the demo's small network on 32 x 32 records; "
             "build the data set with mskdex build-dataset --size 32)")

@@ -32,11 +32,11 @@ def test_duration_text_and_cpu_advice():
     assert duration_text(45) == "45 s" and duration_text(600) == "10 min" and duration_text(4 * 3600) == "4.0 h"
     assert duration_text(20000 * 17.5) == "4.1 days"
     advice = cpu_advice(17.5, 20000)
-    assert "--steps 205" in advice and "--for cpu" in advice and "--device cuda" in advice
+    assert "--steps 205" in advice and "--cpu" in advice and "--device cuda" in advice
 
 
 def test_cpu_config_is_a_valid_smaller_config(tmp_path, capsys):
-    assert main(["train", "--write-default-config", str(tmp_path / "cpu.json"), "--for", "cpu"]) == 0
+    assert main(["train", "--write-default-config", str(tmp_path / "cpu.json"), "--cpu"]) == 0
     cpu = merge_config({k: v for k, v in json.loads((tmp_path / "cpu.json").read_text()).items() if k != "_doc"})
     gpu = default_config()
     assert cpu["steps"] < gpu["steps"] and sum(cpu["model"]["features"]) < sum(gpu["model"].get("features", [1e9]))
