@@ -1,10 +1,12 @@
 """Screenshots of the real flow, rendered offscreen by Slicer's own slice pipeline (slicer-core's
 vtkMRMLSliceLogic: reslice + layer blend) in the Slicer-in-a-box session, with the module's Logic
-placing the layers. Written to Resources/Screenshots/ (the files the docs show)."""
+placing the layers. Written to a temporary folder; with MSKDEX_UPDATE_SCREENSHOTS=1 to
+Resources/Screenshots/ (the files the docs show), so a test run never changes the checkout."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,11 @@ from conftest import alive, launcher_children  # noqa: F401  (the launcher fixtu
 
 ROOT = Path(__file__).resolve().parents[3]
 SHOTS = ROOT / "Resources" / "Screenshots"
+
+
+def shot_path(name: str, tmp_path: Path) -> Path:
+    """Where a screenshot goes: Resources/Screenshots when MSKDEX_UPDATE_SCREENSHOTS=1, else tmp_path."""
+    return (SHOTS if os.environ.get("MSKDEX_UPDATE_SCREENSHOTS") == "1" else tmp_path) / name
 #: a registration small enough for a test, large enough to converge on this case
 QA_REGISTRATION = ["--max-evals", "60", "--refine-steps", "30", "--fine-px", "64"]
 
@@ -71,7 +78,7 @@ def test_overlay_on_a_radiograph_loaded_from_file(box, pelvis, tmp_path):
     coloured = (np.ptp(rgb, axis=2) > 30).mean()
     assert 0.03 < coloured < 0.6
     assert rgb.std() > 20
-    _save_png(rgba, SHOTS / "overlay_loaded_radiograph.png")
+    _save_png(rgba, shot_path("overlay_loaded_radiograph.png", tmp_path))
 
 
 @pytest.mark.slow
@@ -117,4 +124,4 @@ def test_registration_qa(box, panel, sample_cache, pelvis, launcher, tmp_path):
     board = sb.slice_rgba(red.sliceLogic())
     assert comp.GetForegroundVolumeID() is None
     gap = np.full((overlay.shape[0], 8, 4), 255, np.uint8)
-    _save_png(np.concatenate([overlay, gap, board], axis=1), SHOTS / "registration_qa.png")
+    _save_png(np.concatenate([overlay, gap, board], axis=1), shot_path("registration_qa.png", tmp_path))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +16,6 @@ from MSKdeXLib.io.images import Radiograph  # noqa: E402
 from MSKdeXLib.anatomy.ct_metrics import structure_metrics  # noqa: E402
 from MSKdeXLib.anatomy.structures import detect_table_from_names  # noqa: E402
 
-SCREENSHOT = Path(__file__).resolve().parents[3] / "Resources" / "Screenshots" / "overlay.png"
 
 
 @pytest.fixture
@@ -190,9 +188,10 @@ def test_radiograph_node_geometry_and_points(pelvis, scene):
     np.testing.assert_allclose(got, rc, atol=1e-9)
 
 
-def test_overlay_screenshot_and_estimates(pelvis, scene):
+def test_overlay_screenshot_and_estimates(pelvis, scene, tmp_path):
     """Render a real slice view (Slicer's reslice + blend pipeline) of a DRR-like radiograph with
-    coloured per-muscle channels; check the pixels; save Resources/Screenshots/overlay.png."""
+    coloured per-muscle channels; check the pixels; save overlay.png (into Resources/Screenshots
+    with MSKDEX_UPDATE_SCREENSHOTS=1)."""
     ct, labels = pelvis
     structures = labels.select(kinds=["muscle"])
     xray, masks = _drr_like(ct, labels, structures)
@@ -260,8 +259,11 @@ def test_overlay_screenshot_and_estimates(pelvis, scene):
     # the screenshot: semi-transparent channels over the radiograph
     sb.set_overlay(comp, label_opacity=0.55)
     shot = sb.slice_rgba(logic)
-    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    from test_screenshots import shot_path
     import matplotlib.image
+
+    SCREENSHOT = shot_path("overlay.png", tmp_path)
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
 
     matplotlib.image.imsave(SCREENSHOT, shot[..., :3])
     assert SCREENSHOT.stat().st_size > 10_000
