@@ -50,10 +50,9 @@ def specificity_cohort() -> dict:
 #: training of the demo (on top of :func:`MSKdeXLib.learning.training.default_config`): the paper's
 #: configuration. Bones paired (L1 + gradient correlation at the true pose); muscles unpaired:
 #: their channels learn only from the adversarial terms (LSGAN + feature matching) and the
-#: object-wise intensity-sum loss (OWIS, weight 20), with the generator's sum head. Measured on the
-#: demo's own data (30 held-out subjects, benchmarks/RESULTS_network.md): muscle mean PCC 0.698 /
-#: 0.733 (mass / volume), as good as with the muscles' paired L1 (``PAIRED_MUSCLE_LOSSES``: 0.693 /
-#: 0.721), but the unpaired channel *images* place the muscles less well (pixel r 0.69 vs 0.98).
+#: object-wise intensity-sum loss (OWIS, weight 20), with the generator's sum head. Chosen on the
+#: earlier (body-wide) demo cohort; on the specificity cohort its numbers are in README.md and
+#: benchmarks/RESULTS_network.md (the unpaired muscle images are not placed at this scale).
 #: No cycle term (time); no augmentation (brightness/contrast changes hide the < 1 % intensity
 #: changes that carry the muscle signal; geometric-only lowered the held-out PCC in a measured
 #: run); AdamW 2e-3 with warm-up and cosine decay.

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..errors import UserError
+from ..validation import check_finite_fields
 from ..settings import DRR_DETECTOR, SID_MM
 
 #: Rotation taking LPS directions to camera axes for the default AP view (rows = camera axes).
@@ -44,6 +45,7 @@ class Camera:
     cy: float | None = None
 
     def __post_init__(self) -> None:
+        check_finite_fields(self)
         if self.rows < 1 or self.cols < 1:
             raise UserError(f"detector size must be positive, got {self.rows}x{self.cols}")
         if self.spacing_row_mm <= 0 or self.spacing_col_mm <= 0:

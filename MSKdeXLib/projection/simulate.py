@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..validation import check_finite_fields
 from ..io.images import Radiograph, Volume
 from ..io.outputs import check_new, write_json
 from ..io.radiographs import write_dx_dicom
@@ -94,6 +95,7 @@ class SimulationSettings:
     # (relative to the principal point: x to image right, y to image bottom)
 
     def __post_init__(self) -> None:
+        check_finite_fields(self)
         if self.spectrum not in SPECTRA:
             raise UserError(f"spectrum must be one of {', '.join(SPECTRA)}, got '{self.spectrum}'")
         if not 20.0 <= float(self.kvp) <= 150.0:

@@ -11,6 +11,9 @@ import pytest
 
 from MSKdeXLib.errors import UserError
 from MSKdeXLib.io.outputs import json_text, write_json
+from MSKdeXLib.learning.dataset.builder import DatasetSettings
+from MSKdeXLib.projection.geometry import Camera
+from MSKdeXLib.projection.simulate import SimulationSettings
 from MSKdeXLib.validation import (NonFiniteError, bounded_int, check_int, check_number, check_positive,
                                   check_window, finite_float, finite_or_none, nonfinite_summary,
                                   require_finite)
@@ -125,3 +128,15 @@ def test_check_finite_fields_names_the_field():
     with pytest.raises(UserError, match=r"Geometry\.spacing_mm must be finite"):
         check_finite_fields(Geometry(spacing_mm=(1.0, float("inf"))))
     check_finite_fields(Geometry(sid_mm=float("nan")), skip=("sid_mm",))
+
+
+
+@pytest.mark.parametrize("make, field", [
+    (lambda: Camera(rows=8, cols=8, spacing_row_mm=1.0, spacing_col_mm=1.0, sid_mm=float("nan")), "Camera.sid_mm"),
+    (lambda: SimulationSettings(filtration_mm_al=float("inf")), "SimulationSettings.filtration_mm_al"),
+    (lambda: DatasetSettings(pixel_spacing_mm=(1.0, float("nan"))), "DatasetSettings.pixel_spacing_mm"),
+])
+def test_settings_objects_refuse_non_finite_fields_from_python(make, field):
+    """Called from Python (not only through the CLI), the settings refuse NaN/inf naming the field."""
+    with pytest.raises(UserError, match=field.replace(".", r"\.")):
+        make()

@@ -42,7 +42,7 @@ from ...io.radiographs import load_radiograph
 from ...io.volumes import load_ct, load_labels
 from ...projection.geometry import Camera, check_rigid
 from ...settings import DATASET_IMAGE, DRR_DETECTOR
-from ...validation import require_finite
+from ...validation import check_finite_fields, require_finite
 from ..cohort import base_view, render_channels
 from .format import FORMAT, dataset_header, normalise, record_file, write_dataset_json
 from .format import write_record as write_record_tensors
@@ -238,6 +238,7 @@ class DatasetSettings:
     test_fraction: float = 0.1
 
     def __post_init__(self) -> None:
+        check_finite_fields(self)
         if len(self.image_size) != 2 or min(self.image_size) < 4:
             raise UserError(f"--image-size needs two sizes >= 4, got {list(self.image_size)}")
         if len(self.pixel_spacing_mm) != 2 or min(self.pixel_spacing_mm) <= 0:
