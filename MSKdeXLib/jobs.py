@@ -98,6 +98,7 @@ class Job:
         env = dict(os.environ if self.env is None else self.env)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
         env.setdefault("PYTHONUNBUFFERED", "1")
+        env["MSKDEX_JOB"] = "1"  # cancel() sends SIGINT: mskdex accepts it even if started with it ignored
         kwargs: dict = {}
         if os.name == "nt":
             # own console group (CTRL_BREAK reaches it, not Slicer) and no console window popping up
