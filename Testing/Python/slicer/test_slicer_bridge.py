@@ -294,29 +294,20 @@ def test_overlay_screenshot_and_estimates(pelvis, scene, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Outputs of the real ``mskdex train / predict / register`` command lines, loaded as MRML nodes
 # ---------------------------------------------------------------------------------------------
-TINY_TRAIN = {"model": {"features": [8, 16, 32], "strides": [2, 2], "num_res_units": 1},
-              "discriminator": {"width": 8, "n_layers": 2, "n_scales": 1},
-              "data": {"batch_size": 2}, "steps": 2, "log_every": 1, "checkpoint_every": 10, "val_every": 10}
 
 
 @pytest.fixture(scope="module")
-def tiny_model(pelvis, tmp_path_factory):
+def tiny_model(tiny_dataset, tmp_path_factory):
     """A tiny model trained by the real ``mskdex train`` command line the Slicer module builds
-    (jobs.train_args), in-process; returns (model folder, training progress events)."""
+    (jobs.train_args), in-process, on conftest's tiny data set; returns (model folder, training
+    progress events)."""
     import contextlib
     import io
-    import json
 
     from MSKdeXLib import jobs
     from MSKdeXLib.cli import main
-    from projection_dataset import parallel_projection_dataset
 
-    ct, labels = pelvis
-    d = tmp_path_factory.mktemp("bridge_ds")
-    parallel_projection_dataset(ct, labels, d, ["hip_left", "gluteus_medius_left"], ("mass_g", "volume_cm3"),
-                                n_records=3, size=32, seed=4)
-    cfg = d.parent / "bridge_cfg.json"
-    cfg.write_text(json.dumps(TINY_TRAIN))
+    d, cfg = tiny_dataset
     out = tmp_path_factory.mktemp("bridge_model") / "model"
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
