@@ -24,6 +24,17 @@ from typing import Callable, Sequence
 
 from .errors import EXIT_DOUBTFUL
 
+#: set by :class:`Job` for the process it starts: "you are a cancellable job" (see :func:`accept_cancel`)
+JOB_ENV = "MSKDEX_JOB"
+
+
+def accept_cancel() -> None:
+    """Called first by a worker (``mskdex``): a job is cancelled with SIGINT, but a shell without
+    job control starts background commands with SIGINT ignored and Python keeps it ignored; as a
+    job (``$MSKDEX_JOB=1``) take SIGINT back as KeyboardInterrupt (clean exit 130)."""
+    if os.environ.get(JOB_ENV) == "1" and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
 PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
 
 
@@ -98,7 +109,7 @@ class Job:
         env = dict(os.environ if self.env is None else self.env)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
         env.setdefault("PYTHONUNBUFFERED", "1")
-        env["MSKDEX_JOB"] = "1"  # cancel() sends SIGINT: mskdex accepts it even if started with it ignored
+        env[JOB_ENV] = "1"  # cancel() sends SIGINT: the worker accepts it even if started with it ignored
         kwargs: dict = {}
         if os.name == "nt":
             # own console group (CTRL_BREAK reaches it, not Slicer) and no console window popping up

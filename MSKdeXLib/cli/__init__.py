@@ -11,11 +11,11 @@ import argparse
 import errno
 import importlib
 import os
-import signal
 import sys
 
 from .. import __version__
 from ..errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
+from ..jobs import accept_cancel
 from ..validation import finite_float
 from .common import fill_settings_help
 from .option_checks import check_options
@@ -65,22 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-#: set by the process that starts ``mskdex`` as a cancellable job (MSKdeXLib.jobs, the tests)
-JOB_ENV = "MSKDEX_JOB"
-
-
-def _accept_cancel() -> None:
-    """A job's parent cancels it with SIGINT, but a shell without job control starts background
-    commands with SIGINT ignored, and Python then keeps it ignored: as a job (``$MSKDEX_JOB=1``)
-    take SIGINT back as KeyboardInterrupt (clean exit 130), whoever started the parent."""
-    if os.environ.get(JOB_ENV) == "1" and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand; returns its exit code (see :mod:`MSKdeXLib.errors`: 0 done, 2 user error,
     3 register finished but doubtful, 130 interrupted, 141 stdout closed early)."""
-    _accept_cancel()
+    accept_cancel()
     parser = build_parser()
     args = parser.parse_args(argv)
     # the command line as given, for a command that must start again (demo: reproducibility.reexec_pinned);

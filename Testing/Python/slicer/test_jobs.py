@@ -50,7 +50,9 @@ def test_user_error_is_reported_not_traceback(tmp_path):
 
 _PROGRESS_SCRIPT = textwrap.dedent("""
     import sys, time
+    from MSKdeXLib.jobs import accept_cancel
     from MSKdeXLib.progress import Progress
+    accept_cancel()  # as mskdex does: cancellable even when the test run ignores SIGINT
     n, delay = int(sys.argv[1]), float(sys.argv[2])
     p = Progress("json", total=n, desc="train")
     print("plain log line", file=sys.stderr, flush=True)
