@@ -25,8 +25,8 @@ def test_demo_quick_writes_report_with_estimates_vs_truth(tmp_path, capsys):
     assert trained == summary["losses"] and trained["muscle_l1"] == 0 and trained["gan"] > 0
     assert trained["intensity_sum"] > 0 and trained["l1"] > 0
     assert "as in the paper, the muscles were unpaired" in report and "paired L1 loss was used" not in report
-    # ... with a discriminator that sees the radiograph (placement; see DEMO_TRAINING), and says so
-    assert summary["discriminator"]["condition"] == "xray" and "conditional GAN" in report
+    # ... with a discriminator that sees the true bones (placement; see DEMO_TRAINING), and says so
+    assert summary["discriminator"]["condition"] == "bones" and "bone-conditioned GAN" in report
     # the channel images are compared with the held-out subjects' true projections
     agree = json.loads((out / "evaluation" / "channel_agreement.json").read_text())
     assert agree["n_subjects"] == 3 and agree["kind_mean"] == summary["channel_agreement"]
@@ -76,6 +76,7 @@ def test_paired_muscles_option_swaps_the_gan_for_muscle_l1_and_the_report_says_s
     assert {k: v for k, v in paper.items() if k != "losses"} == {k: v for k, v in paired.items() if k != "losses"}
     assert "as in the paper, the muscles were unpaired" in losses_text(paper["losses"])
     assert "paired L1 loss was used" in losses_text(paired["losses"])
-    assert "conditional GAN" in losses_text(paper["losses"], paper["discriminator"]["condition"])
+    assert "bone-conditioned GAN" in losses_text(paper["losses"], paper["discriminator"]["condition"])
+    assert "conditional GAN" in losses_text(paper["losses"], "xray")
     assert "conditional" not in losses_text(paper["losses"]) and "radiograph" not in losses_text(paired["losses"], "xray")
     assert "GAN, feature-matching, cycle losses were off" in losses_text(paired["losses"])
