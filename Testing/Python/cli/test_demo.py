@@ -80,3 +80,17 @@ def test_paired_muscles_option_swaps_the_gan_for_muscle_l1_and_the_report_says_s
     assert "conditional GAN" in losses_text(paper["losses"], "xray")
     assert "conditional" not in losses_text(paper["losses"]) and "radiograph" not in losses_text(paired["losses"], "xray")
     assert "GAN, feature-matching, cycle losses were off" in losses_text(paired["losses"])
+
+
+def test_report_says_plainly_whether_the_muscles_are_placed():
+    from MSKdeXLib.demo import agreement_text
+
+    per = [{"structure": "autochthon_right", "quantity": "mass_g", "kind": "muscle", "mean_r": -0.02},
+           {"structure": "gluteus_medius_left", "quantity": "mass_g", "kind": "muscle", "mean_r": 0.84},
+           {"structure": "hip_left", "quantity": "mass_g", "kind": "bone", "mean_r": 0.98}]
+    partly = agreement_text({"muscle": {"mass_g": 0.53, "volume_cm3": 0.55}, "bone": {"mass_g": 0.98}}, 30, per)
+    assert "placed only in part" in partly and "autochthon right -0.02" in partly and "hip left" not in partly
+    assert "r = **0.53**" in partly
+    assert "are not placed" in agreement_text({"muscle": {"mass_g": -0.03}}, 30, per)
+    assert "in their places" in agreement_text({"muscle": {"mass_g": 0.93, "volume_cm3": 0.9}}, 30)
+    assert "in their places" not in agreement_text({"muscle": {"mass_g": 0.93, "volume_cm3": 0.5}}, 30)
