@@ -600,8 +600,7 @@ def report_markdown(summary: dict, ev, per_subject: list, channels: list[dict]) 
         "bones are outlines. Look for each colour in the same place in the middle and right panels: where they "
         "differ, the network has put that muscle's tissue elsewhere, even when the channel's sum (the estimate) "
         "is right.*", "",
-        agreement_text(summary.get("channel_agreement", {}), s["heldout_subjects"],
-                       summary.get("channel_agreement_per_channel")), "",
+        agreement_text(summary.get("channel_agreement", {}), s["heldout_subjects"], summary.get("channel_agreement_per_channel")), "",
         "## Estimates vs truth", "",
     ]
     for q in QUANTITIES:
