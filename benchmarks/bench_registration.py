@@ -35,6 +35,7 @@ every trial; ``--from-json`` re-makes the tables (with the current doubtful rule
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -88,6 +89,7 @@ class Case:
         self.ct = load_ct(sc.ct)
         self.labels = load_labels(sc.labels, self.ct)
         self.spec = spec or CASES[name][1]
+        self.spec_key = hashlib.sha1(self.spec.encode()).hexdigest()[:8]
         self.bodies = pipeline.parse_bodies(self.spec, self.labels)
         every = np.zeros(self.ct.array.shape, dtype=bool)
         for b in self.bodies:
@@ -186,15 +188,49 @@ def run_old(case: Case, pixels, start, truth, seed: int, old_code: str) -> list[
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
 
+def cache_file(args, case: Case, seed: int) -> Path | None:
+    """Where ``--cache`` keeps a trial's radiograph and start (None: no cache): the simulation
+    (DiffDRR's Siddon, minutes for the chest CT) is then run once per trial, whatever is registered."""
+    if not args.cache:
+        return None
+    return Path(args.cache) / f"{case.name}_{args.renderer}_{args.size}px_{args.spacing:g}mm_{case.spec_key}_{seed}.npz"
+
+
+def save_trial(path: Path, pixels: np.ndarray, start: np.ndarray, truth: dict, info: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, pixels=pixels, start=start, info=json.dumps(info, default=float),
+                        truth=json.dumps({k: np.asarray(v).tolist() for k, v in truth.items()}))
+    tmp.replace(path)
+
+
+def load_trial(path: Path, truth: dict) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(pixels, start, info) of a cached trial; its true poses must be the ones drawn now (same seed, same code)."""
+    d = np.load(path, allow_pickle=False)
+    saved = json.loads(str(d["truth"]))
+    if set(saved) != set(truth) or any(not np.allclose(saved[k], truth[k], atol=1e-9) for k in truth):
+        raise RuntimeError(f"{path}: cached trial does not match the poses drawn from its seed (stale cache)")
+    return d["pixels"], d["start"], json.loads(str(d["info"]))
+
+
 def run_trial(case: Case, trial: int, rng_mm: float, rng_deg: float, args) -> list[dict]:
     seed = SEED_BASE[args.set] + 1000 * trial + int(rng_mm)
     rng = np.random.default_rng(seed)
     truth, moved = true_poses(case, rng)
-    t0 = time.time()
-    pixels, info = radiograph(case, truth, rng, args.renderer, seed)
-    sim_s = time.time() - t0
     first = case.bodies[0]
-    start = PoseSpace(truth[first.name], case.first_centre).matrix(perturbation(rng, rng_deg, rng_mm))
+    cached = cache_file(args, case, seed)
+    t0 = time.time()
+    if cached is not None and cached.exists():
+        pixels, start, info = load_trial(cached, truth)
+    else:
+        pixels, info = radiograph(case, truth, rng, args.renderer, seed)
+        start = PoseSpace(truth[first.name], case.first_centre).matrix(perturbation(rng, rng_deg, rng_mm))
+        if cached is not None:
+            save_trial(cached, pixels, start, truth, info)
+    sim_s = time.time() - t0
+    if args.render_only:
+        print(f"{case.name} {args.set} trial {trial} seed {seed}: rendered in {sim_s:.1f} s", flush=True)
+        return []
     settings = make_settings(args, trial)
     res = pipeline.register(case.ct, case.labels, pixels, case.cam, case.bodies, start, settings, device=args.device,
                             true_poses=truth)
@@ -292,6 +328,8 @@ def parse_args():
     p.add_argument("--device", default="cpu")
     p.add_argument("--set-option", nargs="*", default=None, metavar="NAME=VALUE",
                    help="override RegistrationSettings (NAME or GROUP.NAME, e.g. part.roi_mm=10)")
+    p.add_argument("--cache", default=None, help="folder keeping each trial's radiograph and start (rendered once)")
+    p.add_argument("--render-only", action="store_true", help="only fill --cache with the trials' radiographs")
     p.add_argument("--json", default=None, help="write every trial as JSON")
     p.add_argument("--from-json", nargs="+", default=None, help="only tabulate trials recorded with --json")
     p.add_argument("--out", default=None, help="write the table (markdown) here")

@@ -280,55 +280,70 @@ class DRRRenderer:
 
     def dominant_axis(self, pose) -> int:
         """CT axis (0 = i, 1 = j, 2 = k) most parallel to the principal ray of ``pose`` (4x4)."""
-        p = _as_pose_batch(pose, "cpu").detach()[0].double()
-        ray_lps = p[:3, :3].T @ torch.tensor([0.0, 0.0, 1.0], dtype=p.dtype)
-        axes = torch.as_tensor(self.ct.direction)
-        return int(torch.argmax((axes.T @ ray_lps).abs()))
+        return self._dominant_axes(_as_pose_batch(pose, "cpu")[:1])[0]
 
     def attenuation(self, pose, structures: Sequence | None = None) -> torch.Tensor:
         """Line integrals of mu (unitless), (B, rows, cols). Differentiable w.r.t. ``pose``.
 
         With ``structures`` (names or Structure objects), only their voxels attenuate.
-        Assumes the CT lies between the source and the detector.
+        Assumes the CT lies between the source and the detector. Poses sharing a dominant
+        axis are marched together (one ``grid_sample`` per chunk of planes for all of them).
         """
         chosen = [self.labels.resolve(s) for s in structures] if structures else []
         poses = _as_pose_batch(pose, self.device)
-        out = []
-        for b in range(poses.shape[0]):
-            out.append(self._attenuation_one(poses[b], chosen))
+        axes = self._dominant_axes(poses)
+        out: list = [None] * poses.shape[0]
+        for axis in sorted(set(axes)):
+            idx = [b for b, a in enumerate(axes) if a == axis]
+            drrs = self._attenuation_batch(poses[idx], chosen, axis)
+            for j, b in enumerate(idx):
+                out[b] = drrs[j]
         return torch.stack(out)
 
-    def _attenuation_one(self, pose: torch.Tensor, structures) -> torch.Tensor:
+    def _dominant_axes(self, poses: torch.Tensor) -> list[int]:
+        """:meth:`dominant_axis` of each of (B, 4, 4) ``poses``."""
+        p = poses.detach().to(device="cpu", dtype=torch.float64)
+        rays = p[:, 2, :3]  # each pose's principal ray (camera z) in LPS: row 2 of R
+        axes = torch.as_tensor(self.ct.direction, dtype=torch.float64)
+        return [int(a) for a in torch.argmax((rays @ axes).abs(), dim=1)]
+
+    def _pixels_camera(self, dtype) -> torch.Tensor:
+        """(rows, cols, 3) detector pixel centres in camera mm."""
         cam = self.camera
-        axis = self.dominant_axis(pose)
+        cx, cy = cam.principal_point
+        cols = (torch.arange(cam.cols, dtype=dtype, device=self.device) - cx) * cam.spacing_col_mm
+        rows = (torch.arange(cam.rows, dtype=dtype, device=self.device) - cy) * cam.spacing_row_mm
+        px = torch.stack(torch.meshgrid(rows, cols, indexing="ij")[::-1], dim=-1)  # (R, C, 2) x, y
+        return torch.cat([px, torch.full_like(px[..., :1], cam.sid_mm)], dim=-1)
+
+    def _attenuation_batch(self, poses: torch.Tensor, structures, axis: int) -> torch.Tensor:
+        """(B, rows, cols) line integrals of (B, 4, 4) ``poses`` whose dominant axis is ``axis``."""
+        cam = self.camera
         n = self.ray_samples(axis)
         planes, pos = self._plane_stack(structures, axis, n)
         x_ax, y_ax = [a for a in (0, 1, 2) if a != axis]
         size = self.ct.array.shape[2 - axis]
+        dt = poses.dtype
         # camera -> voxel index (i, j, k)
-        lps_to_index = torch.linalg.inv(self._index_to_lps).to(pose.dtype)
-        m = lps_to_index @ _rigid_inverse(pose.unsqueeze(0))[0]
-        cx, cy = cam.principal_point
-        dt = pose.dtype
-        cols = (torch.arange(cam.cols, dtype=dt, device=self.device) - cx) * cam.spacing_col_mm
-        rows = (torch.arange(cam.rows, dtype=dt, device=self.device) - cy) * cam.spacing_row_mm
-        px = torch.stack(torch.meshgrid(rows, cols, indexing="ij")[::-1], dim=-1)  # (R, C, 2) x, y
-        pix = torch.cat([px, torch.full_like(px[..., :1], cam.sid_mm)], dim=-1)  # camera mm
-        d = pix @ m[:3, :3].T  # ray direction source -> pixel, index units (R, C, 3)
-        src = m[:3, 3]
+        lps_to_index = torch.linalg.inv(self._index_to_lps).to(dt)
+        m = lps_to_index @ _rigid_inverse(poses)  # (B, 4, 4)
+        pix = self._pixels_camera(dt)
+        d = torch.einsum("rcj,bij->brci", pix, m[:, :3, :3])  # ray directions source -> pixel, index units
+        src = m[:, :3, 3]  # (B, 3)
         da = d[..., axis]
-        q = torch.stack([d[..., x_ax] / da, d[..., y_ax] / da], dim=-1)  # (R, C, 2)
-        base = torch.stack([src[x_ax], src[y_ax]]) - src[axis] * q
+        q = torch.stack([d[..., x_ax] / da, d[..., y_ax] / da], dim=-1)  # (B, R, C, 2)
+        base = torch.stack([src[:, x_ax], src[:, y_ax]], -1)[:, None, None] - src[:, axis, None, None, None] * q
         extent = torch.tensor([self.ct.array.shape[2 - x_ax] - 1, self.ct.array.shape[2 - y_ax] - 1],
                               dtype=dt, device=self.device).clamp_min(1)
         scale = 2.0 / extent
-        base_n = (base * scale - 1).float()
-        q_n = (q * scale).float()
+        nb = poses.shape[0]
+        base_n = (base * scale - 1).float().reshape(nb * cam.rows, cam.cols, 2)
+        q_n = (q * scale).float().reshape(nb * cam.rows, cam.cols, 2)
         # step between planes along the ray, in mm: (plane spacing / |d_axis|) * |source->pixel|
         step = (size / n) * pix.norm(dim=-1) / da.abs()
-        acc = torch.zeros(cam.rows, cam.cols, dtype=torch.float32, device=self.device)
+        acc = torch.zeros(nb * cam.rows, cam.cols, dtype=torch.float32, device=self.device)
         per_chunk = _PLANE_CHUNK_ELEMENTS if torch.get_num_threads() == 1 else _PLANE_CHUNK_ELEMENTS_MT
-        chunk = max(1, per_chunk // (cam.rows * cam.cols))
+        chunk = max(1, per_chunk // (nb * cam.rows * cam.cols))
         posf = pos.float()
         for m0 in range(0, n, chunk):
             p = posf[m0:m0 + chunk]
@@ -336,7 +351,7 @@ class DRRRenderer:
             vals = torch.nn.functional.grid_sample(planes[m0:m0 + chunk], grid, mode="bilinear",
                                                    padding_mode="zeros", align_corners=True)
             acc = acc + vals.sum(dim=(0, 1))
-        return acc * step.to(acc.dtype)
+        return acc.reshape(nb, cam.rows, cam.cols) * step.to(acc.dtype)
 
     # --- channels (voxel splatting) ------------------------------------------------------
     def _voxel_lists(self):

@@ -195,10 +195,31 @@ class BodyRun:
         self.refine(search)
         return self.finish(search, init_sim, t0)
 
+    def neighbourhood(self, x: np.ndarray) -> dict:
+        """Truth-free evidence of the final pose, on the scoring view: the similarity at ``x``, at
+        +-``NEIGHBOUR_STEPS`` along each of the 6 parameters, and without the body's own DRR
+        (what the rest of the image explains)."""
+        xs = [np.asarray(x, dtype=np.float64)]
+        for axis, d in enumerate(NEIGHBOUR_STEPS):
+            for sign in (-1.0, 1.0):
+                v = xs[0].copy()
+                v[axis] += sign * d
+                xs.append(v)
+        v = self.views[self.last]
+        with torch.no_grad():
+            f = self.objective(self.last)(self.space.matrices(torch.as_tensor(np.stack(xs))).to(self.ctx.dtype))
+            rest = v.background + (self.ctx.vols.drr(None, v.camera, self.space.matrices(torch.as_tensor(xs[0][None])))
+                                   if self.refine_tissue else 0.0)
+            without = float(self.ctx.sim(v.fixed, rest.expand(1, *v.shape), v.mask)[0]) if torch.as_tensor(rest).abs().sum() > 0 else 0.0
+        f = [round(float(a), 5) for a in f]
+        return {"stage": "neighbourhood", "steps": list(NEIGHBOUR_STEPS), "at": f[0], "minus": f[1::2][:6],
+                "plus": f[2::2][:6], "without_body": round(without, 5)}
+
     def finish(self, search: Search, init_sim: float, t0: float) -> BodyResult:
         kind, x = self.kind, self.x
         final = self.score(self.last, x)
         self.history.append(profile(self.objective(self.last), self.space, x, self.ctx.dtype, self.ctx.device))
+        self.history.append(self.neighbourhood(x))
         parent = kind.parent_name()
         parent_doubtful = parent is not None and any(r.doubtful for r in self.ctx.results if r.name == parent)
         doubtful = kind.doubtful(final, x, search, parent_doubtful)
@@ -249,6 +270,9 @@ def register(ct: Volume, labels: LabelMap, pixels: np.ndarray, camera: Camera, b
         ctx.notify("body-done", body=body.name, similarity=result.final_similarity, doubtful=result.doubtful)
     return ctx.results
 
+
+#: steps of :meth:`BodyRun.neighbourhood` along (rx, ry, rz deg, tx, ty, tz mm)
+NEIGHBOUR_STEPS = (2.0, 2.0, 2.0, 2.0, 2.0, 4.0)
 
 #: offsets of the similarity profile recorded about a final pose (mm of depth, deg about the image's rows axis)
 PROFILE_STEPS = (-2.0, -1.0, -0.5, 0.5, 1.0, 2.0)

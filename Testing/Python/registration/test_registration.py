@@ -58,10 +58,10 @@ def test_registration_recovers_pelvis_pose_from_perturbed_starts(pelvis):
     bodies = pipeline.parse_bodies("pelvis", labels)
     centre = pipeline.body_centre(labels, bodies[0])
     base = default_view(ct, labels, CAM)
-    # 96 CMA-ES evaluations per run (48 before round 6, when the first body ran 3 CMA-ES runs instead of 2:
-    # with 2 x 48 two or three of these ten starts were lost, with 2 x 96 none)
-    settings = RegistrationSettings(first=SearchSettings(inplane_search=False), cma_max_evals=96, refine_steps=15,
-                                    fine_px=128)
+    # 2 CMA-ES runs of 96 evaluations (the defaults: 1 run of 480; 48 per run before round 6, when the first
+    # body ran 3 runs: with 2 x 48 two or three of these ten starts were lost, with 2 x 96 none, with 1 x 96 four)
+    settings = RegistrationSettings(first=SearchSettings(inplane_search=False, cma_restarts=2), cma_max_evals=96,
+                                    refine_steps=15, fine_px=128)
     rng = np.random.default_rng(2024)
     truth = PoseSpace(base, centre).matrix(np.r_[rng.uniform(-4, 4, 3), rng.uniform(-10, 10, 3)])
     xray = simulate_radiograph(ct, CAM, truth, seed=7, labels=labels).pixels

@@ -92,9 +92,8 @@ def test_refine_full_res_adds_the_detector_level(pelvis):
     body = pipeline.parse_bodies("pelvis", labels)
     truth = ap_pose(pipeline.body_centre(labels, body[0]), cam)
     xray = simulate_radiograph(ct, cam, truth, seed=1, labels=labels).pixels
-    s = RegistrationSettings(first=SearchSettings(inplane_search=False), cma=False, refine_steps=3, fine_px=96,
-                             coarse_px=48)
-    assert s.first.refine_full_res  # the default
+    s = RegistrationSettings(first=SearchSettings(inplane_search=False, refine_full_res=True), cma=False,
+                             refine_steps=3, fine_px=96, coarse_px=48)
     r = pipeline.register(ct, labels, xray, cam, body, truth, s, true_poses={"pelvis": truth})[0]
     levels = [tuple(h["level_px"]) for h in r.history if h["stage"] == "refine"]
     pyramid = [(cam.scaled(f).rows, cam.scaled(f).cols) if f > 1 else (cam.rows, cam.cols)
