@@ -50,8 +50,9 @@ class BoundedMotion:
     prior_mm: float = 0.0           # prior SD of the in-plane translation (0: none)
     # doubtful below these final similarities (in the body's window): bone-only DRRs / with the soft tissue
     doubtful_below: float = 0.53
-    doubtful_below_tissue: float = 0.25   # 0.62 before round 6 (own renderer, unmoved tissue); set on the
-                                          # foreign-renderer calibration trials (RESULTS_registration.md)
+    doubtful_below_tissue: float = 0.2    # 0.62 before round 6 (own renderer, unmoved tissue), 0.25 in round 6;
+                                          # round 7's calibration trials (scored on the 128 px level): joint
+                                          # successes >= 0.259, gross failures <= 0.07 (RESULTS_registration.md)
 
     def depth_bound(self, radius_mm: float | None, pixel_mm: float) -> float:
         """Depth bound (mm); a part's may grow with its size (:meth:`PartSettings.depth_bound`)."""
