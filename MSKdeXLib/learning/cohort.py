@@ -679,6 +679,57 @@ def vendor_processing(codes: np.ndarray, bits: int, pixel_mm: float, processing:
     return out.astype(codes.dtype)
 
 
+def cohort_muscles(config: CohortConfig) -> list[str]:
+    """Names of the source's muscles (the structures whose changes a subject draws)."""
+    _, labels0 = load_source(config)
+    return [s.name for s in labels0.select(kinds=list(config.kinds)) if s.kind == "muscle"]
+
+
+@dataclass
+class RealisedSubject:
+    """A subject's anatomy and view: the modified, scaled CT (HU, LPS) and labels, the structures
+    present, the camera (with the subject's SID) and the CT-to-camera pose; ``applied`` summarises
+    the anatomy changes."""
+
+    spec: SubjectSpec
+    ct: Volume
+    labels: LabelMap
+    structures: list[Structure]
+    camera: Camera
+    pose: np.ndarray
+    applied: dict
+
+
+def realise_subject(config: CohortConfig, spec: SubjectSpec) -> RealisedSubject:
+    """Apply ``spec`` to the cohort's source: anatomy changes, size, camera and pose (no files)."""
+    ct0, labels0 = load_source(config)
+    structures0 = labels0.select(kinds=list(config.kinds))
+    ct, labels, applied = modify_anatomy(ct0, labels0, spec, config.density_model())
+    centre = bone_centre(ct0, labels0)
+    ct, labels = scale_anatomy(ct, labels, spec.scale, centre)
+    camera = Camera.from_dict(config.camera) if config.camera else \
+        fit_camera(ct0, labels0, config.rows, config.cols, config.sid_mm)
+    camera = subject_camera(camera, spec)
+    pose = subject_pose(base_view(ct0, labels0, camera), spec, centre)
+    structures = [s for s in structures0 if s.label in labels.entries]
+    return RealisedSubject(spec, ct, labels, structures, camera, pose, applied)
+
+
+def subject_radiograph(subject: RealisedSubject, seed: int | None = None):
+    """The subject's simulated radiograph (:class:`~MSKdeXLib.projection.simulate.Radiograph`, detector
+    codes after any vendor processing) and its settings; ``seed`` (noise) defaults to the subject's own."""
+    from ..projection.simulate import simulate_radiograph
+
+    spec, camera = subject.spec, subject.camera
+    settings = acquisition_settings(spec, camera)
+    if seed is None:
+        seed = int(subject_rng(spec.seed, spec.index, 2).integers(0, 2**31 - 1))
+    rad = simulate_radiograph(subject.ct, camera, subject.pose, settings, seed, labels=subject.labels)
+    if spec.processing:
+        rad.pixels = vendor_processing(rad.pixels, settings.bits, camera.spacing_col_mm, spec.processing)
+    return rad, settings, seed
+
+
 def make_subject(config: CohortConfig, index: int, out_dir: Path, force: bool = False) -> dict:
     """Build subject ``index`` into ``out_dir / subject-XXXX``; returns its cohort entry. The
     folder is built beside and renamed into place: an interrupted subject leaves nothing."""
@@ -692,20 +743,11 @@ def _make_subject(config: CohortConfig, index: int, folder: Path, force: bool) -
     from ..io.outputs import write_json, write_volume
 
     t0 = time.time()
-    ct0, labels0 = load_source(config)
-    density = config.density_model()
-    structures0 = labels0.select(kinds=list(config.kinds))
-    muscles = [s.name for s in structures0 if s.kind == "muscle"]
-    spec = sample_subject(config.seed, index, muscles, config.cohort_ranges())
-    ct, labels, applied = modify_anatomy(ct0, labels0, spec, density)
-    centre = bone_centre(ct0, labels0)
-    ct, labels = scale_anatomy(ct, labels, spec.scale, centre)
-    structures = [s for s in structures0 if s.label in labels.entries]
-    camera = Camera.from_dict(config.camera) if config.camera else \
-        fit_camera(ct0, labels0, config.rows, config.cols, config.sid_mm)
-    camera = subject_camera(camera, spec)
-    base = base_view(ct0, labels0, camera)
-    pose = subject_pose(base, spec, centre)
+    spec = sample_subject(config.seed, index, cohort_muscles(config), config.cohort_ranges())
+    subject = realise_subject(config, spec)
+    ct, labels, structures, camera, pose = (subject.ct, subject.labels, subject.structures, subject.camera,
+                                            subject.pose)
+    applied, density = subject.applied, config.density_model()
 
     metrics = metrics_document(ct, labels, structures, density)
     metrics["settings"]["virtual_subject"] = {"seed": spec.seed, "index": spec.index}
@@ -723,7 +765,7 @@ def _make_subject(config: CohortConfig, index: int, folder: Path, force: bool) -
     with atomic_path(folder / "targets.safetensors", force) as tmp:
         save_file(channels, str(tmp), metadata=meta)
 
-    xray_info = write_radiograph(ct, labels, camera, pose, spec, folder, force)
+    xray_info = write_radiograph(subject, folder, force)
 
     if config.keep_ct:
         write_volume(folder / "ct.nii.gz", ct, force)
@@ -743,19 +785,17 @@ def _make_subject(config: CohortConfig, index: int, folder: Path, force: bool) -
     return {"name": spec.name, "index": index, "folder": spec.name, "seconds": doc["seconds"]}
 
 
-def write_radiograph(ct: Volume, labels: LabelMap, camera: Camera, pose: np.ndarray, spec: SubjectSpec,
-                     folder: Path, force: bool = False) -> dict:
-    """Simulate the subject's radiograph at ``pose``; write DICOM DX + sidecar (true pose)."""
-    from ..projection.simulate import simulate_radiograph, write_dicom_dx
+def write_radiograph(subject: RealisedSubject, folder: Path, force: bool = False) -> dict:
+    """Simulate the subject's radiograph at its pose; write DICOM DX + sidecar (true pose)."""
+    from ..projection.simulate import write_dicom_dx
 
-    settings = acquisition_settings(spec, camera)
-    seed = int(subject_rng(spec.seed, spec.index, 2).integers(0, 2**31 - 1))
-    rad = simulate_radiograph(ct, camera, pose, settings, seed, labels=labels)
+    rad, settings, seed = subject_radiograph(subject)
+    spec = subject.spec
     extra = {"virtual_subject": {"cohort_seed": spec.seed, "index": spec.index}}
     if spec.processing:
-        rad.pixels = vendor_processing(rad.pixels, settings.bits, camera.spacing_col_mm, spec.processing)
         extra["vendor_processing"] = dict(spec.processing)
-    dcm, side = write_dicom_dx(folder / "xray.dcm", rad, camera, pose, settings, seed, force, extra=extra)
+    dcm, side = write_dicom_dx(folder / "xray.dcm", rad, subject.camera, subject.pose, settings, seed, force,
+                               extra=extra)
     return {"file": dcm.name, "sidecar": side.name}
 
 
