@@ -12,9 +12,10 @@ import html
 import json
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .anatomy.quantities import QUANTITIES
 from .errors import UserError
@@ -48,19 +49,25 @@ def specificity_cohort() -> dict:
 
 
 #: training of the demo (on top of :func:`MSKdeXLib.learning.training.default_config`): the paper's
-#: configuration. Bones paired (L1 + gradient correlation at the true pose); muscles unpaired:
-#: their channels learn only from the adversarial terms (LSGAN + feature matching) and the
-#: object-wise intensity-sum loss (OWIS, weight 20), with the generator's sum head. Chosen on the
-#: earlier (body-wide) demo cohort; on the specificity cohort its numbers are in README.md and
-#: benchmarks/RESULTS_network.md (the unpaired muscle images are not placed at this scale).
-#: No cycle term (time); no augmentation (brightness/contrast changes hide the < 1 % intensity
-#: changes that carry the muscle signal; geometric-only lowered the held-out PCC in a measured
-#: run); AdamW 2e-3 with warm-up and cosine decay.
+#: losses. Bones paired (L1 + gradient correlation at the true pose); muscles unpaired (no
+#: pixel-wise loss): their channels learn only from the adversarial terms (LSGAN + feature matching)
+#: and the object-wise intensity-sum loss (OWIS, weight 20), with the generator's sum head.
+#: One change from the paper: the discriminator is *conditioned on the bones*: it sees the true
+#: (paired: registered) bone channels beside the muscle channels, real and generated, so it judges
+#: where the muscles sit relative to the bones; instance noise (SD 0.3 on its inputs, decaying to 0)
+#: keeps it from winning at once. Unconditioned, a PatchGAN cannot tell where a muscle sits. On the
+#: demo's validation subjects (benchmarks/RESULTS_demo.md) the muscle images' pixel r with the true
+#: projections was -0.03 unconditioned, 0.42 bone-conditioned, 0.94 bone-conditioned with the noise
+#: (0.94 also when the discriminator sees the radiograph instead) on the default CPU code path, but
+#: 0.53 in the demo's own pinned run (the game did not balance): fragile. No cycle term (time); no augmentation
+#: (brightness/contrast changes hide the < 1 % intensity changes that carry the muscle signal;
+#: geometric-only lowered the held-out PCC in a measured run); AdamW 2e-3 with warm-up and cosine decay.
 DEMO_TRAINING: dict[str, Any] = {
     "losses": {"gan": 1.0, "feature_matching": 10.0, "cycle": 0.0, "muscle_l1": 0.0, "intensity_sum": 20.0},
     "optimizer": {"lr": 2e-3, "schedule": "cosine", "warmup_steps": 50, "min_lr_fraction": 0.0},
     "augment": {"enabled": False},  # measured: geometric augmentation lowered held-out PCC here
-
+    "discriminator": {"width": 16, "n_layers": 2, "condition": "bones"},
+    "adversarial": {"instance_noise": 0.3},
 }
 
 
@@ -116,7 +123,8 @@ def training_config(s: DemoSettings) -> dict[str, Any]:
                     "num_res_units": 1, "upsample": "nontrainable"}
     cfg["losses"] = {**cfg["losses"], **DEMO_TRAINING["losses"], **(PAIRED_MUSCLE_LOSSES if s.paired_muscles else {})}
     cfg["optimizer"] = {**cfg["optimizer"], **DEMO_TRAINING["optimizer"]}
-    cfg["discriminator"] = {**cfg["discriminator"], "width": 16, "n_layers": 2}
+    cfg["discriminator"] = {**cfg["discriminator"], **DEMO_TRAINING["discriminator"]}
+    cfg["adversarial"] = {**cfg["adversarial"], **DEMO_TRAINING["adversarial"]}
     return cfg
 
 
@@ -163,39 +171,87 @@ def choose_structures(source_metrics: dict, max_bones: int) -> list[str]:
 
 def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), force: bool = False,
              log: Callable[[str], None] = print, progress: str = "none") -> dict[str, Any]:
-    """Run the whole demo into ``out``; returns a summary (also written to ``summary.json``)."""
-    import torch
+    """Run the whole demo into ``out``; returns a summary (also written to ``summary.json``).
 
-    from .io.outputs import prepare_out_dir
+    The demo is built in a staging folder beside ``out`` (``.NAME.partial-XXXX``) and renamed into
+    place when complete, so an interrupt (Ctrl-C, kill) leaves ``out`` as it was (a previous
+    demo included) and no half-written demo: see :func:`MSKdeXLib.io.outputs.output_folder`."""
+    from .io.outputs import output_folder
 
     s = settings
-    out = prepare_out_dir(out, force)
-    if force:
-        clear_previous_demo(out)
-    # One torch thread and deterministic algorithms (reproducibility.deterministic_torch): the
-    # numbers must not depend on the machine's cores or load (a busy 2-core machine also makes
-    # torch's thread pool spin-wait: measured 30x slower with 2 threads). The cohort uses
-    # processes (``workers``) for speed; each subject is the same however many there are.
-    with deterministic_torch():
-        return _run(out, s, log, progress)
+    final = Path(out).resolve()
+    if final.exists() and not final.is_dir():
+        raise UserError("output path exists and is not a folder", final)
+    occupied = final.is_dir() and any(final.iterdir())
+    if occupied and not force:
+        raise UserError("output folder is not empty; pass --force to replace the previous demo", final)
+    # a previous demo (or an empty folder) is replaced as a whole; a folder of anything else keeps
+    # what the demo does not write (each demo output replaces its namesake, summary.json last)
+    expected = DEMO_OUTPUTS if occupied and not is_previous_demo(final) else ()
+    with terminate_as_interrupt(), output_folder(final, force, expected=expected, last=("summary.json",)) as stage:
+        # One torch thread and deterministic algorithms (reproducibility.deterministic_torch): the
+        # numbers must not depend on the machine's cores or load (a busy 2-core machine also makes
+        # torch's thread pool spin-wait: measured 30x slower with 2 threads). The cohort uses
+        # processes (``workers``) for speed; each subject is the same however many there are.
+        with deterministic_torch():
+            summary = _run(stage, s, log, progress)
+        relocate_paths(stage, final)
+    log(f"report: {final / 'report.md'} (total {summary['seconds']['total']:.0f} s, "
+        f"CPU {summary['cpu_seconds']['total']:.0f} s)")
+    return summary
 
 
-#: the folders a demo writes (a forced re-run clears them first, so nothing of the last run remains)
-DEMO_FOLDERS = ("cohort", "dataset", "model", "predictions", "heldout_records", "evaluation")
+@contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """Within the block (main thread only), SIGTERM (``kill PID``) raises KeyboardInterrupt like
+    Ctrl-C, so the staging folder is removed and the command exits 130 instead of dying mid-write."""
+    import signal
+    import threading
 
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
 
-def clear_previous_demo(out: Path) -> None:
-    """Remove an earlier demo's folders from ``out``, but only when ``out`` holds that demo's
-    ``summary.json`` (a folder of anything else is left alone; its files clash or are kept)."""
-    import shutil
+    def _interrupt(signum, frame):
+        raise KeyboardInterrupt
 
+    before = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        previous = json.loads((out / "summary.json").read_text()).get("format") == "mskdex-demo/1"
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+#: what a demo writes into its folder (a forced run into a folder of other things replaces only these)
+DEMO_OUTPUTS = ("cohort", "dataset", "model", "predictions", "heldout_records", "evaluation", "source_metrics.json",
+                "overlay.png", "report.md", "report.html", "summary.json")
+
+
+def is_previous_demo(out: Path) -> bool:
+    """Whether ``out`` holds a demo's ``summary.json`` (then a forced run replaces it whole)."""
+    try:
+        return json.loads((out / "summary.json").read_text()).get("format") == "mskdex-demo/1"
     except (OSError, ValueError, AttributeError):
-        previous = False
-    if previous:
-        for name in DEMO_FOLDERS:
-            shutil.rmtree(out / name, ignore_errors=True)
+        return False
+
+
+def relocate_paths(stage: Path, final: Path) -> int:
+    """Rewrite the paths into the staging folder that the demo's JSON files record (record
+    sources, the model's training data, predictions' inputs) to name ``final`` instead, where
+    the folder is renamed; returns the number of files changed."""
+    pairs = [(str(stage), str(final)), (json.dumps(str(stage))[1:-1], json.dumps(str(final))[1:-1])]
+    changed = 0
+    for f in sorted(stage.rglob("*.json")):
+        text = f.read_text()
+        new = text
+        for a, b in pairs:
+            new = new.replace(a, b)
+        if new != text:
+            tmp = f.with_name(f".{f.name}.relocate")
+            tmp.write_text(new)
+            os.replace(tmp, f)
+            changed += 1
+    return changed
 
 
 def _run(out: Path, s: DemoSettings, log: Callable[[str], None], progress: str) -> dict[str, Any]:
@@ -293,9 +349,11 @@ def _run(out: Path, s: DemoSettings, log: Callable[[str], None], progress: str) 
     muscles = {c["structure"] for c in model.channels if c["kind"] == "muscle"}
     summary_muscle = muscle_mean_pcc(ev.stats, muscles)
     summary = {"format": "mskdex-demo/1", "case": case.name, "ct": str(case.ct), "settings": asdict(s),
-               "structures": names, "channels": model.channels, "losses": cfg["losses"], "mean_pcc": head,
+               "structures": names, "channels": model.channels, "losses": cfg["losses"],
+               "discriminator": cfg["discriminator"], "adversarial": cfg["adversarial"], "mean_pcc": head,
                "muscle_mean_pcc": summary_muscle, "interval": first_est.interval_method(),
                "interval_coverage": ev.coverage(), "channel_agreement": agreement["kind_mean"],
+               "channel_agreement_per_channel": agreement["per_channel"],
                "seconds": stages.wall, "cpu_seconds": stages.cpu, "train_steps": result.step, "code_version": __version__,
                "reproducibility": reproducibility_record(),
                "heldout": [f.name for f in heldout], "overlay_subject": shown.name, "baselines_markdown": baselines["markdown"]}
@@ -303,7 +361,6 @@ def _run(out: Path, s: DemoSettings, log: Callable[[str], None], progress: str) 
     md = report_markdown(summary, ev, per_subject, model.channels)
     write_text(out / "report.md", md, force=True)
     write_text(out / "report.html", markdown_to_html(md), force=True)
-    log(f"report: {out / 'report.md'} (total {stages.wall['total']:.0f} s, CPU {stages.cpu['total']:.0f} s)")
     return summary
 
 
@@ -334,8 +391,9 @@ def true_channels(records: Path, subject: str, indices: list[int]):
     return load_record(info, rec)["targets"].numpy()[indices]
 
 
-def losses_text(losses: dict[str, float]) -> str:
-    """One sentence on how the demo's muscle channels were trained, from the loss weights used."""
+def losses_text(losses: dict[str, float], condition: str = "none") -> str:
+    """One sentence on how the demo's muscle channels were trained, from the loss weights used
+    and what the discriminator saw (``discriminator.condition``)."""
     on = {k for k, v in losses.items() if float(v) > 0}
     if "muscle_l1" in on:
         how = ("the muscles' paired L1 loss was used (virtual subjects are pixel-aligned; the paper's "
@@ -344,6 +402,12 @@ def losses_text(losses: dict[str, float]) -> str:
         how = ("as in the paper, the muscles were unpaired: their channels learnt only from the adversarial "
                "(LSGAN + feature matching) and intensity-sum losses, the bones from paired L1 + gradient "
                "correlation")
+        how += {"xray": "; unlike the paper's, the discriminator saw the radiograph beside the muscle channels "
+                        "(a conditional GAN: it judges whether the muscles fit this radiograph, so it needs muscle "
+                        "projections at the radiograph's pose, as the virtual subjects and registered CTs give)",
+                "bones": "; unlike the paper's, the discriminator saw the true bone channels beside the muscle "
+                         "channels (a bone-conditioned GAN: it judges where the muscles sit relative to the bones, "
+                         "never seeing the radiograph)"}.get(condition, "")
     else:
         how = "the muscles had no pixel-wise or adversarial loss"
     off = [n for k, n in (("gan", "GAN"), ("feature_matching", "feature-matching"), ("cycle", "cycle"),
@@ -351,16 +415,34 @@ def losses_text(losses: dict[str, float]) -> str:
     return how + (f"; the {', '.join(off)} loss{'es were' if len(off) > 1 else ' was'} off." if off else ".")
 
 
-def agreement_text(kind_mean: dict[str, dict[str, float]], n: int) -> str:
-    """The decomposition's placement of the structures, in one sentence (see
-    :mod:`MSKdeXLib.evaluation.channel_agreement`)."""
+#: muscle pixel r from which the report calls the muscles placed (the mean-training-image template
+#: reaches about 0.88 on the demo's held-out subjects), and below which not placed at all
+PLACED_R, UNPLACED_R = 0.85, 0.3
+
+
+def agreement_text(kind_mean: dict[str, dict[str, float]], n: int, per_channel: list[dict] | None = None) -> str:
+    """The decomposition's placement of the structures, with a plain verdict on the muscles and
+    the worst-placed ones (see :mod:`MSKdeXLib.evaluation.channel_agreement`)."""
     if not kind_mean:
         return "Channel images vs their true projections: not measured."
     parts = [f"{k}s {q.split('_')[0]} r = **{v:.2f}**" for k, qs in sorted(kind_mean.items(), key=lambda kv: kv[0] != "muscle")
              for q, v in qs.items()]
-    return (f"How well the channel *images* match the structures' true projections on the {n} held-out "
+    text = (f"How well the channel *images* match the structures' true projections on the {n} held-out "
             f"subjects (pixel-wise Pearson r on the model's grid, mean over structures; 1 = perfect placement, "
             f"sums aside; `evaluation/channel_agreement.json`): {', '.join(parts)}.")
+    muscle = [v for v in kind_mean.get("muscle", {}).values()]
+    if not muscle:
+        return text
+    r = min(muscle)
+    worst = sorted((c for c in per_channel or [] if c.get("kind") == "muscle" and c.get("quantity") == "mass_g"),
+                   key=lambda c: c["mean_r"])[:3]
+    worst_text = ", ".join(f"{c['structure'].replace('_', ' ')} {c['mean_r']:.2f}" for c in worst)
+    if r >= PLACED_R:
+        return text + " **The muscles are in their places.**"
+    verdict = ("**The muscles are placed only in part**" if r >= UNPLACED_R else "**The muscle images are not placed**")
+    return text + (f" {verdict}: the overlay draws some muscle tissue elsewhere" if r >= UNPLACED_R
+                   else f" {verdict}: the overlay's muscle colours do not sit where the muscles are") + \
+        (f" (worst by mass: {worst_text})." if worst_text else ".")
 
 
 def muscle_mean_pcc(stats: list[dict], muscles: set[str]) -> dict[str, float]:
@@ -477,7 +559,7 @@ def report_markdown(summary: dict, ev, per_subject: list, channels: list[dict]) 
         "about accuracy on real patients (the paper's 0.863 mean PCC came from 539 patients and "
         "long GPU training). Here the held-out subjects are anatomical variations of the same CT, "
         f"the network saw {s['train_subjects']} subjects for {summary['train_steps']} steps, and "
-        f"{losses_text(summary.get('losses', {}))} "
+        f"{losses_text(summary.get('losses', {}), summary.get('discriminator', {}).get('condition', 'none'))} "
         "The cohort is the *specificity* preset: each muscle and side changes on its own (plus a "
         "smaller body-wide factor and unilateral hip-osteoarthritis patterns), and size, pose and "
         "acquisition vary as widely as on real AP hip radiographs. A muscle change moves the radiograph "
@@ -518,7 +600,7 @@ def report_markdown(summary: dict, ev, per_subject: list, channels: list[dict]) 
         "bones are outlines. Look for each colour in the same place in the middle and right panels: where they "
         "differ, the network has put that muscle's tissue elsewhere, even when the channel's sum (the estimate) "
         "is right.*", "",
-        agreement_text(summary.get("channel_agreement", {}), s["heldout_subjects"]), "",
+        agreement_text(summary.get("channel_agreement", {}), s["heldout_subjects"], summary.get("channel_agreement_per_channel")), "",
         "## Estimates vs truth", "",
     ]
     for q in QUANTITIES:

@@ -14,7 +14,7 @@ fixed before any test run):
    pockets and existing bowel gas filled at random; bones rigid per body, displacing soft tissue.
 3. **Foreign renderer and detector** (:mod:`benchmarks.foreign`): DiffDRR's Siddon ray
    tracer, another HU -> attenuation map, beam hardening, heel effect, scatter (SPR 0.4-1.2), quantum
-   noise at 3000-20000 quanta/mm^2, scintillator spread, vendor processing (unsharp mask, dynamic
+   noise at 3e4-2e5 quanta/mm^2 unattenuated, scintillator spread, vendor processing (unsharp mask, dynamic
    range compression, sigmoid LUT, 10 bits), and electronic shutters hiding the CT's cut ends (the
    pelvis CT continued 90 mm below its last slice first, so that the femoral shafts go on).
    ``--renderer own`` uses the project's own simulation instead (the previous protocol).
@@ -27,7 +27,9 @@ fixed before any test run):
    the other, for a side-by-side time comparison under the same load.
 
 Success: mTRE < 2 mm over the body's voxel centres; gross failure: mTRE > 5 mm. ``--json`` keeps
-every trial; ``--from-json`` re-makes the tables (with the current doubtful rule).
+every trial; ``--from-json`` re-makes the tables (with the current doubtful rule). ``--cache DIR``
+keeps each trial's radiograph and start (the Siddon rendering runs once per trial; a cached trial
+must draw the same poses from its seed), ``--render-only`` just fills it.
 
     python benchmarks/bench_registration.py --cases pelvis --set test --trials 10 --json t.json
 """

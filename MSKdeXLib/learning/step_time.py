@@ -16,7 +16,7 @@ import torch
 
 from .networks.discriminator import MultiScaleDiscriminator
 from .networks.generator import build_generator
-from .training import channel_groups, discriminator_loss, generator_losses
+from .training import channel_groups, discriminator_channels, discriminator_loss, generator_losses
 
 #: above this estimate a CPU run gets the advice of :func:`cpu_advice`
 CPU_ADVICE_SECONDS = 2 * 3600.0
@@ -43,10 +43,10 @@ def _timed_steps(cfg: dict[str, Any], channels: list[dict], image_size: tuple[in
     weights = {k: float(v) for k, v in cfg["losses"].items()}
     model = {**cfg["model"], "recon_head": weights.get("cycle", 0.0) > 0}
     gen = build_generator(model, c, [1.0] * c).to(device).train()
-    groups = channel_groups(channels, cfg["gan_kinds"], cfg.get("intensity_sum_kinds"))
-    use_gan = bool(groups["gan"].any()) and (weights["gan"] > 0 or weights["feature_matching"] > 0)
     dcfg = cfg["discriminator"]
-    disc = MultiScaleDiscriminator(int(groups["gan"].sum()), int(dcfg["width"]), int(dcfg["n_layers"]),
+    groups = channel_groups(channels, cfg["gan_kinds"], cfg.get("intensity_sum_kinds"), str(dcfg.get("condition", "none")))
+    use_gan = bool(groups["gan"].any()) and (weights["gan"] > 0 or weights["feature_matching"] > 0)
+    disc = MultiScaleDiscriminator(discriminator_channels(groups), int(dcfg["width"]), int(dcfg["n_layers"]),
                                    int(dcfg["n_scales"])).to(device) if use_gan else None
     opt_g = torch.optim.AdamW(gen.parameters(), lr=1e-6)
     opt_d = torch.optim.AdamW(disc.parameters(), lr=1e-6) if disc is not None else None

@@ -84,7 +84,11 @@ def default_config() -> dict[str, Any]:
                      "'basicunet' (6 features); outputs softplus * channel scale; sum_head: a per-channel "
                      "log-gain from the radiograph pooled to sum_head_pool^2 (makes the channel sums follow "
                      "the image despite instance norm)",
-            "discriminator": "multi-scale PatchGAN: width, n_layers, n_scales",
+            "discriminator": "multi-scale PatchGAN: width, n_layers, n_scales; condition: what it sees beside the "
+                             "adversarial channels, real and generated alike: 'none' (the channels alone; a PatchGAN "
+                             "cannot tell where they sit), 'bones' (the true channels of the structures that are not "
+                             "adversarial, e.g. the registered bone DRRs: placement relative to the bones) or 'xray' "
+                             "(the radiograph)",
             "losses": "weights; 0 switches a loss off (ablation): l1 + gradient_correlation (paired bones), "
                       "muscle_l1 (paired muscles, virtual data), gan + feature_matching (unpaired, gan_kinds), "
                       "cycle, intensity_sum (OWIS, relative |sum - truth|), intensity_sum_sq (its square) and "
@@ -114,7 +118,7 @@ def default_config() -> dict[str, Any]:
         "data": {"dir": None, "train_split": "train", "val_split": "val", "batch_size": 4,
                  "num_workers": 0, "augment": dict(DEFAULT_AUGMENT)},
         "model": dict(DEFAULT_ARCH),
-        "discriminator": {"width": 32, "n_layers": 3, "n_scales": 2},
+        "discriminator": {"width": 32, "n_layers": 3, "n_scales": 2, "condition": "none"},
         "losses": dict(DEFAULT_LOSSES),
         "adversarial": dict(DEFAULT_ADVERSARIAL),
         "gan_kinds": ["muscle"],
@@ -237,14 +241,45 @@ def pooled_xrays(info, split: str, head) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Losses of one step
 # ---------------------------------------------------------------------------------------------
+#: what the discriminator may see beside the adversarial channels (``discriminator.condition``)
+DISC_CONDITIONS = ("none", "bones", "xray")
+
+
 def channel_groups(channels: list[dict], gan_kinds: list[str],
-                   owis_kinds: list[str] | None = None) -> dict[str, torch.Tensor]:
-    """Boolean (C,) masks: muscle channels, adversarial channels and the channels of the
-    intensity-sum losses (``owis_kinds`` None: every channel)."""
+                   owis_kinds: list[str] | None = None, condition: str = "none") -> dict[str, torch.Tensor]:
+    """Boolean (C,) masks: muscle channels, adversarial channels, the channels of the
+    intensity-sum losses (``owis_kinds`` None: every channel) and, with ``condition`` "bones",
+    the channels whose true images condition the discriminator (the non-adversarial bones);
+    ``condition_xray`` (0-d bool) with "xray"."""
+    if condition not in DISC_CONDITIONS:
+        raise UserError(f"unknown discriminator.condition '{condition}' (use one of {', '.join(DISC_CONDITIONS)})")
     muscle = torch.tensor([c.get("kind") == "muscle" for c in channels])
     gan = torch.tensor([c.get("kind") in gan_kinds for c in channels])
     owis = torch.tensor([owis_kinds is None or c.get("kind") in owis_kinds for c in channels])
-    return {"muscle": muscle, "gan": gan, "owis": owis}
+    cond = torch.tensor([condition == "bones" and c.get("kind") == "bone" and c.get("kind") not in gan_kinds
+                         for c in channels])
+    return {"muscle": muscle, "gan": gan, "owis": owis, "condition": cond,
+            "condition_xray": torch.tensor(condition == "xray")}
+
+
+def discriminator_channels(groups: dict[str, torch.Tensor]) -> int:
+    """Input channels of the discriminator: the adversarial channels and its condition."""
+    cond = groups.get("condition")
+    return (int(groups["gan"].sum()) + (int(cond.sum()) if cond is not None else 0)
+            + int(bool(groups.get("condition_xray", False))))
+
+
+def _disc_input(channels: torch.Tensor, batch: dict[str, torch.Tensor], scales: torch.Tensor,
+                groups: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The discriminator's input: its condition (true normalised bone channels and/or the
+    radiograph, per ``groups``) stacked before the normalised adversarial ``channels``."""
+    parts = []
+    cond = groups.get("condition")
+    if cond is not None and bool(cond.any()):
+        parts.append((batch["targets"] / scales)[:, cond.nonzero().flatten().tolist()])
+    if bool(groups.get("condition_xray", False)):
+        parts.append(batch["xray"].to(channels.dtype))
+    return torch.cat(parts + [channels], 1) if parts else channels
 
 
 def generator_losses(pred: torch.Tensor, recon: torch.Tensor | None, batch: dict[str, torch.Tensor],
@@ -274,12 +309,12 @@ def generator_losses(pred: torch.Tensor, recon: torch.Tensor | None, batch: dict
         out["cycle"] = L.cycle_l1(recon, batch["xray"])
     gan_idx = groups["gan"].nonzero().flatten().tolist()
     if disc is not None and gan_idx and (weights["gan"] > 0 or weights["feature_matching"] > 0):
-        fake = disc(_noisy(pn[:, gan_idx], noise))
+        fake = disc(_noisy(_disc_input(pn[:, gan_idx], batch, scales, groups), noise))
         if weights["gan"] > 0:
             out["gan"] = L.lsgan_generator(fake)
         if weights["feature_matching"] > 0:
             with torch.no_grad():
-                real = disc_plain(_noisy(yn[:, gan_idx], noise))
+                real = disc_plain(_noisy(_disc_input(yn[:, gan_idx], batch, scales, groups), noise))
             out["feature_matching"] = L.feature_matching(real, fake)
     out["total"] = sum(weights[k] * v for k, v in out.items())
     return out
@@ -298,8 +333,8 @@ def discriminator_loss(pred: torch.Tensor, batch: dict[str, torch.Tensor], scale
     noise on both, ``real_label`` = LSGAN target of the real ones."""
 
     idx = groups["gan"].nonzero().flatten().tolist()
-    real = (batch["targets"] / scales)[:, idx]
-    fake = (pred.detach() / scales)[:, idx]
+    real = _disc_input((batch["targets"] / scales)[:, idx], batch, scales, groups)
+    fake = _disc_input((pred.detach() / scales)[:, idx], batch, scales, groups)
     outs = disc(_noisy(torch.cat([real, fake]), noise))
     b = real.shape[0]
     return L.lsgan_discriminator([[f[:b] for f in o] for o in outs], [[f[b:] for f in o] for o in outs],
@@ -429,10 +464,11 @@ class Trainer:
         torch.manual_seed(self.seed)
         self.weights = {k: float(v) for k, v in cfg["losses"].items()}
         self.gen = gen = build_generator(cfg["model"], len(info.channels), self.scales).to(dev)
-        self.groups = channel_groups(info.channels, cfg["gan_kinds"], cfg.get("intensity_sum_kinds"))
+        self.groups = channel_groups(info.channels, cfg["gan_kinds"], cfg.get("intensity_sum_kinds"),
+                                     str(cfg["discriminator"].get("condition", "none")))
         use_gan = bool(self.groups["gan"].any()) and (self.weights["gan"] > 0 or self.weights["feature_matching"] > 0)
         dcfg = cfg["discriminator"]
-        self.disc = MultiScaleDiscriminator(int(self.groups["gan"].sum()), int(dcfg["width"]), int(dcfg["n_layers"]),
+        self.disc = MultiScaleDiscriminator(discriminator_channels(self.groups), int(dcfg["width"]), int(dcfg["n_layers"]),
                                             int(dcfg["n_scales"])).to(dev) if use_gan else None
         self.ocfg = ocfg = cfg["optimizer"]
         if ocfg.get("schedule", "constant") not in ("constant", "cosine"):

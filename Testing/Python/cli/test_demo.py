@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 from MSKdeXLib.cli import main
 
@@ -24,6 +25,8 @@ def test_demo_quick_writes_report_with_estimates_vs_truth(tmp_path, capsys):
     assert trained == summary["losses"] and trained["muscle_l1"] == 0 and trained["gan"] > 0
     assert trained["intensity_sum"] > 0 and trained["l1"] > 0
     assert "as in the paper, the muscles were unpaired" in report and "paired L1 loss was used" not in report
+    # ... with a discriminator that sees the true bones (placement; see DEMO_TRAINING), and says so
+    assert summary["discriminator"]["condition"] == "bones" and "bone-conditioned GAN" in report
     # the channel images are compared with the held-out subjects' true projections
     agree = json.loads((out / "evaluation" / "channel_agreement.json").read_text())
     assert agree["n_subjects"] == 3 and agree["kind_mean"] == summary["channel_agreement"]
@@ -53,6 +56,12 @@ def test_demo_quick_writes_report_with_estimates_vs_truth(tmp_path, capsys):
     cov = summary["interval_coverage"]["overall"]
     assert cov["n"] == 3 * len(summary["channels"]) and 0 <= cov["coverage"] <= 1
     assert f"covers the truth for **{cov['coverage']:.0%}**" in report
+    # built in a staging folder beside --out and renamed into place: no staging folder is left, and
+    # the paths the JSON files record name the final folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
+    assert not [f for f in out.rglob("*.json") if ".partial-" in f.read_text()]
+    ckpt = json.loads((out / "model" / "checkpoint.json").read_text())
+    assert Path(ckpt["config"]["data"]["dir"]) == (out / "dataset").resolve()
     # an existing output folder is refused without --force (one-line error, exit code 2)
     assert main(["demo", "--quick", "--out", str(out)]) == 2
     assert "--force" in capsys.readouterr().err
@@ -67,4 +76,21 @@ def test_paired_muscles_option_swaps_the_gan_for_muscle_l1_and_the_report_says_s
     assert {k: v for k, v in paper.items() if k != "losses"} == {k: v for k, v in paired.items() if k != "losses"}
     assert "as in the paper, the muscles were unpaired" in losses_text(paper["losses"])
     assert "paired L1 loss was used" in losses_text(paired["losses"])
+    assert "bone-conditioned GAN" in losses_text(paper["losses"], paper["discriminator"]["condition"])
+    assert "conditional GAN" in losses_text(paper["losses"], "xray")
+    assert "conditional" not in losses_text(paper["losses"]) and "radiograph" not in losses_text(paired["losses"], "xray")
     assert "GAN, feature-matching, cycle losses were off" in losses_text(paired["losses"])
+
+
+def test_report_says_plainly_whether_the_muscles_are_placed():
+    from MSKdeXLib.demo import agreement_text
+
+    per = [{"structure": "autochthon_right", "quantity": "mass_g", "kind": "muscle", "mean_r": -0.02},
+           {"structure": "gluteus_medius_left", "quantity": "mass_g", "kind": "muscle", "mean_r": 0.84},
+           {"structure": "hip_left", "quantity": "mass_g", "kind": "bone", "mean_r": 0.98}]
+    partly = agreement_text({"muscle": {"mass_g": 0.53, "volume_cm3": 0.55}, "bone": {"mass_g": 0.98}}, 30, per)
+    assert "placed only in part" in partly and "autochthon right -0.02" in partly and "hip left" not in partly
+    assert "r = **0.53**" in partly
+    assert "are not placed" in agreement_text({"muscle": {"mass_g": -0.03}}, 30, per)
+    assert "in their places" in agreement_text({"muscle": {"mass_g": 0.93, "volume_cm3": 0.9}}, 30)
+    assert "in their places" not in agreement_text({"muscle": {"mass_g": 0.93, "volume_cm3": 0.5}}, 30)
