@@ -59,7 +59,8 @@ def specificity_cohort() -> dict:
 #: demo's validation subjects (benchmarks/RESULTS_demo.md) the muscle images' pixel r with the true
 #: projections was -0.03 unconditioned, 0.42 bone-conditioned, 0.94 bone-conditioned with the noise
 #: (0.94 also when the discriminator sees the radiograph instead) on the default CPU code path, but
-#: 0.53 in the demo's own pinned run (the game did not balance): fragile. No cycle term (time); no augmentation
+#: 0.53 in the demo's own pinned run (the game did not balance); a discriminator learning 5x slower
+#: (d_lr_ratio 0.2) balanced it there (val 0.94, held-out 0.95). No cycle term (time); no augmentation
 #: (brightness/contrast changes hide the < 1 % intensity changes that carry the muscle signal;
 #: geometric-only lowered the held-out PCC in a measured run); AdamW 2e-3 with warm-up and cosine decay.
 DEMO_TRAINING: dict[str, Any] = {
