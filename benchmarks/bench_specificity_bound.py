@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -152,8 +153,6 @@ def bounds(data: dict, names: list[str], pool: int, setting: str) -> dict[str, n
     n_m = len(names)
     J = pooled(data["jacobian"], pool).reshape(len(data["jacobian"]), -1)
     noise = pooled(data["noise"], pool)
-    from scipy import ndimage
-
     var = ndimage.uniform_filter(noise ** 2, 5).ravel() + 1e-6        # local noise variance
     keep = np.arange(2 * n_m) if setting == "noise" else np.arange(len(J))
     samples = None
@@ -179,10 +178,10 @@ def muscle_prior(config: C.CohortConfig, names: list[str], n: int = 2000) -> np.
     ct0, labels0 = C.load_source(config)
     structs = [s for s in labels0.select(kinds=list(config.kinds)) if s.name in names]
     base = {d["name"]: d["mass_g"] for d in metrics_document(ct0, labels0, structs, config.density_model())["structures"]}
+    muscles, ranges = C.cohort_muscles(config), config.cohort_ranges()
     draws = np.array([[base[n] * ((1 + s.muscle_changes.get(n, 0.0)) * (1 - s.infiltration.get(n, 0.0)) - 1)
                        for n in names]
-                      for s in (C.sample_subject(config.seed, 10**8 + i, C.cohort_muscles(config),
-                                                 config.cohort_ranges()) for i in range(n))])
+                      for s in (C.sample_subject(config.seed, 10**8 + i, muscles, ranges) for i in range(n))])
     return draws.var(axis=0)
 
 

@@ -14,9 +14,8 @@ from typing import Any
 
 import torch
 
-from .networks.discriminator import MultiScaleDiscriminator
 from .networks.generator import build_generator
-from .training import channel_groups, discriminator_channels, discriminator_loss, generator_losses
+from .training import build_discriminator, discriminator_loss, generator_losses
 
 #: above this estimate a CPU run gets the advice of :func:`cpu_advice`
 CPU_ADVICE_SECONDS = 2 * 3600.0
@@ -43,11 +42,8 @@ def _timed_steps(cfg: dict[str, Any], channels: list[dict], image_size: tuple[in
     weights = {k: float(v) for k, v in cfg["losses"].items()}
     model = {**cfg["model"], "recon_head": weights.get("cycle", 0.0) > 0}
     gen = build_generator(model, c, [1.0] * c).to(device).train()
-    dcfg = cfg["discriminator"]
-    groups = channel_groups(channels, cfg["gan_kinds"], cfg.get("intensity_sum_kinds"), str(dcfg.get("condition", "none")))
-    use_gan = bool(groups["gan"].any()) and (weights["gan"] > 0 or weights["feature_matching"] > 0)
-    disc = MultiScaleDiscriminator(discriminator_channels(groups), int(dcfg["width"]), int(dcfg["n_layers"]),
-                                   int(dcfg["n_scales"])).to(device) if use_gan else None
+    groups, disc = build_discriminator(cfg, channels, weights)
+    disc = disc.to(device) if disc is not None else None
     opt_g = torch.optim.AdamW(gen.parameters(), lr=1e-6)
     opt_d = torch.optim.AdamW(disc.parameters(), lr=1e-6) if disc is not None else None
     targets = torch.rand(b, c, h, w, device=device)

@@ -269,17 +269,32 @@ def discriminator_channels(groups: dict[str, torch.Tensor]) -> int:
             + int(bool(groups.get("condition_xray", False))))
 
 
-def _disc_input(channels: torch.Tensor, batch: dict[str, torch.Tensor], scales: torch.Tensor,
+def _disc_input(channels: torch.Tensor, targets_n: torch.Tensor, xray: torch.Tensor,
                 groups: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The discriminator's input: its condition (true normalised bone channels and/or the
-    radiograph, per ``groups``) stacked before the normalised adversarial ``channels``."""
+    """The discriminator's input: its condition (the true normalised bone channels from
+    ``targets_n`` = targets / channel scales, and/or the radiograph ``xray``, per ``groups``)
+    stacked before the normalised adversarial ``channels``."""
     parts = []
     cond = groups.get("condition")
     if cond is not None and bool(cond.any()):
-        parts.append((batch["targets"] / scales)[:, cond.nonzero().flatten().tolist()])
+        parts.append(targets_n[:, cond.nonzero().flatten().tolist()])
     if bool(groups.get("condition_xray", False)):
-        parts.append(batch["xray"].to(channels.dtype))
+        parts.append(xray.to(channels.dtype))
     return torch.cat(parts + [channels], 1) if parts else channels
+
+
+def build_discriminator(cfg: dict[str, Any], channels: list[dict], weights: dict[str, float]
+                        ) -> tuple[dict[str, torch.Tensor], MultiScaleDiscriminator | None]:
+    """The channel groups of ``cfg`` (with its discriminator's condition) and the discriminator
+    (None when no adversarial channel or loss is on), on the CPU; shared by training and the
+    step-time estimate."""
+    dcfg = cfg["discriminator"]
+    groups = channel_groups(channels, cfg["gan_kinds"], cfg.get("intensity_sum_kinds"),
+                            str(dcfg.get("condition", "none")))
+    use_gan = bool(groups["gan"].any()) and (weights["gan"] > 0 or weights["feature_matching"] > 0)
+    disc = MultiScaleDiscriminator(discriminator_channels(groups), int(dcfg["width"]), int(dcfg["n_layers"]),
+                                   int(dcfg["n_scales"])) if use_gan else None
+    return groups, disc
 
 
 def generator_losses(pred: torch.Tensor, recon: torch.Tensor | None, batch: dict[str, torch.Tensor],
@@ -309,12 +324,12 @@ def generator_losses(pred: torch.Tensor, recon: torch.Tensor | None, batch: dict
         out["cycle"] = L.cycle_l1(recon, batch["xray"])
     gan_idx = groups["gan"].nonzero().flatten().tolist()
     if disc is not None and gan_idx and (weights["gan"] > 0 or weights["feature_matching"] > 0):
-        fake = disc(_noisy(_disc_input(pn[:, gan_idx], batch, scales, groups), noise))
+        fake = disc(_noisy(_disc_input(pn[:, gan_idx], yn, batch["xray"], groups), noise))
         if weights["gan"] > 0:
             out["gan"] = L.lsgan_generator(fake)
         if weights["feature_matching"] > 0:
             with torch.no_grad():
-                real = disc_plain(_noisy(_disc_input(yn[:, gan_idx], batch, scales, groups), noise))
+                real = disc_plain(_noisy(_disc_input(yn[:, gan_idx], yn, batch["xray"], groups), noise))
             out["feature_matching"] = L.feature_matching(real, fake)
     out["total"] = sum(weights[k] * v for k, v in out.items())
     return out
@@ -333,8 +348,9 @@ def discriminator_loss(pred: torch.Tensor, batch: dict[str, torch.Tensor], scale
     noise on both, ``real_label`` = LSGAN target of the real ones."""
 
     idx = groups["gan"].nonzero().flatten().tolist()
-    real = _disc_input((batch["targets"] / scales)[:, idx], batch, scales, groups)
-    fake = _disc_input((pred.detach() / scales)[:, idx], batch, scales, groups)
+    yn = batch["targets"] / scales
+    real = _disc_input(yn[:, idx], yn, batch["xray"], groups)
+    fake = _disc_input((pred.detach() / scales)[:, idx], yn, batch["xray"], groups)
     outs = disc(_noisy(torch.cat([real, fake]), noise))
     b = real.shape[0]
     return L.lsgan_discriminator([[f[:b] for f in o] for o in outs], [[f[b:] for f in o] for o in outs],
@@ -464,12 +480,8 @@ class Trainer:
         torch.manual_seed(self.seed)
         self.weights = {k: float(v) for k, v in cfg["losses"].items()}
         self.gen = gen = build_generator(cfg["model"], len(info.channels), self.scales).to(dev)
-        self.groups = channel_groups(info.channels, cfg["gan_kinds"], cfg.get("intensity_sum_kinds"),
-                                     str(cfg["discriminator"].get("condition", "none")))
-        use_gan = bool(self.groups["gan"].any()) and (self.weights["gan"] > 0 or self.weights["feature_matching"] > 0)
-        dcfg = cfg["discriminator"]
-        self.disc = MultiScaleDiscriminator(discriminator_channels(self.groups), int(dcfg["width"]), int(dcfg["n_layers"]),
-                                            int(dcfg["n_scales"])).to(dev) if use_gan else None
+        self.groups, disc = build_discriminator(cfg, info.channels, self.weights)
+        self.disc = disc.to(dev) if disc is not None else None
         self.ocfg = ocfg = cfg["optimizer"]
         if ocfg.get("schedule", "constant") not in ("constant", "cosine"):
             raise UserError(f"unknown optimizer.schedule '{ocfg['schedule']}' (use constant or cosine)")
