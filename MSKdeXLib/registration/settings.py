@@ -29,7 +29,9 @@ class SearchSettings:
     later_body_bounds: float = 0.6  # a free later body starts near the first one's pose: smaller search
     refine_full_res: bool = True    # a last gradient refinement on the detector's own pixels (60 % of the
                                     # pelvis's time; without it, round 7, less accurate on the test set)
-    full_res_steps: int = 20        # gradient steps of that refinement (0: ``refine_steps``; 40 before round 6)
+    full_res_steps: int = 10        # gradient steps of that refinement (0: ``refine_steps``; 40 before round 6,
+                                    # 20 before round 8: 10 with ``tissue_drr_mm`` 3 as accurate on 30
+                                    # calibration trials, RESULTS_registration.md)
     # doubtful below these final similarities (whole detector; calibrated:
     # benchmarks/RESULTS_registration.md): bone-only DRRs / with the soft tissue
     doubtful_below: float = 0.2
@@ -73,7 +75,7 @@ class JointSettings(BoundedMotion):
     contact_mm: float = 7.5         # voxels this close to the registered body form the joint surface
     # doubtful when the joint centre ends farther than this (mm, in the image plane) from where the
     # parent's pose puts it: a femoral head out of its acetabulum (0: off)
-    doubtful_shift_mm: float = 0.0
+    doubtful_shift_mm: float = 1.4  # (calibration successes: at most 1.28 mm; RESULTS_registration.md round 8)
 
 
 @dataclass
@@ -150,7 +152,8 @@ class RegistrationSettings:
     tissue_fill_hu: float | None = 40.0
     # the tissue DRR of a view with pixels finer than this (mm) is rendered on a grid of about these
     # pixels and bilinearly up-sampled (it is smooth: its voxels are ``tissue_mm``); 0: on the view's own
-    tissue_drr_mm: float = 0.0
+    # pixels (before round 8; the full-resolution refinement's tissue DRR was 60 % of its time)
+    tissue_drr_mm: float = 3.0
     tissue_search: bool = False   # the tissue in the global search too (in-plane, CMA-ES); off: there bone-only
                                   # (measured: the body outline then lured pelvis starts at 60 mm / 40 deg away)
     drr_match_blur: bool = False  # blur each level's DRR like the radiograph there (see drr_blur_sigma_mm)

@@ -121,7 +121,7 @@ def test_tissue_drr_on_a_coarser_grid_matches_the_full_one(pelvis):
     bodies = pipeline.parse_bodies("pelvis", labels)
     cam = Camera(128, 128, 1.5, 1.5, 1000.0)
     pose = torch.as_tensor(ap_pose(pipeline.body_centre(labels, bodies[0]), cam), dtype=torch.float32)
-    direct = BodyVolumes(ct, labels, RegistrationSettings(), "cpu", torch.float32, bodies)
+    direct = BodyVolumes(ct, labels, RegistrationSettings(tissue_drr_mm=0.0), "cpu", torch.float32, bodies)
     coarse = BodyVolumes(ct, labels, RegistrationSettings(tissue_drr_mm=3.0), "cpu", torch.float32, bodies)
     a, b = direct.tissue_drr(cam, pose)[0], coarse.tissue_drr(cam, pose)[0]
     assert b.shape == a.shape and float(a.max()) > 1.0
