@@ -260,7 +260,8 @@ def run_trial(case: Case, trial: int, rng_mm: float, rng_deg: float, args) -> li
 def flagged(row: dict, settings: pipeline.RegistrationSettings, rows: list[dict]) -> bool:
     """The pipeline's doubtful rule applied to a recorded trial with ``settings``' thresholds
     (re-made after calibrating them): similarity below the kind's threshold; for a joint /
-    part, its motion at a bound or its parent doubtful. Old-code rows keep their own flag."""
+    part, its motion at a bound or its parent doubtful; for a joint, its centre shifted beyond
+    ``joint.doubtful_shift_mm``. Old-code rows keep their own flag."""
     if row.get("code") == "old":
         return bool(row["doubtful"])
     kind = row.get("kind", "first")
@@ -270,6 +271,8 @@ def flagged(row: dict, settings: pipeline.RegistrationSettings, rows: list[dict]
         g = settings.kind_settings(kind)
         flag = flag or any(abs(v) >= g.bounds_deg - 1.0 for v in row["motion"]["deg"]) \
             or any(abs(v) >= g.bounds_mm - 0.05 for v in row["motion"]["translation_mm"][:2])
+        shift = getattr(g, "doubtful_shift_mm", 0.0)
+        flag = flag or (shift > 0 and float(np.hypot(*row["motion"]["translation_mm"][:2])) > shift)
         same = [r for r in rows if r.get("code") == row.get("code") and r["case"] == row["case"]
                 and r["range"] == row["range"] and r["trial"] == row["trial"] and r["set"] == row["set"]
                 and r["body"] == row.get("parent")]

@@ -228,6 +228,15 @@ class JointBody(BoundedBody):
     def pivot(self) -> np.ndarray:
         return self.centre
 
+    def dislocated(self, x: np.ndarray) -> bool:
+        """The joint centre moved more than ``joint.doubtful_shift_mm`` in the image plane (the
+        rotation is about it, so the in-plane translation is its shift from the parent's pose)."""
+        limit = self.motion.doubtful_shift_mm
+        return bool(limit > 0 and np.hypot(x[3], x[4]) > limit)
+
+    def doubtful(self, final: float, x: np.ndarray, search: Search, parent_doubtful: bool) -> bool:
+        return super().doubtful(final, x, search, parent_doubtful) or self.dislocated(x)
+
 
 class PartBody(BoundedBody):
     """Part of a registered group: small motions about its own centre."""

@@ -113,7 +113,7 @@ class BodyRun:
         """The body's DRR at ``poses`` (with ``tissue``: plus the tissue that moves with it)."""
         vols = self.ctx.vols
         d = vols.drr(self.kind.body.structures, cam, poses)
-        return d + vols.drr(None, cam, poses) if tissue else d
+        return d + vols.tissue_drr(cam, poses) if tissue else d
 
     def objective(self, i: int, tissue: bool | None = None):
         """(B, 4, 4) poses -> (B,) similarity on view ``i``."""
@@ -219,7 +219,8 @@ class BodyRun:
         kind, x = self.kind, self.x
         final = self.score(self.last, x)
         self.history.append(profile(self.objective(self.last), self.space, x, self.ctx.dtype, self.ctx.device))
-        self.history.append(self.neighbourhood(x))
+        if self.s.neighbourhood:
+            self.history.append(self.neighbourhood(x))
         parent = kind.parent_name()
         parent_doubtful = parent is not None and any(r.doubtful for r in self.ctx.results if r.name == parent)
         doubtful = kind.doubtful(final, x, search, parent_doubtful)

@@ -29,7 +29,9 @@ class SearchSettings:
     later_body_bounds: float = 0.6  # a free later body starts near the first one's pose: smaller search
     refine_full_res: bool = True    # a last gradient refinement on the detector's own pixels (60 % of the
                                     # pelvis's time; without it, round 7, less accurate on the test set)
-    full_res_steps: int = 20        # gradient steps of that refinement (0: ``refine_steps``; 40 before round 6)
+    full_res_steps: int = 10        # gradient steps of that refinement (0: ``refine_steps``; 40 before round 6,
+                                    # 20 before round 8: 10 with ``tissue_drr_mm`` 3 as accurate on 30
+                                    # calibration trials, RESULTS_registration.md)
     # doubtful below these final similarities (whole detector; calibrated:
     # benchmarks/RESULTS_registration.md): bone-only DRRs / with the soft tissue
     doubtful_below: float = 0.2
@@ -71,6 +73,9 @@ class JointSettings(BoundedMotion):
     """A body touching a registered one (femur - pelvis) rotates about the joint centre."""
 
     contact_mm: float = 7.5         # voxels this close to the registered body form the joint surface
+    # doubtful when the joint centre ends farther than this (mm, in the image plane) from where the
+    # parent's pose puts it: a femoral head out of its acetabulum (0: off)
+    doubtful_shift_mm: float = 1.4  # (calibration successes: at most 1.28 mm; RESULTS_registration.md round 8)
 
 
 @dataclass
@@ -145,6 +150,10 @@ class RegistrationSettings:
     # bone-shaped hole (None: air, as before round 6; then a femur in a new hip pose left its old
     # outline dark in the DRR)
     tissue_fill_hu: float | None = 40.0
+    # the tissue DRR of a view with pixels finer than this (mm) is rendered on a grid of about these
+    # pixels and bilinearly up-sampled (it is smooth: its voxels are ``tissue_mm``); 0: on the view's own
+    # pixels (before round 8; the full-resolution refinement's tissue DRR was 60 % of its time)
+    tissue_drr_mm: float = 3.0
     tissue_search: bool = False   # the tissue in the global search too (in-plane, CMA-ES); off: there bone-only
                                   # (measured: the body outline then lured pelvis starts at 60 mm / 40 deg away)
     drr_match_blur: bool = False  # blur each level's DRR like the radiograph there (see drr_blur_sigma_mm)
@@ -152,6 +161,8 @@ class RegistrationSettings:
     volume_mm: float = 1.5        # bone volumes are block-averaged to about this voxel size
     max_hu: float = 0.0           # > 0: CT numbers above it (metal) count as it in the DRR
     seed: int = 0
+    neighbourhood: bool = False   # record each body's truth-free neighbourhood diagnostic (13 more similarity
+                                  # evaluations and a DRR per body; no rule reads it)
     first: SearchSettings = field(default_factory=SearchSettings)
     joint: JointSettings = field(default_factory=JointSettings)
     part: PartSettings = field(default_factory=PartSettings)

@@ -121,6 +121,17 @@ class BodyVolumes:
             self._renderers[rkey] = DRRRenderer(self._vols[key], camera, device=self.device)
         return self._renderers[rkey]
 
+    def tissue_drr(self, camera: Camera, poses) -> torch.Tensor:
+        """(B, rows, cols) DRR of the tissue volume at ``poses``; on a camera with pixels finer than
+        ``tissue_drr_mm`` it is rendered on the same field of view with an integer factor fewer
+        pixels and bilinearly up-sampled (the same rays' line integrals, interpolated)."""
+        f = int(np.floor(self.s.tissue_drr_mm / min(camera.spacing_row_mm, camera.spacing_col_mm) + 1e-6))
+        if f < 2:
+            return self.drr(None, camera, poses)
+        coarse = self.drr(None, camera.scaled(f), poses)
+        return F.interpolate(coarse[:, None], size=(camera.rows, camera.cols), mode="bilinear",
+                             align_corners=False)[:, 0]
+
     def drr(self, structures, camera: Camera, poses) -> torch.Tensor:
         """(B, rows, cols) bone-only DRR of ``structures`` at ``poses`` ((B,)4x4); None: of the
         tissue volume."""

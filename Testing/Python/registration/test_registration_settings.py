@@ -102,3 +102,56 @@ def test_refine_full_res_adds_the_detector_level(pelvis):
     assert r.mpd_px < 0.5, r.mpd_px  # the projection stays on the truth (depth wanders in 3 steps: not checked)
     # the final similarity is measured where the doubtful thresholds were calibrated: the pyramid's finest level
     assert next(h for h in r.history if h["stage"] == "initial")["level_px"] == list(pyramid[-1])
+    # the neighbourhood diagnostic (13 more evaluations and a DRR) only when asked for
+    assert not any(h["stage"] == "neighbourhood" for h in r.history)
+    s.neighbourhood, s.refine_steps = True, 1
+    r = pipeline.register(ct, labels, xray, cam, body, truth, s)[0]
+    n = next(h for h in r.history if h["stage"] == "neighbourhood")
+    assert len(n["minus"]) == len(n["plus"]) == 6 and n["at"] == pytest.approx(r.final_similarity, abs=1e-4)
+
+
+def test_tissue_drr_on_a_coarser_grid_matches_the_full_one(pelvis):
+    """``tissue_drr_mm``: the tissue DRR of a 1.5 mm view is rendered at 3 mm and bilinearly
+    up-sampled (the same field of view): it stays within a few per cent of the one rendered on
+    the view's own pixels (the tissue volume has 3 mm voxels), keeps the gradients, and views
+    with pixels as coarse as it are rendered directly (identical)."""
+    from MSKdeXLib.registration.views import BodyVolumes
+
+    ct, labels = pelvis
+    bodies = pipeline.parse_bodies("pelvis", labels)
+    cam = Camera(128, 128, 1.5, 1.5, 1000.0)
+    pose = torch.as_tensor(ap_pose(pipeline.body_centre(labels, bodies[0]), cam), dtype=torch.float32)
+    direct = BodyVolumes(ct, labels, RegistrationSettings(tissue_drr_mm=0.0), "cpu", torch.float32, bodies)
+    coarse = BodyVolumes(ct, labels, RegistrationSettings(tissue_drr_mm=3.0), "cpu", torch.float32, bodies)
+    a, b = direct.tissue_drr(cam, pose)[0], coarse.tissue_drr(cam, pose)[0]
+    assert b.shape == a.shape and float(a.max()) > 1.0
+    inner = (a > 0.05 * a.max())[2:-2, 2:-2]
+    err = (b - a).abs()[2:-2, 2:-2][inner]
+    assert float(err.mean()) < 0.02 * float(a.max()) and float(err.max()) < 0.15 * float(a.max())
+    assert abs(float(b.sum() / a.sum()) - 1.0) < 0.01       # the same rays on average
+    cam3 = Camera(64, 64, 3.0, 3.0, 1000.0)                 # as coarse as tissue_drr_mm: rendered directly
+    assert torch.equal(direct.tissue_drr(cam3, pose), coarse.tissue_drr(cam3, pose))
+    p = pose.clone().requires_grad_(True)
+    coarse.tissue_drr(cam, p).sum().backward()
+    assert p.grad is not None and float(p.grad.abs().sum()) > 0
+
+
+def test_joint_doubtful_when_its_centre_leaves_the_parent():
+    """``joint.doubtful_shift_mm``: a femur whose rotation centre ends farther than that from
+    where the pelvis puts it, in the image plane, is doubtful; depth does not count; 0: off."""
+    from MSKdeXLib.registration.kinds import JointBody, Search
+
+    s = RegistrationSettings()
+    s.joint.doubtful_shift_mm = 1.2
+    j = JointBody.__new__(JointBody)
+    j.s, j.motion = s, s.joint
+    x = np.zeros(6)
+    assert not j.dislocated(x)
+    assert not j.dislocated(np.r_[0, 0, 0, 0.8, 0.8, 0.2])     # 1.13 mm in plane
+    assert j.dislocated(np.r_[0, 0, 0, 0.9, 0.9, 0.0])         # 1.27 mm
+    assert not j.dislocated(np.r_[0, 0, 0, 0.0, 0.0, 3.0])     # depth only
+    search = Search(8.0, 1.0, 30.0, np.array([3.0, 3.0, 0.25]), 1)
+    assert j.doubtful(0.9, np.r_[0, 0, 0, 1.3, 0, 0], search, False)
+    assert not j.doubtful(0.9, np.r_[0, 0, 0, 1.1, 0, 0], search, False)
+    s.joint.doubtful_shift_mm = 0.0
+    assert not j.dislocated(np.r_[0, 0, 0, 2.5, 0, 0])
