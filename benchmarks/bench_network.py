@@ -320,7 +320,7 @@ def specificity_data(args, root: Path) -> tuple[Path, Path]:
 
     case = sample_data.pelvis_ct() or sample_data.default_case()
     config = CohortConfig(ct=str(case.ct), labels=str(case.labels), table=case.table, seed=SPEC_SEED,
-                          rows=args.spec_detector, cols=args.spec_detector, voxel_mm=args.voxel_mm,
+                          rows=args.spec_detector, cols=args.spec_detector, voxel_mm=args.voxel_mm, physics=True,
                           ranges={**preset_ranges("specificity").to_dict(), **json.loads(args.spec_ranges)})
     folders = {}
     for split, start, n in (("train", 0, args.spec_train), ("val", SPEC_VAL_START, args.spec_val),
@@ -359,6 +359,8 @@ def specificity_config(args, name: str) -> dict:
     if name == "paired":
         cfg["losses"] = {**cfg["losses"], **PAIRED_MUSCLE_LOSSES}
     cfg["model"] = {**cfg["model"], **json.loads(args.spec_model)}
+    for key, value in json.loads(args.spec_train_config).items():  # e.g. {"data": {"resimulate": {...}}}
+        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) and isinstance(cfg.get(key), dict) else value
     return cfg
 
 
@@ -543,6 +545,9 @@ def main() -> None:
     g.add_argument("--spec-eval", choices=("val", "test"), default="test",
                    help="split the table is computed on: 'val' for every choice, 'test' once per reported model")
     g.add_argument("--spec-model", default="{}", help="JSON merged into the model config (variants, on val)")
+    g.add_argument("--spec-train-config", default="{}",
+                   help="JSON merged (one level deep) into the training config, e.g. "
+                        "'{\"data\": {\"resimulate\": {\"probability\": 0.8}}}' (variants, on val)")
     g.add_argument("--spec-tag", default="", help="suffix of the model folders and rows (variants)")
     g.add_argument("--spec-reuse", action="store_true", help="reuse trained models of the same tag")
     p.add_argument("--out", default="bench_network_out")

@@ -42,6 +42,9 @@ def add_parser(sub, name: str):
                    help="resample the CT to isotropic voxels of this size first (faster on big CTs)")
     add_kind(p, "structures whose channels and metrics are produced (repeatable)")
     p.add_argument("--keep-ct", action="store_true", help="also write each subject's modified CT + labels")
+    p.add_argument("--physics", action="store_true",
+                   help="also write each subject's line integrals (physics.safetensors), so that training can "
+                        "re-simulate its radiograph with other muscle amounts and acquisitions (data.resimulate)")
     p.add_argument("--no-deformation", action="store_true", help="no elastic deformation")
     p.add_argument("--no-pose-change", action="store_true", help="every subject at the default AP view")
     p.add_argument("--preset", choices=LazyChoices("MSKdeXLib.learning.cohort:PRESETS"), default=None, metavar="NAME",
@@ -87,7 +90,7 @@ def run(args) -> int:
         ranges.rotation_deg = ranges.translation_mm = 0.0
     config = CohortConfig(ct=str(args.ct), labels=str(args.labels), table=args.table, seed=args.seed,
                           rows=args.detector[0], cols=args.detector[1], sid_mm=args.sid,
-                          voxel_mm=args.voxel_mm, keep_ct=args.keep_ct,
+                          voxel_mm=args.voxel_mm, keep_ct=args.keep_ct, physics=args.physics,
                           density=density_from_args(args).to_dict(), ranges=ranges.to_dict(),
                           **({"kinds": tuple(args.kind)} if args.kind else {}))
     bar = Progress(args.progress, args.n, "cohort")

@@ -32,6 +32,8 @@ Subject folder (``subject-0007/``)::
     targets.safetensors         mass (K, rows, cols) g/pixel, volume (K, rows, cols) cm^3/pixel
     subject.json                parameters of the subject (the changes), camera, pose, structures
     ct.nii.gz, labels.nii.gz    modified CT and labels (only with keep_ct)
+    physics.safetensors         water- and bone-like paths (g/cm^2) + lean-to-water coefficients (only
+                                with physics: what learning.resimulation re-simulates the radiograph from)
 """
 
 from __future__ import annotations
@@ -61,6 +63,9 @@ AIR_HU = -1000.0
 FAT_RANGE_HU = (-190.0, -30.0)
 MAX_TOTAL_ATROPHY = 0.6       # a muscle keeps at least 40 % of its voxels
 MAX_TOTAL_HYPERTROPHY = 0.5
+#: mean HU of fat-infiltrated voxels (fat_infiltration draws U(-110, -40))
+INFILTRATED_HU = -75.0
+PHYSICS_FORMAT = "mskdex-subject-physics/1"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -587,6 +592,7 @@ class CohortConfig:
     sid_mm: float = SID_MM
     voxel_mm: float | None = None          # resample the CT first (isotropic), e.g. for big CTs
     keep_ct: bool = False
+    physics: bool = False                  # also write physics.safetensors (re-simulation in training)
     kinds: tuple[str, ...] = ("muscle", "bone")
     density: dict = field(default_factory=lambda: DensityModel().to_dict())
     ranges: dict = field(default_factory=lambda: CohortRanges().to_dict())
@@ -715,16 +721,18 @@ def realise_subject(config: CohortConfig, spec: SubjectSpec) -> RealisedSubject:
     return RealisedSubject(spec, ct, labels, structures, camera, pose, applied)
 
 
-def subject_radiograph(subject: RealisedSubject, seed: int | None = None):
+def subject_radiograph(subject: RealisedSubject, seed: int | None = None, paths_out: dict | None = None):
     """The subject's simulated radiograph (:class:`~MSKdeXLib.projection.simulate.Radiograph`, detector
-    codes after any vendor processing) and its settings; ``seed`` (noise) defaults to the subject's own."""
+    codes after any vendor processing) and its settings; ``seed`` (noise) defaults to the subject's own;
+    ``paths_out`` (a dict) receives the material paths it was simulated from."""
     from ..projection.simulate import simulate_radiograph
 
     spec, camera = subject.spec, subject.camera
     settings = acquisition_settings(spec, camera)
     if seed is None:
         seed = int(subject_rng(spec.seed, spec.index, 2).integers(0, 2**31 - 1))
-    rad = simulate_radiograph(subject.ct, camera, subject.pose, settings, seed, labels=subject.labels)
+    rad = simulate_radiograph(subject.ct, camera, subject.pose, settings, seed, labels=subject.labels,
+                              paths_out=paths_out)
     if spec.processing:
         rad.pixels = vendor_processing(rad.pixels, settings.bits, camera.spacing_col_mm, spec.processing)
     return rad, settings, seed
@@ -765,7 +773,12 @@ def _make_subject(config: CohortConfig, index: int, folder: Path, force: bool) -
     with atomic_path(folder / "targets.safetensors", force) as tmp:
         save_file(channels, str(tmp), metadata=meta)
 
-    xray_info = write_radiograph(subject, folder, force)
+    paths: dict = {}
+    xray_info = write_radiograph(subject, folder, force, paths_out=paths)
+    physics = {}
+    if config.physics:
+        magnification = float(json.loads((folder / xray_info["sidecar"]).read_text())["detector"]["magnification"])
+        physics["physics"] = write_physics(subject, paths, magnification, density, folder, force)
 
     if config.keep_ct:
         write_volume(folder / "ct.nii.gz", ct, force)
@@ -777,7 +790,7 @@ def _make_subject(config: CohortConfig, index: int, folder: Path, force: bool) -
            "density": density.to_dict(), "source": {"ct": config.ct, "labels": config.labels,
                                                      "voxel_mm": config.voxel_mm},
            "files": {"radiograph": xray_info["file"], "sidecar": xray_info.get("sidecar"),
-                     "metrics": "metrics.json", "targets": "targets.safetensors",
+                     "metrics": "metrics.json", "targets": "targets.safetensors", **physics,
                      **({"ct": "ct.nii.gz", "labels": "labels.nii.gz"} if config.keep_ct else {})},
            "seconds": None}
     doc["seconds"] = round(time.time() - t0, 3)
@@ -785,11 +798,68 @@ def _make_subject(config: CohortConfig, index: int, folder: Path, force: bool) -
     return {"name": spec.name, "index": index, "folder": spec.name, "seconds": doc["seconds"]}
 
 
-def write_radiograph(subject: RealisedSubject, folder: Path, force: bool = False) -> dict:
+def lean_to_water(subject: RealisedSubject, density: DensityModel, fat_hu: float,
+                  bone_hu_range: tuple[float, float] = (100.0, 1000.0)) -> dict[str, float]:
+    """Per muscle: the water-like path (g/cm^2, summed over the detector's pixels) lost per gram of
+    lean mass whose voxels turn to fat of ``fat_hu`` (HU), at the subject's pose. Rendered from the
+    muscle's own lean voxels (water-like part of :func:`~MSKdeXLib.projection.simulate.split_materials`
+    minus the fat's density), so it carries the muscle's depth (magnification) exactly."""
+    import torch
+
+    from ..projection.rendering import DRRRenderer
+
+    ct, labels = subject.ct, subject.labels
+    hu_all = np.asarray(ct.array, dtype=np.float64)
+    lo, hi = bone_hu_range
+    out = {}
+    for s in subject.structures:
+        if s.kind != "muscle":
+            continue
+        mask = labels.mask(s) & density.lean(hu_all)
+        if not mask.any():
+            continue
+        box = _crop_box(mask, 2)
+        hu, m = hu_all[box], mask[box]
+        rho = np.maximum(1.0 + hu / 1000.0, 0.0)
+        soft = rho * (1.0 - np.clip((hu - lo) / (hi - lo), 0.0, 1.0))
+        drho = np.where(m, np.maximum(soft - (1.0 + fat_hu / 1000.0), 0.0), 0.0)
+        lean_g = float((density.density(hu)[m]).sum() * ct.voxel_volume_mm3 / 1000.0)
+        start = np.array([sl.start for sl in reversed(box)], dtype=np.float64)  # (i, j, k)
+        origin = (ct.index_to_lps() @ np.r_[start, 1.0])[:3]
+        sub = Volume((1000.0 * drho - 1000.0).astype(np.float32), ct.spacing, tuple(origin), ct.direction)
+        r = DRRRenderer(sub, subject.camera, device="cpu")
+        with torch.no_grad():
+            path = r.attenuation(torch.as_tensor(subject.pose, dtype=torch.float64))[0].double()
+        out[s.name] = float(path.sum()) * 0.1 / r.mu_water_per_mm / max(lean_g, 1e-9)
+    return out
+
+
+def write_physics(subject: RealisedSubject, paths: dict, magnification: float, density: DensityModel,
+                  folder: Path, force: bool = False) -> str:
+    """``physics.safetensors``: the subject's water-like and bone-like paths (g/cm^2, float64, detector
+    pixels) and, in its metadata, the magnification and :func:`lean_to_water` for atrophy (fat at
+    FAT_HU) and infiltration (INFILTRATED_HU): what :mod:`MSKdeXLib.learning.resimulation` needs to
+    re-simulate the radiograph with other muscle amounts and another acquisition."""
+    from safetensors.numpy import save_file
+
+    from ..io.outputs import atomic_path
+
+    meta = {"format": PHYSICS_FORMAT, "units": json.dumps({"water": "g/cm2", "bone": "g/cm2"}),
+            "magnification": json.dumps(float(magnification)),
+            "lean_to_water_atrophy": json.dumps(lean_to_water(subject, density, FAT_HU)),
+            "lean_to_water_infiltration": json.dumps(lean_to_water(subject, density, INFILTRATED_HU))}
+    arrays = {k: np.ascontiguousarray(v.detach().cpu().numpy(), dtype=np.float64) for k, v in paths.items()}
+    with atomic_path(folder / "physics.safetensors", force) as tmp:
+        save_file(arrays, str(tmp), metadata=meta)
+    return "physics.safetensors"
+
+
+def write_radiograph(subject: RealisedSubject, folder: Path, force: bool = False,
+                     paths_out: dict | None = None) -> dict:
     """Simulate the subject's radiograph at its pose; write DICOM DX + sidecar (true pose)."""
     from ..projection.simulate import write_dicom_dx
 
-    rad, settings, seed = subject_radiograph(subject)
+    rad, settings, seed = subject_radiograph(subject, paths_out=paths_out)
     spec = subject.spec
     extra = {"virtual_subject": {"cohort_seed": spec.seed, "index": spec.index}}
     if spec.processing:

@@ -21,7 +21,7 @@ FIELD_RULES: dict[str, dict[str, Any]] = {
     "seed": _INT0, "steps": _INT1, "checkpoint_every": _INT1, "log_every": _INT1, "val_every": _INT1,
     "optimizer.lr": _POS, "optimizer.weight_decay": _NONNEG, "optimizer.warmup_steps": _INT0,
     "optimizer.min_lr_fraction": {"low": 0.0, "high": 1.0},
-    "data.batch_size": _INT1, "data.num_workers": _INT0,
+    "data.batch_size": _INT1, "data.num_workers": _INT0, "data.resimulate.probability": {"low": 0.0, "high": 1.0},
     "discriminator.width": _INT1, "discriminator.n_layers": _INT1, "discriminator.n_scales": _INT1,
     "adversarial.start_step": _NONNEG, "adversarial.ramp_steps": _NONNEG, "adversarial.d_lr_ratio": _POS,
     "adversarial.instance_noise": _NONNEG, "adversarial.real_label": {"low": 0.0, "high": 1.0, "low_open": True},

@@ -49,6 +49,7 @@ from . import losses as L
 from .checkpoint import MODEL_FORMAT, load_checkpoint, save_checkpoint, save_model
 from .config_checks import check_training_config
 from .dataset.records import DEFAULT_AUGMENT, RecordDataset, load_dataset_info, load_record
+from .resimulation import DEFAULT_RESIMULATE
 from .inference import DEFAULT_TTA, FLOOR_FRACTION, INTERVAL, calibrate_on_split, load_model
 from .networks.discriminator import MultiScaleDiscriminator
 from .networks.generator import DEFAULT_ARCH, build_generator, min_image_size, resolve_arch
@@ -79,7 +80,10 @@ def default_config() -> dict[str, Any]:
         "_doc": {
             "seed": "seeds model initialisation, sample order and augmentation",
             "data": "dir: training-set folder (mskdex-dataset/1), overridden by --data; batch_size per "
-                    "process; augment: joint affine (sums kept) + brightness/contrast of the radiograph",
+                    "process; augment: joint affine (sums kept) + brightness/contrast of the radiograph; "
+                    "resimulate: virtual records re-simulated per sample (MSKdeXLib.learning.resimulation) "
+                    "with probability p, fresh muscle amounts (muscles) and acquisition (acquisition) drawn "
+                    "from their cohort's ranges, targets scaled alike (0 = off)",
             "model": "generator: backbone 'unet' (MONAI UNet: features, strides, num_res_units) or "
                      "'basicunet' (6 features); outputs softplus * channel scale; sum_head: a per-channel "
                      "log-gain from the radiograph pooled to sum_head_pool^2 (makes the channel sums follow "
@@ -116,7 +120,7 @@ def default_config() -> dict[str, Any]:
         },
         "seed": 0,
         "data": {"dir": None, "train_split": "train", "val_split": "val", "batch_size": 4,
-                 "num_workers": 0, "augment": dict(DEFAULT_AUGMENT)},
+                 "num_workers": 0, "augment": dict(DEFAULT_AUGMENT), "resimulate": dict(DEFAULT_RESIMULATE)},
         "model": dict(DEFAULT_ARCH),
         "discriminator": {"width": 32, "n_layers": 3, "n_scales": 2, "condition": "none"},
         "losses": dict(DEFAULT_LOSSES),
@@ -405,7 +409,8 @@ def model_config(cfg: dict, info, scales: list[float], summary: dict, step: int)
         "data_summary": summary,
         "training": {"step": step, "seed": cfg["seed"], "losses": cfg["losses"], "gan_kinds": cfg["gan_kinds"],
                      "intensity_sum_kinds": cfg.get("intensity_sum_kinds"),
-                     "adversarial": cfg.get("adversarial", dict(DEFAULT_ADVERSARIAL))},
+                     "adversarial": cfg.get("adversarial", dict(DEFAULT_ADVERSARIAL)),
+                     "resimulate": {**DEFAULT_RESIMULATE, **cfg["data"].get("resimulate", {})}},
         "units": "channels in g (mass_g) or cm^3 (volume_cm3) per pixel at pixel_spacing_mm",
     }
 
@@ -520,7 +525,8 @@ class Trainer:
     # --- 3. data loading --------------------------------------------------------------------------
     def _loaders(self) -> None:
         cfg, dist = self.cfg, self.dist
-        self.ds = RecordDataset(self.info, cfg["data"]["train_split"], cfg["data"]["augment"], self.seed)
+        self.ds = RecordDataset(self.info, cfg["data"]["train_split"], cfg["data"]["augment"], self.seed,
+                                resimulate_cfg=cfg["data"].get("resimulate"))
         self.sampler = DistributedSampler(self.ds, num_replicas=dist.world, rank=dist.rank, shuffle=True,
                                           seed=self.seed, drop_last=len(self.ds) >= dist.world * 2)
         bs = int(cfg["data"]["batch_size"])

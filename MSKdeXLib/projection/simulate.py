@@ -269,9 +269,41 @@ def isocentre_distance_mm(ct: Volume, pose: np.ndarray, isocentre_lps=None) -> f
     return float((pose @ np.append(iso, 1.0))[2])
 
 
+def material_paths(ct: Volume, camera: Camera, pose, settings: SimulationSettings,
+                   device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Line integrals of ``ct`` (HU, LPS) at ``pose`` on the camera's pixels, float64 (rows, cols):
+    "poly": {"water": g/cm^2 of the water-like part, "bone": g/cm^2 of the bone-like part}
+    (:func:`split_materials`); "mono": {"mu": integral of the renderer's mu, unitless}."""
+    with torch.no_grad():
+        if settings.spectrum == "mono":
+            return {"mu": DRRRenderer(ct, camera, device=device).attenuation(pose)[0].to(torch.float64)}
+        soft, bone = split_materials(ct, settings.bone_hu_range)
+        r_soft = DRRRenderer(soft, camera, device=device)
+        g_cm2 = 0.1 / r_soft.mu_water_per_mm  # integral of mu (1/mm) -> rho * length g/cm^2
+        water = r_soft.attenuation(pose)[0].to(torch.float64) * g_cm2
+        del r_soft
+        bone_path = DRRRenderer(bone, camera, device=device).attenuation(pose)[0].to(torch.float64) * g_cm2
+        return {"water": water, "bone": bone_path}
+
+
+def radiograph_from_paths(paths: dict[str, torch.Tensor], camera: Camera, settings: SimulationSettings,
+                          seed: int, magnification: float = 1.0):
+    """Detector codes from :func:`material_paths`: the spectrum's transmission, then :func:`detect`.
+    Returns (codes, detector info, spectrum energies keV or None, their weights or None)."""
+    with torch.no_grad():
+        if settings.spectrum == "mono":
+            trans = torch.exp(-paths["mu"])
+            energies = weights = None
+        else:
+            energies, weights = spectrum(settings.kvp, settings.filtration_mm_al, settings.bin_kev)
+            trans = transmission_poly(paths["water"], paths["bone"], energies, weights)
+        codes, info = detect(trans, camera, settings, seed, magnification)
+    return codes, info, energies, weights
+
+
 def simulate_radiograph(ct: Volume, camera: Camera, pose, settings: SimulationSettings | None = None,
                         seed: int = 0, labels=None, device: str | torch.device = "cpu",
-                        isocentre_lps=None) -> Radiograph:
+                        isocentre_lps=None, paths_out: dict | None = None) -> Radiograph:
     """Simulate the radiograph of ``ct`` (HU, LPS) seen by ``camera`` at ``pose`` (ct_to_camera).
 
     Returns a :class:`Radiograph` of integer detector codes (float32, bone bright) with
@@ -279,6 +311,7 @@ def simulate_radiograph(ct: Volume, camera: Camera, pose, settings: SimulationSe
     the detector info (window, photons per pixel, magnification). The magnification (focal
     spot blur, DICOM magnification factor) is taken at ``isocentre_lps`` (default: the CT's
     centre). ``labels`` are not needed by the physics; they are accepted for API symmetry.
+    ``paths_out`` (a dict), when given, receives the :func:`material_paths` the image was made from.
     """
 
     settings = settings or SimulationSettings()
@@ -289,20 +322,10 @@ def simulate_radiograph(ct: Volume, camera: Camera, pose, settings: SimulationSe
                         f"from the source, SID {camera.sid_mm:.0f} mm)")
     magnification = camera.sid_mm / dist
     with torch.no_grad():
-        if settings.spectrum == "mono":
-            att = DRRRenderer(ct, camera, device=device).attenuation(pose)[0].to(torch.float64)
-            trans = torch.exp(-att)
-            energies = weights = None
-        else:
-            soft, bone = split_materials(ct, settings.bone_hu_range)
-            r_soft = DRRRenderer(soft, camera, device=device)
-            g_cm2 = 0.1 / r_soft.mu_water_per_mm  # integral of mu (1/mm) -> rho * length g/cm^2
-            water = r_soft.attenuation(pose)[0].to(torch.float64) * g_cm2
-            del r_soft
-            bone_path = DRRRenderer(bone, camera, device=device).attenuation(pose)[0].to(torch.float64) * g_cm2
-            energies, weights = spectrum(settings.kvp, settings.filtration_mm_al, settings.bin_kev)
-            trans = transmission_poly(water, bone_path, energies, weights)
-        codes, info = detect(trans, camera, settings, seed, magnification)
+        paths = material_paths(ct, camera, pose, settings, device)
+        if paths_out is not None:
+            paths_out.update(paths)
+        codes, info, energies, weights = radiograph_from_paths(paths, camera, settings, seed, magnification)
     meta = {
         "simulation": settings.to_dict(), "seed": int(seed), "camera": camera.to_dict(),
         "ct_to_camera": pose.tolist(), "detector": info, "ct_source": ct.source,

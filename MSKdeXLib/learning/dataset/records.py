@@ -93,12 +93,17 @@ def augment(sample: dict[str, torch.Tensor], rng: np.random.Generator, cfg: dict
 
 
 class RecordDataset(torch.utils.data.Dataset):
-    """Records of one split; ``augment_cfg`` None -> no augmentation. Items are dicts with
+    """Records of one split; ``augment_cfg`` None -> no augmentation; ``resimulate_cfg`` (training option
+    ``data.resimulate``, :mod:`MSKdeXLib.learning.resimulation`): virtual records re-simulated with fresh
+    muscle amounts and acquisition, before the augmentation. Items are dicts with
     xray (1,H,W), targets (C,H,W), paired (C,) bool, truth (C,) float64, index (int)."""
 
     def __init__(self, info: DatasetInfo, split: str = "train", augment_cfg: dict[str, Any] | None = None,
-                 seed: int = 0, cache: bool = True):
+                 seed: int = 0, cache: bool = True, resimulate_cfg: dict[str, Any] | None = None):
+        from ..resimulation import Resimulator
+
         self.info, self.split, self.seed = info, split, int(seed)
+        self.resimulator = Resimulator(info, resimulate_cfg or {})
         self.records = info.split(split)
         self.augment_cfg = None if augment_cfg is None else {**DEFAULT_AUGMENT, **augment_cfg}
         self.epoch = 0
@@ -117,6 +122,8 @@ class RecordDataset(torch.utils.data.Dataset):
             s = load_record(self.info, self.records[i])
             if self._cache is not None:
                 self._cache[i] = s
+        if self.resimulator.enabled:
+            s = self.resimulator(self.records[i], s, np.random.default_rng([self.seed, self.epoch, i, 1]))
         if self.augment_cfg is not None:
             s = augment(s, np.random.default_rng([self.seed, self.epoch, i]), self.augment_cfg)
         return {**s, "index": i}
