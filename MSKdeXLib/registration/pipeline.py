@@ -21,7 +21,8 @@ needs no model either way (the similarities are normalised).
 A body whose final similarity is below its kind's threshold
 (:meth:`~.settings.RegistrationSettings.doubtful_threshold`; joint / part bodies' similarity is
 measured in their window) is flagged *doubtful*; so is a joint / part body whose rotation or
-in-plane translation ends at its bound, or whose parent is doubtful.
+in-plane translation ends at its bound, or whose parent is doubtful, and a joint whose centre ended more
+than ``joint.doubtful_shift_mm`` from its parent's (a femoral head out of its acetabulum).
 """
 
 from __future__ import annotations
