@@ -799,18 +799,20 @@ def _make_subject(config: CohortConfig, index: int, folder: Path, force: bool) -
 
 
 def lean_to_water(subject: RealisedSubject, density: DensityModel, fat_hu: float,
-                  bone_hu_range: tuple[float, float] = (100.0, 1000.0)) -> dict[str, float]:
+                  bone_hu_range: tuple[float, float] | None = None) -> dict[str, float]:
     """Per muscle: the water-like path (g/cm^2, summed over the detector's pixels) lost per gram of
     lean mass whose voxels turn to fat of ``fat_hu`` (HU), at the subject's pose. Rendered from the
-    muscle's own lean voxels (water-like part of :func:`~MSKdeXLib.projection.simulate.split_materials`
-    minus the fat's density), so it carries the muscle's depth (magnification) exactly."""
+    muscle's own lean voxels (their water-like part, :func:`~MSKdeXLib.projection.simulate.split_materials`
+    with the simulation's ``bone_hu_range``, minus the fat's density), so it carries the muscle's depth
+    (magnification) exactly."""
     import torch
 
     from ..projection.rendering import DRRRenderer
+    from ..projection.simulate import SimulationSettings, split_materials
 
+    bone_hu_range = SimulationSettings().bone_hu_range if bone_hu_range is None else bone_hu_range
     ct, labels = subject.ct, subject.labels
-    hu_all = np.asarray(ct.array, dtype=np.float64)
-    lo, hi = bone_hu_range
+    hu_all = np.asarray(ct.array, dtype=np.float32)
     out = {}
     for s in subject.structures:
         if s.kind != "muscle":
@@ -819,15 +821,13 @@ def lean_to_water(subject: RealisedSubject, density: DensityModel, fat_hu: float
         if not mask.any():
             continue
         box = _crop_box(mask, 2)
-        hu, m = hu_all[box], mask[box]
-        rho = np.maximum(1.0 + hu / 1000.0, 0.0)
-        soft = rho * (1.0 - np.clip((hu - lo) / (hi - lo), 0.0, 1.0))
-        drho = np.where(m, np.maximum(soft - (1.0 + fat_hu / 1000.0), 0.0), 0.0)
-        lean_g = float((density.density(hu)[m]).sum() * ct.voxel_volume_mm3 / 1000.0)
+        m = mask[box]
         start = np.array([sl.start for sl in reversed(box)], dtype=np.float64)  # (i, j, k)
-        origin = (ct.index_to_lps() @ np.r_[start, 1.0])[:3]
-        sub = Volume((1000.0 * drho - 1000.0).astype(np.float32), ct.spacing, tuple(origin), ct.direction)
-        r = DRRRenderer(sub, subject.camera, device="cpu")
+        crop = Volume(hu_all[box], ct.spacing, tuple((ct.index_to_lps() @ np.r_[start, 1.0])[:3]), ct.direction)
+        soft_hu = np.asarray(split_materials(crop, bone_hu_range)[0].array, np.float64)
+        drho = np.where(m, np.maximum(soft_hu - fat_hu, 0.0) / 1000.0, 0.0)   # g/cm^3 lost per voxel
+        lean_g = float(density.density(hu_all[box].astype(np.float64))[m].sum() * ct.voxel_volume_mm3 / 1000.0)
+        r = DRRRenderer(crop.with_array((1000.0 * drho - 1000.0).astype(np.float32)), subject.camera, device="cpu")
         with torch.no_grad():
             path = r.attenuation(torch.as_tensor(subject.pose, dtype=torch.float64))[0].double()
         out[s.name] = float(path.sum()) * 0.1 / r.mu_water_per_mm / max(lean_g, 1e-9)

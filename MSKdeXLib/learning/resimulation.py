@@ -57,7 +57,7 @@ class SubjectPhysics:
 def load_physics(folder: str | Path) -> SubjectPhysics:
     """A cohort subject's :class:`SubjectPhysics` from its folder (``physics.safetensors``,
     ``targets.safetensors``, ``subject.json``, the radiograph's sidecar and the cohort's ``cohort.json``)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     folder = Path(folder)
     path = folder / "physics.safetensors"
@@ -76,7 +76,7 @@ def load_physics(folder: str | Path) -> SubjectPhysics:
         doc = json.loads((folder / "subject.json").read_text())
         side = json.loads((folder / doc["files"]["sidecar"]).read_text())
         cohort = json.loads((folder.parent / "cohort.json").read_text())
-    except (OSError, KeyError, ValueError) as exc:
+    except (OSError, KeyError, ValueError, SafetensorError) as exc:
         raise UserError(f"cannot read the subject's physics ({str(exc).splitlines()[0][:120]})", folder) from None
     names = json.loads(tmeta["structures"])
     atrophy = json.loads(meta["lean_to_water_atrophy"])

@@ -132,3 +132,29 @@ def test_training_with_resimulation_runs_and_is_recorded(spec_cohort, tmp_path):
         train({**tiny, "data": {"resimulate": {"probability": 1.5}}}, tmp_path / "ds", tmp_path / "m2", device="cpu")
     with pytest.raises(UserError, match="unknown key"):
         train({**tiny, "data": {"resimulate": {"probabilty": 1.0}}}, tmp_path / "ds", tmp_path / "m3", device="cpu")
+
+
+def test_corrupt_physics_is_one_line(spec_cohort, tmp_path):
+    import shutil
+
+    from MSKdeXLib.errors import UserError
+
+    root, _ = spec_cohort
+    (tmp_path / "c").mkdir()
+    shutil.copy(root / "cohort" / "cohort.json", tmp_path / "c" / "cohort.json")
+    folder = shutil.copytree(root / "cohort" / "subject-0000", tmp_path / "c" / "subject-0000")
+    data = (folder / "physics.safetensors").read_bytes()
+    (folder / "physics.safetensors").write_bytes(data[: len(data) // 3])
+    with pytest.raises(UserError, match="physics"):
+        rs.load_physics(folder)
+
+
+def test_cli_cohort_physics_flag(pelvis_case, tmp_path):
+    from MSKdeXLib.cli import main
+
+    out = tmp_path / "c"
+    assert main(["cohort", "--ct", str(pelvis_case.ct), "--labels", str(pelvis_case.labels), "--n", "1",
+                 "--out", str(out), "--detector", "24", "24", "--voxel-mm", "8", "--physics"]) == 0
+    phys = rs.load_physics(out / "subject-0000")
+    assert phys.water.shape == (24, 24) and set(phys.atrophy_coefficient) == set(phys.muscles)
+    assert all(v > 0 for v in phys.atrophy_coefficient.values())
