@@ -20,8 +20,11 @@ def _interrupt_demo(out: Path, sig: int, *args: str) -> int:
     """Start a quick demo into ``out``, send ``sig`` once its staging folder holds the cohort's
     first subject (mid-run), return the exit code."""
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    # as at a terminal: SIGINT at its default even when this test runs as a background job (a shell
+    # without job control starts those with SIGINT ignored, and Python would keep it ignored)
     proc = subprocess.Popen([sys.executable, "-m", "MSKdeXLib", "demo", "--quick", "--out", str(out),
-                             "--progress", "none", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             "--progress", "none", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) if os.name == "posix" else None)
     deadline = time.time() + 240
     try:
         while time.time() < deadline and proc.poll() is None:
