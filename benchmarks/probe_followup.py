@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from probe_specificity_learning import mean_pcc, specificity_targets  # noqa: E402
 
+from MSKdeXLib.anatomy.ct_metrics import structure_metrics  # noqa: E402
 from MSKdeXLib.evaluation.baselines import RidgeBaseline  # noqa: E402
 from MSKdeXLib.evaluation.specificity import side_pairs  # noqa: E402
 from MSKdeXLib.learning import cohort as co  # noqa: E402
@@ -43,15 +44,10 @@ ALPHAS = (0.1, 1.0, 10.0, 100.0)
 
 
 def lean_masses(ct, labels, names: list[str], density) -> np.ndarray:
-    """Lean mass (g) per named muscle of a CT (HU) and its labels (the truth's definition)."""
-    hu = np.asarray(ct.array, np.float64)
-    lean = density.lean(hu)
-    rho = density.density(hu)
-    out = []
-    for n in names:
-        m = (labels.label_array() == labels.table.by_name(n).label) & lean
-        out.append(float(rho[m].sum()) * ct.voxel_volume_mm3 / 1000.0)
-    return np.array(out)
+    """Lean mass (g) per named muscle: the truth's own definition (``structure_metrics``)."""
+    by_name = {m.structure.name: m.mass_g for m in
+               structure_metrics(ct, labels, [labels.table.by_name(n) for n in names], density)}
+    return np.array([by_name[n] for n in names])
 
 
 def followup(subject: co.RealisedSubject, names: list[str], ranges: co.CohortRanges, density, rng
@@ -60,14 +56,8 @@ def followup(subject: co.RealisedSubject, names: list[str], ranges: co.CohortRan
     fresh = co.sample_subject(int(rng.integers(0, 2**31 - 1)), int(rng.integers(0, 2**31 - 1)), names, ranges)
     hu = subject.ct.array.astype(np.float32, copy=True)
     lab = subject.labels.label_array().astype(np.int32)
-    for name, frac in sorted(fresh.muscle_changes.items()):
-        label = subject.labels.table.by_name(name).label
-        if frac < 0:
-            co.atrophy(hu, lab, label, -frac, subject.ct.spacing, rng)
-        else:
-            co.hypertrophy(hu, lab, label, frac, subject.ct.spacing, rng, density=density)
-    for name, frac in sorted(fresh.infiltration.items()):
-        co.fat_infiltration(hu, lab, subject.labels.table.by_name(name).label, frac, rng)
+    co.change_muscles(hu, lab, subject.labels.table, subject.ct.spacing, fresh.muscle_changes, fresh.infiltration,
+                      rng, density)
     ct = subject.ct.with_array(hu)
     acq = {**fresh.acquisition}
     if "sid_mm" in subject.spec.acquisition:

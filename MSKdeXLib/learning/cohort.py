@@ -456,6 +456,27 @@ def relabel(ct: Volume, labels: LabelMap, array: np.ndarray) -> LabelMap:
                     dict(labels.notes))
 
 
+def change_muscles(hu: np.ndarray, lab: np.ndarray, table, spacing_ijk, changes: dict[str, float],
+                   infiltration: dict[str, float], rng: np.random.Generator,
+                   density: DensityModel = DensityModel()) -> dict[str, dict[str, int]]:
+    """Each muscle's change (in place on arrays [k, j, i]): ``changes`` (+grow into nearby fat / -shrink
+    from the boundary, fraction of its voxels), then ``infiltration`` (fraction of its voxels made
+    fatty), in name order; returns the voxels changed per muscle."""
+    out: dict[str, dict[str, int]] = {}
+    for name, frac in sorted(changes.items()):
+        s = table.by_name(name)
+        n0 = int((lab == s.label).sum())
+        if frac < 0:
+            changed = -atrophy(hu, lab, s.label, -frac, spacing_ijk, rng)
+        else:
+            changed = hypertrophy(hu, lab, s.label, frac, spacing_ijk, rng, density=density)
+        out.setdefault(name, {})["voxels_changed"] = changed
+        out[name]["voxels_before"] = n0
+    for name, frac in sorted(infiltration.items()):
+        out.setdefault(name, {})["voxels_infiltrated"] = fat_infiltration(hu, lab, table.by_name(name).label, frac, rng)
+    return out
+
+
 def modify_anatomy(ct: Volume, labels: LabelMap, spec: SubjectSpec, density: DensityModel = DensityModel()
                    ) -> tuple[Volume, LabelMap, dict]:
     """Apply ``spec``'s anatomy changes (lean tissue: ``density``'s window); returns (ct', labels', applied
@@ -464,20 +485,9 @@ def modify_anatomy(ct: Volume, labels: LabelMap, spec: SubjectSpec, density: Den
     hu = ct.array.astype(np.float32, copy=True)
     lab = labels.label_array().astype(np.int32)
     hu, lab, max_disp = elastic_deform(hu, lab, ct.spacing, spec.elastic_mm, spec.elastic_control_mm, rng)
-    applied: dict[str, Any] = {"elastic_max_displacement_mm": max_disp, "muscles": {}}
-    for name, frac in sorted(spec.muscle_changes.items()):
-        s = labels.table.by_name(name)
-        n0 = int((lab == s.label).sum())
-        if frac < 0:
-            changed = -atrophy(hu, lab, s.label, -frac, ct.spacing, rng)
-        else:
-            changed = hypertrophy(hu, lab, s.label, frac, ct.spacing, rng, density=density)
-        applied["muscles"].setdefault(name, {})["voxels_changed"] = changed
-        applied["muscles"][name]["voxels_before"] = n0
-    for name, frac in sorted(spec.infiltration.items()):
-        s = labels.table.by_name(name)
-        applied["muscles"].setdefault(name, {})["voxels_infiltrated"] = \
-            fat_infiltration(hu, lab, s.label, frac, rng)
+    applied: dict[str, Any] = {"elastic_max_displacement_mm": max_disp,
+                               "muscles": change_muscles(hu, lab, labels.table, ct.spacing, spec.muscle_changes,
+                                                         spec.infiltration, rng, density)}
     applied["subcutaneous_voxels_changed"] = subcutaneous_fat(hu, lab, spec.subcutaneous_fat_mm,
                                                               ct.spacing, rng)
     new_ct = ct.with_array(hu.astype(ct.array.dtype, copy=False))
@@ -777,8 +787,7 @@ def _make_subject(config: CohortConfig, index: int, folder: Path, force: bool) -
     xray_info = write_radiograph(subject, folder, force, paths_out=paths)
     physics = {}
     if config.physics:
-        magnification = float(json.loads((folder / xray_info["sidecar"]).read_text())["detector"]["magnification"])
-        physics["physics"] = write_physics(subject, paths, magnification, density, folder, force)
+        physics["physics"] = write_physics(subject, paths, xray_info["magnification"], density, folder, force)
 
     if config.keep_ct:
         write_volume(folder / "ct.nii.gz", ct, force)
@@ -856,7 +865,8 @@ def write_physics(subject: RealisedSubject, paths: dict, magnification: float, d
 
 def write_radiograph(subject: RealisedSubject, folder: Path, force: bool = False,
                      paths_out: dict | None = None) -> dict:
-    """Simulate the subject's radiograph at its pose; write DICOM DX + sidecar (true pose)."""
+    """Simulate the subject's radiograph at its pose; write DICOM DX + sidecar (true pose). Returns the
+    files' names and the magnification at the isocentre."""
     from ..projection.simulate import write_dicom_dx
 
     rad, settings, seed = subject_radiograph(subject, paths_out=paths_out)
@@ -866,7 +876,7 @@ def write_radiograph(subject: RealisedSubject, folder: Path, force: bool = False
         extra["vendor_processing"] = dict(spec.processing)
     dcm, side = write_dicom_dx(folder / "xray.dcm", rad, subject.camera, subject.pose, settings, seed, force,
                                extra=extra)
-    return {"file": dcm.name, "sidecar": side.name}
+    return {"file": dcm.name, "sidecar": side.name, "magnification": float(rad.metadata["detector"]["magnification"])}
 
 
 # ------------------------------------------------------------------------------------------------
