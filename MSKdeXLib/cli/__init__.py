@@ -31,6 +31,7 @@ SUBCOMMANDS = {
     "train": "train_cmd",
     "predict": "predict_cmd",
     "evaluate": "evaluate_cmd",
+    "followup": "followup_cmd",
     "demo": "demo_cmd",
 }
 

@@ -15,6 +15,8 @@ from MSKdeXLib.demo import DemoSettings
 from MSKdeXLib.learning.cohort import PRESETS, CohortConfig, CohortRanges
 from MSKdeXLib.learning.dataset.builder import SPLIT_CHOICES, DatasetSettings
 from MSKdeXLib.learning.dataset.format import NORMALISATION_METHODS
+from MSKdeXLib.learning.followup import ReaderSettings
+from MSKdeXLib.learning.followup_run import FollowupRequest
 from MSKdeXLib.progress import MODES
 from MSKdeXLib.projection.simulate import SPECTRA, SimulationSettings
 from MSKdeXLib.registration.settings import RegistrationSettings
@@ -30,10 +32,10 @@ def expected_defaults() -> dict[tuple[str, str], object]:
     """(command, dest) -> the default, read from the settings objects."""
     d, sim, rng, ds, demo = DensityModel(), SimulationSettings(), CohortRanges(), DatasetSettings(), DemoSettings()
     exp: dict[tuple[str, str], object] = {}
-    for cmd in ("metrics", "drr", "cohort"):
+    for cmd in ("metrics", "drr", "cohort", "followup"):
         exp.update({(cmd, "lean_window"): d.lean_window_hu, (cmd, "density_intercept"): d.intercept_g_cm3,
                     (cmd, "density_slope"): d.slope_g_cm3_per_hu})
-    for cmd in ("drr", "simulate-xray", "register", "cohort"):
+    for cmd in ("drr", "simulate-xray", "register", "cohort", "followup"):
         exp[(cmd, "sid")] = SID_MM
     for cmd, det in (("drr", DRR_DETECTOR), ("simulate-xray", RADIOGRAPH_DETECTOR)):
         exp.update({(cmd, "rows"): det.rows, (cmd, "cols"): det.cols, (cmd, "pixel_spacing"): [det.pixel_spacing_mm]})
@@ -58,7 +60,10 @@ def expected_defaults() -> dict[tuple[str, str], object]:
     exp.update({("register", "similarity"): reg.similarity, ("register", "fine_px"): reg.fine_px,
                 ("register", "max_evals"): reg.cma_max_evals, ("register", "refine_steps"): reg.refine_steps})
     exp.update({(cmd, "progress"): "bar" for cmd in ("drr", "simulate-xray", "register", "cohort", "build-dataset",
-                                                     "train", "demo")})
+                                                     "train", "demo", "followup")})
+    reader = ReaderSettings()
+    exp.update({("followup", k): getattr(reader, k) for k in ("samples", "grid", "margin", "preset", "coverage")})
+    exp[("followup", "bones")] = FollowupRequest.__dataclass_fields__["bones"].default
     return exp
 
 

@@ -1,0 +1,99 @@
+"""``mskdex followup``: per-muscle lean-mass change on a follow-up radiograph of a patient whose
+baseline CT (+ label map) is known."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .common import (LazyChoices, Progress, add_ct_args, add_density_args, add_force, add_pixel_spacing, add_progress,
+                     add_sid, density_from_args, settings_options, settings_values, spacing_rc)
+
+#: reader options -> fields of MSKdeXLib.learning.followup.ReaderSettings (their defaults live there)
+READER_FIELDS = {"samples": "samples", "grid": "grid", "margin": "margin", "preset": "preset", "coverage": "coverage"}
+
+
+def add_parser(sub, name: str):
+    p = sub.add_parser(name, help="per-muscle lean-mass change on a follow-up radiograph, given the baseline CT",
+                       description="Per-muscle lean mass on a follow-up radiograph of a patient whose baseline CT "
+                       "and label map are known (e.g. a planning CT, radiographs at follow-up). The CT's pelvis is "
+                       "registered to the radiograph (or --registration gives the pose); at that pose a reader "
+                       "(ridge regression on the radiograph at --grid px) is fitted on --samples re-simulations of "
+                       "this patient's own CT with muscle changes and acquisitions drawn from a cohort preset, and "
+                       "applied to the radiograph. Writes followup.json (per muscle: baseline and estimated lean "
+                       "mass, change %, 90 %% intervals; left-right asymmetry; the assumptions), followup.csv, "
+                       "followup.png and, when it registers, registration/. Exit code 3 when the registration is "
+                       "doubtful. Accuracy: benchmarks/RESULTS_network.md, 'Follow-up radiographs'.")
+    add_ct_args(p)
+    p.add_argument("--xray", required=True, help="the follow-up radiograph (DICOM, PNG, TIFF; a JSON sidecar "
+                   "FILE.json gives its geometry)")
+    p.add_argument("--registration", default=None, help="an existing registration.json of this radiograph "
+                   "(mskdex register): its first body's pose is used and no registration is run")
+    p.add_argument("--bones", help="bodies to register, as in mskdex register (the first one's pose places the CT)")
+    settings_options(p, "MSKdeXLib.learning.followup_run:FollowupRequest", {"bones": "bones"})
+    p.add_argument("--out", required=True, help="output folder")
+    add_sid(p, "source-to-image distance, mm, when the radiograph has no sidecar")
+    add_pixel_spacing(p, None, "detector pixel spacing (mm), overrides the file's")
+    g = p.add_argument_group("reader")
+    g.add_argument("--samples", type=int, help="re-simulations the reader is fitted on; a quarter of them picks "
+                   "its ridge penalty and calibrates the intervals")
+    g.add_argument("--grid", type=int, help="reader input grid, px per side over the detector")
+    g.add_argument("--margin", type=float, help="share of the field at each edge left out of the reader's input "
+                   "(where a collimator may cut it)")
+    g.add_argument("--preset", choices=LazyChoices("MSKdeXLib.learning.cohort:PRESETS"), metavar="NAME",
+                   help="cohort preset whose muscle-change and acquisition ranges are drawn (%(choices)s)")
+    g.add_argument("--coverage", type=float, help="coverage of the intervals")
+    g.add_argument("--seed", type=int, default=0, help="seed of the re-simulations")
+    settings_options(p, "MSKdeXLib.learning.followup:ReaderSettings", READER_FIELDS)
+    add_density_args(p)
+    add_progress(p)
+    add_force(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args) -> int:
+    """Estimate, writing OUT through a staging folder renamed into place at the end (an error or
+    Ctrl-C leaves nothing; followup.json moves in last)."""
+    from ..io.outputs import output_folder
+    from ..learning.followup_run import OUTPUTS
+
+    from ..learning.followup import ReaderSettings
+
+    reader = ReaderSettings(**settings_values(args, READER_FIELDS), seed=args.seed)
+    reader.ranges()  # an unknown preset fails before any work
+    with output_folder(args.out, args.force, OUTPUTS, last=("followup.json",)) as stage:
+        return _run(args, stage, reader)
+
+
+def _run(args, stage: Path, reader) -> int:
+    from ..errors import EXIT_DOUBTFUL
+    from ..learning.followup_run import FollowupRequest, run_followup
+
+    req = FollowupRequest(args.xray, args.ct, args.labels, stage, args.registration, sid_mm=args.sid,
+                          spacing_mm=spacing_rc(args.pixel_spacing), table=args.table,
+                          resample_labels=args.resample_labels, nonfinite=args.nonfinite, reader=reader,
+                          density=density_from_args(args), force=args.force,
+                          **settings_values(args, {"bones": "bones"}))
+    prog = Progress(args.progress, reader.samples, "followup")
+
+    def notify(event, **info):
+        if event == "body-done":
+            prog.event("log", message="registered", **info)
+
+    try:
+        report = run_followup(req, notify, lambda i, n: prog.update(1))
+    finally:
+        prog.close()
+    prog.event("done", output=str(args.out))
+    doubtful = report["pose"]["doubtful"]
+    if args.progress != "json":
+        print(f"{'muscle':<24} {'baseline g':>10} {'estimate g':>10} {'change %':>9}  90 % interval %")
+        for name, m in report["muscles"].items():
+            lo, hi = m["change_interval_percent"]
+            print(f"{name:<24} {m['baseline_g']:>10.1f} {m['estimate_g']:>10.1f} {m['change_percent']:>9.1f}  "
+                  f"[{lo:.1f}, {hi:.1f}]")
+        out = Path(args.out)
+        print(f"wrote {out / 'followup.json'}, {out / 'followup.csv'} and {out / 'followup.png'}")
+        if doubtful:
+            print(f"DOUBTFUL registration: exit code {EXIT_DOUBTFUL}; check registration/qa.png before using these")
+    return EXIT_DOUBTFUL if doubtful else 0

@@ -1,0 +1,213 @@
+"""Per-muscle lean mass on a follow-up radiograph of a patient whose baseline CT is known (issue 14).
+
+Reading a muscle from one radiograph needs the patient's own anatomy to about 0.1 % of the image's
+contrast (benchmarks/RESULTS_network.md): a model that has never seen the patient cannot separate a
+muscle's change from the patient's shape. With a baseline CT + label map of the same patient (e.g. a
+pre-operative planning CT, radiographs at follow-up), the anatomy is known:
+
+1. the CT's bones are registered to the follow-up radiograph (:mod:`MSKdeXLib.registration`; the
+   first body, default the pelvis, gives the pose: CT LPS mm -> camera);
+2. at that pose the CT is split into water- and bone-like line integrals on the radiograph's detector
+   (g/cm^2), each muscle's lean-mass channel (g/pixel) and its lean -> fat coefficients are rendered
+   (:func:`baseline_physics`, the same quantities as a cohort subject's ``physics.safetensors``);
+3. a **reader** (ridge regression of the muscles' lean mass on the radiograph, area-averaged to a
+   coarse grid and z-scored) is fitted on re-simulations of this patient alone
+   (:mod:`MSKdeXLib.learning.resimulation`): muscle changes and acquisitions (kVp, noise, scatter,
+   gamma, blur, collimation, vendor processing) drawn from a cohort preset's ranges;
+4. the reader is applied to the follow-up radiograph; 90 % intervals come from the reader's errors on
+   held-out re-simulations (split conformal, per muscle).
+
+What it assumes (stated in the output): the patient's shape other than the muscles is the CT's
+(no weight change, soft tissue where the CT has it), the whole CT moves rigidly with the first body,
+and the follow-up's acquisition lies within the preset's ranges. Units: lean mass g; frames: CT LPS
+mm, ``ct_to_camera`` poses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..anatomy.ct_metrics import structure_metrics
+from ..anatomy.density import DensityModel
+from ..errors import UserError
+from ..evaluation.baselines import RidgeBaseline
+from ..io.images import LabelMap, Volume
+from ..projection.geometry import Camera, check_rigid
+from .cohort import (FAT_HU, INFILTRATED_HU, CohortRanges, RealisedSubject, SubjectSpec, acquisition_settings,
+                     lean_to_water, preset_ranges)
+from .resimulation import SubjectPhysics, draw, resimulate
+
+FOLLOWUP_FORMAT = "mskdex-followup/1"
+ALPHAS = (0.1, 1.0, 10.0, 100.0)
+
+
+@dataclass
+class ReaderSettings:
+    """How the patient's reader is fitted. ``samples``: re-simulations (the last ``holdout`` share
+    choose the ridge penalty and calibrate the intervals); ``grid``: the reader's input grid (px per
+    side over the detector); ``preset``: cohort preset whose muscle-change and acquisition ranges are
+    drawn; ``coverage``: of the intervals; ``seed``: of the draws."""
+
+    samples: int = 600
+    grid: int = 32
+    margin: float = 0.08
+    preset: str = "specificity"
+    coverage: float = 0.9
+    holdout: float = 0.25
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if int(self.samples) < 40:
+            raise UserError(f"--samples must be >= 40 (re-simulations for the reader), got {self.samples}")
+        if not 4 <= int(self.grid) <= 128:
+            raise UserError(f"--grid must be 4-128 px, got {self.grid}")
+        if not 0.0 <= float(self.margin) < 0.4:
+            raise UserError(f"--margin must be in [0, 0.4), got {self.margin}")
+        if not 0.5 <= float(self.coverage) < 1.0:
+            raise UserError(f"--coverage must be in [0.5, 1), got {self.coverage}")
+        if not 0.1 <= float(self.holdout) <= 0.5:
+            raise UserError(f"holdout must be in [0.1, 0.5], got {self.holdout}")
+
+    def ranges(self) -> CohortRanges:
+        return preset_ranges(self.preset)
+
+    @property
+    def margin_cells(self) -> int:
+        """Input cells left out at each edge: ``margin`` of ``grid``, rounded up."""
+        return int(np.ceil(float(self.margin) * int(self.grid) - 1e-9))
+
+
+def muscles_of(labels: LabelMap) -> list:
+    """The label map's muscle structures (those a follow-up estimates)."""
+    found = [s for s in labels.select(kinds=["muscle"]) if labels.mask(s).any()]
+    if not found:
+        raise UserError("the label map has no muscle structure", labels.source if hasattr(labels, "source") else None)
+    return found
+
+
+def baseline_physics(ct: Volume, labels: LabelMap, camera: Camera, pose: np.ndarray, ranges: CohortRanges,
+                     density: DensityModel = DensityModel()) -> tuple[SubjectPhysics, np.ndarray]:
+    """The patient's :class:`~MSKdeXLib.learning.resimulation.SubjectPhysics` at ``pose`` (CT LPS mm
+    -> camera) on ``camera``'s pixels, and the baseline lean mass (g) of each muscle (its order is
+    ``physics.muscles``). The acquisition of the physics' own spec is the middle of the ranges."""
+    from ..projection.rendering import DRRRenderer
+    from ..projection.simulate import isocentre_distance_mm, material_paths
+
+    pose = check_rigid(np.asarray(pose, np.float64), "pose")
+    muscles = muscles_of(labels)
+    mid = lambda r: float(np.mean(r))  # noqa: E731
+    spec = SubjectSpec(index=0, seed=0, acquisition={"energy_kvp": mid(ranges.energy_kvp), "noise": mid(ranges.noise),
+                                                     "scatter": mid(ranges.scatter), "contrast": mid(ranges.contrast)})
+    dist = isocentre_distance_mm(ct, pose)
+    if not 0 < dist < camera.sid_mm:
+        raise UserError(f"the CT is not between the source and the detector at this pose (isocentre at {dist:.0f} mm "
+                        f"from the source, SID {camera.sid_mm:.0f} mm)")
+    paths = material_paths(ct, camera, pose, acquisition_settings(spec, camera))
+    renderer = DRRRenderer(ct, camera, labels=labels, structures=muscles, density=density, device="cpu")
+    with torch.no_grad():
+        mass = renderer.render_channels(torch.as_tensor(pose, dtype=torch.float64), ("mass",)).images["mass"][0]
+    mass = mass.detach().cpu().numpy().astype(np.float64)
+    subject = RealisedSubject(spec, ct, labels, muscles, camera, pose, {})
+    atrophy = lean_to_water(subject, density, FAT_HU)
+    names = [s.name for s in muscles if s.name in atrophy]
+    physics = SubjectPhysics(
+        water=paths["water"], bone=paths["bone"],
+        muscle_mass={s.name: mass[k] for k, s in enumerate(muscles) if s.name in atrophy},
+        atrophy_coefficient=atrophy, infiltration_coefficient=lean_to_water(subject, density, INFILTRATED_HU),
+        camera=camera, magnification=camera.sid_mm / dist, spec=spec, noise_seed=0, ranges=ranges, muscles=names)
+    by_name = {m.structure.name: m.mass_g for m in structure_metrics(ct, labels, muscles, density)}
+    return physics, np.array([by_name[n] for n in names], np.float64)
+
+
+def input_spacing(camera: Camera, grid: int) -> tuple[float, float]:
+    """The reader's input pixel (row, col mm at the detector): the detector's field over ``grid`` px."""
+    return camera.rows * camera.spacing_row_mm / grid, camera.cols * camera.spacing_col_mm / grid
+
+
+def reader_input(codes: np.ndarray, camera: Camera, grid: int, spacing_mm: tuple[float, float],
+                 margin: int = 0) -> np.ndarray:
+    """The reader's input (float64, (grid - 2 margin)^2): the radiograph's detector codes (bone bright,
+    on ``camera``'s pixels) area-averaged onto a ``grid`` x ``grid`` raster of ``spacing_mm`` pixels
+    centred on the principal point, its outer ``margin`` cells dropped (where collimation may cut the
+    field), then z-scored."""
+    from .dataset.builder import prepare_radiograph
+
+    if codes.shape != (camera.rows, camera.cols):
+        raise UserError(f"radiograph is {codes.shape[0]}x{codes.shape[1]} px but its geometry is "
+                        f"{camera.rows}x{camera.cols}")
+    cx, cy = camera.principal_point
+    x = prepare_radiograph(np.asarray(codes, np.float64), (camera.spacing_row_mm, camera.spacing_col_mm),
+                           (grid, grid), {"method": "none", "pixel_spacing_mm": list(spacing_mm)}, (cy, cx))
+    x = np.asarray(x, np.float64)[margin:grid - margin, margin:grid - margin].ravel()
+    return (x - x.mean()) / max(float(x.std()), 1e-12)
+
+
+@dataclass
+class FollowupReader:
+    """A ridge reader of one patient's muscles (lean mass, g), fitted on re-simulations of that
+    patient at one pose (:func:`fit_reader`)."""
+
+    muscles: list[str]
+    baseline_g: np.ndarray
+    model: RidgeBaseline
+    alpha: float
+    half_width_g: np.ndarray          # interval half-width per muscle (split conformal, ``coverage``)
+    holdout_mae_g: np.ndarray         # mean |error| per muscle on held-out re-simulations
+    holdout_pcc: np.ndarray           # PCC per muscle on held-out re-simulations
+    settings: ReaderSettings
+    spacing_mm: tuple[float, float]   # the input grid's pixel at the detector, mm
+    info: dict = field(default_factory=dict)
+
+    def predict(self, codes: np.ndarray, camera: Camera) -> np.ndarray:
+        """Lean mass (g) per muscle (``self.muscles`` order) of a radiograph's detector codes on
+        ``camera``'s pixels (the follow-up's own detector; same rays as the reader's)."""
+        return self.model.predict(reader_input(codes, camera, self.settings.grid, self.spacing_mm, self.settings.margin_cells)[None])[0]
+
+    def estimate(self, codes: np.ndarray, camera: Camera) -> dict:
+        """Per muscle: baseline and estimated lean mass (g), their change (%), with intervals."""
+        est = self.predict(codes, camera)
+        return {n: {"baseline_g": float(b), "estimate_g": float(e), "interval_g": [float(e - h), float(e + h)],
+                    "change_percent": float(100.0 * (e / b - 1.0)),
+                    "change_interval_percent": [float(100.0 * ((e - h) / b - 1.0)), float(100.0 * ((e + h) / b - 1.0))]}
+                for n, b, e, h in zip(self.muscles, self.baseline_g, est, self.half_width_g)}
+
+
+def fit_reader(physics: SubjectPhysics, baseline_g: np.ndarray, settings: ReaderSettings = ReaderSettings(),
+               progress: Callable[[int, int], None] | None = None) -> FollowupReader:
+    """Fit the patient's reader on ``settings.samples`` re-simulations (muscle changes and acquisition
+    drawn from ``physics.ranges``); the held-out share picks the ridge penalty (mean |error| / truth)
+    and gives the interval half-widths (the ``coverage`` quantile of |error| per muscle, finite-sample
+    corrected); the reader is the model fitted on the rest, so the intervals' calibration holds for it."""
+    rng = np.random.default_rng([int(settings.seed), 14])
+    names = physics.muscles
+    spacing = input_spacing(physics.camera, int(settings.grid))
+    x, y = [], []
+    for i in range(int(settings.samples)):
+        changes, spec = draw(rng, physics)
+        codes = resimulate(physics, changes, spec, int(rng.integers(0, 2**31 - 1)))
+        x.append(reader_input(codes, physics.camera, settings.grid, spacing, settings.margin_cells))
+        y.append(baseline_g * np.array([changes.lean_factor(n) for n in names]))
+        if progress is not None:
+            progress(i + 1, int(settings.samples))
+    x, y = np.asarray(x), np.asarray(y)
+    n_fit = int(round(len(x) * (1.0 - settings.holdout)))
+    model, errors = RidgeBaseline.select(x[:n_fit], y[:n_fit], x[n_fit:], y[n_fit:], ALPHAS)
+    err = np.abs(model.predict(x[n_fit:]) - y[n_fit:])
+    n_cal = len(err)
+    q = min(1.0, np.ceil((n_cal + 1) * settings.coverage) / n_cal)
+    half = np.quantile(err, q, axis=0, method="higher")
+    pred = model.predict(x[n_fit:])
+    pcc = np.array([np.corrcoef(pred[:, k], y[n_fit:, k])[0, 1] for k in range(len(names))])
+    return FollowupReader(names, baseline_g, model, model.alpha, half, err.mean(axis=0), pcc, settings, spacing, {"penalty_errors": errors, "calibration_samples": n_cal})
+
+
+def asymmetry(names: list[str], values: np.ndarray) -> dict[str, float]:
+    """Left-right asymmetry index ``(L - R) / (L + R)`` of each muscle pair among ``names``."""
+    from ..evaluation.specificity import side_pairs
+
+    v = dict(zip(names, np.asarray(values, np.float64)))
+    return {stem: float((v[lft] - v[rgt]) / (v[lft] + v[rgt])) for stem, lft, rgt in side_pairs(names)}

@@ -1,0 +1,167 @@
+"""``mskdex followup`` as one library call: register the baseline CT to the follow-up radiograph (or
+take a registration already made), fit the patient's reader at that pose
+(:mod:`MSKdeXLib.learning.followup`) and write ``followup.json``, ``followup.csv`` and
+``followup.png`` (per-muscle lean-mass change with its interval). Frames: CT LPS mm, poses
+``ct_to_camera``; lean mass g; changes in % of the baseline CT's lean mass.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..anatomy.density import DensityModel
+from ..errors import UserError
+from ..io.outputs import atomic_path, write_json
+from ..io.radiographs import UncalibratedWarning, load_radiograph
+from ..io.volumes import load_ct, load_labels
+from ..settings import SID_MM
+from .followup import FOLLOWUP_FORMAT, ReaderSettings, asymmetry, baseline_physics, fit_reader
+
+OUTPUTS = ("followup.json", "followup.csv", "followup.png", "registration")
+#: the long side (px) of the detector grid the reader's re-simulations are made on
+WORKING_PX = 256
+ASSUMPTIONS = ("the patient's shape other than the muscles is the baseline CT's (no weight change; soft tissue "
+               "where the CT has it)", "the whole CT moves rigidly with the first registered body",
+               "the follow-up's acquisition lies within the preset's ranges (kVp, noise, scatter, gamma, blur, "
+               "collimation, vendor processing)",
+               "muscle changes are lean tissue turning to fat (atrophy replaced by fat, fat infiltration)")
+
+
+@dataclass
+class FollowupRequest:
+    """What ``mskdex followup`` was asked: the baseline CT + labels, the follow-up radiograph, where
+    the pose comes from, and the reader's settings."""
+
+    xray: str
+    ct_path: str
+    labels_path: str
+    out: Path
+    registration: str | None = None   # an existing registration.json of this radiograph (its first body's pose)
+    bones: str = "pelvis"             # bodies to register when no registration is given (the first gives the pose)
+    sid_mm: float = SID_MM
+    spacing_mm: tuple[float, float] | None = None
+    table: str | None = None
+    resample_labels: bool = False     # a label map on another grid is resampled onto the CT's
+    nonfinite: str = "refuse"         # NaN/inf CT voxels: refuse, or mask as air
+    reader: ReaderSettings = field(default_factory=ReaderSettings)
+    density: DensityModel = field(default_factory=DensityModel)
+    force: bool = False
+
+
+def registered_pose(req: FollowupRequest, notify: Callable[..., None] | None) -> tuple[np.ndarray, dict]:
+    """(the first body's ct_to_camera, a summary of the registration) from ``req.registration`` or
+    a new registration written to ``OUT/registration/``."""
+    from ..io.documents import read_json
+    from ..registration.run import RegistrationRequest, register_radiograph
+
+    if req.registration:
+        doc = read_json(Path(req.registration), "registration")
+        try:
+            first = doc["bodies"][0]
+            pose = np.asarray(first["ct_to_camera"], np.float64)
+        except (KeyError, IndexError, TypeError):
+            raise UserError("not a registration.json of mskdex register (no bodies)", req.registration) from None
+        if pose.shape != (4, 4):
+            raise UserError("the first body's ct_to_camera is not 4x4", req.registration)
+        return pose, {"source": str(req.registration), "body": first.get("name"),
+                      "doubtful": bool(doc.get("doubtful", False)), "final_similarity": first.get("final_similarity")}
+    rr = RegistrationRequest(req.xray, req.ct_path, req.labels_path, req.out / "registration", req.bones,
+                             sid_mm=req.sid_mm, spacing_mm=req.spacing_mm, table=req.table,
+                             resample_labels=req.resample_labels, force=req.force)
+    outcome = register_radiograph(rr, "cpu", notify)
+    first = outcome.results[0]
+    summary = {"source": "registration/registration.json", "body": first.name, "doubtful": bool(first.doubtful),
+               "final_similarity": first.final_similarity}
+    if first.mtre_mm is not None:
+        summary["mtre_mm"] = first.mtre_mm
+    return np.asarray(first.ct_to_camera, np.float64), summary
+
+
+def run_followup(req: FollowupRequest, notify: Callable[..., None] | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> dict:
+    """Estimate each muscle's lean mass on the follow-up radiograph; writes the outputs into
+    ``req.out`` (a staging folder: the caller moves it into place) and returns the report."""
+    from ..registration.run import load_geometry
+    from ..registration.views import working_grid
+
+    t0 = time.time()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UncalibratedWarning)
+        xray = load_radiograph(req.xray, req.spacing_mm)
+    camera, _ = load_geometry(req.xray, xray, req.sid_mm)
+    ct = load_ct(req.ct_path, req.nonfinite)
+    labels = load_labels(req.labels_path, ct, req.table, req.resample_labels)
+    pose, reg = registered_pose(req, notify)
+    # the reader's re-simulations on a detector grid of at most WORKING_PX px (same rays, coarser pixels)
+    step = max(camera.spacing_row_mm, camera.spacing_col_mm) * max(1.0, max(camera.rows, camera.cols) / WORKING_PX)
+    work_camera, _ = working_grid(camera, xray.pixels, step)
+    physics, baseline = baseline_physics(ct, labels, work_camera, pose, req.reader.ranges(), req.density)
+    reader = fit_reader(physics, baseline, req.reader, progress)
+    muscles = reader.estimate(np.asarray(xray.pixels, np.float64), camera)
+    est = np.array([muscles[n]["estimate_g"] for n in reader.muscles])
+    report = {
+        "format": FOLLOWUP_FORMAT, "xray": str(req.xray), "ct": str(req.ct_path), "labels": str(req.labels_path),
+        "pose": {"ct_to_camera": pose.tolist(), **reg},
+        "units": {"mass": "g (lean mass)", "change": "% of the baseline CT's lean mass"},
+        "muscles": muscles,
+        "asymmetry": {"estimate": asymmetry(reader.muscles, est), "baseline": asymmetry(reader.muscles, baseline)},
+        "reader": {"settings": vars(req.reader), "ridge_penalty": reader.alpha, "interval_coverage": req.reader.coverage,
+                   "held_out": {n: {"pcc": float(p), "mae_g": float(m)} for n, p, m in
+                                zip(reader.muscles, reader.holdout_pcc, reader.holdout_mae_g)},
+                   "working_grid": work_camera.to_dict(),
+                   "calibration": "intervals from held-out re-simulations of this patient (split conformal); they "
+                                  "cover the reader's error under the preset's ranges, not a violated assumption"},
+        "assumptions": list(ASSUMPTIONS), "runtime_s": round(time.time() - t0, 2),
+    }
+    write_json(req.out / "followup.json", report, req.force)
+    write_table(req.out / "followup.csv", muscles, req.force)
+    change_figure(req.out / "followup.png", muscles, f"{Path(req.xray).name}: lean-mass change vs baseline CT"
+                  + (" (registration DOUBTFUL)" if reg["doubtful"] else ""), req.force)
+    return report
+
+
+def write_table(path: Path, muscles: dict, force: bool = False) -> None:
+    """``followup.csv``: one row per muscle (g and %), intervals as low / high columns."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["muscle", "baseline_g", "estimate_g", "estimate_low_g", "estimate_high_g", "change_percent",
+                "change_low_percent", "change_high_percent"])
+    for name, m in muscles.items():
+        w.writerow([name, f"{m['baseline_g']:.2f}", f"{m['estimate_g']:.2f}", f"{m['interval_g'][0]:.2f}",
+                    f"{m['interval_g'][1]:.2f}", f"{m['change_percent']:.1f}", f"{m['change_interval_percent'][0]:.1f}",
+                    f"{m['change_interval_percent'][1]:.1f}"])
+    with atomic_path(path, force) as tmp:
+        tmp.write_text(buf.getvalue())
+
+
+def change_figure(path: Path, muscles: dict, title: str, force: bool = False) -> None:
+    """``followup.png``: each muscle's estimated lean-mass change (%) with its interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(muscles)
+    y = np.arange(len(names))[::-1]
+    c = np.array([muscles[n]["change_percent"] for n in names])
+    lo = np.array([muscles[n]["change_interval_percent"][0] for n in names])
+    hi = np.array([muscles[n]["change_interval_percent"][1] for n in names])
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(names) + 1.4))
+    ax.barh(y, c, color=["#b2182b" if v < 0 else "#2166ac" for v in c], alpha=0.8)
+    ax.errorbar(c, y, xerr=[c - lo, hi - c], fmt="none", ecolor="k", capsize=3, lw=1)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_yticks(y, [n.replace("_", " ") for n in names])
+    ax.set_xlabel("lean-mass change vs baseline CT, % (bar: estimate; whisker: 90 % interval)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path, force) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
