@@ -36,9 +36,10 @@ from ..anatomy.density import DensityModel
 from ..errors import UserError
 from ..evaluation.baselines import RidgeBaseline
 from ..io.images import LabelMap, Volume
-from ..projection.geometry import Camera, check_rigid
+from ..projection.geometry import Camera, check_rigid, perturbed_pose
 from .cohort import (FAT_HU, INFILTRATED_HU, CohortRanges, RealisedSubject, SubjectSpec, acquisition_settings,
-                     lean_to_water, preset_ranges)
+                     bone_centre, change_muscles, lean_to_water, preset_ranges, relabel, resample_case, sample_subject,
+                     subject_radiograph)
 from .resimulation import SubjectPhysics, draw, resimulate
 
 FOLLOWUP_FORMAT = "mskdex-followup/1"
@@ -58,6 +59,11 @@ class ReaderSettings:
     preset: str = "specificity"
     coverage: float = 0.9
     holdout: float = 0.25
+    poses: int = 12
+    jitter_mm: float = 0.3
+    jitter_deg: float = 0.15
+    calibration_samples: int = 40
+    calibration_voxel_mm: float = 3.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -69,6 +75,10 @@ class ReaderSettings:
             raise UserError(f"--margin must be in [0, 0.4), got {self.margin}")
         if not 0.5 <= float(self.coverage) < 1.0:
             raise UserError(f"--coverage must be in [0.5, 1), got {self.coverage}")
+        if int(self.calibration_samples) != 0 and int(self.calibration_samples) < 20:
+            raise UserError(f"--calibration-samples must be 0 or >= 20, got {self.calibration_samples}")
+        if float(self.calibration_voxel_mm) <= 0 or min(self.jitter_mm, self.jitter_deg) < 0 or int(self.poses) < 1:
+            raise UserError("the calibration voxel must be > 0 mm, the pose jitter >= 0 and poses >= 1")
         if not 0.1 <= float(self.holdout) <= 0.5:
             raise UserError(f"holdout must be in [0.1, 0.5], got {self.holdout}")
 
@@ -128,6 +138,22 @@ def input_spacing(camera: Camera, grid: int) -> tuple[float, float]:
     return camera.rows * camera.spacing_row_mm / grid, camera.cols * camera.spacing_col_mm / grid
 
 
+def jittered_physics(ct: Volume, labels: LabelMap, camera: Camera, pose: np.ndarray, settings: ReaderSettings,
+                     density: DensityModel = DensityModel()) -> tuple[list[SubjectPhysics], np.ndarray]:
+    """The patient's physics at ``pose`` and at ``settings.poses - 1`` poses jittered about the bones'
+    centre (up to ``jitter_mm`` / ``jitter_deg`` per axis), and the baseline lean mass (g)."""
+    ranges = settings.ranges()
+    first, base = baseline_physics(ct, labels, camera, pose, ranges, density)
+    centre = bone_centre(ct, labels)
+    rng = np.random.default_rng([int(settings.seed), 7])
+    jm, jd = float(settings.jitter_mm), float(settings.jitter_deg)
+    views = [first]
+    for _ in range(int(settings.poses) - 1):
+        p = perturbed_pose(pose, tuple(rng.uniform(-jd, jd, 3)), tuple(rng.uniform(-jm, jm, 3)), centre)
+        views.append(baseline_physics(ct, labels, camera, p, ranges, density)[0])
+    return views, base
+
+
 def reader_input(codes: np.ndarray, camera: Camera, grid: int, spacing_mm: tuple[float, float],
                  margin: int = 0) -> np.ndarray:
     """The reader's input (float64, (grid - 2 margin)^2): the radiograph's detector codes (bone bright,
@@ -176,33 +202,103 @@ class FollowupReader:
                 for n, b, e, h in zip(self.muscles, self.baseline_g, est, self.half_width_g)}
 
 
-def fit_reader(physics: SubjectPhysics, baseline_g: np.ndarray, settings: ReaderSettings = ReaderSettings(),
-               progress: Callable[[int, int], None] | None = None) -> FollowupReader:
+@dataclass
+class CalibrationSet:
+    """Follow-ups simulated from the patient's CT (:func:`ct_change_samples`): detector codes on
+    ``camera`` and each muscle's true lean mass relative to the baseline (``factor``, (n, muscles))."""
+
+    codes: list[np.ndarray]
+    factor: np.ndarray
+    camera: Camera
+
+
+def conformal_half_width(errors: np.ndarray, coverage: float) -> np.ndarray:
+    """Split-conformal half-width per column of ``|errors|`` (n, k): the ceil((n + 1) coverage)-th
+    smallest, so that a new error falls inside with probability >= ``coverage``."""
+    n = len(errors)
+    q = min(1.0, np.ceil((n + 1) * coverage) / n)
+    return np.quantile(np.abs(errors), q, axis=0, method="higher")
+
+
+def fit_reader(physics: SubjectPhysics | list[SubjectPhysics], baseline_g: np.ndarray,
+               settings: ReaderSettings = ReaderSettings(), progress: Callable[[int, int], None] | None = None,
+               calibration: CalibrationSet | None = None) -> FollowupReader:
     """Fit the patient's reader on ``settings.samples`` re-simulations (muscle changes and acquisition
-    drawn from ``physics.ranges``); the held-out share picks the ridge penalty (mean |error| / truth)
-    and gives the interval half-widths (the ``coverage`` quantile of |error| per muscle, finite-sample
-    corrected); the reader is the model fitted on the rest, so the intervals' calibration holds for it."""
+    drawn from ``physics.ranges``; with a list of physics, e.g. :func:`jittered_physics`, each sample
+    at one of them drawn at random, all on the same camera); the held-out share picks the ridge penalty (mean |error| / truth).
+    The reader is the model fitted on the rest; its interval half-widths are the split-conformal
+    ``coverage`` quantile of |error| per muscle on ``calibration`` (CT-simulated follow-ups) when given,
+    else on the held-out re-simulations."""
     rng = np.random.default_rng([int(settings.seed), 14])
-    names = physics.muscles
-    spacing = input_spacing(physics.camera, int(settings.grid))
+    views = physics if isinstance(physics, list) else [physics]
+    names, camera = views[0].muscles, views[0].camera
+    spacing = input_spacing(camera, int(settings.grid))
     x, y = [], []
     for i in range(int(settings.samples)):
-        changes, spec = draw(rng, physics)
-        codes = resimulate(physics, changes, spec, int(rng.integers(0, 2**31 - 1)))
-        x.append(reader_input(codes, physics.camera, settings.grid, spacing, settings.margin_cells))
+        view = views[int(rng.integers(0, len(views)))]
+        changes, spec = draw(rng, view)
+        codes = resimulate(view, changes, spec, int(rng.integers(0, 2**31 - 1)))
+        x.append(reader_input(codes, camera, settings.grid, spacing, settings.margin_cells))
         y.append(baseline_g * np.array([changes.lean_factor(n) for n in names]))
         if progress is not None:
             progress(i + 1, int(settings.samples))
     x, y = np.asarray(x), np.asarray(y)
     n_fit = int(round(len(x) * (1.0 - settings.holdout)))
     model, errors = RidgeBaseline.select(x[:n_fit], y[:n_fit], x[n_fit:], y[n_fit:], ALPHAS)
-    err = np.abs(model.predict(x[n_fit:]) - y[n_fit:])
-    n_cal = len(err)
-    q = min(1.0, np.ceil((n_cal + 1) * settings.coverage) / n_cal)
-    half = np.quantile(err, q, axis=0, method="higher")
     pred = model.predict(x[n_fit:])
+    err = pred - y[n_fit:]
     pcc = np.array([np.corrcoef(pred[:, k], y[n_fit:, k])[0, 1] for k in range(len(names))])
-    return FollowupReader(names, baseline_g, model, model.alpha, half, err.mean(axis=0), pcc, settings, spacing, {"penalty_errors": errors, "calibration_samples": n_cal})
+    info = {"penalty_errors": errors, "calibration": "held-out re-simulations", "calibration_samples": len(err)}
+    half = conformal_half_width(err, settings.coverage)
+    if calibration is not None and len(calibration.codes):
+        cal = np.array([model.predict(reader_input(c, calibration.camera, settings.grid, spacing,
+                                                   settings.margin_cells)[None])[0] for c in calibration.codes])
+        truth = baseline_g * calibration.factor
+        half = conformal_half_width(cal - truth, settings.coverage)
+        info.update({"calibration": "follow-ups simulated from the CT (muscles changed in the CT, pose jittered)",
+                     "calibration_samples": len(cal), "calibration_mae_g": np.abs(cal - truth).mean(axis=0).tolist(),
+                     "calibration_pcc": [float(np.corrcoef(cal[:, k], truth[:, k])[0, 1]) for k in range(len(names))]})
+    return FollowupReader(names, baseline_g, model, model.alpha, half, np.abs(err).mean(axis=0), pcc, settings,
+                          spacing, info)
+
+
+def ct_change_samples(ct: Volume, labels: LabelMap, camera: Camera, pose: np.ndarray, names: list[str],
+                      settings: ReaderSettings, density: DensityModel = DensityModel(),
+                      progress: Callable[[int, int], None] | None = None) -> CalibrationSet:
+    """``settings.calibration_samples`` follow-ups simulated from the patient's CT (resampled to
+    ``calibration_voxel_mm`` when finer): each muscle changed **in the CT** by the cohort's functions
+    (boundary atrophy, hypertrophy into fat, blob fat infiltration; a fresh draw from the preset),
+    the pose jittered about the bones' centre, an acquisition drawn from the preset (the camera's SID),
+    noise; truth = each muscle's lean mass on the changed CT over that on the unchanged one."""
+    ranges = settings.ranges()
+    if min(ct.spacing) < settings.calibration_voxel_mm:
+        ct, labels = resample_case(ct, labels, float(settings.calibration_voxel_mm))
+    by_name = lambda c, lab: {m.structure.name: m.mass_g for m in  # noqa: E731
+                              structure_metrics(c, lab, [lab.table.by_name(n) for n in names], density)}
+    base = by_name(ct, labels)
+    centre = bone_centre(ct, labels)
+    structures = [labels.table.by_name(n) for n in names]
+    rng = np.random.default_rng([int(settings.seed), 41])
+    jm, jd = float(settings.jitter_mm), float(settings.jitter_deg)
+    codes, factor = [], []
+    n = int(settings.calibration_samples)
+    for i in range(n):
+        fresh = sample_subject(int(rng.integers(0, 2**31 - 1)), i, names, ranges)
+        hu = ct.array.astype(np.float32, copy=True)
+        lab = labels.label_array().astype(np.int32)
+        change_muscles(hu, lab, labels.table, ct.spacing, fresh.muscle_changes, fresh.infiltration, rng, density)
+        changed = ct.with_array(hu)
+        changed_labels = relabel(changed, labels, lab)
+        spec = SubjectSpec(index=i, seed=int(settings.seed), acquisition={**fresh.acquisition, "sid_mm": camera.sid_mm},
+                           processing=dict(fresh.processing))
+        p = perturbed_pose(pose, tuple(rng.uniform(-jd, jd, 3)), tuple(rng.uniform(-jm, jm, 3)), centre)
+        subject = RealisedSubject(spec, changed, changed_labels, structures, camera, p, {})
+        codes.append(subject_radiograph(subject, int(rng.integers(0, 2**31 - 1)))[0].pixels)
+        after = by_name(changed, changed_labels)
+        factor.append([after[k] / base[k] for k in names])
+        if progress is not None:
+            progress(i + 1, n)
+    return CalibrationSet(codes, np.asarray(factor, np.float64), camera)
 
 
 def asymmetry(names: list[str], values: np.ndarray) -> dict[str, float]:

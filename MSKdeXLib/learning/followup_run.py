@@ -23,7 +23,7 @@ from ..io.outputs import atomic_path, write_json
 from ..io.radiographs import UncalibratedWarning, load_radiograph
 from ..io.volumes import load_ct, load_labels
 from ..settings import SID_MM
-from .followup import FOLLOWUP_FORMAT, ReaderSettings, asymmetry, baseline_physics, fit_reader
+from .followup import FOLLOWUP_FORMAT, ReaderSettings, asymmetry, ct_change_samples, fit_reader, jittered_physics
 
 OUTPUTS = ("followup.json", "followup.csv", "followup.png", "registration")
 #: the long side (px) of the detector grid the reader's re-simulations are made on
@@ -103,8 +103,10 @@ def run_followup(req: FollowupRequest, notify: Callable[..., None] | None = None
     # the reader's re-simulations on a detector grid of at most WORKING_PX px (same rays, coarser pixels)
     step = max(camera.spacing_row_mm, camera.spacing_col_mm) * max(1.0, max(camera.rows, camera.cols) / WORKING_PX)
     work_camera, _ = working_grid(camera, xray.pixels, step)
-    physics, baseline = baseline_physics(ct, labels, work_camera, pose, req.reader.ranges(), req.density)
-    reader = fit_reader(physics, baseline, req.reader, progress)
+    views, baseline = jittered_physics(ct, labels, work_camera, pose, req.reader, req.density)
+    calibration = ct_change_samples(ct, labels, work_camera, pose, views[0].muscles, req.reader, req.density) \
+        if req.reader.calibration_samples else None
+    reader = fit_reader(views, baseline, req.reader, progress, calibration)
     muscles = reader.estimate(np.asarray(xray.pixels, np.float64), camera)
     est = np.array([muscles[n]["estimate_g"] for n in reader.muscles])
     report = {
@@ -117,8 +119,9 @@ def run_followup(req: FollowupRequest, notify: Callable[..., None] | None = None
                    "held_out": {n: {"pcc": float(p), "mae_g": float(m)} for n, p, m in
                                 zip(reader.muscles, reader.holdout_pcc, reader.holdout_mae_g)},
                    "working_grid": work_camera.to_dict(),
-                   "calibration": "intervals from held-out re-simulations of this patient (split conformal); they "
-                                  "cover the reader's error under the preset's ranges, not a violated assumption"},
+                   "calibration": reader.info["calibration"], "calibration_samples": reader.info["calibration_samples"],
+                   "interval_note": "split-conformal intervals: they hold the reader's error under the preset's "
+                                    "ranges and the calibration's pose jitter, not a violated assumption"},
         "assumptions": list(ASSUMPTIONS), "runtime_s": round(time.time() - t0, 2),
     }
     write_json(req.out / "followup.json", report, req.force)
