@@ -203,15 +203,16 @@ def main(argv=None) -> int:
     p.add_argument("--voxel-mm", type=float, default=4.0, help="the CT's voxel (resampled), mm")
     p.add_argument("--readers", nargs="+", default=list(READERS), choices=READERS)
     p.add_argument("--json", default=None, help="keep every follow-up here")
-    p.add_argument("--from-json", default=None, help="only re-make the tables from a --json file")
+    p.add_argument("--from-json", nargs="+", default=None, help="only re-make the tables from --json files "
+                   "(e.g. one per subject, run side by side)")
     p.add_argument("--markdown", action="store_true")
     args = p.parse_args(argv)
     import torch
 
     torch.set_num_threads(1)
     if args.from_json:
-        doc = json.loads(Path(args.from_json).read_text())
-        rows, args.readers = doc["rows"], doc["args"]["readers"]
+        docs = [json.loads(Path(f).read_text()) for f in args.from_json]
+        rows, args.readers = [r for d in docs for r in d["rows"]], docs[0]["args"]["readers"]
     else:
         case = sample_data.pelvis_ct() or sample_data.default_case()
         config = co.prepare(co.CohortConfig(ct=str(case.ct), labels=str(case.labels), table=case.table, seed=SEED,
