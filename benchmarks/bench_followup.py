@@ -36,6 +36,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -98,7 +99,8 @@ def register_pelvis(subject: co.RealisedSubject, codes: np.ndarray, true_pose: n
             "seconds": round(time.time() - t0, 2)}
 
 
-def run_subject(index: int, args, config: co.CohortConfig) -> list[dict]:
+def run_subject(index: int, args, config: co.CohortConfig, done: Callable[[list[dict]], None] = lambda rows: None
+                ) -> list[dict]:
     spec = co.sample_subject(SEED, index, co.cohort_muscles(config), config.cohort_ranges())
     subject = co.realise_subject(config, spec)
     density, ranges = config.density_model(), config.cohort_ranges()
@@ -135,6 +137,7 @@ def run_subject(index: int, args, config: co.CohortConfig) -> list[dict]:
                          "half_width_g": reader.half_width_g.tolist(), "baseline_g": reader.baseline_g.tolist(),
                          "alpha": reader.alpha, "fit_seconds": round(secs, 1)}
         rows.append(row)
+        done(rows)
         print(json.dumps({k: row[k] for k in ("subject", "followup")} | {"registration": row.get("registration")}),
               flush=True)
     return rows
@@ -161,20 +164,23 @@ def summarise(rows: list[dict], kind: str) -> dict:
         e = np.array([r[kind]["estimate_g"] for r in rs])
         h = np.array([r[kind]["half_width_g"] for r in rs])
         base = np.array(rs[0][kind]["baseline_g"])
+        pooled_t.append(t / base - 1.0)
+        pooled_e.append(e / base - 1.0)
+        hits.append(np.abs(e - t) <= h)
+        if len(rs) < 4:   # a PCC across fewer follow-ups of one subject says nothing
+            continue
         (at, st), (ae, se) = targets(t), targets(e)
         per_subject.append({"mass": np.mean([pcc(e[:, k], t[:, k]) for k in range(len(names))]),
                             "asym": np.mean([pcc(ae[:, k], at[:, k]) for k in range(len(pairs))]),
                             "share": np.mean([pcc(se[:, k], st[:, k]) for k in range(len(names))]),
                             "pairs": [pcc(ae[:, k], at[:, k]) for k in range(len(pairs))]})
-        pooled_t.append(t / base - 1.0)
-        pooled_e.append(e / base - 1.0)
-        hits.append(np.abs(e - t) <= h)
     pt, pe, hit = np.concatenate(pooled_t), np.concatenate(pooled_e), np.concatenate(hits)
-    return {"mass_pcc": float(np.mean([p["mass"] for p in per_subject])),
-            "asym_pcc": float(np.mean([p["asym"] for p in per_subject])),
-            "share_pcc": float(np.mean([p["share"] for p in per_subject])),
-            "pair_asym_pcc": {stem: float(np.mean([p["pairs"][k] for p in per_subject]))
-                              for k, (stem, _, _) in enumerate(pairs)},
+    mean = lambda v: float(np.mean(v)) if len(v) else float("nan")  # noqa: E731
+    return {"mass_pcc": mean([p["mass"] for p in per_subject]),
+            "asym_pcc": mean([p["asym"] for p in per_subject]),
+            "share_pcc": mean([p["share"] for p in per_subject]),
+            "pair_asym_pcc": {stem: mean([p["pairs"][k] for p in per_subject]) for k, (stem, _, _) in enumerate(pairs)},
+            "subjects_with_pcc": len(per_subject),
             "pooled_change_pcc": pcc(pe.ravel(), pt.ravel()),
             "change_mae_percent": float(np.mean(np.abs(pe - pt)) * 100),
             "true_change_sd_percent": float(np.std(pt) * 100),
@@ -219,11 +225,14 @@ def main(argv=None) -> int:
                                             rows=args.detector, cols=args.detector, voxel_mm=args.voxel_mm,
                                             ranges=co.preset_ranges("specificity").to_dict()))
         rows, t0 = [], time.time()
-        for index in range(args.start, args.start + args.subjects):
-            rows += run_subject(index, args, config)
+
+        def save(new: list[dict]) -> None:  # after every follow-up: a run stopped early keeps what it did
             if args.json:
-                Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows,
+                Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows + new,
                                                        "seconds": round(time.time() - t0)}, indent=1))
+
+        for index in range(args.start, args.start + args.subjects):
+            rows += run_subject(index, args, config, save)
     summary = {k: summarise(rows, k) for k in args.readers}
     kept = [r for r in rows if not r.get("registration", {}).get("doubtful", False)]
     if "registered" in args.readers and len(kept) < len(rows):   # what a user heeding exit code 3 keeps

@@ -9,7 +9,8 @@ from .common import (LazyChoices, Progress, add_ct_args, add_density_args, add_f
                      add_sid, density_from_args, settings_options, settings_values, spacing_rc)
 
 #: reader options -> fields of MSKdeXLib.learning.followup.ReaderSettings (their defaults live there)
-READER_FIELDS = {"samples": "samples", "grid": "grid", "margin": "margin", "preset": "preset", "coverage": "coverage"}
+READER_FIELDS = {"samples": "samples", "grid": "grid", "margin": "margin", "preset": "preset", "coverage": "coverage",
+                 "poses": "poses", "calibration_samples": "calibration_samples"}
 
 
 def add_parser(sub, name: str):
@@ -41,7 +42,11 @@ def add_parser(sub, name: str):
                    "(where a collimator may cut it)")
     g.add_argument("--preset", choices=LazyChoices("MSKdeXLib.learning.cohort:PRESETS"), metavar="NAME",
                    help="cohort preset whose muscle-change and acquisition ranges are drawn (%(choices)s)")
+    g.add_argument("--poses", type=int, help="poses about the registered one (up to a registration error away) the "
+                   "re-simulations are spread over, so that the reader ignores such an error")
     g.add_argument("--coverage", type=float, help="coverage of the intervals")
+    g.add_argument("--calibration-samples", type=int, help="follow-ups simulated from the CT itself (muscles changed "
+                   "in the CT) that calibrate the intervals; 0: held-out re-simulations (faster, narrower, less honest)")
     g.add_argument("--seed", type=int, default=0, help="seed of the re-simulations")
     settings_options(p, "MSKdeXLib.learning.followup:ReaderSettings", READER_FIELDS)
     add_density_args(p)
@@ -74,7 +79,7 @@ def _run(args, stage: Path, reader) -> int:
                           resample_labels=args.resample_labels, nonfinite=args.nonfinite, reader=reader,
                           density=density_from_args(args), force=args.force,
                           **settings_values(args, {"bones": "bones"}))
-    prog = Progress(args.progress, reader.samples, "followup")
+    prog = Progress(args.progress, reader.samples + reader.calibration_samples, "followup")
 
     def notify(event, **info):
         if event == "body-done":

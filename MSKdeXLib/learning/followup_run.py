@@ -88,7 +88,8 @@ def registered_pose(req: FollowupRequest, notify: Callable[..., None] | None) ->
 def run_followup(req: FollowupRequest, notify: Callable[..., None] | None = None,
                  progress: Callable[[int, int], None] | None = None) -> dict:
     """Estimate each muscle's lean mass on the follow-up radiograph; writes the outputs into
-    ``req.out`` (a staging folder: the caller moves it into place) and returns the report."""
+    ``req.out`` (a staging folder: the caller moves it into place) and returns the report.
+    ``progress(i, n)`` is called after each calibration follow-up, then after each re-simulation."""
     from ..registration.run import load_geometry
     from ..registration.views import working_grid
 
@@ -104,8 +105,8 @@ def run_followup(req: FollowupRequest, notify: Callable[..., None] | None = None
     step = max(camera.spacing_row_mm, camera.spacing_col_mm) * max(1.0, max(camera.rows, camera.cols) / WORKING_PX)
     work_camera, _ = working_grid(camera, xray.pixels, step)
     views, baseline = jittered_physics(ct, labels, work_camera, pose, req.reader, req.density)
-    calibration = ct_change_samples(ct, labels, work_camera, pose, views[0].muscles, req.reader, req.density) \
-        if req.reader.calibration_samples else None
+    calibration = ct_change_samples(ct, labels, work_camera, pose, views[0].muscles, req.reader, req.density,
+                                    progress) if req.reader.calibration_samples else None
     reader = fit_reader(views, baseline, req.reader, progress, calibration)
     muscles = reader.estimate(np.asarray(xray.pixels, np.float64), camera)
     est = np.array([muscles[n]["estimate_g"] for n in reader.muscles])

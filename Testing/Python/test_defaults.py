@@ -62,7 +62,8 @@ def expected_defaults() -> dict[tuple[str, str], object]:
     exp.update({(cmd, "progress"): "bar" for cmd in ("drr", "simulate-xray", "register", "cohort", "build-dataset",
                                                      "train", "demo", "followup")})
     reader = ReaderSettings()
-    exp.update({("followup", k): getattr(reader, k) for k in ("samples", "grid", "margin", "preset", "coverage")})
+    exp.update({("followup", k): getattr(reader, k) for k in ("samples", "grid", "margin", "preset", "coverage", "poses",
+                                                                  "calibration_samples")})
     exp[("followup", "bones")] = FollowupRequest.__dataclass_fields__["bones"].default
     return exp
 
