@@ -234,9 +234,13 @@ def main(argv=None) -> int:
         for index in range(args.start, args.start + args.subjects):
             rows += run_subject(index, args, config, save)
     summary = {k: summarise(rows, k) for k in args.readers}
-    kept = [r for r in rows if not r.get("registration", {}).get("doubtful", False)]
-    if "registered" in args.readers and len(kept) < len(rows):   # what a user heeding exit code 3 keeps
-        summary["registered, not doubtful"] = summarise(kept, "registered")
+    if "registered" in args.readers:   # what a user heeding exit code 3 keeps: not doubtful, not implausible
+        for r in rows:
+            r["registered"]["implausible"] = fu.implausible(r["muscles"], np.array(r["registered"]["estimate_g"]),
+                                                            np.array(r["registered"]["baseline_g"]))
+        kept = [r for r in rows if not r["registration"]["doubtful"] and not r["registered"]["implausible"]]
+        if len(kept) < len(rows):
+            summary["registered, exit code 0"] = summarise(kept, "registered")
     print(json.dumps(summary, indent=1))
     if args.markdown:
         stems = list(next(iter(summary.values()))["pair_asym_pcc"])
@@ -254,7 +258,9 @@ def main(argv=None) -> int:
             print(f"\nregistration (pelvis): median mTRE {np.median([r['mtre_mm'] for r in regs]):.2f} mm, "
                   f"median projection distance {np.median([r['mpd_px'] for r in regs]):.2f} px, "
                   f"doubtful {sum(r['doubtful'] for r in regs)}/{len(regs)} (their mTRE: {flagged} mm), "
-                  f"gross failures (> 5 mm) {sum(r['mtre_mm'] > 5 for r in regs)}, "
+                  f"gross failures (> 5 mm) {sum(r['mtre_mm'] > 5 for r in regs)}, projection distance > 1 px "
+                  f"{sum(r['mpd_px'] > 1 for r in regs)}, implausible estimate "
+                  f"{sum(bool(r['registered']['implausible']) for r in rows)}, "
                   f"median {np.median([r['seconds'] for r in regs]):.1f} s")
     return 0
 

@@ -23,7 +23,7 @@ def add_parser(sub, name: str):
                        "applied to the radiograph. Writes followup.json (per muscle: baseline and estimated lean "
                        "mass, change %, 90 %% intervals; left-right asymmetry; the assumptions), followup.csv, "
                        "followup.png and, when it registers, registration/. Exit code 3 when the registration is "
-                       "doubtful. Accuracy: benchmarks/RESULTS_network.md, 'Follow-up radiographs'.")
+                       "doubtful or an estimate is implausible (a muscle with no lean mass left or more than doubled). Accuracy: benchmarks/RESULTS_network.md, 'Follow-up radiographs'.")
     add_ct_args(p)
     p.add_argument("--xray", required=True, help="the follow-up radiograph (DICOM, PNG, TIFF; a JSON sidecar "
                    "FILE.json gives its geometry)")
@@ -90,7 +90,7 @@ def _run(args, stage: Path, reader) -> int:
     finally:
         prog.close()
     prog.event("done", output=str(args.out))
-    doubtful = report["pose"]["doubtful"]
+    doubtful = report["doubtful"]
     if args.progress != "json":
         print(f"{'muscle':<24} {'baseline g':>10} {'estimate g':>10} {'change %':>9}  90 % interval %")
         for name, m in report["muscles"].items():
@@ -99,6 +99,9 @@ def _run(args, stage: Path, reader) -> int:
                   f"[{lo:.1f}, {hi:.1f}]")
         out = Path(args.out)
         print(f"wrote {out / 'followup.json'}, {out / 'followup.csv'} and {out / 'followup.png'}")
-        if doubtful:
+        if report["pose"]["doubtful"]:
             print(f"DOUBTFUL registration: exit code {EXIT_DOUBTFUL}; check registration/qa.png before using these")
+        if report["implausible_muscles"]:
+            print(f"IMPLAUSIBLE estimate ({', '.join(report['implausible_muscles'])}: no lean mass left or more than "
+                  f"doubled): exit code {EXIT_DOUBTFUL}; the pose is probably wrong, check registration/qa.png")
     return EXIT_DOUBTFUL if doubtful else 0

@@ -301,6 +301,18 @@ def ct_change_samples(ct: Volume, labels: LabelMap, camera: Camera, pose: np.nda
     return CalibrationSet(codes, np.asarray(factor, np.float64), camera)
 
 
+#: a muscle's estimate is implausible (the reading or the pose failed) outside (0, 2 x baseline] lean mass
+PLAUSIBLE_FACTOR = (0.0, 2.0)
+
+
+def implausible(names: list[str], estimate_g: np.ndarray, baseline_g: np.ndarray) -> list[str]:
+    """Muscles whose estimate is physically implausible for a follow-up: no lean mass left or more than
+    doubled (:data:`PLAUSIBLE_FACTOR`); a sign that the pose (registration) or the reading failed."""
+    lo, hi = PLAUSIBLE_FACTOR
+    f = np.asarray(estimate_g, np.float64) / np.asarray(baseline_g, np.float64)
+    return [n for n, v in zip(names, f) if not lo < v <= hi]
+
+
 def asymmetry(names: list[str], values: np.ndarray) -> dict[str, float]:
     """Left-right asymmetry index ``(L - R) / (L + R)`` of each muscle pair among ``names``."""
     from ..evaluation.specificity import side_pairs

@@ -23,7 +23,8 @@ from ..io.outputs import atomic_path, write_json
 from ..io.radiographs import UncalibratedWarning, load_radiograph
 from ..io.volumes import load_ct, load_labels
 from ..settings import SID_MM
-from .followup import FOLLOWUP_FORMAT, ReaderSettings, asymmetry, ct_change_samples, fit_reader, jittered_physics
+from .followup import (FOLLOWUP_FORMAT, ReaderSettings, asymmetry, ct_change_samples, fit_reader, implausible,
+                       jittered_physics)
 
 OUTPUTS = ("followup.json", "followup.csv", "followup.png", "registration")
 #: the long side (px) of the detector grid the reader's re-simulations are made on
@@ -110,11 +111,13 @@ def run_followup(req: FollowupRequest, notify: Callable[..., None] | None = None
     reader = fit_reader(views, baseline, req.reader, progress, calibration)
     muscles = reader.estimate(np.asarray(xray.pixels, np.float64), camera)
     est = np.array([muscles[n]["estimate_g"] for n in reader.muscles])
+    odd = implausible(reader.muscles, est, baseline)
     report = {
         "format": FOLLOWUP_FORMAT, "xray": str(req.xray), "ct": str(req.ct_path), "labels": str(req.labels_path),
         "pose": {"ct_to_camera": pose.tolist(), **reg},
         "units": {"mass": "g (lean mass)", "change": "% of the baseline CT's lean mass"},
         "muscles": muscles,
+        "implausible_muscles": odd, "doubtful": bool(reg["doubtful"] or odd),
         "asymmetry": {"estimate": asymmetry(reader.muscles, est), "baseline": asymmetry(reader.muscles, baseline)},
         "reader": {"settings": vars(req.reader), "ridge_penalty": reader.alpha, "interval_coverage": req.reader.coverage,
                    "held_out": {n: {"pcc": float(p), "mae_g": float(m)} for n, p, m in
@@ -128,7 +131,8 @@ def run_followup(req: FollowupRequest, notify: Callable[..., None] | None = None
     write_json(req.out / "followup.json", report, req.force)
     write_table(req.out / "followup.csv", muscles, req.force)
     change_figure(req.out / "followup.png", muscles, f"{Path(req.xray).name}: lean-mass change vs baseline CT"
-                  + (" (registration DOUBTFUL)" if reg["doubtful"] else ""), req.force)
+                  + (" (registration DOUBTFUL)" if reg["doubtful"] else "")
+                  + (" (IMPLAUSIBLE estimate)" if odd else ""), req.force)
     return report
 
 

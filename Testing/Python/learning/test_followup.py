@@ -124,6 +124,7 @@ def test_cli_writes_the_estimate(files):
     doc = json.loads((d / "out" / "followup.json").read_text())
     assert doc["format"] == fu.FOLLOWUP_FORMAT and doc["pose"]["source"].endswith("truth.json")
     m = doc["muscles"]
+    assert doc["implausible_muscles"] == [] and doc["doubtful"] is False
     assert doc["reader"]["calibration_samples"] == 40 and "from the CT" in doc["reader"]["calibration"]
     # the loss is read (at this tiny scale: 64 px, a 6 mm CT) and the truth (-34 %) lies in its interval
     lo, hi = m["gluteus_medius_left"]["change_interval_percent"]
@@ -175,3 +176,10 @@ def test_jittered_views_and_ct_calibration(case):
     assert cal.factor.shape == (20, len(physics.muscles))
     assert cal.factor.min() < 0.9 and 0.3 < cal.factor.min() and cal.factor.max() < 1.3
     assert len({c.tobytes() for c in cal.codes}) == 20
+
+
+def test_implausible_estimates_are_named():
+    names = ["a", "b", "c", "d"]
+    base = np.array([100.0, 100.0, 100.0, 100.0])
+    assert fu.implausible(names, np.array([50.0, 150.0, 200.0, 1.0]), base) == []
+    assert fu.implausible(names, np.array([-5.0, 0.0, 201.0, 90.0]), base) == ["a", "b", "c"]
