@@ -106,23 +106,35 @@ def run_subject(index: int, args, config: co.CohortConfig, done: Callable[[list[
     density, ranges = config.density_model(), config.cohort_ranges()
     centre = co.bone_centre(*co.load_source(config))
     settings = fu.ReaderSettings(samples=args.samples, grid=args.grid, seed=index, poses=args.poses,
-                                 calibration_samples=args.calibration_samples)
+                                 calibration_samples=args.calibration_samples, fat_mm=args.reader_fat_mm,
+                                 elastic_mm=args.reader_elastic_mm)
 
-    def reader_at(pose):
+    fitted: list[tuple[np.ndarray, fu.FollowupReader, float]] = []
+
+    def reader_at(pose):   # a reader per pose; the same pose (e.g. no pose change) reuses the fit
+        for known, reader, secs in fitted:
+            if np.allclose(known, pose, atol=1e-9):
+                return reader, secs
         t0 = time.time()
         views, base = fu.jittered_physics(subject.ct, subject.labels, subject.camera, pose, settings, density)
         cal = fu.ct_change_samples(subject.ct, subject.labels, subject.camera, pose, views[0].muscles, settings,
                                    density) if settings.calibration_samples else None
-        return fu.fit_reader(views, base, settings, calibration=cal), time.time() - t0
+        fitted.append((np.array(pose, copy=True), fu.fit_reader(views, base, settings, calibration=cal),
+                       time.time() - t0))
+        return fitted[-1][1:]
 
     unregistered, t_unreg = reader_at(subject.pose) if "unregistered" in args.readers else (None, 0.0)
     rng = np.random.default_rng([SEED, index, 77])
     names = [s.name for s in fu.muscles_of(subject.labels)]
     rows = []
-    for f in range(args.followups):
+    conditions = args.soft_tissue or [(args.elastic_mm, args.fat_mm)]
+    for f, (elastic_mm, fat_mm) in ((f, c) for f in range(args.followups) for c in conditions):
+        if args.soft_tissue:   # every condition of follow-up f draws the same muscle change and acquisition
+            rng = np.random.default_rng([SEED, index, 77, f])
         ct, labels, pose, codes = followup_case(subject, names, ranges, density, centre, args.rotation,
-                                                args.translation, rng, args.elastic_mm, args.fat_mm)
-        row = {"subject": index, "followup": f, "muscles": names, "truth_g": lean_masses(ct, labels, names, density).tolist()}
+                                                args.translation, rng, elastic_mm, fat_mm)
+        row = {"subject": index, "followup": f, "muscles": names, "elastic_mm": elastic_mm, "fat_mm": fat_mm,
+               "truth_g": lean_masses(ct, labels, names, density).tolist()}
         for kind in args.readers:
             if kind == "unregistered":
                 reader, secs = unregistered, t_unreg
@@ -138,8 +150,8 @@ def run_subject(index: int, args, config: co.CohortConfig, done: Callable[[list[
                          "alpha": reader.alpha, "fit_seconds": round(secs, 1)}
         rows.append(row)
         done(rows)
-        print(json.dumps({k: row[k] for k in ("subject", "followup")} | {"registration": row.get("registration")}),
-              flush=True)
+        print(json.dumps({k: row[k] for k in ("subject", "followup", "elastic_mm", "fat_mm")}
+                         | {"registration": row.get("registration")}), flush=True)
     return rows
 
 
@@ -188,6 +200,21 @@ def summarise(rows: list[dict], kind: str) -> dict:
             "fit_seconds_median": float(np.median([r[kind]["fit_seconds"] for r in rows]))}
 
 
+def soft_tissue_condition(text: str) -> tuple[float, float]:
+    """``ELASTIC_MM,FAT_MM`` -> (elastic SD mm, subcutaneous fat change bound mm)."""
+    try:
+        elastic, fat = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected ELASTIC_MM,FAT_MM, e.g. 1,3") from None
+    if elastic < 0 or fat < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: both must be >= 0")
+    return elastic, fat
+
+
+def condition_of(row: dict) -> tuple[float, float]:
+    return float(row.get("elastic_mm", 0.0)), float(row.get("fat_mm", 0.0))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--subjects", type=int, default=3)
@@ -205,6 +232,13 @@ def main(argv=None) -> int:
                    "(SD of the control displacements, mm; the reader does not model it)")
     p.add_argument("--fat-mm", type=float, default=0.0, help="also change the follow-up's subcutaneous fat by "
                    "U(-x, x) mm (weight change; the reader does not model it)")
+    p.add_argument("--soft-tissue", nargs="+", default=None, type=soft_tissue_condition, metavar="ELASTIC_MM,FAT_MM",
+                   help="several soft-tissue conditions side by side (each follow-up drawn once per condition with "
+                   "the same muscle change and acquisition); overrides --elastic-mm / --fat-mm")
+    p.add_argument("--reader-fat-mm", type=float, default=fu.ReaderSettings.fat_mm,
+                   help="the reader's views and calibration vary the subcutaneous fat by U(-x, x) mm")
+    p.add_argument("--reader-elastic-mm", type=float, default=fu.ReaderSettings.elastic_mm,
+                   help="the reader's views and calibration deform the anatomy smoothly by this SD, mm")
     p.add_argument("--detector", type=int, default=256, help="detector side, px")
     p.add_argument("--voxel-mm", type=float, default=4.0, help="the CT's voxel (resampled), mm")
     p.add_argument("--readers", nargs="+", default=list(READERS), choices=READERS)
@@ -233,14 +267,19 @@ def main(argv=None) -> int:
 
         for index in range(args.start, args.start + args.subjects):
             rows += run_subject(index, args, config, save)
-    summary = {k: summarise(rows, k) for k in args.readers}
-    if "registered" in args.readers:   # what a user heeding exit code 3 keeps: not doubtful, not implausible
-        for r in rows:
-            r["registered"]["implausible"] = fu.implausible(r["muscles"], np.array(r["registered"]["estimate_g"]),
-                                                            np.array(r["registered"]["baseline_g"]))
-        kept = [r for r in rows if not r["registration"]["doubtful"] and not r["registered"]["implausible"]]
-        if len(kept) < len(rows):
-            summary["registered, exit code 0"] = summarise(kept, "registered")
+    conditions = sorted({condition_of(r) for r in rows})
+    summary = {}
+    for cond in conditions:
+        label = "" if len(conditions) == 1 else f"elastic {cond[0]:g} mm, fat +-{cond[1]:g} mm: "
+        group = [r for r in rows if condition_of(r) == cond]
+        summary |= {label + k: summarise(group, k) for k in args.readers}
+        if "registered" in args.readers:   # what a user heeding exit code 3 keeps: not doubtful, not implausible
+            for r in group:
+                r["registered"]["implausible"] = fu.implausible(r["muscles"], np.array(r["registered"]["estimate_g"]),
+                                                                np.array(r["registered"]["baseline_g"]))
+            kept = [r for r in group if not r["registration"]["doubtful"] and not r["registered"]["implausible"]]
+            if len(kept) < len(group):
+                summary[label + "registered, exit code 0"] = summarise(kept, "registered")
     print(json.dumps(summary, indent=1))
     if args.markdown:
         stems = list(next(iter(summary.values()))["pair_asym_pcc"])

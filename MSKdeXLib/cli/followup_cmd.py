@@ -10,7 +10,8 @@ from .common import (LazyChoices, Progress, add_ct_args, add_density_args, add_f
 
 #: reader options -> fields of MSKdeXLib.learning.followup.ReaderSettings (their defaults live there)
 READER_FIELDS = {"samples": "samples", "grid": "grid", "margin": "margin", "preset": "preset", "coverage": "coverage",
-                 "poses": "poses", "calibration_samples": "calibration_samples"}
+                 "poses": "poses", "calibration_samples": "calibration_samples", "fat_mm": "fat_mm",
+                 "elastic_mm": "elastic_mm"}
 
 
 def add_parser(sub, name: str):
@@ -47,6 +48,10 @@ def add_parser(sub, name: str):
     g.add_argument("--coverage", type=float, help="coverage of the intervals")
     g.add_argument("--calibration-samples", type=int, help="follow-ups simulated from the CT itself (muscles changed "
                    "in the CT) that calibrate the intervals; 0: held-out re-simulations (faster, narrower, less honest)")
+    g.add_argument("--fat-mm", type=float, help="soft tissue the reader allows for between CT and follow-up: its "
+                   "views and calibration follow-ups change the subcutaneous fat thickness by U(-x, x) mm (0: none)")
+    g.add_argument("--elastic-mm", type=float, help="soft tissue the reader allows for: its views and calibration "
+                   "follow-ups deform the anatomy smoothly (SD of control displacements 80 mm apart, mm; 0: none)")
     g.add_argument("--seed", type=int, default=0, help="seed of the re-simulations")
     settings_options(p, "MSKdeXLib.learning.followup:ReaderSettings", READER_FIELDS)
     add_density_args(p)

@@ -64,6 +64,8 @@ class ReaderSettings:
     jitter_deg: float = 0.15
     calibration_samples: int = 40
     calibration_voxel_mm: float = 3.0
+    fat_mm: float = 0.0
+    elastic_mm: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -81,6 +83,14 @@ class ReaderSettings:
             raise UserError("the calibration voxel must be > 0 mm, the pose jitter >= 0 and poses >= 1")
         if not 0.1 <= float(self.holdout) <= 0.5:
             raise UserError(f"holdout must be in [0.1, 0.5], got {self.holdout}")
+        if not 0.0 <= float(self.fat_mm) <= 30.0 or not 0.0 <= float(self.elastic_mm) <= 10.0:
+            raise UserError(f"--fat-mm must be 0-30 mm and --elastic-mm 0-10 mm, got {self.fat_mm} and "
+                            f"{self.elastic_mm}")
+
+    @property
+    def soft_tissue(self) -> bool:
+        """Whether the reader's views also vary the soft tissue (``fat_mm`` or ``elastic_mm`` > 0)."""
+        return float(self.fat_mm) > 0 or float(self.elastic_mm) > 0
 
     def ranges(self) -> CohortRanges:
         return preset_ranges(self.preset)
@@ -130,7 +140,8 @@ def baseline_physics(ct: Volume, labels: LabelMap, camera: Camera, pose: np.ndar
         atrophy_coefficient=atrophy, infiltration_coefficient=lean_to_water(subject, density, INFILTRATED_HU),
         camera=camera, magnification=camera.sid_mm / dist, spec=spec, noise_seed=0, ranges=ranges, muscles=names)
     by_name = {m.structure.name: m.mass_g for m in structure_metrics(ct, labels, muscles, density)}
-    return physics, np.array([by_name[n] for n in names], np.float64)
+    physics.lean_mass_g = np.array([by_name[n] for n in names], np.float64)
+    return physics, physics.lean_mass_g.copy()
 
 
 def input_spacing(camera: Camera, grid: int) -> tuple[float, float]:
@@ -138,19 +149,57 @@ def input_spacing(camera: Camera, grid: int) -> tuple[float, float]:
     return camera.rows * camera.spacing_row_mm / grid, camera.cols * camera.spacing_col_mm / grid
 
 
+#: control-point spacing (mm) of the smooth soft-tissue deformation, as the cohort's
+ELASTIC_CONTROL_MM = 80.0
+
+
+def soft_tissue_change(hu: np.ndarray, lab: np.ndarray, spacing, settings: ReaderSettings,
+                       rng: np.random.Generator, stage: str) -> tuple[np.ndarray, np.ndarray]:
+    """One draw of the soft-tissue change between CT and follow-up that the reader is made robust to,
+    applied to a CT's HU and label arrays (ijk order, ``spacing`` mm): at ``stage`` "shape" a smooth
+    deformation (SD ``settings.elastic_mm`` of the control displacements, 80 mm apart), at "fat" the
+    subcutaneous fat thickness changed by U(-``fat_mm``, ``fat_mm``) mm. Nothing is drawn when off."""
+    from .cohort import elastic_deform, subcutaneous_fat
+
+    if stage == "shape" and float(settings.elastic_mm) > 0:
+        hu, lab, _ = elastic_deform(hu, lab, spacing, float(settings.elastic_mm), ELASTIC_CONTROL_MM, rng)
+    elif stage == "fat" and float(settings.fat_mm) > 0:
+        subcutaneous_fat(hu, lab, float(rng.uniform(-settings.fat_mm, settings.fat_mm)), spacing, rng)
+    return hu, lab
+
+
+def soft_tissue_variant(ct: Volume, labels: LabelMap, settings: ReaderSettings,
+                        rng: np.random.Generator) -> tuple[Volume, LabelMap]:
+    """The patient's CT with one draw of :func:`soft_tissue_change` (deformation, then fat)."""
+    hu = ct.array.astype(np.float32, copy=True)
+    lab = labels.label_array().astype(np.int32)
+    hu, lab = soft_tissue_change(hu, lab, ct.spacing, settings, rng, "shape")
+    hu, lab = soft_tissue_change(hu, lab, ct.spacing, settings, rng, "fat")
+    changed = ct.with_array(hu)
+    return changed, relabel(changed, labels, lab)
+
+
 def jittered_physics(ct: Volume, labels: LabelMap, camera: Camera, pose: np.ndarray, settings: ReaderSettings,
-                     density: DensityModel = DensityModel()) -> tuple[list[SubjectPhysics], np.ndarray]:
+                     density: DensityModel = DensityModel(),
+                     progress: Callable[[int, int], None] | None = None) -> tuple[list[SubjectPhysics], np.ndarray]:
     """The patient's physics at ``pose`` and at ``settings.poses - 1`` poses jittered about the bones'
-    centre (up to ``jitter_mm`` / ``jitter_deg`` per axis), and the baseline lean mass (g)."""
+    centre (up to ``jitter_mm`` / ``jitter_deg`` per axis), each of those also with its own draw of the
+    soft-tissue change (:func:`soft_tissue_variant`) when ``settings.soft_tissue``; and the baseline
+    lean mass (g)."""
     ranges = settings.ranges()
     first, base = baseline_physics(ct, labels, camera, pose, ranges, density)
     centre = bone_centre(ct, labels)
     rng = np.random.default_rng([int(settings.seed), 7])
+    tissue_rng = np.random.default_rng([int(settings.seed), 8])
     jm, jd = float(settings.jitter_mm), float(settings.jitter_deg)
     views = [first]
-    for _ in range(int(settings.poses) - 1):
+    for k in range(int(settings.poses) - 1):
         p = perturbed_pose(pose, tuple(rng.uniform(-jd, jd, 3)), tuple(rng.uniform(-jm, jm, 3)), centre)
-        views.append(baseline_physics(ct, labels, camera, p, ranges, density)[0])
+        view_ct, view_labels = soft_tissue_variant(ct, labels, settings, tissue_rng) if settings.soft_tissue \
+            else (ct, labels)
+        views.append(baseline_physics(view_ct, view_labels, camera, p, ranges, density)[0])
+        if progress is not None:
+            progress(k + 1, int(settings.poses) - 1)
     return views, base
 
 
@@ -225,7 +274,8 @@ def fit_reader(physics: SubjectPhysics | list[SubjectPhysics], baseline_g: np.nd
                calibration: CalibrationSet | None = None) -> FollowupReader:
     """Fit the patient's reader on ``settings.samples`` re-simulations (muscle changes and acquisition
     drawn from ``physics.ranges``; with a list of physics, e.g. :func:`jittered_physics`, each sample
-    at one of them drawn at random, all on the same camera); the held-out share picks the ridge penalty (mean |error| / truth).
+    at one of them drawn at random, all on the same camera; targets scale a view's own ``lean_mass_g``
+    when it has one, else ``baseline_g``); the held-out share picks the ridge penalty (mean |error| / truth).
     The reader is the model fitted on the rest; its interval half-widths are the split-conformal
     ``coverage`` quantile of |error| per muscle on ``calibration`` (CT-simulated follow-ups) when given,
     else on the held-out re-simulations."""
@@ -239,7 +289,8 @@ def fit_reader(physics: SubjectPhysics | list[SubjectPhysics], baseline_g: np.nd
         changes, spec = draw(rng, view)
         codes = resimulate(view, changes, spec, int(rng.integers(0, 2**31 - 1)))
         x.append(reader_input(codes, camera, settings.grid, spacing, settings.margin_cells))
-        y.append(baseline_g * np.array([changes.lean_factor(n) for n in names]))
+        own = baseline_g if view.lean_mass_g is None else view.lean_mass_g   # a soft-tissue view's own masses
+        y.append(own * np.array([changes.lean_factor(n) for n in names]))
         if progress is not None:
             progress(i + 1, int(settings.samples))
     x, y = np.asarray(x), np.asarray(y)
@@ -268,7 +319,8 @@ def ct_change_samples(ct: Volume, labels: LabelMap, camera: Camera, pose: np.nda
     """``settings.calibration_samples`` follow-ups simulated from the patient's CT (resampled to
     ``calibration_voxel_mm`` when finer): each muscle changed **in the CT** by the cohort's functions
     (boundary atrophy, hypertrophy into fat, blob fat infiltration; a fresh draw from the preset),
-    the pose jittered about the bones' centre, an acquisition drawn from the preset (the camera's SID),
+    the pose jittered about the bones' centre, with ``settings.soft_tissue`` also a soft-tissue change
+    (:func:`soft_tissue_change`), an acquisition drawn from the preset (the camera's SID),
     noise; truth = each muscle's lean mass on the changed CT over that on the unchanged one."""
     ranges = settings.ranges()
     if min(ct.spacing) < settings.calibration_voxel_mm:
@@ -279,6 +331,7 @@ def ct_change_samples(ct: Volume, labels: LabelMap, camera: Camera, pose: np.nda
     centre = bone_centre(ct, labels)
     structures = [labels.table.by_name(n) for n in names]
     rng = np.random.default_rng([int(settings.seed), 41])
+    tissue_rng = np.random.default_rng([int(settings.seed), 42])
     jm, jd = float(settings.jitter_mm), float(settings.jitter_deg)
     codes, factor = [], []
     n = int(settings.calibration_samples)
@@ -286,7 +339,9 @@ def ct_change_samples(ct: Volume, labels: LabelMap, camera: Camera, pose: np.nda
         fresh = sample_subject(int(rng.integers(0, 2**31 - 1)), i, names, ranges)
         hu = ct.array.astype(np.float32, copy=True)
         lab = labels.label_array().astype(np.int32)
+        hu, lab = soft_tissue_change(hu, lab, ct.spacing, settings, tissue_rng, "shape")
         change_muscles(hu, lab, labels.table, ct.spacing, fresh.muscle_changes, fresh.infiltration, rng, density)
+        hu, lab = soft_tissue_change(hu, lab, ct.spacing, settings, tissue_rng, "fat")
         changed = ct.with_array(hu)
         changed_labels = relabel(changed, labels, lab)
         spec = SubjectSpec(index=i, seed=int(settings.seed), acquisition={**fresh.acquisition, "sid_mm": camera.sid_mm},

@@ -52,6 +52,7 @@ class SubjectPhysics:
     noise_seed: int                          # the seed of its stored radiograph
     ranges: CohortRanges                     # its cohort's ranges (what a re-draw draws from)
     muscles: list[str] = field(default_factory=list)
+    lean_mass_g: np.ndarray | None = None    # each muscle's lean mass (g) on the CT it was rendered from, if known
 
 
 def load_physics(folder: str | Path) -> SubjectPhysics:

@@ -89,7 +89,8 @@ def test_intervals_cover_fresh_resimulations(case):
 
 
 def test_settings_refuse_bad_values():
-    for bad in ({"samples": 10}, {"grid": 2}, {"coverage": 1.0}, {"margin": 0.5}, {"preset": "nope"}):
+    for bad in ({"samples": 10}, {"grid": 2}, {"coverage": 1.0}, {"margin": 0.5}, {"preset": "nope"},
+                {"fat_mm": -1.0}, {"elastic_mm": 20.0}):
         with pytest.raises(Exception) as exc:
             fu.ReaderSettings(**bad).ranges()
         assert type(exc.value).__name__ == "UserError"
@@ -183,3 +184,34 @@ def test_implausible_estimates_are_named():
     base = np.array([100.0, 100.0, 100.0, 100.0])
     assert fu.implausible(names, np.array([50.0, 150.0, 200.0, 1.0]), base) == []
     assert fu.implausible(names, np.array([-5.0, 0.0, 201.0, 90.0]), base) == ["a", "b", "c"]
+
+
+def test_soft_tissue_variants(case):
+    """The reader's soft-tissue spread: a fat-thickness change moves the body's outline (water path) but
+    no muscle's lean mass; a smooth deformation moves the anatomy and keeps each muscle's lean mass within
+    a few %; with both off nothing is drawn; views other than the first carry their own variant."""
+    ct, labels, camera, pose, physics, base, _ = case
+    names = physics.muscles
+    fat = fu.ReaderSettings(fat_mm=12.0)
+    thick, thick_labels = fu.soft_tissue_variant(ct, labels, fat, np.random.default_rng(5))
+    assert not np.array_equal(thick.array, ct.array)
+    np.testing.assert_array_equal(thick_labels.label_array(), labels.label_array())
+    np.testing.assert_allclose(_lean(thick, thick_labels, names), base, rtol=1e-9)
+    body = lambda v: int(co.body_mask(v.array).sum())  # noqa: E731
+    assert body(thick) != body(ct)
+    bent, bent_labels = fu.soft_tissue_variant(ct, labels, fu.ReaderSettings(elastic_mm=3.0), np.random.default_rng(6))
+    assert not np.array_equal(bent_labels.label_array(), labels.label_array())
+    # a smooth field is not volume-preserving: at 6 mm voxels and 3 mm SD a muscle's lean mass moves by up
+    # to ~15 %; so each view carries its own lean mass, the reader's targets scale it
+    moved = _lean(bent, bent_labels, names)
+    assert np.abs(moved / base - 1).max() > 0.01 and np.abs(moved / base - 1).max() < 0.2
+    view, own = fu.baseline_physics(bent, bent_labels, camera, pose, co.preset_ranges("specificity"))
+    np.testing.assert_allclose(view.lean_mass_g, moved)
+    np.testing.assert_allclose([view.muscle_mass[n].sum() for n in names], moved, rtol=0.01)
+    same, _ = fu.soft_tissue_variant(ct, labels, fu.ReaderSettings(), np.random.default_rng(7))
+    np.testing.assert_array_equal(same.array, ct.array)
+    st = fu.ReaderSettings(samples=40, poses=3, fat_mm=12.0, jitter_mm=0.0, jitter_deg=0.0, seed=2)
+    views, _ = fu.jittered_physics(ct, labels, camera, pose, st)
+    np.testing.assert_array_equal(views[0].water.numpy(), physics.water.numpy())
+    totals = [abs(float(v.water.sum()) / float(physics.water.sum()) - 1) for v in views[1:]]
+    assert max(totals) > 0.005, totals   # the fat change, not a pose jitter (off), moved the water path
