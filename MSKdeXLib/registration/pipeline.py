@@ -8,7 +8,10 @@ its DRR as a fixed background (:mod:`.views`). Each body is of one *kind* (:mod:
 free, joint, part), which sets where it starts, its views, how far it searches and when it is
 doubtful; this module runs the same stages for every kind: in-plane search (first body only,
 :func:`~.initialise.inplane_search`), CMA-ES (``restarts`` runs, best kept), gradient refinement
-(Adam through the differentiable DRR) on each view, the final score and a profile.
+(Adam through the differentiable DRR) on each view, the final score and a profile. The first
+body's refinement also starts from its start pose (and, with ``first.tissue_candidate``, from a
+CMA-ES run whose DRR holds the tissue); the candidate best on the scoring view is kept
+(:meth:`BodyRun.refine_candidates`).
 
 The similarity compares the radiograph with a DRR (line integral of attenuation) of the bodies'
 bones and, with ``soft_tissue`` (default), of the CT's other tissue (:func:`~.bodyvolume.tissue_volume`:
