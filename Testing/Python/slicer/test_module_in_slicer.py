@@ -523,6 +523,8 @@ def test_followup_reading_fills_the_table_and_warns_on_exit_code_3(box, panel, s
     yellow = box.slicer.app.layoutManager().sliceWidget("Yellow").mrmlSliceCompositeNode()
     figure = box.scene.GetNodeByID(yellow.GetBackgroundVolumeID())
     assert figure.IsA("vtkMRMLVectorVolumeNode") and figure.GetAttribute("MSKdeX.figure") == str(out / "followup.png")
+    rgb = sb.slice_rgba(box.slicer.app.layoutManager().sliceWidget("Yellow").sliceLogic())[..., :3].astype(int)
+    assert (np.ptp(rgb, axis=2) > 60).mean() > 0.005  # the figure's coloured bars, drawn by the slice view
 
     # a sound registration: exit 0, no warning, the same table node refilled
     reg.SetAttribute("MSKdeX.doubtful", "0")

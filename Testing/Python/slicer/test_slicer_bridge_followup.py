@@ -99,6 +99,16 @@ def test_followup_json_becomes_a_table_of_muscles_and_asymmetries(followup_out, 
     assert res.figure.IsA("vtkMRMLVectorVolumeNode") and res.figure.GetDisplayNode() is not None
     np.testing.assert_array_equal(sb._node_array(res.figure)[0], png)
     assert res.table.GetAttribute("MSKdeX.figure") == str(d / "out" / "followup.png")
+    # shown through Slicer's slice pipeline turned to its plane: upright, not mirrored (the rendered view
+    # correlates with the picture better than with its flips)
+    sb.ensure_default_colors(scene)
+    logic = sb.slice_logic(scene, "Yellow", "Sagittal", (png.shape[1] // 2, png.shape[0] // 2))
+    logic.GetSliceCompositeNode().SetBackgroundVolumeID(res.figure.GetID())
+    logic.GetSliceNode().RotateToVolumePlane(res.figure)
+    view = sb.slice_rgba(logic)[..., :3].mean(axis=2)
+    small = np.asarray(Image.fromarray(png).convert("L").resize(view.shape[::-1]), float)
+    corr = lambda a: np.corrcoef(a.ravel(), view.ravel())[0, 1]  # noqa: E731
+    assert corr(small) > 0.6 and corr(small) > max(corr(small[::-1]), corr(small[:, ::-1])) + 0.2
     # read again: the same nodes, updated
     n = scene.GetNumberOfNodes()
     again = sb.followup_to_nodes(d / "out", scene, nodes=res)
