@@ -411,11 +411,13 @@ def test_user_session(box, panel, sample_cache, pelvis, tiny_dataset, launcher, 
 def test_doubtful_registration_is_shown_not_failed(box, panel, sample_cache, pelvis, launcher, tmp_path):
     """Found by the harness: ``mskdex register`` exits 3 when a registration is doubtful (its
     outputs written); the panel loads them and flags the body instead of reporting a failure.
-    The radiograph here is a parallel projection (no cone beam): the bones cannot match it."""
+    The radiograph here is a lateral parallel projection: an AP registration of the bones cannot match
+    it (an AP parallel projection, used before round 10 of the registration, is near enough to a
+    cone-beam view that the registration's tissue candidate can match it)."""
     import SimpleITK as sitk
 
     ct, _ = pelvis
-    rho = np.clip(1 + ct.array / 1000.0, 0, None).sum(axis=1)[::-1, ::-1].astype(np.float32)
+    rho = np.clip(1 + ct.array / 1000.0, 0, None).sum(axis=2)[::-1, ::-1].astype(np.float32)
     image = sitk.GetImageFromArray(rho)
     image.SetSpacing((3.0, 3.0))
     sitk.WriteImage(image, str(tmp_path / "parallel.nrrd"))
