@@ -82,7 +82,8 @@ class MSKdeX(ScriptedLoadableModule):
             "Estimates per-muscle lean mass (g) and volume (cm^3) from a plain AP hip radiograph by "
             "decomposing it into per-structure projections learned from CT. Inputs: a CT with a "
             "TotalSegmentator (or 22-class hip) segmentation to compute CT metrics, render DRRs, "
-            "register bones and build/train models; a radiograph and a trained model to estimate. "
+            "register bones and build/train models; a radiograph and a trained model to estimate; the CT "
+            "as a baseline and a follow-up radiograph to read each muscle's lean-mass change. "
             "Long tasks run in a background process and can be cancelled.")
         self.parent.helpText += ("<p>" + _("See the {start}MSKdeX documentation{end}.").format(
             start=f'<a href="{DOCUMENTATION_URL}">', end="</a>") + "</p>")
@@ -193,6 +194,10 @@ class MSKdeXParameterNode:
     device: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
     overlayOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     estimatesTable: Optional[vtkMRMLTableNode]
+    # Follow-up (the baseline CT and segmentation are ctVolume / segmentation)
+    followupRadiograph: Optional[vtkMRMLScalarVolumeNode]
+    followupRegistration: Optional[vtkMRMLLinearTransformNode]
+    followupTable: Optional[vtkMRMLTableNode]
 
 
 def _isSet(path) -> bool:
@@ -257,6 +262,8 @@ class MSKdeXWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.overlayOpacitySlider.connect("valueChanged(double)", self.onOverlayOpacity)
         self.ui.structureVisibilityListWidget.connect("itemChanged(QListWidgetItem*)", self.onStructureToggled)
         self.ui.exportCsvButton.connect("clicked(bool)", self.onExportCsv)
+        self.ui.readFollowupButton.connect("clicked(bool)", self.onReadFollowup)
+        self.ui.cancelFollowupButton.connect("clicked(bool)", self.onCancelJob)
         self.ui.showLogButton.connect("clicked(bool)", self.onShowLog)
         self.ui.drrChannelComboBox.addItem(_("attenuation"))
 
@@ -330,7 +337,9 @@ class MSKdeXWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.startTrainingButton.enabled = _isSet(p.datasetFolder) and _isSet(p.trainOutputFolder) and not busy
         self.ui.applyButton.enabled = bool(p.radiograph) and _isSet(p.modelFolder) and not busy
         self.ui.exportCsvButton.enabled = bool(p.estimatesTable or p.metricsTable)
-        for b in (self.ui.cancelRegistrationButton, self.ui.cancelTrainingButton, self.ui.cancelEstimateButton):
+        self.ui.readFollowupButton.enabled = hasCase and bool(p.followupRadiograph) and not busy
+        for b in (self.ui.cancelRegistrationButton, self.ui.cancelTrainingButton, self.ui.cancelEstimateButton,
+                  self.ui.cancelFollowupButton):
             b.enabled = busy
 
     def _status(self, text: str) -> None:
@@ -452,10 +461,20 @@ class MSKdeXWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             with slicer.util.tryWithErrorDisplay(_("Failed to export the table."), waitCursor=True):
                 self.logic.exportCsv(table, path)
 
+    # --- follow-up --------------------------------------------------------------------------
+    def onReadFollowup(self) -> None:
+        p = self._parameterNode
+        if not self.logic.ensureDependencies(askUser=True):
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to start the follow-up reading."), waitCursor=True):
+            self.ui.followupStatusLabel.text = ""
+            self._startJob("followup", self.logic.startFollowup(
+                p.ctVolume, p.segmentation, p.followupRadiograph, p.followupRegistration, float(p.sidMm)))
+
     # --- background jobs --------------------------------------------------------------------
     def _progressBar(self, kind: str):
         return {"registration": self.ui.registrationProgressBar, "training": self.ui.trainingProgressBar,
-                "estimate": self.ui.estimateProgressBar}[kind]
+                "estimate": self.ui.estimateProgressBar, "followup": self.ui.followupProgressBar}[kind]
 
     def _startJob(self, kind: str, job) -> None:
         self._job, self._jobKind = job, kind
@@ -527,6 +546,19 @@ class MSKdeXWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 item.setCheckState(qt.Qt.Checked)
                 lst.addItem(item)
             self.logic.showTable(p.estimatesTable)
+        elif kind == "followup":
+            result = self.logic.readFollowup(job, p.followupTable)
+            p.followupTable = result.table
+            self.logic.showTable(result.table)
+            self.logic.showFollowupFigure(result)
+            if result.warnings:
+                for w in result.warnings:
+                    logging.warning(f"MSKdeX follow-up: {w}")
+                self.ui.followupStatusLabel.text = _("WARNING: ") + "; ".join(result.warnings)
+                self._jobNote = _(" with a WARNING: ") + "; ".join(result.warnings)
+            else:
+                self.ui.followupStatusLabel.text = result.summary()
+            logging.info(f"MSKdeX follow-up: outputs in {result.folder} (figure {result.folder}/followup.png)")
 
     def onCancelJob(self) -> None:
         if self._job is not None:
@@ -556,8 +588,11 @@ class MSKdeXLogic(ScriptedLoadableModuleLogic):
         self._registration = None
         self._estimateRadiograph = None
         self._estimateLayers = None
+        self._followup = None
         #: extra ``mskdex register`` options (advanced: set from the Python console)
         self.registrationExtraArgs = []
+        #: extra ``mskdex followup`` options, e.g. ["--samples", "300"] (advanced: the Python console)
+        self.followupExtraArgs = []
         self._scene = slicer.mrmlScene
         self._closeTag = self._scene.AddObserver(self._scene.EndCloseEvent, self._onSceneClosed)
 
@@ -569,6 +604,7 @@ class MSKdeXLogic(ScriptedLoadableModuleLogic):
         self._registration = None
         self._estimateRadiograph = None
         self._estimateLayers = None
+        self._followup = None
         self._lossTable = None
 
     def cleanup(self) -> None:
@@ -786,10 +822,7 @@ class MSKdeXLogic(ScriptedLoadableModuleLogic):
                 and radiographLandmarksNode.GetNumberOfControlPoints()):
             names, lps, rc = sb.landmark_pairs(ctLandmarksNode, radiographLandmarksNode, radiographNode)
             landmarks = str(sb.write_landmarks_csv(os.path.join(self.workDir(), "landmarks.csv"), lps, rc, names))
-        table = None
-        if not segmentationNode.IsA("vtkMRMLSegmentationNode"):
-            labels = self.labelMap(ctNode, segmentationNode)
-            table = labels.table.name if labels.table.name in BUILTIN_TABLES else None
+        table = self._builtinTable(ctNode, segmentationNode)
         argv = jobs.register_args(self._save(ctNode, "ct.nii.gz"), self._labelsFile(segmentationNode), xray,
                                   self._newOutput("registration"), bones=bones or None, landmarks=landmarks,
                                   sid_mm=sidMm, spacing_mm=spacing, table=table, extra=self.registrationExtraArgs)
@@ -908,6 +941,51 @@ class MSKdeXLogic(ScriptedLoadableModuleLogic):
         self.showInSliceView(radiographNode, layers.label)
         self.setOverlayOpacity(opacity)
         return layers, layers.table
+
+    def startFollowup(self, ctNode, segmentationNode, radiographNode, registrationNode=None,
+                      sidMm: float = _CAMERA.sid_mm):
+        """``mskdex followup``: the baseline CT + segmentation, the follow-up radiograph (its spacing,
+        ``sidMm``) and, when ``registrationNode`` (a pose transform node, CT RAS -> camera mm) is given,
+        its pose written as registration.json; else the CT's pelvis is registered first."""
+        from MSKdeXLib import jobs
+        from MSKdeXLib import slicer_bridge as sb
+
+        xray, spacing = self._saveRadiograph(radiographNode, "followup.tif")
+        if spacing is None:
+            raise ValueError(_("The follow-up radiograph has no pixel spacing: the reading needs it (mm per pixel)."))
+        registration = None
+        if registrationNode is not None:
+            registration = str(sb.write_registration_json(registrationNode,
+                                                          os.path.join(self.workDir(), "followup-registration.json")))
+        argv = jobs.followup_args(self._save(ctNode, "ct.nii.gz"), self._labelsFile(segmentationNode), xray,
+                                  self._newOutput("followup"), registration=registration, sid_mm=sidMm,
+                                  spacing_mm=spacing, table=self._builtinTable(ctNode, segmentationNode),
+                                  extra=self.followupExtraArgs)
+        return self._start(argv)
+
+    def _builtinTable(self, ctNode, segmentationNode) -> Optional[str]:
+        """--table for a label map whose table is a built-in one (None for a segmentation node)."""
+        if segmentationNode.IsA("vtkMRMLSegmentationNode"):
+            return None
+        labels = self.labelMap(ctNode, segmentationNode)
+        return labels.table.name if labels.table.name in BUILTIN_TABLES else None
+
+    def readFollowup(self, job=None, tableNode=None):
+        """Result of the last ``mskdex followup`` (slicer_bridge.FollowupNodes): the table (per muscle
+        baseline / estimated lean mass g, change %, 90 % intervals; asymmetry rows), the figure as an
+        RGB volume, and the warnings (a doubtful registration, implausible estimates: exit code 3)."""
+        from MSKdeXLib import slicer_bridge as sb
+
+        nodes = self._followup or sb.FollowupNodes()
+        nodes.table = tableNode or nodes.table
+        self._followup = sb.followup_to_nodes(self._outputs["followup"], slicer.mrmlScene,
+                                              exit_code=job.returncode if job is not None else None, nodes=nodes)
+        return self._followup
+
+    def showFollowupFigure(self, result, view: str = "Yellow") -> None:
+        """The follow-up's change figure (followup.png) in a slice view (the table stays in its view)."""
+        if result.figure is not None and slicer.app.layoutManager().sliceWidget(view) is not None:
+            self.showInSliceView(result.figure, view=view)
 
     def setOverlayOpacity(self, opacity: float) -> None:
         for name in ("Red", "Yellow", "Green"):

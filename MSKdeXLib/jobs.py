@@ -400,6 +400,25 @@ def predict_args(model: str, xray: str, out: str, device: str = "auto", pixel_sp
     return ["predict", *map(str, args)]
 
 
+def followup_args(ct: str, labels: str, xray: str, out: str, registration: str | None = None,
+                  sid_mm: float | None = None, spacing_mm=None, table: str | None = None, force: bool = False,
+                  extra: Sequence[str] = ()) -> list[str]:
+    """Arguments of ``mskdex followup`` (with ``--progress json``): the baseline CT + labels, the
+    follow-up radiograph ``xray`` with its (row, col) ``spacing_mm`` and ``sid_mm``, and optionally a
+    ``registration`` (a registration.json whose first body's pose places the CT; else it registers)."""
+    args = ["--ct", ct, "--labels", labels, "--xray", xray, "--out", out]
+    if table:
+        args += ["--table", table]
+    if registration:
+        args += ["--registration", registration]
+    if sid_mm:
+        args += ["--sid", repr(float(sid_mm))]
+    args += _spacing_args("--pixel-spacing", spacing_mm)
+    if force:
+        args.append("--force")
+    return ["followup", *map(str, args), *map(str, extra), "--progress", "json"]
+
+
 #: keys of ``mskdex train --progress json`` events that carry losses (MSKdeXLib.learning.training)
 LOSS_PREFIX = "loss_"
 

@@ -8,7 +8,10 @@ its DRR as a fixed background (:mod:`.views`). Each body is of one *kind* (:mod:
 free, joint, part), which sets where it starts, its views, how far it searches and when it is
 doubtful; this module runs the same stages for every kind: in-plane search (first body only,
 :func:`~.initialise.inplane_search`), CMA-ES (``restarts`` runs, best kept), gradient refinement
-(Adam through the differentiable DRR) on each view, the final score and a profile.
+(Adam through the differentiable DRR) on each view, the final score and a profile. The first
+body's refinement also starts from its start pose (and, with ``first.tissue_candidate``, from a
+CMA-ES run whose DRR holds the tissue); the candidate best on the scoring view is kept
+(:meth:`BodyRun.refine_candidates`).
 
 The similarity compares the radiograph with a DRR (line integral of attenuation) of the bodies'
 bones and, with ``soft_tissue`` (default), of the CT's other tissue (:func:`~.bodyvolume.tissue_volume`:
@@ -165,10 +168,11 @@ class BodyRun:
         if best.similarity > self.score(0, self.x, self.search_tissue) - pen0:
             self.x = best.x
 
-    def refine(self, search: Search) -> None:
-        """Adam through the DRR on every view (coarse to fine; last the full-resolution one)."""
+    def refine(self, search: Search, views=None) -> None:
+        """Adam through the DRR on ``views`` (indices; default every view the kind refines, coarse
+        to fine, last the full-resolution one)."""
         name = self.kind.body.name
-        for i in self.kind.refined(self.views):
+        for i in (self.kind.refined(self.views) if views is None else views):
             div = self.kind.refine_divisor(i)
             res = gradient_refine(self.objective(i), self.space, self.x, self.kind.refine_steps(self.views, i),
                                   self.s.refine_lr_deg / div,
@@ -179,6 +183,57 @@ class BodyRun:
             self.history.append({"stage": "refine", "level_px": list(self.views[i].shape),
                                  "similarity": res.similarity, "steps": res.evaluations,
                                  "seconds": round(res.seconds, 3)})
+
+    def candidates(self, search: Search) -> list[tuple[str, np.ndarray]]:
+        """Where the first body's refinement may start (parameters): the global search's result,
+        and (``first.start_candidate``) the start itself, and (``first.tissue_candidate``, when the
+        global search is bone-only) one more CMA-ES run from the start whose DRR holds the tissue.
+        A bone-only search is blind when the radiograph's bones are faint beside its soft tissue
+        (strong LUT, grid-less scatter: benchmarks/RESULTS_registration.md, round 10)."""
+        g, out = self.s.first, [("search", self.x.copy())]
+        if g.start_candidate and np.any(self.x != 0):
+            out.append(("start", np.zeros(6)))
+        if g.tissue_candidate and self.s.cma and self.refine_tissue and not self.search_tissue:
+            res = cma_search(self.objective(0, True), self.space, np.zeros(6), search.sigma_deg, search.sigma_mm,
+                             search.bounds_deg, search.bounds_mm, self.s.cma_popsize, self.s.cma_max_evals,
+                             self.s.seed + 7919, self.ctx.dtype, self.ctx.device, penalty=search.penalty)
+            self.history.append({"stage": "cma-es", "level_px": list(self.views[0].shape), "tissue": True,
+                                 "similarity": res.similarity, "evaluations": res.evaluations,
+                                 "seconds": round(res.seconds, 3), "x": [round(float(v), 4) for v in res.x]})
+            out.append(("tissue-search", res.x))
+        return out
+
+    def refine_candidates(self, search: Search) -> None:
+        """Refine each of :meth:`candidates` on the coarsest view, drop those that ended where an
+        earlier one did (within ``SAME_POSE``), refine the rest on the other pyramid levels, keep
+        the one with the highest similarity on the scoring view, then refine it on the remaining
+        (full-resolution) view."""
+        cands = self.candidates(search) if self.kind.name == "first" else []
+        if len(cands) < 2:
+            self.refine(search)
+            return
+        order = list(self.kind.refined(self.views))
+        first, pyramid = order[:1], [i for i in order[1:] if i <= self.last]
+        rest = [i for i in order if i > self.last]
+        distinct: list[tuple[str, np.ndarray]] = []
+        for name, x in cands:
+            self.x = np.asarray(x, dtype=np.float64)
+            self.refine(search, first)
+            if any(np.all(np.abs(self.x - y) <= SAME_POSE) for _, y in distinct):
+                self.history.append({"stage": "candidate", "from": name, "same_as_earlier": True})
+                continue
+            distinct.append((name, self.x.copy()))
+        best = None
+        for name, x in distinct:
+            self.x = x
+            self.refine(search, pyramid)
+            f = self.score(self.last, self.x)
+            self.history.append({"stage": "candidate", "from": name, "similarity": round(f, 5)})
+            if best is None or f > best[0]:
+                best = (f, self.x.copy(), name)
+        self.x = best[1]
+        self.history.append({"stage": "candidate-kept", "from": best[2], "similarity": round(best[0], 5)})
+        self.refine(search, rest)
 
     def run(self, t0: float) -> BodyResult:
         kind, body = self.kind, self.kind.body
@@ -193,7 +248,7 @@ class BodyRun:
             self.history.append(search.note)
         if self.s.cma:
             self.global_search(search)
-        self.refine(search)
+        self.refine_candidates(search)
         return self.finish(search, init_sim, t0)
 
     def neighbourhood(self, x: np.ndarray) -> dict:
@@ -272,6 +327,10 @@ def register(ct: Volume, labels: LabelMap, pixels: np.ndarray, camera: Camera, b
         ctx.notify("body-done", body=body.name, similarity=result.final_similarity, doubtful=result.doubtful)
     return ctx.results
 
+
+#: candidates of the first body's refinement closer than this after the coarsest level are one
+#: (rx, ry, rz deg, tx, ty, tz mm; depth is weakly determined, hence wider)
+SAME_POSE = np.array([1.0, 1.0, 1.0, 2.0, 2.0, 6.0])
 
 #: steps of :meth:`BodyRun.neighbourhood` along (rx, ry, rz deg, tx, ty, tz mm)
 NEIGHBOUR_STEPS = (2.0, 2.0, 2.0, 2.0, 2.0, 4.0)

@@ -32,10 +32,16 @@ class SearchSettings:
     full_res_steps: int = 10        # gradient steps of that refinement (0: ``refine_steps``; 40 before round 6,
                                     # 20 before round 8: 10 with ``tissue_drr_mm`` 3 as accurate on 30
                                     # calibration trials, RESULTS_registration.md)
+    # the refinement starts from each of these too, and keeps the best on the scoring view (round 10,
+    # benchmarks/RESULTS_registration.md: a bone-only global search is blind on radiographs whose bones
+    # are faint beside the soft tissue, and left good starts for poses 50-80 mm away):
+    start_candidate: bool = True    # the start pose itself
+    tissue_candidate: bool = True   # one more CMA-ES run from the start with the tissue in the DRR
     # doubtful below these final similarities (whole detector; calibrated:
     # benchmarks/RESULTS_registration.md): bone-only DRRs / with the soft tissue
     doubtful_below: float = 0.2
-    doubtful_below_tissue: float = 0.3
+    doubtful_below_tissue: float = 0.4   # 0.3 before round 10: a pelvis lost 78 mm away on a processed
+                                         # follow-up ended at 0.33 (calibration: lost <= 0.33, successes >= 0.50)
 
 
 @dataclass

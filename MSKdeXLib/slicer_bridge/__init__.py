@@ -1,7 +1,7 @@
 """MRML <-> core conversions (the only place where Slicer's RAS frame meets the core's LPS), one
 module per kind of node: volumes, labels (label maps, segmentations, colour tables), transforms
 (poses), landmarks (point lists), radiographs, channels (decomposed channels, predictions),
-registration (``mskdex register`` results), tables (tables, charts), display (slice views).
+registration (``mskdex register`` results), followup (``mskdex followup`` results), tables (tables, charts), display (slice views).
 
 Imports ``slicer`` MRML classes and ``vtk`` only: never ``qt``, ``ctk`` or ``slicer.app``, so it
 runs inside the Slicer application and, for tests, with the PyPI package ``slicer-core``.
@@ -29,6 +29,8 @@ from .channels import (ESTIMATE_COLUMNS, ChannelLayers, channels_from_prediction
                        estimates_table_node, model_grid_ijk_to_ras, prediction_input_spacing, read_estimates)
 from .common import ATTR, LPS_RAS, _node_array, ensure_default_colors, numpy_matrix, vtk_matrix
 from .display import checkerboard, set_overlay, slice_logic, slice_rgba
+from .followup import (FOLLOWUP_COLUMNS, FollowupNodes, followup_rows, followup_to_nodes, followup_warnings,
+                       image_to_vector_node, read_followup, write_registration_json)
 from .labels import (color_table_node, labelmap_from_node, labelmap_from_segmentation, labelmap_to_node,
                      labelmap_to_segmentation, segment_names, set_structure_visible, structure_rows)
 from .landmarks import (landmark_pairs, landmarks_from_markups, landmarks_to_markups,
@@ -41,14 +43,15 @@ from .transforms import pose_from_transform_node, pose_to_transform_node
 from .volumes import ijk_to_ras_matrix, volume_from_node, volume_to_node
 
 __all__ = [
-    "ATTR", "ChannelLayers", "ESTIMATE_COLUMNS", "LPS_RAS", "METRIC_COLUMNS", "RADIOGRAPH_DIRECTIONS_RAS",
+    "ATTR", "ChannelLayers", "ESTIMATE_COLUMNS", "FOLLOWUP_COLUMNS", "FollowupNodes", "LPS_RAS", "METRIC_COLUMNS", "RADIOGRAPH_DIRECTIONS_RAS",
     "RegistrationNodes", "UserError", "bar_chart", "channels_from_prediction", "channels_to_nodes", "checkerboard",
-    "color_table_node", "ensure_default_colors", "estimates_table_node", "ijk_to_ras_matrix", "labelmap_from_node",
+    "color_table_node", "ensure_default_colors", "estimates_table_node", "followup_rows", "followup_to_nodes",
+    "followup_warnings", "image_to_vector_node", "read_followup", "ijk_to_ras_matrix", "labelmap_from_node",
     "labelmap_from_segmentation", "labelmap_to_node", "labelmap_to_segmentation", "landmark_pairs",
     "landmarks_from_markups", "landmarks_to_markups", "metrics_table_node", "model_grid_ijk_to_ras", "numpy_matrix",
     "pose_from_transform_node", "pose_to_transform_node", "prediction_input_spacing", "radiograph_from_node",
     "radiograph_ijk_to_ras", "radiograph_points_from_markups", "radiograph_to_node", "read_estimates",
     "registration_to_nodes", "rows_from_table_node", "segment_names", "set_overlay", "set_structure_visible",
     "slice_logic", "slice_rgba", "structure_rows", "table_node_from_rows", "volume_from_node", "volume_to_node",
-    "vtk_matrix", "write_landmarks_csv", "write_radiograph_file",
+    "vtk_matrix", "write_landmarks_csv", "write_radiograph_file", "write_registration_json",
 ]

@@ -129,3 +129,25 @@ def launcher(tmp_path, monkeypatch):
     for pid in launcher_children(exe):
         if alive(pid):
             os.kill(pid, signal.SIGKILL)
+
+
+#: ``mskdex followup`` options that keep a reading to seconds (the least re-simulations, one pose,
+#: held-out intervals, a 16 px reader)
+TINY_FOLLOWUP = ["--samples", "40", "--grid", "16", "--poses", "1", "--calibration-samples", "0"]
+
+
+@pytest.fixture(scope="session")
+def followup_view(pelvis):
+    """A follow-up radiograph of the real pelvis CT: (Radiograph of detector codes, Camera, pose
+    ct_to_camera) at the default AP view of a 64 x 64 px, 6 mm, SID 1000 mm detector (78 kVp, noise,
+    scatter), the CT unchanged."""
+    from MSKdeXLib.learning import cohort as co
+    from MSKdeXLib.projection.geometry import Camera
+    from MSKdeXLib.projection.simulate import SimulationSettings, simulate_radiograph
+
+    ct, labels = pelvis
+    cam = Camera(64, 64, 6.0, 6.0, 1000.0)
+    pose = co.base_view(ct, labels, cam)
+    rg = simulate_radiograph(ct, cam, pose, SimulationSettings(kvp=78, noise_level=0.003, scatter_fraction=0.2),
+                             seed=1)
+    return rg, cam, pose

@@ -117,6 +117,14 @@ def test_module_command_lines_parse_with_the_real_subcommands():
     assert (p.command, p.model, p.xray, p.out, p.pixel_spacing, p.tta, p.force) == (
         "predict", "model", "x.tif", "est", [0.2, 0.25], 3, False)
     assert "--progress" not in jobs.predict_args("m", "x", "o")  # predict reports no progress events
+    f = parser.parse_args(jobs.followup_args("ct.nii.gz", "labels.nii.gz", "fu.tif", "fu", registration="reg.json",
+                                             sid_mm=1050.0, spacing_mm=(0.2, 0.25), table="totalseg_v1",
+                                             extra=["--samples", "40"]))
+    assert (f.command, f.ct, f.labels, f.xray, f.out, f.registration, f.table) == (
+        "followup", "ct.nii.gz", "labels.nii.gz", "fu.tif", "fu", "reg.json", "totalseg_v1")
+    assert f.sid == 1050.0 and f.pixel_spacing == [0.2, 0.25] and f.samples == 40 and f.progress == "json"
+    f2 = parser.parse_args(jobs.followup_args("c", "l", "x", "o"))
+    assert f2.registration is None and f2.pixel_spacing is None and not f2.force
 
 
 def test_losses_of_training_events():

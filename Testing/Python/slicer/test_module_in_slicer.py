@@ -7,6 +7,7 @@ real and what is stood in. Issue 13's defects each have a test here (named in it
 from __future__ import annotations
 
 import csv
+import json
 import time
 from pathlib import Path
 
@@ -147,9 +148,10 @@ def test_every_job_asks_for_its_dependencies_first(box, panel, sample_cache, pel
     panel.ui.loadSampleButton.click()
     p = panel._parameterNode
     p.radiograph = box.slicer.util.loadVolume(str(_radiograph_file(pelvis, tmp_path / "xray.nrrd")))
+    p.followupRadiograph = p.radiograph
     p.detectorRows = p.detectorCols = 32
     p.pixelSpacingMm = 10.0
-    for button in (panel.ui.updateDRRButton, panel.ui.runRegistrationButton):
+    for button in (panel.ui.updateDRRButton, panel.ui.runRegistrationButton, panel.ui.readFollowupButton):
         n = len(asked)
         assert button.click()
         assert len(asked) == n + 1, button.objectName
@@ -409,11 +411,13 @@ def test_user_session(box, panel, sample_cache, pelvis, tiny_dataset, launcher, 
 def test_doubtful_registration_is_shown_not_failed(box, panel, sample_cache, pelvis, launcher, tmp_path):
     """Found by the harness: ``mskdex register`` exits 3 when a registration is doubtful (its
     outputs written); the panel loads them and flags the body instead of reporting a failure.
-    The radiograph here is a parallel projection (no cone beam): the bones cannot match it."""
+    The radiograph here is a lateral parallel projection: an AP registration of the bones cannot match
+    it (an AP parallel projection, used before round 10 of the registration, is near enough to a
+    cone-beam view that the registration's tissue candidate can match it)."""
     import SimpleITK as sitk
 
     ct, _ = pelvis
-    rho = np.clip(1 + ct.array / 1000.0, 0, None).sum(axis=1)[::-1, ::-1].astype(np.float32)
+    rho = np.clip(1 + ct.array / 1000.0, 0, None).sum(axis=2)[::-1, ::-1].astype(np.float32)
     image = sitk.GetImageFromArray(rho)
     image.SetSpacing((3.0, 3.0))
     sitk.WriteImage(image, str(tmp_path / "parallel.nrrd"))
@@ -429,3 +433,109 @@ def test_doubtful_registration_is_shown_not_failed(box, panel, sample_cache, pel
     assert not box.errors, box.errors
     assert "doubtful: pelvis" in ui.doubtfulLabel.text and "pelvis" in ui.similarityLabel.text
     assert p.registrationTransform is not None and p.registrationTransform.GetAttribute("MSKdeX.doubtful") == "1"
+
+
+# ---------------------------------------------------------------------------------------------
+# Follow-up (issue 14's command in the panel)
+# ---------------------------------------------------------------------------------------------
+def test_followup_button_needs_the_case_and_a_follow_up_radiograph(box, panel, followup_view, tmp_path):
+    """The Follow-up section's parameters are bound under Slicer's parameterNodeWrapper; *Read
+    follow-up* is enabled only with a CT, a segmentation and a follow-up radiograph, Cancel only while
+    a job runs."""
+    import SimpleITK as sitk
+
+    ui, p = panel.ui, panel._parameterNode
+    assert not ui.readFollowupButton.enabled and not ui.cancelFollowupButton.enabled
+    assert not ui.followupProgressBar.visible
+    image = sitk.GetImageFromArray(followup_view[0].pixels.astype(np.float32))
+    image.SetSpacing((6.0, 6.0))
+    sitk.WriteImage(image, str(tmp_path / "fu.nrrd"))
+    xray = box.slicer.util.loadVolume(str(tmp_path / "fu.nrrd"))
+    ui.followupRadiographSelector.setCurrentNode(xray)
+    assert p.followupRadiograph is xray and not ui.readFollowupButton.enabled
+    p.ctVolume = box.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ct")
+    p.segmentation = box.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
+    assert ui.readFollowupButton.enabled
+    t = box.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "pose")
+    ui.followupRegistrationSelector.setCurrentNode(t)
+    assert p.followupRegistration is t
+    p.followupRegistration = None
+    assert ui.followupRegistrationSelector.currentNode() is None
+    p.followupRadiograph = None
+    assert not ui.readFollowupButton.enabled
+    assert not box.errors
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("box", ["v5.8.1"], indirect=True)
+def test_followup_reading_fills_the_table_and_warns_on_exit_code_3(box, panel, sample_cache, pelvis, followup_view,
+                                                                   launcher, tmp_path):
+    """*Read follow-up* runs ``mskdex followup`` (real subprocess, tiny reader) on the sample CT and a
+    radiograph simulated from it: with a registration flagged doubtful the job exits 3, and the panel
+    loads the result and shows a WARNING in the status line (not an error, not silently); the table
+    holds followup.json's values; the figure is shown. Run again with a sound registration: exit 0, no
+    warning, the same table node refilled."""
+    import SimpleITK as sitk
+
+    from MSKdeXLib import slicer_bridge as sb
+    from conftest import TINY_FOLLOWUP
+
+    rg, cam, pose = followup_view
+    image = sitk.GetImageFromArray(rg.pixels.astype(np.float32))
+    image.SetSpacing((cam.spacing_col_mm, cam.spacing_row_mm))
+    sitk.WriteImage(image, str(tmp_path / "fu.nrrd"))
+    ui, p = panel.ui, panel._parameterNode
+    panel.logic.followupExtraArgs = list(TINY_FOLLOWUP)
+    assert ui.loadSampleButton.click()
+    p.followupRadiograph = box.slicer.util.loadVolume(str(tmp_path / "fu.nrrd"))
+    p.sidMm = cam.sid_mm
+    reg = sb.pose_to_transform_node(pose, box.scene, "MSKdeX registered pelvis")
+    reg.SetAttribute("MSKdeX.doubtful", "1")  # what registration_to_nodes writes for a doubtful body
+    p.followupRegistration = reg
+    assert ui.readFollowupButton.enabled and ui.readFollowupButton.click()
+    job = panel._job
+    assert job is not None and ui.cancelFollowupButton.enabled and not ui.readFollowupButton.enabled
+    assert ui.followupProgressBar.visible
+    seen_total = []
+    box.process_events(until=lambda: seen_total.append(ui.followupProgressBar.maximum) or panel._job is None,
+                       timeout=240)
+    assert job.returncode == 3, job.summary()
+    assert not box.errors, box.errors
+    assert max(seen_total) == 40  # the bar ran over the re-simulations
+    assert "WARNING" in ui.statusLabel.text and "DOUBTFUL registration" in ui.statusLabel.text
+    assert ui.followupStatusLabel.text.startswith("WARNING: DOUBTFUL registration")
+    assert not ui.followupProgressBar.visible and ui.readFollowupButton.enabled
+    out = Path(panel.logic._outputs["followup"])
+    doc = json.loads((out / "followup.json").read_text(encoding="utf-8"))
+    assert doc["pose"]["doubtful"] is True
+    np.testing.assert_allclose(doc["pose"]["ct_to_camera"], pose, atol=1e-6)
+    table = p.followupTable
+    rows = _rows(table)
+    assert [r["structure"] for r in rows][:len(doc["muscles"])] == list(doc["muscles"])
+    for r in rows[:len(doc["muscles"])]:
+        m = doc["muscles"][r["structure"]]
+        assert (r["baseline_g"], r["estimate_g"], r["change_percent"]) == pytest.approx(
+            (m["baseline_g"], m["estimate_g"], m["change_percent"]))
+        assert (r["change_low_percent"], r["change_high_percent"]) == pytest.approx(tuple(m["change_interval_percent"]))
+    assert any(r["structure"].startswith("asymmetry ") for r in rows)
+    assert table.GetAttribute("MSKdeX.doubtful") == "1"
+    # the table in the table view, the figure (followup.png) in the Yellow view
+    sel = box.app_logic.GetSelectionNode()
+    assert sel.GetActiveTableID() == table.GetID()
+    yellow = box.slicer.app.layoutManager().sliceWidget("Yellow").mrmlSliceCompositeNode()
+    figure = box.scene.GetNodeByID(yellow.GetBackgroundVolumeID())
+    assert figure.IsA("vtkMRMLVectorVolumeNode") and figure.GetAttribute("MSKdeX.figure") == str(out / "followup.png")
+    rgb = sb.slice_rgba(box.slicer.app.layoutManager().sliceWidget("Yellow").sliceLogic())[..., :3].astype(int)
+    assert (np.ptp(rgb, axis=2) > 60).mean() > 0.005  # the figure's coloured bars, drawn by the slice view
+
+    # a sound registration: exit 0, no warning, the same table node refilled
+    reg.SetAttribute("MSKdeX.doubtful", "0")
+    assert ui.readFollowupButton.click()
+    job = panel._job
+    _wait_idle(box, panel)
+    assert job.returncode == 0, job.summary()
+    assert not box.errors, box.errors
+    assert "WARNING" not in ui.statusLabel.text and "followup finished" in ui.statusLabel.text
+    assert "WARNING" not in ui.followupStatusLabel.text and "%" in ui.followupStatusLabel.text
+    assert p.followupTable is table and table.GetAttribute("MSKdeX.doubtful") == "0"
+    assert Path(panel.logic._outputs["followup"]) != out  # a fresh output folder, nothing overwritten

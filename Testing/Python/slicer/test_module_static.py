@@ -222,7 +222,7 @@ def test_logic_builds_command_lines_through_jobs_only():
     logic = _class(_module_tree(), "MSKdeXLogic")
     methods = {f.name: f for f in logic.body if isinstance(f, ast.FunctionDef)}
     for method, builder in (("startRegistration", "register_args"), ("startTraining", "train_args"),
-                            ("startEstimate", "predict_args")):
+                            ("startEstimate", "predict_args"), ("startFollowup", "followup_args")):
         calls = {n.func.attr for n in ast.walk(methods[method]) if isinstance(n, ast.Call)
                  and isinstance(n.func, ast.Attribute)}
         assert builder in calls, f"{method} does not use jobs.{builder}"
@@ -231,4 +231,4 @@ def test_logic_builds_command_lines_through_jobs_only():
     assert not flags, f"the Logic spells flags itself: {flags}"
     # outputs are read with the bridge's readers of the real formats
     text = ast.unparse(logic)
-    assert "channels_from_prediction" in text and "registration_to_nodes" in text
+    assert "channels_from_prediction" in text and "registration_to_nodes" in text and "followup_to_nodes" in text
