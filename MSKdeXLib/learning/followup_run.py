@@ -36,6 +36,16 @@ ASSUMPTIONS = ("the patient's shape other than the muscles is the baseline CT's 
                "muscle changes are lean tissue turning to fat (atrophy replaced by fat, fat infiltration)")
 
 
+def assumptions(reader: ReaderSettings) -> list[str]:
+    """What the estimate assumes, with the soft-tissue change the reader allows for when it has one."""
+    out = list(ASSUMPTIONS)
+    if reader.soft_tissue:
+        out[0] = (f"the patient's shape other than the muscles is the baseline CT's, up to a subcutaneous fat change "
+                  f"within +-{float(reader.fat_mm):g} mm and a smooth deformation of SD {float(reader.elastic_mm):g} mm "
+                  f"(the reader's views and interval calibration include them)")
+    return out
+
+
 @dataclass
 class FollowupRequest:
     """What ``mskdex followup`` was asked: the baseline CT + labels, the follow-up radiograph, where
@@ -126,7 +136,7 @@ def run_followup(req: FollowupRequest, notify: Callable[..., None] | None = None
                    "calibration": reader.info["calibration"], "calibration_samples": reader.info["calibration_samples"],
                    "interval_note": "split-conformal intervals: they hold the reader's error under the preset's "
                                     "ranges and the calibration's pose jitter, not a violated assumption"},
-        "assumptions": list(ASSUMPTIONS), "runtime_s": round(time.time() - t0, 2),
+        "assumptions": assumptions(req.reader), "runtime_s": round(time.time() - t0, 2),
     }
     write_json(req.out / "followup.json", report, req.force)
     write_table(req.out / "followup.csv", muscles, req.force)
