@@ -37,7 +37,7 @@ from .landmarks import (landmark_pairs, landmarks_from_markups, landmarks_to_mar
                         radiograph_points_from_markups, write_landmarks_csv)
 from .radiographs import (RADIOGRAPH_DIRECTIONS_RAS, radiograph_from_node, radiograph_ijk_to_ras,
                           radiograph_to_node, write_radiograph_file)
-from .registration import RegistrationNodes, registration_to_nodes
+from .registration import RegistrationNodes, registration_for, registration_mismatch, registration_to_nodes
 from .tables import METRIC_COLUMNS, bar_chart, metrics_table_node, rows_from_table_node, table_node_from_rows
 from .transforms import pose_from_transform_node, pose_to_transform_node
 from .volumes import ijk_to_ras_matrix, volume_from_node, volume_to_node
@@ -51,7 +51,7 @@ __all__ = [
     "landmarks_from_markups", "landmarks_to_markups", "metrics_table_node", "model_grid_ijk_to_ras", "numpy_matrix",
     "pose_from_transform_node", "pose_to_transform_node", "prediction_input_spacing", "radiograph_from_node",
     "radiograph_ijk_to_ras", "radiograph_points_from_markups", "radiograph_to_node", "read_estimates",
-    "registration_to_nodes", "rows_from_table_node", "segment_names", "set_overlay", "set_structure_visible",
+    "registration_for", "registration_mismatch", "registration_to_nodes", "rows_from_table_node", "segment_names", "set_overlay", "set_structure_visible",
     "slice_logic", "slice_rgba", "structure_rows", "table_node_from_rows", "volume_from_node", "volume_to_node",
     "vtk_matrix", "write_landmarks_csv", "write_radiograph_file", "write_registration_json",
 ]

@@ -6,6 +6,7 @@ estimate (exit code 3). Also the pose of a transform node written as the ``regis
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -170,7 +171,8 @@ def image_to_vector_node(path, scene, name: str = "MSKdeX figure", node=None):
 def write_registration_json(transform_node, path, force: bool = True) -> Path:
     """Write the pose of a transform node (CT RAS mm -> camera mm, e.g. 'MSKdeX registered pelvis')
     as the registration.json ``mskdex followup --registration`` reads: one body with its
-    ``ct_to_camera`` (CT LPS mm -> camera mm), the node's MSKdeX.doubtful / MSKdeX.similarity kept."""
+    ``ct_to_camera`` (CT LPS mm -> camera mm), the node's MSKdeX.doubtful / MSKdeX.similarity kept and,
+    for a node of :func:`registration_to_nodes`, the camera it was registered with (``geometry``)."""
     pose = pose_from_transform_node(transform_node)
     sim = transform_node.GetAttribute(ATTR + "similarity")
     body = {"name": transform_node.GetAttribute(ATTR + "body") or transform_node.GetName(),
@@ -178,5 +180,8 @@ def write_registration_json(transform_node, path, force: bool = True) -> Path:
             "doubtful": transform_node.GetAttribute(ATTR + "doubtful") == "1"}
     doc = {"source": f"Slicer transform node '{transform_node.GetName()}'", "bodies": [body],
            "doubtful": body["doubtful"]}
+    geometry = transform_node.GetAttribute(ATTR + "geometry")
+    if geometry:  # the camera it was registered with: mskdex followup checks it is the radiograph's
+        doc["geometry"] = json.loads(geometry)
     write_json(Path(path), doc, force)
     return Path(path)

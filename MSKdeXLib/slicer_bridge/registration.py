@@ -1,10 +1,14 @@
 """The result of ``mskdex register`` as MRML nodes: one pose transform node per rigid body, a
-table of the bodies and the registered bones over the radiograph."""
+table of the bodies and the registered bones over the radiograph. Each transform node remembers
+what it was made from (node references to the CT and the radiograph, the camera as an attribute),
+so that a later step on the same CT and radiograph (the follow-up reading) can find and reuse it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import json
 
 import numpy as np
 import vtk
@@ -35,13 +39,19 @@ class RegistrationNodes:
                          for b in self.bodies)
 
 
+#: node reference roles of a registered body's transform node: the CT and radiograph it was made on
+CT_ROLE, RADIOGRAPH_ROLE = "MSKdeXRegisteredCT", "MSKdeXRegisteredRadiograph"
+
+
 def registration_to_nodes(path, scene, radiograph_node=None, prefix: str = "MSKdeX registered",
-                          nodes: RegistrationNodes | None = None) -> RegistrationNodes:
+                          nodes: RegistrationNodes | None = None, ct_node=None) -> RegistrationNodes:
     """Read registration.json (a file or its output folder) into one transform node per body
     (matrix = the body's ``ct_to_camera`` as CT RAS -> camera mm, see :func:`pose_to_transform_node`;
-    attributes MSKdeX.similarity / MSKdeX.doubtful), a table of the bodies and, when
-    ``radiograph_node`` is given, the registered bone mass channels summed into one volume on the
-    radiograph's pixel grid (the camera's detector) for visual QA."""
+    attributes MSKdeX.body / .bodyIndex (0: the first body) / .similarity / .doubtful / .geometry (the
+    camera, JSON) / .registration (the file); node references to ``ct_node`` and ``radiograph_node``,
+    the inputs it was run on), a table of the bodies and, when ``radiograph_node`` is given, the
+    registered bone mass channels summed into one volume on the radiograph's pixel grid (the camera's
+    detector) for visual QA."""
     p = Path(path)
     if p.is_dir():
         p = p / "registration.json"
@@ -56,6 +66,11 @@ def registration_to_nodes(path, scene, radiograph_node=None, prefix: str = "MSKd
         node.SetAttribute(ATTR + "body", str(b["name"]))
         node.SetAttribute(ATTR + "similarity", repr(float(b["final_similarity"])))
         node.SetAttribute(ATTR + "doubtful", "1" if b.get("doubtful") else "0")
+        node.SetAttribute(ATTR + "bodyIndex", str(len(res.bodies)))
+        node.SetAttribute(ATTR + "geometry", json.dumps(res.geometry) if res.geometry else "")
+        node.SetAttribute(ATTR + "registration", str(p))
+        for role, made_on in ((CT_ROLE, ct_node), (RADIOGRAPH_ROLE, radiograph_node)):
+            node.SetNodeReferenceID(role, made_on.GetID() if made_on is not None else None)
         res.transforms[b["name"]] = node
         row = {"name": b["name"], "final_similarity": float(b["final_similarity"]),
                "initial_similarity": float(b.get("initial_similarity", float("nan"))),
@@ -83,3 +98,30 @@ def registration_to_nodes(path, scene, radiograph_node=None, prefix: str = "MSKd
         res.drr.SetAttribute(ATTR + "quantity", "mass_g")
     return res
 
+
+def registration_for(scene, ct_node, radiograph_node):
+    """The first body's transform node of the latest registration made on ``ct_node`` and
+    ``radiograph_node`` (node references of :func:`registration_to_nodes`), or None."""
+    if ct_node is None or radiograph_node is None:
+        return None
+    found = None
+    for node in scene.GetNodesByClass("vtkMRMLLinearTransformNode"):  # in the order they were added
+        if (node.GetAttribute(ATTR + "bodyIndex") == "0" and node.GetNodeReferenceID(CT_ROLE) == ct_node.GetID()
+                and node.GetNodeReferenceID(RADIOGRAPH_ROLE) == radiograph_node.GetID()):
+            found = node
+    return found
+
+
+def registration_mismatch(transform_node, ct_node, radiograph_node) -> str | None:
+    """Why ``transform_node`` cannot place ``ct_node`` on ``radiograph_node``: one line when it is a
+    registration made on another CT or radiograph; None when it matches, or when it records no
+    inputs (a pose made by hand: the user vouches for it)."""
+    for role, node, what in ((CT_ROLE, ct_node, "CT"), (RADIOGRAPH_ROLE, radiograph_node, "radiograph")):
+        made_on = transform_node.GetNodeReference(role)
+        made_on_id = transform_node.GetNodeReferenceID(role)
+        if made_on_id and (node is None or made_on_id != node.GetID()):
+            other = made_on.GetName() if made_on is not None else "a node no longer in the scene"
+            mine = node.GetName() if node is not None else "none"
+            return (f"'{transform_node.GetName()}' was registered on the {what} '{other}', not on '{mine}': "
+                    f"choose a registration of this {what} (or none: it is registered first)")
+    return None
