@@ -26,18 +26,21 @@ TINY_TRAIN = {"model": {"features": [8, 16, 32], "strides": [2, 2], "num_res_uni
 TINY_REGISTRATION = ["--max-evals", "0", "--refine-steps", "2", "--fine-px", "32"]
 
 
-def _slicer_core():
-    try:
-        import slicer
-    except ImportError:
-        return None
-    return slicer if hasattr(slicer, "vtkMRMLScene") else None
+@pytest.fixture
+def scene():
+    """A fresh REAL MRML scene (slicer-core), cleared after the test."""
+    slicer = slicer_box.slicer_core()
+    if slicer is None:
+        pytest.skip("slicer-core (Slicer's MRML in plain Python) not installed")
+    s = slicer.vtkMRMLScene()
+    yield s
+    s.Clear(True)
 
 
 @pytest.fixture(params=slicer_box.VERSIONS)
 def box(request, tmp_path):
     """A started Slicer session (Slicer's Python of one release + slicer-core MRML + stand-ins)."""
-    if _slicer_core() is None:
+    if slicer_box.slicer_core() is None:
         pytest.skip("slicer-core (Slicer's MRML in plain Python) not installed")
     if slicer_box.reference_dir(request.param) is None:
         pytest.skip(f"Slicer {request.param} Python sources not found in {slicer_box.REFERENCE}")
@@ -151,3 +154,28 @@ def followup_view(pelvis):
     rg = simulate_radiograph(ct, cam, pose, SimulationSettings(kvp=78, noise_level=0.003, scatter_fraction=0.2),
                              seed=1)
     return rg, cam, pose
+
+
+@pytest.fixture(scope="session")
+def followup_registration(pelvis_case, followup_view, tmp_path_factory):
+    """A REAL ``mskdex register`` (tiny settings, the pelvis) of the pelvis CT to the follow-up radiograph
+    of :func:`followup_view`, written as a TIFF with its spacing: (registration output folder, the
+    radiograph file). What the module's Registration leaves for the Follow-up to pick up."""
+    import torch
+
+    from MSKdeXLib.cli import main
+    from MSKdeXLib.io.radiographs import write_radiograph_image
+
+    rg, cam, _ = followup_view
+    d = tmp_path_factory.mktemp("followup_registration")
+    write_radiograph_image(d / "fu.tif", rg, force=True)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rc = main(["register", "--ct", str(pelvis_case.ct), "--labels", str(pelvis_case.labels), "--xray",
+                   str(d / "fu.tif"), "--out", str(d / "registration"), "--bones", "pelvis", "--sid",
+                   repr(cam.sid_mm), *TINY_REGISTRATION, "--progress", "none"])
+    finally:
+        torch.set_num_threads(n)
+    assert rc in (0, 3)
+    return d / "registration", d / "fu.tif"

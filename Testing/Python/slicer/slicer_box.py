@@ -34,6 +34,25 @@ VERSIONS = ("v5.8.1", "v5.10.0")
 MODULE_DIR = ROOT / "MSKdeX"
 
 
+def slicer_core():
+    """slicer-core's ``slicer`` package (Slicer's MRML in plain Python), or None when not installed."""
+    try:
+        import slicer
+    except ImportError:
+        return None
+    return slicer if hasattr(slicer, "vtkMRMLScene") else None
+
+
+def require_slicer_core():
+    """slicer-core's ``slicer`` package; skips the calling test module when it is not installed."""
+    import pytest
+
+    slicer = slicer_core()
+    if slicer is None:
+        pytest.skip("slicer-core (Slicer's MRML in plain Python) not installed", allow_module_level=True)
+    return slicer
+
+
 def reference_dir(version: str) -> Path | None:
     """Slicer's Python sources of ``version`` (None when ../shared/reference is absent)."""
     d = REFERENCE / version

@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 
-slicer = pytest.importorskip("slicer", reason="slicer-core (Slicer's MRML in plain Python) not installed")
-if not hasattr(slicer, "vtkMRMLScene"):
-    pytest.skip("the installed 'slicer' package is not slicer-core", allow_module_level=True)
+from slicer_box import require_slicer_core
+
+slicer = require_slicer_core()
 
 from MSKdeXLib import slicer_bridge as sb  # noqa: E402
 from MSKdeXLib.projection.geometry import Camera, ap_pose, perturbed_pose, project  # noqa: E402
 from MSKdeXLib.io.images import Radiograph  # noqa: E402
 from MSKdeXLib.anatomy.ct_metrics import structure_metrics  # noqa: E402
 from MSKdeXLib.anatomy.structures import detect_table_from_names  # noqa: E402
-
-
-
-@pytest.fixture
-def scene():
-    s = slicer.vtkMRMLScene()
-    yield s
-    s.Clear(True)
 
 
 @pytest.fixture(scope="module")

@@ -9,19 +9,12 @@ import json
 import numpy as np
 import pytest
 
-slicer = pytest.importorskip("slicer", reason="slicer-core (Slicer's MRML in plain Python) not installed")
-if not hasattr(slicer, "vtkMRMLScene"):
-    pytest.skip("the installed 'slicer' package is not slicer-core", allow_module_level=True)
+from slicer_box import require_slicer_core
+
+slicer = require_slicer_core()
 
 from MSKdeXLib import slicer_bridge as sb  # noqa: E402
 from MSKdeXLib.errors import UserError  # noqa: E402
-
-
-@pytest.fixture
-def scene():
-    s = slicer.vtkMRMLScene()
-    yield s
-    s.Clear(True)
 
 
 @pytest.fixture(scope="module")
@@ -147,3 +140,70 @@ def test_bad_followup_json_is_one_line(tmp_path, scene, content, message):
     with pytest.raises(UserError) as exc:
         sb.followup_to_nodes(tmp_path, scene)
     assert message in str(exc.value) and "\n" not in str(exc.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# A finished registration, found and reused by the follow-up
+# ---------------------------------------------------------------------------------------------
+def test_registration_nodes_remember_their_inputs_and_the_followup_finds_them(followup_registration, pelvis,
+                                                                              followup_view, scene, tmp_path):
+    """registration_to_nodes (a real ``mskdex register`` result) marks each body's transform node with the CT and
+    radiograph it was run on and the camera; registration_for finds the first body for exactly those inputs;
+    registration_mismatch refuses it for others (a hand-made pose is the user's call); the registration.json
+    written from the node carries the camera, which ``mskdex followup`` checks against its radiograph."""
+    from MSKdeXLib.cli.followup_cmd import check_known_pose
+
+    folder, xray = followup_registration
+    ct, labels = pelvis
+    rg, cam, _ = followup_view
+    ct_node = sb.volume_to_node(ct, scene, "baseline CT")
+    rg_node = sb.radiograph_to_node(rg, scene, "follow-up")
+    other_rg = sb.radiograph_to_node(rg, scene, "another radiograph")
+    other_ct = sb.volume_to_node(ct, scene, "another CT")
+    assert sb.registration_for(scene, ct_node, rg_node) is None
+    res = sb.registration_to_nodes(folder, scene, rg_node, ct_node=ct_node)
+    doc = json.loads((folder / "registration.json").read_text())
+    pelvis_node = res.transforms["pelvis"]
+    assert pelvis_node.GetAttribute("MSKdeX.bodyIndex") == "0"
+    assert json.loads(pelvis_node.GetAttribute("MSKdeX.geometry")) == doc["geometry"]
+    assert pelvis_node.GetAttribute("MSKdeX.registration") == str(folder / "registration.json")
+    found = sb.registration_for(scene, ct_node, rg_node)
+    assert found is not None and found.GetID() == pelvis_node.GetID()
+    for c, r in ((ct_node, other_rg), (other_ct, rg_node), (None, rg_node)):
+        assert sb.registration_for(scene, c, r) is None
+    assert sb.registration_mismatch(pelvis_node, ct_node, rg_node) is None
+    msg = sb.registration_mismatch(pelvis_node, ct_node, other_rg)
+    assert "radiograph 'follow-up'" in msg and "'another radiograph'" in msg and "\n" not in msg
+    assert "CT 'baseline CT'" in sb.registration_mismatch(pelvis_node, other_ct, rg_node)
+    by_hand = sb.pose_to_transform_node(np.asarray(doc["bodies"][0]["ct_to_camera"]), scene, "by hand")
+    assert sb.registration_mismatch(by_hand, other_ct, other_rg) is None
+    # the node's pose and camera as the registration.json mskdex followup reads (and checks)
+    path = sb.write_registration_json(pelvis_node, tmp_path / "reg.json")
+    written = json.loads(path.read_text())
+    assert written["geometry"] == doc["geometry"] and written["bodies"][0]["name"] == "pelvis"
+    np.testing.assert_allclose(written["bodies"][0]["ct_to_camera"], doc["bodies"][0]["ct_to_camera"], atol=1e-9)
+    check_known_pose(str(path), str(xray), cam.sid_mm, None)
+    with pytest.raises(UserError) as exc:
+        check_known_pose(str(path), str(xray), cam.sid_mm + 100.0, None)
+    assert str(exc.value).startswith(str(path)) and "sid_mm" in str(exc.value)
+    with pytest.raises(UserError, match="spacing_row_mm"):
+        check_known_pose(str(path), str(xray), cam.sid_mm, (5.0, 5.0))
+    # read again onto another radiograph (the module reuses its nodes): the marks follow the new inputs
+    again = sb.registration_to_nodes(folder, scene, other_rg, nodes=res, ct_node=ct_node)
+    assert again.transforms["pelvis"] is pelvis_node
+    assert sb.registration_for(scene, ct_node, rg_node) is None
+    assert sb.registration_for(scene, ct_node, other_rg).GetID() == pelvis_node.GetID()
+
+
+def test_followup_cli_refuses_a_registration_of_another_camera(followup_registration, pelvis_case, tmp_path, capsys):
+    """``mskdex followup --registration`` with the registration's own file: a different --sid is refused in one
+    line naming the file (exit 2) before any work, nothing written."""
+    from MSKdeXLib.cli import main
+
+    folder, xray = followup_registration
+    argv = ["followup", "--ct", str(pelvis_case.ct), "--labels", str(pelvis_case.labels), "--xray", str(xray),
+            "--registration", str(folder / "registration.json"), "--out", str(tmp_path / "out"), "--progress", "none"]
+    assert main(argv + ["--sid", "1200"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(folder / "registration.json") in err and "sid_mm 1000" in err
+    assert not (tmp_path / "out").exists()
