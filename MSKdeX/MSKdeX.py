@@ -224,6 +224,7 @@ class MSKdeXWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._layers = None
         self._jobNote = ""
         self._qaShown = None
+        self._followupInputs = None
 
     # --- setup ------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -321,6 +322,7 @@ class MSKdeXWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Any parameter changed (GUI or code): buttons, and the registration QA view when its
         opacity / checkerboard changed (read here, after the parameter node has the new value)."""
         self._checkCanApply()
+        self._offerFollowupRegistration()
         p = self._parameterNode
         if p is not None and self._qaShown is not None and self._qaShown != (p.qaOpacity, p.showCheckerboard):
             self.onQAChanged()
@@ -471,6 +473,23 @@ class MSKdeXWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._startJob("followup", self.logic.startFollowup(
                 p.ctVolume, p.segmentation, p.followupRadiograph, p.followupRegistration, float(p.sidMm)))
 
+    def _offerFollowupRegistration(self, force: bool = False) -> None:
+        """When the baseline CT or the follow-up radiograph changed (or a registration finished),
+        select the registration made on them (MSKdeXLogic.followupRegistrationChoice)."""
+        p = self._parameterNode
+        if p is None:
+            return
+        inputs = tuple(n.GetID() if n else None for n in (p.ctVolume, p.followupRadiograph))
+        if inputs == self._followupInputs and not force:
+            return
+        self._followupInputs = inputs
+        current = p.followupRegistration
+        choice = self.logic.followupRegistrationChoice(current, p.ctVolume, p.followupRadiograph)
+        if choice is not None and (current is None or choice.GetID() != current.GetID()):
+            p.followupRegistration = choice
+            self.ui.followupStatusLabel.text = _("Using the registration of this CT and radiograph: {name}").format(
+                name=choice.GetName())
+
     # --- background jobs --------------------------------------------------------------------
     def _progressBar(self, kind: str):
         return {"registration": self.ui.registrationProgressBar, "training": self.ui.trainingProgressBar,
@@ -520,6 +539,7 @@ class MSKdeXWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if kind == "registration":
             result = self.logic.readRegistration(job, p.radiograph)
             p.registrationTransform = next(iter(result.transforms.values()))
+            self._offerFollowupRegistration(force=True)
             if result.drr is not None:
                 p.drrVolume = result.drr
                 self.onQAChanged()
@@ -586,6 +606,7 @@ class MSKdeXLogic(ScriptedLoadableModuleLogic):
         self._workDir = None
         self._outputs = {}
         self._registration = None
+        self._registrationInputs = (None, None)  # (CT, radiograph) of the last registration started
         self._estimateRadiograph = None
         self._estimateLayers = None
         self._followup = None
@@ -602,6 +623,7 @@ class MSKdeXLogic(ScriptedLoadableModuleLogic):
     def _onSceneClosed(self, caller=None, event=None) -> None:
         """File > Close Scene removed every node: forget the ones this logic reuses."""
         self._registration = None
+        self._registrationInputs = (None, None)
         self._estimateRadiograph = None
         self._estimateLayers = None
         self._followup = None
@@ -826,6 +848,7 @@ class MSKdeXLogic(ScriptedLoadableModuleLogic):
         argv = jobs.register_args(self._save(ctNode, "ct.nii.gz"), self._labelsFile(segmentationNode), xray,
                                   self._newOutput("registration"), bones=bones or None, landmarks=landmarks,
                                   sid_mm=sidMm, spacing_mm=spacing, table=table, extra=self.registrationExtraArgs)
+        self._registrationInputs = (ctNode, radiographNode)
         return self._start(argv)
 
     def _labelsFile(self, segmentationNode) -> str:
@@ -834,12 +857,15 @@ class MSKdeXLogic(ScriptedLoadableModuleLogic):
 
     def readRegistration(self, job=None, radiographNode=None):
         """Result of the last ``mskdex register``: one pose transform node per body (similarity and
-        doubtful flag as node attributes), a table of the bodies and the registered bones over the
+        doubtful flag as node attributes; references to the CT and radiograph it was run on, which
+        the follow-up reading looks for), a table of the bodies and the registered bones over the
         radiograph (slicer_bridge.RegistrationNodes)."""
         from MSKdeXLib import slicer_bridge as sb
 
+        ctNode, registered = self._registrationInputs
         self._registration = sb.registration_to_nodes(self._outputs["registration"], slicer.mrmlScene,
-                                                      radiographNode, nodes=self._registration)
+                                                      registered or radiographNode, nodes=self._registration,
+                                                      ct_node=ctNode)
         return self._registration
 
     #: colour of the registered bones over the radiograph (a Slicer default colour table)
@@ -942,14 +968,36 @@ class MSKdeXLogic(ScriptedLoadableModuleLogic):
         self.setOverlayOpacity(opacity)
         return layers, layers.table
 
+    def followupRegistrationFor(self, ctNode, radiographNode):
+        """The first body's transform node of the last Registration run on ``ctNode`` and
+        ``radiographNode`` (slicer_bridge.registration_for), or None."""
+        from MSKdeXLib import slicer_bridge as sb
+
+        return sb.registration_for(slicer.mrmlScene, ctNode, radiographNode)
+
+    def followupRegistrationChoice(self, currentNode, ctNode, radiographNode):
+        """The registration the follow-up should use: ``currentNode`` unless it is none or a registration
+        of another CT / radiograph and one of these exists (then that one)."""
+        from MSKdeXLib import slicer_bridge as sb
+
+        if currentNode is not None and sb.registration_mismatch(currentNode, ctNode, radiographNode) is None:
+            return currentNode
+        return self.followupRegistrationFor(ctNode, radiographNode) or currentNode
+
     def startFollowup(self, ctNode, segmentationNode, radiographNode, registrationNode=None,
                       sidMm: float = _CAMERA.sid_mm):
         """``mskdex followup``: the baseline CT + segmentation, the follow-up radiograph (its spacing,
-        ``sidMm``) and, when ``registrationNode`` (a pose transform node, CT RAS -> camera mm) is given,
-        its pose written as registration.json; else the CT's pelvis is registered first."""
+        ``sidMm``) and, when ``registrationNode`` (a pose transform node, CT RAS -> camera mm, e.g. the
+        one :meth:`followupRegistrationFor` finds) is given, its pose written as registration.json (with
+        the camera it was registered with, which ``mskdex followup`` checks); else the CT's pelvis is
+        registered first. A registration made on another CT or radiograph is refused (ValueError)."""
         from MSKdeXLib import jobs
         from MSKdeXLib import slicer_bridge as sb
 
+        if registrationNode is not None:
+            mismatch = sb.registration_mismatch(registrationNode, ctNode, radiographNode)
+            if mismatch:
+                raise ValueError(mismatch)
         xray, spacing = self._saveRadiograph(radiographNode, "followup.tif")
         if spacing is None:
             raise ValueError(_("The follow-up radiograph has no pixel spacing: the reading needs it (mm per pixel)."))
@@ -1015,12 +1063,19 @@ class MSKdeXLogic(ScriptedLoadableModuleLogic):
 class MSKdeXTest(ScriptedLoadableModuleTest):
     """In-Slicer self-test: the main workflow on the sample pelvis CT."""
 
+    #: ``mskdex register`` / ``mskdex followup`` options that keep the background jobs to seconds
+    TINY_REGISTRATION = ["--max-evals", "0", "--refine-steps", "2", "--fine-px", "32"]
+    TINY_FOLLOWUP = ["--samples", "40", "--grid", "16", "--poses", "1", "--calibration-samples", "0"]
+    JOB_TIMEOUT_S = 600
+
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
         self.setUp()
         self.test_metrics_and_overlay()
+        self.setUp()
+        self.test_followup()
 
     def _sample(self):
         """The pelvis CT: the local copy when MSKDEX_DATA or ../shared/data has it, else download."""
@@ -1056,7 +1111,10 @@ class MSKdeXTest(ScriptedLoadableModuleTest):
             self.assertAlmostEqual(row["mass_g"], expected[row["name"]].mass_g, places=3)
 
         self.delayDisplay("Segmentation node -> same structures")
-        seg = sb.labelmap_to_segmentation(labelNode, slicer.mrmlScene)
+        # segments named by structure (a TotalSegmentator .seg.nrrd): from a label map whose colour
+        # table holds the detected table's names (the loaded file's own colours name no structures)
+        named = sb.labelmap_to_node(labels, slicer.mrmlScene, "MSKdeX named labels")
+        seg = sb.labelmap_to_segmentation(named, slicer.mrmlScene)
         fromSeg = logic.labelMap(ctNode, seg)
         self.assertEqual({s.name for s in fromSeg.structures}, {s.name for s in labels.structures})
 
@@ -1079,6 +1137,62 @@ class MSKdeXTest(ScriptedLoadableModuleTest):
                                         ((0, 0, 0), (0, 0, 0)))
             self.assertEqual(sb.radiograph_from_node(drr).shape, (64, 64))
         self.delayDisplay("Test passed")
+
+    def test_followup(self):
+        """Registration (background job, tiny settings) of the sample CT to a radiograph simulated from
+        it, then Follow-up on that radiograph: the follow-up finds that registration and reads with it."""
+        if not self._hasTorch():
+            self.delayDisplay("Follow-up skipped: PyTorch is not installed")
+            return
+        import json
+
+        import numpy as np
+
+        from MSKdeXLib import slicer_bridge as sb
+        from MSKdeXLib.projection.geometry import Camera
+        from MSKdeXLib.projection.rendering import default_view
+        from MSKdeXLib.projection.simulate import SimulationSettings, simulate_radiograph
+
+        self.delayDisplay("Follow-up: a radiograph simulated from the sample CT")
+        ctNode, labelNode = self._sample()
+        logic = MSKdeXLogic()
+        ct, labels = sb.volume_from_node(ctNode), logic.labelMap(ctNode, labelNode)
+        camera = Camera(64, 64, 6.0, 6.0, 1000.0)
+        pose = np.asarray(default_view(ct, labels, camera))
+        xray = simulate_radiograph(ct, camera, pose, SimulationSettings(kvp=78, noise_level=0.003,
+                                                                        scatter_fraction=0.2), seed=1)
+        xrayNode = sb.radiograph_to_node(xray, slicer.mrmlScene, "MSKdeX follow-up radiograph")
+
+        self.delayDisplay("Follow-up: registration of the CT to it")
+        logic.registrationExtraArgs = list(self.TINY_REGISTRATION)
+        job = logic.startRegistration(ctNode, labelNode, xrayNode, "pelvis", sidMm=camera.sid_mm)
+        self.assertIn(job.wait(self.JOB_TIMEOUT_S), (0, 3), job.summary())
+        registered = logic.readRegistration(job).transforms["pelvis"]
+        found = logic.followupRegistrationFor(ctNode, xrayNode)
+        self.assertIsNotNone(found)
+        self.assertEqual(found.GetID(), registered.GetID())
+        other = sb.radiograph_to_node(xray, slicer.mrmlScene, "another radiograph")
+        self.assertIsNone(logic.followupRegistrationFor(ctNode, other))
+        with self.assertRaises(ValueError):  # a registration of another radiograph is refused
+            logic.startFollowup(ctNode, labelNode, other, registered, camera.sid_mm)
+
+        self.delayDisplay("Follow-up: reading with that registration")
+        logic.followupExtraArgs = list(self.TINY_FOLLOWUP)
+        job = logic.startFollowup(ctNode, labelNode, xrayNode, found, camera.sid_mm)
+        self.assertIn(job.wait(self.JOB_TIMEOUT_S), (0, 3), job.summary())
+        result = logic.readFollowup(job)
+        with open(os.path.join(result.folder, "followup.json"), encoding="utf-8") as f:
+            doc = json.load(f)
+        np.testing.assert_allclose(doc["pose"]["ct_to_camera"], sb.pose_from_transform_node(registered), atol=1e-6)
+        rows = [r for r in sb.rows_from_table_node(result.table) if not r["structure"].startswith("asymmetry ")]
+        metrics = {r["name"]: r["mass_g"] for r in sb.rows_from_table_node(logic.computeMetrics(ctNode, labelNode))}
+        self.assertGreater(len(rows), 5)
+        for row in rows:  # the baseline is the CT's lean mass, as CT metrics computes it
+            self.assertAlmostEqual(row["baseline_g"], metrics[row["structure"]], places=3)
+            self.assertLessEqual(row["estimate_low_g"], row["estimate_g"])
+            self.assertLessEqual(row["estimate_g"], row["estimate_high_g"])
+        self.assertEqual(result.table.GetAttribute("MSKdeX.doubtful"), "1" if result.warnings else "0")
+        self.delayDisplay("Follow-up passed")
 
     @staticmethod
     def _hasTorch() -> bool:

@@ -312,6 +312,21 @@ def test_self_test_registered_once(box):
     assert not (ROOT / "MSKdeX" / "Testing" / "Python" / "MSKdeXSelfTest.py").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("box", ["v5.8.1"], indirect=True)
+def test_self_test_passes(box, pelvis_case, launcher, monkeypatch):
+    """The module's own self-test (MSKdeXTest.runTest, what Slicer's ctest runs) passes here: CT
+    metrics, overlay, DRR and the follow-up step (a tiny registration, picked up by the follow-up)."""
+    monkeypatch.setenv("MSKDEX_DATA", str(pelvis_case.ct.parent.parent))
+    box.load_module()
+    test = box.py.MSKdeXTest()
+    steps = []
+    monkeypatch.setattr(test, "delayDisplay", lambda message, *a, **k: steps.append(message))
+    test.runTest()
+    assert "Follow-up passed" in steps and "Test passed" in steps, steps
+    assert not box.errors, box.errors
+
+
 # ---------------------------------------------------------------------------------------------
 # The whole session, as a user would click it (defects 8, 10 and everything together)
 # ---------------------------------------------------------------------------------------------
@@ -345,12 +360,16 @@ def test_user_session(box, panel, sample_cache, pelvis, tiny_dataset, launcher, 
     xray = util.loadVolume(str(_radiograph_file(pelvis, tmp_path / "xray.nrrd", rows=48, cols=56, spacing=6.0)))
     p.radiograph = xray
     p.registrationBones = "pelvis,femur_left"
+    p.followupRadiograph = xray  # the same radiograph read as a follow-up: the registration is picked up
+    assert p.followupRegistration is None
     assert ui.runRegistrationButton.enabled and ui.runRegistrationButton.click()
     assert ui.cancelRegistrationButton.enabled and not ui.runRegistrationButton.enabled
     _wait_idle(box, panel)
     assert not box.errors, box.errors
     assert "pelvis" in ui.similarityLabel.text
     assert p.registrationTransform is not None and p.drrVolume is not None
+    assert p.registrationTransform.GetAttribute("MSKdeX.body") == "pelvis"
+    assert p.followupRegistration is not None and p.followupRegistration.GetID() == p.registrationTransform.GetID()
     red = box.slicer.app.layoutManager().sliceWidget("Red")
     comp = red.mrmlSliceCompositeNode()
     assert comp.GetBackgroundVolumeID() == xray.GetID() and comp.GetForegroundVolumeID() == p.drrVolume.GetID()
@@ -464,6 +483,44 @@ def test_followup_button_needs_the_case_and_a_follow_up_radiograph(box, panel, f
     p.followupRadiograph = None
     assert not ui.readFollowupButton.enabled
     assert not box.errors
+
+
+@pytest.mark.parametrize("box", ["v5.8.1"], indirect=True)
+def test_followup_picks_up_the_registration_of_its_radiograph(box, panel, pelvis_case, followup_view,
+                                                              followup_registration, tmp_path):
+    """A registration made on the baseline CT and the follow-up radiograph (a real ``mskdex register``
+    result read the way the Registration section reads it) is selected for the follow-up as soon as that
+    radiograph is chosen; on another radiograph it is refused with a one-line error and nothing runs."""
+    import SimpleITK as sitk
+
+    from MSKdeXLib import slicer_bridge as sb
+
+    ui, p, util = panel.ui, panel._parameterNode, box.slicer.util
+    rg, cam, _ = followup_view
+    image = sitk.GetImageFromArray(rg.pixels.astype(np.float32))
+    image.SetSpacing((cam.spacing_col_mm, cam.spacing_row_mm))
+    sitk.WriteImage(image, str(tmp_path / "fu.nrrd"))
+    p.ctVolume, p.segmentation = util.loadVolume(str(pelvis_case.ct)), util.loadLabelVolume(str(pelvis_case.labels))
+    xray, other = util.loadVolume(str(tmp_path / "fu.nrrd")), util.loadVolume(str(tmp_path / "fu.nrrd"))
+    registered = sb.registration_to_nodes(followup_registration[0], box.scene, xray,
+                                          ct_node=p.ctVolume).transforms["pelvis"]
+    assert p.followupRegistration is None
+    ui.followupRadiographSelector.setCurrentNode(xray)
+    assert p.followupRegistration is not None and p.followupRegistration.GetID() == registered.GetID()
+    assert ui.followupRegistrationSelector.currentNode().GetID() == registered.GetID()
+    assert registered.GetName() in ui.followupStatusLabel.text
+    # another radiograph: no registration of it, the chosen one kept but refused when reading
+    p.followupRadiograph = other
+    assert p.followupRegistration.GetID() == registered.GetID()
+    assert ui.readFollowupButton.enabled
+    with pytest.raises(ValueError) as exc:  # shown in an error box (raised here: Slicer's testing mode)
+        ui.readFollowupButton.click()
+    assert f"registered on the radiograph '{xray.GetName()}', not on '{other.GetName()}'" in str(exc.value)
+    assert panel._job is None and "\n" not in str(exc.value)
+    # the user clears it; back on the registered radiograph it is offered again
+    p.followupRegistration = None
+    p.followupRadiograph = xray
+    assert p.followupRegistration.GetID() == registered.GetID()
 
 
 @pytest.mark.slow
