@@ -6,6 +6,7 @@
 * :mod:`.views`      - pyramid levels, the bodies' small volumes and DRRs, detector windows;
 * :mod:`.pipeline`   - :func:`~.pipeline.register`: the stages every body goes through;
 * :mod:`.run`        - ``mskdex register`` as one call (inputs, registration.json, channels, QA);
+* :mod:`.documents`  - a registration.json as another command's input (its pose and camera, checked);
 * :mod:`.similarity` - NCC, gradient correlation, patch-wise gradient NCC, multi-scale, masks;
 * :mod:`.optimize`   - pose parameters, CMA-ES global search, gradient refinement;
 * :mod:`.initialise` - default view, landmarks (PnP), in-plane rotation + shift search;
