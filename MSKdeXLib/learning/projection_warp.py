@@ -33,8 +33,17 @@ def smooth_displacement(shape: tuple[int, int], sd_px: tuple[float, float], cont
     return out
 
 
-def _warp(image: np.ndarray, coords: np.ndarray, fill: str) -> np.ndarray:
-    return ndimage.map_coordinates(np.asarray(image, np.float64), coords, order=1, mode=fill)
+def _warp(images: np.ndarray, field: np.ndarray, padding: str) -> np.ndarray:
+    """``images`` (k, rows, cols) sampled bilinearly at pixel + ``field`` (2, rows, cols; px); outside the
+    image the edge value (``padding`` "border") or 0 ("zeros")."""
+    rows, cols = images.shape[-2:]
+    r = np.arange(rows, dtype=np.float64)[:, None] + field[0]
+    c = np.arange(cols, dtype=np.float64)[None, :] + field[1]
+    grid = np.stack([2.0 * c / max(cols - 1, 1) - 1.0, 2.0 * r / max(rows - 1, 1) - 1.0], axis=-1)[None]
+    x = torch.from_numpy(np.ascontiguousarray(images, np.float64))[None]
+    out = torch.nn.functional.grid_sample(x, torch.from_numpy(grid), mode="bilinear", padding_mode=padding,
+                                          align_corners=True)
+    return out[0].numpy()
 
 
 def warp_physics(physics: SubjectPhysics, sd_mm: float, rng: np.random.Generator,
@@ -50,12 +59,14 @@ def warp_physics(physics: SubjectPhysics, sd_mm: float, rng: np.random.Generator
     px = (cam.spacing_row_mm, cam.spacing_col_mm)
     field = smooth_displacement(shape, tuple(sd_mm * physics.magnification / p for p in px),
                                 tuple(control_mm * physics.magnification / p for p in px), rng)
-    coords = np.indices(shape, dtype=np.float64) + field
-    paths = {k: torch.from_numpy(_warp(getattr(physics, k).detach().cpu().numpy(), coords, "nearest"))
-             .to(getattr(physics, k).dtype) for k in ("water", "bone")}
-    muscles = {n: _warp(m, coords, "constant") for n, m in physics.muscle_mass.items()}
+    paths = _warp(np.stack([physics.water.detach().cpu().numpy(), physics.bone.detach().cpu().numpy()]),
+                  field, "border")
+    names = list(physics.muscle_mass)
+    moved = _warp(np.stack([np.asarray(physics.muscle_mass[n], np.float64) for n in names]), field, "zeros")
+    muscles = dict(zip(names, moved))
     lean = physics.lean_mass_g
     if lean is not None:
         ratio = [float(muscles[n].sum()) / max(float(np.sum(physics.muscle_mass[n])), 1e-12) for n in physics.muscles]
         lean = np.asarray(lean, np.float64) * np.asarray(ratio)
-    return replace(physics, water=paths["water"], bone=paths["bone"], muscle_mass=muscles, lean_mass_g=lean)
+    return replace(physics, water=torch.from_numpy(paths[0]).to(physics.water.dtype),
+                   bone=torch.from_numpy(paths[1]).to(physics.bone.dtype), muscle_mass=muscles, lean_mass_g=lean)
