@@ -64,17 +64,16 @@ def followup_case(subject: co.RealisedSubject, names: list[str], ranges: co.Coho
                   fat_mm: float = 0.0):
     """(changed CT, labels, pose, radiograph codes) of one follow-up: muscles changed in the CT, a new
     acquisition (SID kept), a new pose about the bones' centre; with ``elastic_mm`` the whole anatomy
-    also deformed smoothly (SD of the control displacements, 80 mm apart) and with ``fat_mm`` the
-    subcutaneous fat changed by U(-fat_mm, fat_mm) (what the reader does not model)."""
+    also deformed smoothly and with ``fat_mm`` the subcutaneous fat changed by U(-fat_mm, fat_mm), by
+    the draws the reader's own soft-tissue spread uses (``fu.deform_soft_tissue``,
+    ``fu.change_subcutaneous_fat``)."""
     fresh = co.sample_subject(int(rng.integers(0, 2**31 - 1)), int(rng.integers(0, 2**31 - 1)), names, ranges)
     hu = subject.ct.array.astype(np.float32, copy=True)
     lab = subject.labels.label_array().astype(np.int32)
-    if elastic_mm > 0:
-        hu, lab, _ = co.elastic_deform(hu, lab, subject.ct.spacing, elastic_mm, 80.0, rng)
+    hu, lab = fu.deform_soft_tissue(hu, lab, subject.ct.spacing, elastic_mm, rng)
     co.change_muscles(hu, lab, subject.labels.table, subject.ct.spacing, fresh.muscle_changes, fresh.infiltration,
                       rng, density)
-    if fat_mm > 0:
-        co.subcutaneous_fat(hu, lab, float(rng.uniform(-fat_mm, fat_mm)), subject.ct.spacing, rng)
+    hu, lab = fu.change_subcutaneous_fat(hu, lab, subject.ct.spacing, fat_mm, rng)
     ct = subject.ct.with_array(hu)
     labels = co.relabel(ct, subject.labels, lab)
     acq = {**fresh.acquisition, "sid_mm": subject.camera.sid_mm}

@@ -84,7 +84,7 @@ def _run(args, stage: Path, reader) -> int:
                           resample_labels=args.resample_labels, nonfinite=args.nonfinite, reader=reader,
                           density=density_from_args(args), force=args.force,
                           **settings_values(args, {"bones": "bones"}))
-    prog = Progress(args.progress, reader.samples + reader.calibration_samples, "followup")
+    prog = Progress(args.progress, max(0, reader.poses - 1) + reader.calibration_samples + reader.samples, "followup")
 
     def notify(event, **info):
         if event == "body-done":

@@ -153,28 +153,37 @@ def input_spacing(camera: Camera, grid: int) -> tuple[float, float]:
 ELASTIC_CONTROL_MM = 80.0
 
 
-def soft_tissue_change(hu: np.ndarray, lab: np.ndarray, spacing, settings: ReaderSettings,
-                       rng: np.random.Generator, stage: str) -> tuple[np.ndarray, np.ndarray]:
-    """One draw of the soft-tissue change between CT and follow-up that the reader is made robust to,
-    applied to a CT's HU and label arrays (ijk order, ``spacing`` mm): at ``stage`` "shape" a smooth
-    deformation (SD ``settings.elastic_mm`` of the control displacements, 80 mm apart), at "fat" the
-    subcutaneous fat thickness changed by U(-``fat_mm``, ``fat_mm``) mm. Nothing is drawn when off."""
-    from .cohort import elastic_deform, subcutaneous_fat
+def deform_soft_tissue(hu: np.ndarray, lab: np.ndarray, spacing, elastic_mm: float,
+                       rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A CT's HU and label arrays (ijk order, ``spacing`` mm) deformed smoothly: control-point
+    displacements of SD ``elastic_mm`` mm, ``ELASTIC_CONTROL_MM`` apart. Nothing is drawn at 0."""
+    from .cohort import elastic_deform
 
-    if stage == "shape" and float(settings.elastic_mm) > 0:
-        hu, lab, _ = elastic_deform(hu, lab, spacing, float(settings.elastic_mm), ELASTIC_CONTROL_MM, rng)
-    elif stage == "fat" and float(settings.fat_mm) > 0:
-        subcutaneous_fat(hu, lab, float(rng.uniform(-settings.fat_mm, settings.fat_mm)), spacing, rng)
+    if float(elastic_mm) > 0:
+        hu, lab, _ = elastic_deform(hu, lab, spacing, float(elastic_mm), ELASTIC_CONTROL_MM, rng)
+    return hu, lab
+
+
+def change_subcutaneous_fat(hu: np.ndarray, lab: np.ndarray, spacing, fat_mm: float,
+                            rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The subcutaneous fat thickness of a CT's HU array (ijk, ``spacing`` mm) changed in place by
+    U(-``fat_mm``, ``fat_mm``) mm (labels untouched). Nothing is drawn at 0."""
+    from .cohort import subcutaneous_fat
+
+    if float(fat_mm) > 0:
+        subcutaneous_fat(hu, lab, float(rng.uniform(-fat_mm, fat_mm)), spacing, rng)
     return hu, lab
 
 
 def soft_tissue_variant(ct: Volume, labels: LabelMap, settings: ReaderSettings,
                         rng: np.random.Generator) -> tuple[Volume, LabelMap]:
-    """The patient's CT with one draw of :func:`soft_tissue_change` (deformation, then fat)."""
+    """The patient's CT with one draw of the soft-tissue change the reader is made robust to:
+    :func:`deform_soft_tissue` (``settings.elastic_mm``), then :func:`change_subcutaneous_fat`
+    (``settings.fat_mm``)."""
     hu = ct.array.astype(np.float32, copy=True)
     lab = labels.label_array().astype(np.int32)
-    hu, lab = soft_tissue_change(hu, lab, ct.spacing, settings, rng, "shape")
-    hu, lab = soft_tissue_change(hu, lab, ct.spacing, settings, rng, "fat")
+    hu, lab = deform_soft_tissue(hu, lab, ct.spacing, settings.elastic_mm, rng)
+    hu, lab = change_subcutaneous_fat(hu, lab, ct.spacing, settings.fat_mm, rng)
     changed = ct.with_array(hu)
     return changed, relabel(changed, labels, lab)
 
@@ -320,7 +329,7 @@ def ct_change_samples(ct: Volume, labels: LabelMap, camera: Camera, pose: np.nda
     ``calibration_voxel_mm`` when finer): each muscle changed **in the CT** by the cohort's functions
     (boundary atrophy, hypertrophy into fat, blob fat infiltration; a fresh draw from the preset),
     the pose jittered about the bones' centre, with ``settings.soft_tissue`` also a soft-tissue change
-    (:func:`soft_tissue_change`), an acquisition drawn from the preset (the camera's SID),
+    (:func:`deform_soft_tissue` before and :func:`change_subcutaneous_fat` after), an acquisition drawn from the preset (the camera's SID),
     noise; truth = each muscle's lean mass on the changed CT over that on the unchanged one."""
     ranges = settings.ranges()
     if min(ct.spacing) < settings.calibration_voxel_mm:
@@ -339,9 +348,9 @@ def ct_change_samples(ct: Volume, labels: LabelMap, camera: Camera, pose: np.nda
         fresh = sample_subject(int(rng.integers(0, 2**31 - 1)), i, names, ranges)
         hu = ct.array.astype(np.float32, copy=True)
         lab = labels.label_array().astype(np.int32)
-        hu, lab = soft_tissue_change(hu, lab, ct.spacing, settings, tissue_rng, "shape")
+        hu, lab = deform_soft_tissue(hu, lab, ct.spacing, settings.elastic_mm, tissue_rng)
         change_muscles(hu, lab, labels.table, ct.spacing, fresh.muscle_changes, fresh.infiltration, rng, density)
-        hu, lab = soft_tissue_change(hu, lab, ct.spacing, settings, tissue_rng, "fat")
+        hu, lab = change_subcutaneous_fat(hu, lab, ct.spacing, settings.fat_mm, tissue_rng)
         changed = ct.with_array(hu)
         changed_labels = relabel(changed, labels, lab)
         spec = SubjectSpec(index=i, seed=int(settings.seed), acquisition={**fresh.acquisition, "sid_mm": camera.sid_mm},

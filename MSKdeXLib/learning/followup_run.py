@@ -100,7 +100,9 @@ def run_followup(req: FollowupRequest, notify: Callable[..., None] | None = None
                  progress: Callable[[int, int], None] | None = None) -> dict:
     """Estimate each muscle's lean mass on the follow-up radiograph; writes the outputs into
     ``req.out`` (a staging folder: the caller moves it into place) and returns the report.
-    ``progress(i, n)`` is called after each calibration follow-up, then after each re-simulation."""
+    ``progress(i, n)`` is called after each jittered view (:func:`jittered_physics`), each calibration
+    follow-up, then each re-simulation: ``reader.poses - 1 + reader.calibration_samples + reader.samples``
+    calls in all."""
     from ..registration.run import load_geometry
     from ..registration.views import working_grid
 
@@ -115,7 +117,7 @@ def run_followup(req: FollowupRequest, notify: Callable[..., None] | None = None
     # the reader's re-simulations on a detector grid of at most WORKING_PX px (same rays, coarser pixels)
     step = max(camera.spacing_row_mm, camera.spacing_col_mm) * max(1.0, max(camera.rows, camera.cols) / WORKING_PX)
     work_camera, _ = working_grid(camera, xray.pixels, step)
-    views, baseline = jittered_physics(ct, labels, work_camera, pose, req.reader, req.density)
+    views, baseline = jittered_physics(ct, labels, work_camera, pose, req.reader, req.density, progress)
     calibration = ct_change_samples(ct, labels, work_camera, pose, views[0].muscles, req.reader, req.density,
                                     progress) if req.reader.calibration_samples else None
     reader = fit_reader(views, baseline, req.reader, progress, calibration)

@@ -120,8 +120,11 @@ def test_cli_writes_the_estimate(files):
     d = files
     r = _cli("--ct", str(d / "ct.nii.gz"), "--labels", str(d / "labels.nii.gz"), "--xray", str(d / "fu.dcm"),
              "--registration", str(d / "truth.json"), "--samples", "300", "--grid", "16", "--out", str(d / "out"),
-             "--progress", "none")
+             "--progress", "json")
     assert r.returncode == 0, r.stderr
+    # the progress counts every view, calibration follow-up and re-simulation and ends at its total
+    steps = [json.loads(line) for line in r.stderr.splitlines() if line.startswith('{"event": "progress"')]
+    assert steps and steps[-1]["step"] == steps[-1]["total"] == (12 - 1) + 40 + 300
     doc = json.loads((d / "out" / "followup.json").read_text())
     assert doc["format"] == fu.FOLLOWUP_FORMAT and doc["pose"]["source"].endswith("truth.json")
     m = doc["muscles"]
