@@ -106,7 +106,7 @@ def run_subject(index: int, args, config: co.CohortConfig, done: Callable[[list[
     centre = co.bone_centre(*co.load_source(config))
     settings = fu.ReaderSettings(samples=args.samples, grid=args.grid, seed=index, poses=args.poses,
                                  calibration_samples=args.calibration_samples, fat_mm=args.reader_fat_mm,
-                                 elastic_mm=args.reader_elastic_mm)
+                                 elastic_mm=args.reader_elastic_mm, warp_mm=args.reader_warp_mm)
 
     fitted: list[tuple[np.ndarray, fu.FollowupReader, float]] = []
 
@@ -238,6 +238,8 @@ def main(argv=None) -> int:
                    help="the reader's views and calibration vary the subcutaneous fat by U(-x, x) mm")
     p.add_argument("--reader-elastic-mm", type=float, default=fu.ReaderSettings.elastic_mm,
                    help="the reader's views and calibration deform the anatomy smoothly by this SD, mm")
+    p.add_argument("--reader-warp-mm", type=float, default=fu.ReaderSettings.warp_mm,
+                   help="the reader's re-simulations are each moved by a smooth 2D field of this SD (mm at the object)")
     p.add_argument("--detector", type=int, default=256, help="detector side, px")
     p.add_argument("--voxel-mm", type=float, default=4.0, help="the CT's voxel (resampled), mm")
     p.add_argument("--readers", nargs="+", default=list(READERS), choices=READERS)

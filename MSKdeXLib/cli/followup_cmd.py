@@ -11,7 +11,7 @@ from .common import (LazyChoices, Progress, add_ct_args, add_density_args, add_f
 #: reader options -> fields of MSKdeXLib.learning.followup.ReaderSettings (their defaults live there)
 READER_FIELDS = {"samples": "samples", "grid": "grid", "margin": "margin", "preset": "preset", "coverage": "coverage",
                  "poses": "poses", "calibration_samples": "calibration_samples", "fat_mm": "fat_mm",
-                 "elastic_mm": "elastic_mm"}
+                 "elastic_mm": "elastic_mm", "warp_mm": "warp_mm"}
 
 
 def add_parser(sub, name: str):
@@ -52,6 +52,9 @@ def add_parser(sub, name: str):
                    "views and calibration follow-ups change the subcutaneous fat thickness by U(-x, x) mm (0: none)")
     g.add_argument("--elastic-mm", type=float, help="soft tissue the reader allows for: its views and calibration "
                    "follow-ups deform the anatomy smoothly (SD of control displacements 80 mm apart, mm; 0: none)")
+    g.add_argument("--warp-mm", type=float, help="soft tissue the reader allows for, cheaply: every re-simulation's "
+                   "line integrals are moved by its own smooth 2D field (SD of control displacements 80 mm apart at "
+                   "the patient, mm; 0: none)")
     g.add_argument("--seed", type=int, default=0, help="seed of the re-simulations")
     settings_options(p, "MSKdeXLib.learning.followup:ReaderSettings", READER_FIELDS)
     add_density_args(p)

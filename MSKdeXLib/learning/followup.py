@@ -25,7 +25,7 @@ mm, ``ct_to_camera`` poses.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -66,6 +66,7 @@ class ReaderSettings:
     calibration_voxel_mm: float = 3.0
     fat_mm: float = 0.0
     elastic_mm: float = 0.0
+    warp_mm: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -86,6 +87,8 @@ class ReaderSettings:
         if not 0.0 <= float(self.fat_mm) <= 30.0 or not 0.0 <= float(self.elastic_mm) <= 10.0:
             raise UserError(f"--fat-mm must be 0-30 mm and --elastic-mm 0-10 mm, got {self.fat_mm} and "
                             f"{self.elastic_mm}")
+        if not 0.0 <= float(self.warp_mm) <= 10.0:
+            raise UserError(f"--warp-mm must be 0-10 mm, got {self.warp_mm}")
 
     @property
     def soft_tissue(self) -> bool:
@@ -288,13 +291,20 @@ def fit_reader(physics: SubjectPhysics | list[SubjectPhysics], baseline_g: np.nd
     The reader is the model fitted on the rest; its interval half-widths are the split-conformal
     ``coverage`` quantile of |error| per muscle on ``calibration`` (CT-simulated follow-ups) when given,
     else on the held-out re-simulations."""
+    from .projection_warp import warp_physics
+
     rng = np.random.default_rng([int(settings.seed), 14])
+    warp_rng = np.random.default_rng([int(settings.seed), 15])   # its own stream: warp_mm 0 draws as before
     views = physics if isinstance(physics, list) else [physics]
     names, camera = views[0].muscles, views[0].camera
     spacing = input_spacing(camera, int(settings.grid))
     x, y = [], []
     for i in range(int(settings.samples)):
         view = views[int(rng.integers(0, len(views)))]
+        if float(settings.warp_mm) > 0:
+            own = baseline_g if view.lean_mass_g is None else view.lean_mass_g
+            view = warp_physics(replace(view, lean_mass_g=np.asarray(own, np.float64)), settings.warp_mm, warp_rng,
+                                ELASTIC_CONTROL_MM)
         changes, spec = draw(rng, view)
         codes = resimulate(view, changes, spec, int(rng.integers(0, 2**31 - 1)))
         x.append(reader_input(codes, camera, settings.grid, spacing, settings.margin_cells))

@@ -43,6 +43,9 @@ def assumptions(reader: ReaderSettings) -> list[str]:
         out[0] = (f"the patient's shape other than the muscles is the baseline CT's, up to a subcutaneous fat change "
                   f"within +-{float(reader.fat_mm):g} mm and a smooth deformation of SD {float(reader.elastic_mm):g} mm "
                   f"(the reader's views and interval calibration include them)")
+    if float(reader.warp_mm) > 0:
+        out[0] += (f"; the reader's re-simulations are also moved by smooth 2D fields of SD {float(reader.warp_mm):g} mm "
+                   f"(its interval calibration includes them only through --elastic-mm)")
     return out
 
 

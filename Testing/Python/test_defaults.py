@@ -63,7 +63,7 @@ def expected_defaults() -> dict[tuple[str, str], object]:
                                                      "train", "demo", "followup")})
     reader = ReaderSettings()
     exp.update({("followup", k): getattr(reader, k) for k in ("samples", "grid", "margin", "preset", "coverage", "poses",
-                                                                  "calibration_samples", "fat_mm", "elastic_mm")})
+                                                                  "calibration_samples", "fat_mm", "elastic_mm", "warp_mm")})
     exp[("followup", "bones")] = FollowupRequest.__dataclass_fields__["bones"].default
     return exp
 

@@ -218,3 +218,24 @@ def test_soft_tissue_variants(case):
     np.testing.assert_array_equal(views[0].water.numpy(), physics.water.numpy())
     totals = [abs(float(v.water.sum()) / float(physics.water.sum()) - 1) for v in views[1:]]
     assert max(totals) > 0.005, totals   # the fat change, not a pose jitter (off), moved the water path
+
+
+def test_projection_warp_moves_the_physics(case):
+    """The reader's 2D soft-tissue warp: a smooth field of about the asked SD; it moves the line integrals
+    and the muscles' channels together, keeps their totals to a few %, and each muscle's lean mass
+    follows its channel's sum; SD 0 changes nothing."""
+    from MSKdeXLib.learning.projection_warp import smooth_displacement, warp_physics
+
+    field = smooth_displacement((64, 80), (2.0, 3.0), (12.0, 12.0), np.random.default_rng(0))
+    assert field.shape == (2, 64, 80)
+    assert 1.0 < field[0].std() < 2.4 and 1.5 < field[1].std() < 3.6
+    assert np.diff(field[1], axis=1).std() < 0.25 * field[1].std()   # smooth: neighbours move together
+    _, _, camera, pose, physics, base, _ = case
+    assert warp_physics(physics, 0.0, np.random.default_rng(1)) is physics
+    moved = warp_physics(physics, 2.0, np.random.default_rng(1))
+    assert not np.allclose(moved.water.numpy(), physics.water.numpy())
+    assert abs(float(moved.water.sum()) / float(physics.water.sum()) - 1) < 0.03
+    for n, k in zip(physics.muscles, range(len(physics.muscles))):
+        old, new = physics.muscle_mass[n], moved.muscle_mass[n]
+        assert not np.allclose(old, new) and abs(new.sum() / old.sum() - 1) < 0.15   # 64 px: resampling too
+        np.testing.assert_allclose(moved.lean_mass_g[k], physics.lean_mass_g[k] * new.sum() / old.sum())
