@@ -9,9 +9,9 @@ free, joint, part), which sets where it starts, its views, how far it searches a
 doubtful; this module runs the same stages for every kind: in-plane search (first body only,
 :func:`~.initialise.inplane_search`), CMA-ES (``restarts`` runs, best kept), gradient refinement
 (Adam through the differentiable DRR) on each view, the final score and a profile. The first
-body's refinement also starts from its start pose (and, with ``first.tissue_candidate``, from a
-CMA-ES run whose DRR holds the tissue); the candidate best on the scoring view is kept
-(:meth:`BodyRun.refine_candidates`).
+body's refinement also starts from its start pose and, when the global search's result scores low
+on the scoring view (``first.tissue_candidate_below``), from a CMA-ES run whose DRR holds the
+tissue; the candidate best on the scoring view is kept (:meth:`BodyRun.refine_candidates`).
 
 The similarity compares the radiograph with a DRR (line integral of attenuation) of the bodies'
 bones and, with ``soft_tissue`` (default), of the CT's other tissue (:func:`~.bodyvolume.tissue_volume`:
@@ -184,55 +184,64 @@ class BodyRun:
                                  "similarity": res.similarity, "steps": res.evaluations,
                                  "seconds": round(res.seconds, 3)})
 
-    def candidates(self, search: Search) -> list[tuple[str, np.ndarray]]:
-        """Where the first body's refinement may start (parameters): the global search's result,
-        and (``first.start_candidate``) the start itself, and (``first.tissue_candidate``, when the
-        global search is bone-only) one more CMA-ES run from the start whose DRR holds the tissue.
-        A bone-only search is blind when the radiograph's bones are faint beside its soft tissue
-        (strong LUT, grid-less scatter: benchmarks/RESULTS_registration.md, round 10)."""
-        g, out = self.s.first, [("search", self.x.copy())]
-        if g.start_candidate and np.any(self.x != 0):
-            out.append(("start", np.zeros(6)))
-        if g.tissue_candidate and self.s.cma and self.refine_tissue and not self.search_tissue:
+    def candidates(self, search: Search, x_search: np.ndarray, f_search: float):
+        """Where else the first body's refinement may start (name, parameters), lazily, after the
+        global search's result (``x_search``) scored ``f_search`` on the scoring view once refined:
+        (``first.start_candidate``) the start itself, and (``first.tissue_candidate``, when the
+        global search is bone-only) one more CMA-ES run from the start whose DRR holds the tissue;
+        each only while ``f_search`` is below its ``*_candidate_below`` threshold. A bone-only search
+        is blind when the radiograph's bones are faint beside its soft tissue (strong LUT, grid-less
+        scatter: benchmarks/RESULTS_registration.md, rounds 10-11)."""
+        g = self.s.first
+        if g.start_candidate and np.any(x_search != 0) and f_search < g.start_candidate_below:
+            yield "start", np.zeros(6)
+        if (g.tissue_candidate and self.s.cma and self.refine_tissue and not self.search_tissue
+                and f_search < g.tissue_candidate_below):
             res = cma_search(self.objective(0, True), self.space, np.zeros(6), search.sigma_deg, search.sigma_mm,
                              search.bounds_deg, search.bounds_mm, self.s.cma_popsize, self.s.cma_max_evals,
                              self.s.seed + 7919, self.ctx.dtype, self.ctx.device, penalty=search.penalty)
             self.history.append({"stage": "cma-es", "level_px": list(self.views[0].shape), "tissue": True,
                                  "similarity": res.similarity, "evaluations": res.evaluations,
                                  "seconds": round(res.seconds, 3), "x": [round(float(v), 4) for v in res.x]})
-            out.append(("tissue-search", res.x))
-        return out
+            yield "tissue-search", res.x
 
     def refine_candidates(self, search: Search) -> None:
-        """Refine each of :meth:`candidates` on the coarsest view, drop those that ended where an
-        earlier one did (within ``SAME_POSE``), refine the rest on the other pyramid levels, keep
-        the one with the highest similarity on the scoring view, then refine it on the remaining
-        (full-resolution) view."""
-        cands = self.candidates(search) if self.kind.name == "first" else []
-        if len(cands) < 2:
+        """Refine the global search's result on the coarsest view, then on the other pyramid levels,
+        and score it on the scoring view; then each further :meth:`candidates` the same way (one
+        that ends on the coarsest view where an earlier one did, within ``SAME_POSE``, is dropped);
+        keep the one with the highest similarity on the scoring view and refine it on the remaining
+        (full-resolution) view. Every candidate is refined the same way whatever the others did."""
+        g = self.s.first
+        if self.kind.name != "first" or not (g.start_candidate or g.tissue_candidate):
             self.refine(search)
             return
         order = list(self.kind.refined(self.views))
         first, pyramid = order[:1], [i for i in order[1:] if i <= self.last]
         rest = [i for i in order if i > self.last]
-        distinct: list[tuple[str, np.ndarray]] = []
-        for name, x in cands:
+        x_search, coarse, best = self.x.copy(), [], None
+
+        def one(name: str, x: np.ndarray):
+            nonlocal best
             self.x = np.asarray(x, dtype=np.float64)
             self.refine(search, first)
-            if any(np.all(np.abs(self.x - y) <= SAME_POSE) for _, y in distinct):
+            if any(np.all(np.abs(self.x - y) <= SAME_POSE) for y in coarse):
                 self.history.append({"stage": "candidate", "from": name, "same_as_earlier": True})
-                continue
-            distinct.append((name, self.x.copy()))
-        best = None
-        for name, x in distinct:
-            self.x = x
+                return
+            coarse.append(self.x.copy())
             self.refine(search, pyramid)
             f = self.score(self.last, self.x)
             self.history.append({"stage": "candidate", "from": name, "similarity": round(f, 5)})
             if best is None or f > best[0]:
                 best = (f, self.x.copy(), name)
+
+        one("search", x_search)
+        n = 1
+        for name, x in self.candidates(search, x_search, best[0]):
+            one(name, x)
+            n += 1
         self.x = best[1]
-        self.history.append({"stage": "candidate-kept", "from": best[2], "similarity": round(best[0], 5)})
+        self.history.append({"stage": "candidate-kept", "from": best[2], "similarity": round(best[0], 5),
+                             "candidates": n})
         self.refine(search, rest)
 
     def run(self, t0: float) -> BodyResult:

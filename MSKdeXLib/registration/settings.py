@@ -37,6 +37,12 @@ class SearchSettings:
     # are faint beside the soft tissue, and left good starts for poses 50-80 mm away):
     start_candidate: bool = True    # the start pose itself
     tissue_candidate: bool = True   # one more CMA-ES run from the start with the tissue in the DRR
+    # ... each only when the search's result, refined through the pyramid, scores below this on the
+    # scoring view (> 1: always, as in round 10). Round 11 (calibration, RESULTS_registration.md): the
+    # searches the candidates rescued scored <= 0.34 there, successful ones >= 0.57; the tissue
+    # CMA-ES is half the first body's time where the search worked
+    start_candidate_below: float = 2.0
+    tissue_candidate_below: float = 0.45
     # doubtful below these final similarities (whole detector; calibrated:
     # benchmarks/RESULTS_registration.md): bone-only DRRs / with the soft tissue
     doubtful_below: float = 0.2

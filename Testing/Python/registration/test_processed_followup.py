@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.bench_registration_followup import followups, make_config, register_row
+from MSKdeXLib.registration.settings import RegistrationSettings
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +29,27 @@ def test_start_and_tissue_candidates_register_what_the_bone_only_search_lost(sub
     assert not row["doubtful"]
     kept = [s["from"] for s in row["stages"] if s["stage"] == "candidate-kept"]
     assert kept and kept[0] != "search", row["stages"]
+    search = next(s["similarity"] for s in row["stages"] if s["stage"] == "candidate" and s["from"] == "search")
+    assert search < RegistrationSettings().first.tissue_candidate_below   # so the tissue candidate ran:
+    assert any(s["stage"] == "cma-es" and s.get("tissue") for s in row["stages"]), row["stages"]
+
+
+def test_the_tissue_candidate_is_skipped_when_the_search_scores_high(subject_30000):
+    """Follow-up 1 (start 4-18 mm away like the others): the bone-only search's result, refined,
+    scores about 0.85 on the scoring view, above ``first.tissue_candidate_below`` (round 11): no
+    tissue CMA-ES runs, and the pose is the one the full set of candidates kept in round 10
+    (0.5 mm): the same similarity as with the tissue candidate forced on."""
+    subject, fus = subject_30000
+    codes, pose, _, _ = fus[1]
+    row = register_row(subject, codes, pose, [])
+    stages = row["stages"]
+    search = next(s["similarity"] for s in stages if s["stage"] == "candidate" and s["from"] == "search")
+    assert search >= RegistrationSettings().first.tissue_candidate_below, search
+    assert not any(s["stage"] == "cma-es" and s.get("tissue") for s in stages), stages
+    assert row["mtre_mm"] < 2.0 and not row["doubtful"], row["mtre_mm"]
+    forced = register_row(subject, codes, pose, ["first.tissue_candidate_below=2"])
+    assert any(s["stage"] == "cma-es" and s.get("tissue") for s in forced["stages"])
+    assert forced["final_similarity"] == pytest.approx(row["final_similarity"], abs=2e-3)
 
 
 def test_a_pelvis_lost_at_similarity_033_is_flagged(pelvis_case, one_torch_thread):
