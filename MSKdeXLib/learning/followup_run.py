@@ -18,7 +18,6 @@ from typing import Callable
 import numpy as np
 
 from ..anatomy.density import DensityModel
-from ..errors import UserError
 from ..io.outputs import atomic_path, write_json
 from ..io.radiographs import UncalibratedWarning, load_radiograph
 from ..io.volumes import load_ct, load_labels
@@ -73,20 +72,13 @@ class FollowupRequest:
 def registered_pose(req: FollowupRequest, notify: Callable[..., None] | None) -> tuple[np.ndarray, dict]:
     """(the first body's ct_to_camera, a summary of the registration) from ``req.registration`` or
     a new registration written to ``OUT/registration/``."""
-    from ..io.documents import read_json
+    from ..registration.documents import read_known_pose
     from ..registration.run import RegistrationRequest, register_radiograph
 
     if req.registration:
-        doc = read_json(Path(req.registration), "registration")
-        try:
-            first = doc["bodies"][0]
-            pose = np.asarray(first["ct_to_camera"], np.float64)
-        except (KeyError, IndexError, TypeError):
-            raise UserError("not a registration.json of mskdex register (no bodies)", req.registration) from None
-        if pose.shape != (4, 4):
-            raise UserError("the first body's ct_to_camera is not 4x4", req.registration)
-        return pose, {"source": str(req.registration), "body": first.get("name"),
-                      "doubtful": bool(doc.get("doubtful", False)), "final_similarity": first.get("final_similarity")}
+        known = read_known_pose(req.registration)   # checked: a rigid 4x4 first pose (the CLI also checks its camera)
+        return known.ct_to_camera, {"source": str(req.registration), "body": known.body, "doubtful": known.doubtful,
+                                    "final_similarity": known.final_similarity}
     rr = RegistrationRequest(req.xray, req.ct_path, req.labels_path, req.out / "registration", req.bones,
                              sid_mm=req.sid_mm, spacing_mm=req.spacing_mm, table=req.table,
                              resample_labels=req.resample_labels, force=req.force)

@@ -28,6 +28,7 @@ class KnownPose:
     body: str | None
     doubtful: bool
     geometry: dict | None       # Camera.to_dict() of the registration's radiograph, when recorded
+    final_similarity: float | None = None   # the first body's similarity at the end, when recorded
 
 
 def read_known_pose(path) -> KnownPose:
@@ -50,7 +51,8 @@ def read_known_pose(path) -> KnownPose:
     geometry = doc.get("geometry")
     if geometry is not None and not isinstance(geometry, dict):
         raise UserError("'geometry' is not an object", p)
-    return KnownPose(p, pose, first.get("name"), bool(doc.get("doubtful", first.get("doubtful", False))), geometry)
+    return KnownPose(p, pose, first.get("name"), bool(doc.get("doubtful", first.get("doubtful", False))), geometry,
+                     first.get("final_similarity"))
 
 
 def check_geometry(known: KnownPose, camera: Camera) -> None:
