@@ -296,20 +296,19 @@ def fit_reader(physics: SubjectPhysics | list[SubjectPhysics], baseline_g: np.nd
     rng = np.random.default_rng([int(settings.seed), 14])
     warp_rng = np.random.default_rng([int(settings.seed), 15])   # its own stream: warp_mm 0 draws as before
     views = physics if isinstance(physics, list) else [physics]
+    # each view's own lean mass (g): the targets scale it (a soft-tissue view's differs from the baseline)
+    views = [v if v.lean_mass_g is not None else replace(v, lean_mass_g=np.asarray(baseline_g, np.float64))
+             for v in views]
     names, camera = views[0].muscles, views[0].camera
     spacing = input_spacing(camera, int(settings.grid))
     x, y = [], []
     for i in range(int(settings.samples)):
         view = views[int(rng.integers(0, len(views)))]
-        if float(settings.warp_mm) > 0:
-            own = baseline_g if view.lean_mass_g is None else view.lean_mass_g
-            view = warp_physics(replace(view, lean_mass_g=np.asarray(own, np.float64)), settings.warp_mm, warp_rng,
-                                ELASTIC_CONTROL_MM)
+        view = warp_physics(view, settings.warp_mm, warp_rng, ELASTIC_CONTROL_MM)   # unchanged at warp_mm 0
         changes, spec = draw(rng, view)
         codes = resimulate(view, changes, spec, int(rng.integers(0, 2**31 - 1)))
         x.append(reader_input(codes, camera, settings.grid, spacing, settings.margin_cells))
-        own = baseline_g if view.lean_mass_g is None else view.lean_mass_g   # a soft-tissue view's own masses
-        y.append(own * np.array([changes.lean_factor(n) for n in names]))
+        y.append(view.lean_mass_g * np.array([changes.lean_factor(n) for n in names]))
         if progress is not None:
             progress(i + 1, int(settings.samples))
     x, y = np.asarray(x), np.asarray(y)
