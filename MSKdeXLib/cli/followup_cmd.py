@@ -76,26 +76,8 @@ def run(args) -> int:
 
     reader = ReaderSettings(**settings_values(args, READER_FIELDS), seed=args.seed)
     reader.ranges()  # an unknown preset fails before any work
-    if args.registration:
-        check_known_pose(args.registration, args.xray, args.sid, spacing_rc(args.pixel_spacing))
     with output_folder(args.out, args.force, OUTPUTS, last=("followup.json",)) as stage:
         return _run(args, stage, reader)
-
-
-def check_known_pose(registration: str, xray: str, sid_mm: float, spacing_mm) -> None:
-    """--registration before any work: its first body's pose is rigid and, when it records its camera,
-    that is this radiograph's (a UserError naming the file otherwise)."""
-    import warnings
-
-    from ..io.radiographs import UncalibratedWarning, load_radiograph
-    from ..registration.documents import check_geometry, read_known_pose
-    from ..registration.run import load_geometry
-
-    known = read_known_pose(registration)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UncalibratedWarning)
-        image = load_radiograph(xray, spacing_mm)
-    check_geometry(known, load_geometry(xray, image, sid_mm)[0])
 
 
 def _run(args, stage: Path, reader) -> int:

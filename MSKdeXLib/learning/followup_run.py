@@ -21,6 +21,7 @@ from ..anatomy.density import DensityModel
 from ..io.outputs import atomic_path, write_json
 from ..io.radiographs import UncalibratedWarning, load_radiograph
 from ..io.volumes import load_ct, load_labels
+from ..registration.documents import KnownPose, check_geometry, read_known_pose
 from ..settings import SID_MM
 from .followup import (FOLLOWUP_FORMAT, ReaderSettings, asymmetry, ct_change_samples, fit_reader, implausible,
                        jittered_physics)
@@ -69,14 +70,13 @@ class FollowupRequest:
     force: bool = False
 
 
-def registered_pose(req: FollowupRequest, notify: Callable[..., None] | None) -> tuple[np.ndarray, dict]:
-    """(the first body's ct_to_camera, a summary of the registration) from ``req.registration`` or
-    a new registration written to ``OUT/registration/``."""
-    from ..registration.documents import read_known_pose
+def registered_pose(req: FollowupRequest, known: KnownPose | None,
+                    notify: Callable[..., None] | None) -> tuple[np.ndarray, dict]:
+    """(the first body's ct_to_camera, a summary of the registration) from ``known`` (the checked
+    ``req.registration``) or a new registration written to ``OUT/registration/``."""
     from ..registration.run import RegistrationRequest, register_radiograph
 
-    if req.registration:
-        known = read_known_pose(req.registration)   # checked: a rigid 4x4 first pose (the CLI also checks its camera)
+    if known is not None:
         return known.ct_to_camera, {"source": str(req.registration), "body": known.body, "doubtful": known.doubtful,
                                     "final_similarity": known.final_similarity}
     rr = RegistrationRequest(req.xray, req.ct_path, req.labels_path, req.out / "registration", req.bones,
@@ -102,13 +102,17 @@ def run_followup(req: FollowupRequest, notify: Callable[..., None] | None = None
     from ..registration.views import working_grid
 
     t0 = time.time()
+    # a given registration is read first (a rigid 4x4 first pose), its camera checked once the radiograph's is known
+    known = read_known_pose(req.registration) if req.registration else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UncalibratedWarning)
         xray = load_radiograph(req.xray, req.spacing_mm)
     camera, _ = load_geometry(req.xray, xray, req.sid_mm)
+    if known is not None:
+        check_geometry(known, camera)
     ct = load_ct(req.ct_path, req.nonfinite)
     labels = load_labels(req.labels_path, ct, req.table, req.resample_labels)
-    pose, reg = registered_pose(req, notify)
+    pose, reg = registered_pose(req, known, notify)
     # the reader's re-simulations on a detector grid of at most WORKING_PX px (same rays, coarser pixels)
     step = max(camera.spacing_row_mm, camera.spacing_col_mm) * max(1.0, max(camera.rows, camera.cols) / WORKING_PX)
     work_camera, _ = working_grid(camera, xray.pixels, step)

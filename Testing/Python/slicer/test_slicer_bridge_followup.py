@@ -151,7 +151,12 @@ def test_registration_nodes_remember_their_inputs_and_the_followup_finds_them(fo
     radiograph it was run on and the camera; registration_for finds the first body for exactly those inputs;
     registration_mismatch refuses it for others (a hand-made pose is the user's call); the registration.json
     written from the node carries the camera, which ``mskdex followup`` checks against its radiograph."""
-    from MSKdeXLib.cli.followup_cmd import check_known_pose
+    from MSKdeXLib.io.radiographs import load_radiograph
+    from MSKdeXLib.registration.documents import check_geometry, read_known_pose
+    from MSKdeXLib.registration.run import load_geometry
+
+    def check_known_pose(registration, xray, sid_mm, spacing_mm):   # as mskdex followup checks --registration
+        check_geometry(read_known_pose(registration), load_geometry(xray, load_radiograph(xray, spacing_mm), sid_mm)[0])
 
     folder, xray = followup_registration
     ct, labels = pelvis
