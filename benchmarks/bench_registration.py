@@ -177,15 +177,16 @@ def make_settings(args, trial: int) -> pipeline.RegistrationSettings:
     return s
 
 
-def run_old(case: Case, pixels, start, truth, seed: int, old_code: str) -> list[dict]:
-    """The same registration by the code in ``old_code`` (register_once.py in a subprocess)."""
-    meta = {"ct": case.paths[0], "labels": case.paths[1], "bodies": case.spec, "seed": seed,
+def run_old(case: Case, pixels, start, truth, seed: int, old_code: str, threads: int = 1) -> list[dict]:
+    """The same registration by the code in ``old_code`` (register_once.py in a subprocess), with
+    ``threads`` torch threads (as the new code's)."""
+    meta = {"ct": case.paths[0], "labels": case.paths[1], "bodies": case.spec, "seed": seed, "threads": threads,
             "camera": {k: v for k, v in vars(case.cam).items()},
             "true_poses": {k: np.asarray(v).tolist() for k, v in truth.items()}}
     with tempfile.TemporaryDirectory() as tmp:
         f = Path(tmp) / "trial.npz"
         np.savez(f, pixels=pixels, start=start, meta=json.dumps(meta))
-        env = {**os.environ, "PYTHONPATH": old_code, "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "PYTHONPATH": old_code, "OMP_NUM_THREADS": str(threads)}
         out = subprocess.run([sys.executable, str(Path(__file__).with_name("register_once.py")), str(f)],
                              env=env, capture_output=True, text=True, check=True, cwd=old_code)
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
@@ -254,7 +255,7 @@ def run_trial(case: Case, trial: int, rng_mm: float, rng_deg: float, args) -> li
                      "parent": next((h["of"] for h in r.history if h["stage"] in ("joint", "part")), None),
                      "simulated": info if body is first else None})
     if args.old_code:
-        for o in run_old(case, pixels, start, truth, trial, args.old_code):
+        for o in run_old(case, pixels, start, truth, trial, args.old_code, args.threads):
             rows.append({**common, "code": "old", **{k: v for k, v in o.items() if k != "ct_to_camera"}})
     for row in rows:
         print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
