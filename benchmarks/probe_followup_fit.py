@@ -10,13 +10,19 @@ follow-up's truth is checked against it). The fit knows the acquisition (oracle:
 kVp, scatter, gamma, blur, collimation, vendor processing); it fits the 10 muscles' relative lean-mass
 changes and, with ``elastic`` > 0, deformation modes of the baseline's paths (first-order response to
 each control point of the cohort's elastic field, reduced by an SVD; cached under ``--cache``).
-Variants: assumed deformation SD (0 = no modes), residual pooling, model-error floor.
+Variants: assumed deformation SD (0 = no modes), residual pooling, model-error floor, number of modes;
+``--acquisition fitted`` estimates the acquisition too (:func:`~MSKdeXLib.learning.followup_fit.fit_unknown_acquisition`).
+The fit's intervals are its linearised posterior's (pixel noise only: not calibrated).
 
-    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/probe_followup_fit.py --subjects 30040 30041 30042 \\
-        --json /tmp/fit11/probe.json --markdown
+    export OMP_NUM_THREADS=1; for s in 30040 30041 30042; do   # session 11 (RESULTS_network.md)
+      (nice -n 10 python benchmarks/probe_followup_fit.py --subjects $s --json fit_$s.json    # known acquisition
+       nice -n 10 python benchmarks/probe_followup_fit.py --subjects $s --acquisition fitted --elastic 0 1 \\
+           --pool 2 --json acq_$s.json) &
+    done; wait
+    python benchmarks/probe_followup_fit.py --from-json fit_300*.json acq_300*.json --markdown   # the table
 
-About 3-6 min per subject on a shared 2-core machine once the deformation Jacobian is cached
-(~2 min per subject to make).
+Known acquisition: ~20 s per follow-up (150 modes), fitted: ~35 s, on a shared 2-core machine; the
+deformation Jacobian ~2.5 min per subject once (cached under ``--cache``, 283 MB), the follow-ups too.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from MSKdeXLib.learning import cohort as co  # noqa: E402
 from MSKdeXLib.learning import followup as fu  # noqa: E402
 from MSKdeXLib.learning import followup_fit as ff  # noqa: E402
 
+CONDITIONS = (0.0, 0.5, 1.0)   # the follow-ups' elastic SD (mm), as the ridge run's (the cache holds all)
 RIDGE_JSON = Path(__file__).resolve().parent / "data" / "followup_warp_validation_noreaderspread.json"
 
 
@@ -107,11 +114,34 @@ def noise_sd(model: ff.FitModel, spec: co.SubjectSpec, seed: int) -> float:
     return float(np.std((noisy - clean)[inside]))
 
 
+def table(rows: list[dict], markdown: bool) -> dict:
+    """Each reader's agreement with the truth per follow-up condition (``bench_followup.summarise``), for the
+    readers every row has; printed as JSON, and as a markdown table with ``markdown``."""
+    kinds = [k for k in rows[0] if k == "ridge" or k.startswith(("fit ", "acq-fit "))]
+    kinds = [k for k in kinds if all(k in r for r in rows)]
+    summary = {}
+    for cond in sorted({r["elastic_mm"] for r in rows}):
+        group = [r for r in rows if r["elastic_mm"] == cond]
+        for k in kinds:
+            summary[f"elastic {cond:g} mm: {k}"] = bf.summarise(group, k)
+    print(json.dumps({k: {m: v for m, v in s.items() if m != "pair_asym_pcc"} for k, s in summary.items()}, indent=1))
+    if markdown:
+        print("| follow-up elastic: reader | mass PCC | asymmetry PCC | share PCC | pooled change PCC | "
+              "change MAE % (true SD %) | 90 % coverage (n) |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for k, s in summary.items():
+            print(f"| {k} | {s['mass_pcc']:.2f} | {s['asym_pcc']:.2f} | {s['share_pcc']:.2f} | "
+                  f"{s['pooled_change_pcc']:.2f} | {s['change_mae_percent']:.1f} ({s['true_change_sd_percent']:.1f}) | "
+                  f"{100 * s['coverage']:.0f} % ({s['coverage_n']}) |")
+    return summary
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--subjects", type=int, nargs="+", default=[30040, 30041, 30042])
     p.add_argument("--followups", type=int, default=8)
-    p.add_argument("--conditions", type=float, nargs="+", default=[0.0, 0.5, 1.0], help="follow-up elastic SD, mm")
+    p.add_argument("--conditions", type=float, nargs="+", default=list(CONDITIONS), choices=CONDITIONS,
+                   help="follow-up elastic SD, mm (a subset of the benchmark's)")
     p.add_argument("--elastic", type=float, nargs="+", default=[0.0, 1.0], help="the fit's assumed SD, mm")
     p.add_argument("--pool", type=int, nargs="+", default=[2, 4, 8], help="residual pooling, px")
     p.add_argument("--floor", type=float, nargs="+", default=[0.0], help="model-error SD per pooled px, codes")
@@ -123,11 +153,20 @@ def main(argv=None) -> int:
     p.add_argument("--cache", default="/tmp/fit11")
     p.add_argument("--ridge-json", default=str(RIDGE_JSON))
     p.add_argument("--json", default=None)
+    p.add_argument("--from-json", nargs="+", default=None, help="only re-make the table from --json files (rows of "
+                   "the same follow-ups merged: e.g. one file per subject and per run)")
     p.add_argument("--markdown", action="store_true")
     args = p.parse_args(argv)
     import torch
 
     torch.set_num_threads(1)
+    if args.from_json:
+        merged: dict = {}
+        for f in args.from_json:
+            for r in json.loads(Path(f).read_text())["rows"]:
+                merged.setdefault((r["subject"], r["followup"], r["elastic_mm"]), {}).update(r)
+        table(list(merged.values()), args.markdown)
+        return 0
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     ridge = {(r["subject"], r["followup"], r["elastic_mm"]): r for r in json.loads(Path(args.ridge_json).read_text())["rows"]}
@@ -142,7 +181,9 @@ def main(argv=None) -> int:
         modes = modes_of(subject, physics, index, cache, args.keep, args.max_modes)
         model = ff.FitModel.build(physics, base, modes)
         print(f"subject {index}: {len(modes)} modes", flush=True)
-        for row in followups(subject, index, names, config, args.conditions, args.followups, cache):
+        for row in followups(subject, index, names, config, CONDITIONS, args.followups, cache):
+            if row["elastic_mm"] not in args.conditions:
+                continue
             t0 = time.time()
             key = (index, row["followup"], row["elastic_mm"])
             rr = ridge.get(key)
@@ -164,36 +205,28 @@ def main(argv=None) -> int:
                         "iterations": res.iterations}
             if "fitted" in args.acquisition:
                 blind = co.SubjectSpec(index=0, seed=0, acquisition={"sid_mm": fspec.acquisition["sid_mm"]})
-                for elastic, pool in itertools.product(args.elastic, args.pool):
+                for pool, elastic in itertools.product(args.pool, sorted(args.elastic)):
                     t1 = time.time()
+                    first = row.get(f"_acq-fit e0 p{pool}") if elastic > 0 else None   # its first stage is shared
                     res, found = ff.fit_unknown_acquisition(model, row["codes"], blind, config.cohort_ranges(), elastic,
-                                                            pool, iterations=args.iterations)
+                                                            pool, iterations=args.iterations, start=first)
+                    if elastic == 0:
+                        row[f"_acq-fit e0 p{pool}"] = res
                     row[f"acq-fit e{elastic:g} p{pool}"] = {
                         "estimate_g": res.estimate_g.tolist(), "half_width_g": (1.645 * res.sd_change * base).tolist(),
                         "baseline_g": base.tolist(), "fit_seconds": time.time() - t1, "cost": res.cost,
                         "iterations": res.iterations, "acquisition": {**found.acquisition, **found.processing}}
+                for k in [k for k in row if k.startswith("_")]:
+                    del row[k]
             row["noise_sd_codes"] = sigma
             del row["codes"]
             rows.append(row)
             print(f"{key}: linearised in {t_lin:.1f} s, fits {time.time() - t0 - t_lin:.1f} s", flush=True)
             if args.json:
                 Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}))
-    kinds = (["ridge"] if "ridge" in rows[0] else []) + [k for k in rows[0] if k.startswith(("fit ", "acq-fit "))]
-    summary = {}
-    for cond in args.conditions:
-        group = [r for r in rows if r["elastic_mm"] == cond]
-        for k in kinds:
-            summary[f"elastic {cond:g} mm: {k}"] = bf.summarise(group, k)
+    summary = table(rows, args.markdown)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows, "summary": summary}))
-    if args.markdown:
-        print("| condition: reader | mass PCC | asymmetry PCC | share PCC | pooled change PCC | change MAE % (true SD %) "
-              "| 90 % coverage |")
-        print("|---|---:|---:|---:|---:|---:|---:|")
-        for k, s in summary.items():
-            print(f"| {k} | {s['mass_pcc']:.2f} | {s['asym_pcc']:.2f} | {s['share_pcc']:.2f} | "
-                  f"{s['pooled_change_pcc']:.2f} | {s['change_mae_percent']:.1f} ({s['true_change_sd_percent']:.1f}) | "
-                  f"{100 * s['coverage']:.0f} % |")
     return 0
 
 

@@ -333,12 +333,14 @@ def noise_of(codes: np.ndarray) -> float:
 
 def fit_unknown_acquisition(model: FitModel, codes: np.ndarray, spec: SubjectSpec, ranges: CohortRanges,
                             elastic_mm: float = 1.0, pool_px: int = 2, noise_codes: float | None = None,
-                            rounds: int = 4, iterations: int = 20) -> tuple[FitResult, SubjectSpec]:
+                            rounds: int = 4, iterations: int = 20, start: FitResult | None = None
+                            ) -> tuple[FitResult, SubjectSpec]:
     """The follow-up fitted with its acquisition unknown: ``spec`` gives the camera's SID (and anything not
     in :data:`ACQUISITION`); the collimation is read off the image; the acquisition parameters start at
     the preset's prior mean (:func:`acquisition_prior`). First ``rounds`` Gauss-Newton steps on the muscles
     and the acquisition (Jacobian re-made each step), then the muscles, the deformation modes and the
-    acquisition together about that (:func:`fit_followup`). Returns the fit and the fitted acquisition."""
+    acquisition together about that (:func:`fit_followup`); ``start`` (an earlier such fit of the same
+    image) skips the first stage. Returns the fit and the fitted acquisition."""
     t_mean, t_sd = acquisition_prior(ranges)
     acq = {k: v for k, v in spec.acquisition.items() if k in ("sid_mm", "noise")}
     acq.setdefault("noise", float(np.mean(ranges.noise)))
@@ -347,8 +349,8 @@ def fit_unknown_acquisition(model: FitModel, codes: np.ndarray, spec: SubjectSpe
     template = with_acquisition(template, t_mean)
     noise = noise_of(codes) / pool_px if noise_codes is None else float(noise_codes)
     nk = len(model.prior_mean)
-    p = np.concatenate([model.prior_mean, t_mean])
-    for _ in range(int(rounds)):
+    p = np.concatenate([model.prior_mean, t_mean] if start is None else [start.change, start.theta])
+    for _ in range(0 if start is not None else int(rounds)):
         lin = linearise(model, template, 0, p)
         res = fit_followup(model, codes, template, lin, 0.0, pool_px, noise, 1, theta_prior=(t_mean, t_sd))
         p = np.concatenate([res.change, res.theta])
