@@ -11,7 +11,8 @@ kVp, scatter, gamma, blur, collimation, vendor processing); it fits the 10 muscl
 changes and, with ``elastic`` > 0, deformation modes of the baseline's paths (first-order response to
 each control point of the cohort's elastic field, reduced by an SVD; cached under ``--cache``).
 Variants: assumed deformation SD (0 = no modes), residual pooling, model-error floor, number of modes;
-``--acquisition fitted`` estimates the acquisition too (:func:`~MSKdeXLib.learning.followup_fit.fit_unknown_acquisition`).
+``--acquisition fitted`` estimates the acquisition too
+(:func:`~MSKdeXLib.learning.followup_fit.fit_unknown_acquisition`).
 The fit's intervals are its linearised posterior's (pixel noise only: not calibrated).
 
     export OMP_NUM_THREADS=1; for s in 30040 30041 30042; do   # session 11 (RESULTS_network.md)
@@ -169,7 +170,8 @@ def main(argv=None) -> int:
         return 0
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
-    ridge = {(r["subject"], r["followup"], r["elastic_mm"]): r for r in json.loads(Path(args.ridge_json).read_text())["rows"]}
+    ridge = {(r["subject"], r["followup"], r["elastic_mm"]): r
+             for r in json.loads(Path(args.ridge_json).read_text())["rows"]}
     config = setup()
     rows = []
     for index in args.subjects:
@@ -188,7 +190,7 @@ def main(argv=None) -> int:
             key = (index, row["followup"], row["elastic_mm"])
             rr = ridge.get(key)
             if rr is not None:
-                assert np.allclose(rr["truth_g"], row["truth_g"], rtol=1e-6), f"follow-up {key} differs from the ridge run's"
+                assert np.allclose(rr["truth_g"], row["truth_g"], rtol=1e-6), f"follow-up {key} is not the ridge run's"
                 row["ridge"] = rr["true"]
             fspec = spec_from(row["spec"])
             sigma = noise_sd(model, fspec, 1000 + row["followup"])

@@ -276,10 +276,10 @@ def fit_followup(model: FitModel, codes: np.ndarray, spec: SubjectSpec, lin: Lin
     """MAP fit of the follow-up's ``codes`` (rows, cols, detector codes): the muscles' relative changes
     (prior of the preset), the first ``modes`` deformation coefficients (prior N(0, ``elastic_mm``^2) mm;
     none at 0 mm) and, when ``lin`` has them, the acquisition parameters (prior ``theta_prior``: mean, SD;
-    else ``spec``'s acquisition is taken as known); residuals pooled ``pool_px`` x ``pool_px`` with SD
-    ``noise_codes`` per pooled pixel. Gauss-Newton with ``lin``'s Jacobian kept fixed (chord steps, each
-    re-evaluating the chain's residual) until no relative change moves by more than ``tolerance`` or
-    after ``iterations`` steps."""
+    kept within 3 SDs of the mean; else ``spec``'s acquisition is taken as known); residuals pooled
+    ``pool_px`` x ``pool_px`` with SD ``noise_codes`` per pooled pixel. Gauss-Newton with ``lin``'s
+    Jacobian kept fixed (chord steps, each re-evaluating the chain's residual) until no relative change
+    moves by more than ``tolerance`` or after ``iterations`` steps."""
     nk, nt = lin.n_muscles, lin.n_theta
     nj = 0 if float(elastic_mm) <= 0 else min(lin.n_modes, lin.n_modes if modes is None else int(modes))
     use = np.r_[np.arange(nk), nk + np.arange(nj), nk + lin.n_modes + np.arange(nt)].astype(int)
@@ -290,6 +290,10 @@ def fit_followup(model: FitModel, codes: np.ndarray, spec: SubjectSpec, lin: Lin
     prior_mean = np.concatenate([model.prior_mean, np.zeros(nj), t_mean])
     prior_sd = np.concatenate([model.prior_sd, np.full(nj, float(elastic_mm)), t_sd])
     a = jac @ jac.T / noise_codes ** 2 + np.diag(1.0 / prior_sd ** 2)
+    # the acquisition is kept within 3 prior SDs of the prior mean (and valid): a step beyond is cut back
+    valid = np.array([v[3] for v in ACQUISITION][:nt])
+    low = np.concatenate([np.full(len(use) - nt, -np.inf), np.maximum(t_mean - 3 * t_sd, valid)])
+    high = np.concatenate([np.full(len(use) - nt, np.inf), t_mean + 3 * t_sd])
     p = lin.p[use].copy()
     full = lin.p.copy()
     f = pool(lin.f0, pool_px).ravel()[inside]
@@ -297,7 +301,7 @@ def fit_followup(model: FitModel, codes: np.ndarray, spec: SubjectSpec, lin: Lin
     while done < int(iterations):
         g = jac @ (obs[inside] - f) / noise_codes ** 2 - (p - prior_mean) / prior_sd ** 2
         step = np.linalg.solve(a, g)
-        p = p + step
+        p = np.clip(p + step, low, high)
         full[nk:nk + lin.n_modes] = 0.0
         full[use] = p
         f = pool(_codes(model, full, nk, lin.n_modes, lin.spec), pool_px).ravel()[inside]
