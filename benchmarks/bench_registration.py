@@ -6,7 +6,7 @@ fixed before any test run):
 
 1. **Poses**: the first body at a random pose (+-5 deg, +-15 mm about an AP view centred on the
    bodies); pelvis CT: each femur in a hip pose (flexion, abduction, rotation about the femoral
-   head, each uniform within +-15 deg, :func:`benchmarks.moved_tissue.hip_motion`) plus up
+   head, each uniform within +-15 deg (``--hip-deg``), :func:`benchmarks.moved_tissue.hip_motion`) plus up
    to 1 mm joint translation; chest CT: the spine (T6-L1) relative to the other bones and T9 / T12
    relative to the spine, each up to 3 deg about its centre plus up to 1 mm.
 2. **Moved soft tissue** (:mod:`benchmarks.moved_tissue`): a smooth displacement field
@@ -113,8 +113,9 @@ class Case:
         self.first_centre = pipeline.body_centre(self.labels, first)
 
 
-def true_poses(case: Case, rng) -> tuple[dict, dict]:
-    """({body: true ct_to_camera}, {body: description of its motion})."""
+def true_poses(case: Case, rng, hip_deg: float = 15.0) -> tuple[dict, dict]:
+    """({body: true ct_to_camera}, {body: description of its motion}); each hip angle uniform
+    within +-``hip_deg`` (the benchmark's standard trials: 15)."""
     first = case.bodies[0]
     truth = {first.name: PoseSpace(case.base, case.first_centre).matrix(np.r_[rng.uniform(-5, 5, 3),
                                                                               rng.uniform(-15, 15, 3)])}
@@ -122,7 +123,7 @@ def true_poses(case: Case, rng) -> tuple[dict, dict]:
     for i, body in enumerate(case.bodies[1:], start=1):
         kind = case.kinds[body.name]
         if kind.name == "joint":
-            motion, moved[body.name] = hip_motion(kind.centre, case.axes[body.name], rng)
+            motion, moved[body.name] = hip_motion(kind.centre, case.axes[body.name], rng, max_deg=hip_deg)
             mm = rng.uniform(0, 1.0)
         else:
             deg, mm = rng.uniform(0, 3.0), rng.uniform(0, 1.0)
@@ -176,15 +177,16 @@ def make_settings(args, trial: int) -> pipeline.RegistrationSettings:
     return s
 
 
-def run_old(case: Case, pixels, start, truth, seed: int, old_code: str) -> list[dict]:
-    """The same registration by the code in ``old_code`` (register_once.py in a subprocess)."""
-    meta = {"ct": case.paths[0], "labels": case.paths[1], "bodies": case.spec, "seed": seed,
+def run_old(case: Case, pixels, start, truth, seed: int, old_code: str, threads: int = 1) -> list[dict]:
+    """The same registration by the code in ``old_code`` (register_once.py in a subprocess), with
+    ``threads`` torch threads (as the new code's)."""
+    meta = {"ct": case.paths[0], "labels": case.paths[1], "bodies": case.spec, "seed": seed, "threads": threads,
             "camera": {k: v for k, v in vars(case.cam).items()},
             "true_poses": {k: np.asarray(v).tolist() for k, v in truth.items()}}
     with tempfile.TemporaryDirectory() as tmp:
         f = Path(tmp) / "trial.npz"
         np.savez(f, pixels=pixels, start=start, meta=json.dumps(meta))
-        env = {**os.environ, "PYTHONPATH": old_code, "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "PYTHONPATH": old_code, "OMP_NUM_THREADS": str(threads)}
         out = subprocess.run([sys.executable, str(Path(__file__).with_name("register_once.py")), str(f)],
                              env=env, capture_output=True, text=True, check=True, cwd=old_code)
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
@@ -195,7 +197,8 @@ def cache_file(args, case: Case, seed: int) -> Path | None:
     (DiffDRR's Siddon, minutes for the chest CT) is then run once per trial, whatever is registered."""
     if not args.cache:
         return None
-    return Path(args.cache) / f"{case.name}_{args.renderer}_{args.size}px_{args.spacing:g}mm_{case.spec_key}_{seed}.npz"
+    hips = "" if args.hip_deg == 15.0 else f"_hip{args.hip_deg:g}"
+    return Path(args.cache) / f"{case.name}_{args.renderer}_{args.size}px_{args.spacing:g}mm_{case.spec_key}_{seed}{hips}.npz"
 
 
 def save_trial(path: Path, pixels: np.ndarray, start: np.ndarray, truth: dict, info: dict) -> None:
@@ -218,7 +221,7 @@ def load_trial(path: Path, truth: dict) -> tuple[np.ndarray, np.ndarray, dict]:
 def run_trial(case: Case, trial: int, rng_mm: float, rng_deg: float, args) -> list[dict]:
     seed = SEED_BASE[args.set] + 1000 * trial + int(rng_mm)
     rng = np.random.default_rng(seed)
-    truth, moved = true_poses(case, rng)
+    truth, moved = true_poses(case, rng, args.hip_deg)
     first = case.bodies[0]
     cached = cache_file(args, case, seed)
     t0 = time.time()
@@ -236,8 +239,11 @@ def run_trial(case: Case, trial: int, rng_mm: float, rng_deg: float, args) -> li
     settings = make_settings(args, trial)
     res = pipeline.register(case.ct, case.labels, pixels, case.cam, case.bodies, start, settings, device=args.device,
                             true_poses=truth)
-    common = {"case": case.name, "set": args.set, "renderer": args.renderer, "range": f"{rng_mm:g} mm / {rng_deg:g} deg",
+    hips = "" if args.hip_deg == 15.0 else f", hips +-{args.hip_deg:g} deg"
+    common = {"case": case.name, "set": args.set, "renderer": args.renderer, "range": f"{rng_mm:g} mm / {rng_deg:g} deg{hips}",
               "trial": trial, "seed": seed, "simulation_s": round(sim_s, 1), "soft_tissue": settings.soft_tissue}
+    if args.hip_deg != 15.0:
+        common["hip_deg"] = args.hip_deg
     rows = []
     for body, r in zip(case.bodies, res):
         pts = case.labels.grid.voxel_centres_lps(body.mask(case.labels))
@@ -249,7 +255,7 @@ def run_trial(case: Case, trial: int, rng_mm: float, rng_deg: float, args) -> li
                      "parent": next((h["of"] for h in r.history if h["stage"] in ("joint", "part")), None),
                      "simulated": info if body is first else None})
     if args.old_code:
-        for o in run_old(case, pixels, start, truth, trial, args.old_code):
+        for o in run_old(case, pixels, start, truth, trial, args.old_code, args.threads):
             rows.append({**common, "code": "old", **{k: v for k, v in o.items() if k != "ct_to_camera"}})
     for row in rows:
         print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
@@ -325,6 +331,8 @@ def parse_args():
     p.add_argument("--ranges", nargs="+", default=["15,10"], help="MM,DEG pairs")
     p.add_argument("--trials", type=int, default=10)
     p.add_argument("--trial-ids", nargs="+", type=int, default=None, help="only these trial numbers")
+    p.add_argument("--hip-deg", type=float, default=15.0,
+                   help="hip angles uniform within +-this (deg; 15 = the standard trials; wider makes femur failures)")
     p.add_argument("--renderer", choices=("foreign", "own"), default="foreign")
     p.add_argument("--old-code", default=None, help="also register every trial with the MSKdeXLib in this folder")
     p.add_argument("--size", type=int, default=256)

@@ -21,9 +21,9 @@ from MSKdeXLib.registration import pipeline
 
 
 def main(path: str) -> None:
-    torch.set_num_threads(1)
     d = np.load(path, allow_pickle=False)
     meta = json.loads(str(d["meta"]))
+    torch.set_num_threads(int(meta.get("threads", 1)))  # the new code's thread count (fair timing)
     ct = load_ct(meta["ct"])
     labels = load_labels(meta["labels"], ct)
     bodies = pipeline.parse_bodies(meta["bodies"], labels)

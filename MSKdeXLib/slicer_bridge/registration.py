@@ -5,10 +5,9 @@ so that a later step on the same CT and radiograph (the follow-up reading) can f
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import json
 
 import numpy as np
 import vtk
@@ -41,6 +40,10 @@ class RegistrationNodes:
 
 #: node reference roles of a registered body's transform node: the CT and radiograph it was made on
 CT_ROLE, RADIOGRAPH_ROLE = "MSKdeXRegisteredCT", "MSKdeXRegisteredRadiograph"
+#: attribute with the names of those inputs (JSON {"CT": name, "radiograph": name}): MRML drops a
+#: reference when its node is deleted, the names stay, so a registration whose input is gone is still
+#: told apart from a pose made by hand
+MADE_ON = ATTR + "registeredOn"
 
 
 def registration_to_nodes(path, scene, radiograph_node=None, prefix: str = "MSKdeX registered",
@@ -48,10 +51,10 @@ def registration_to_nodes(path, scene, radiograph_node=None, prefix: str = "MSKd
     """Read registration.json (a file or its output folder) into one transform node per body
     (matrix = the body's ``ct_to_camera`` as CT RAS -> camera mm, see :func:`pose_to_transform_node`;
     attributes MSKdeX.body / .bodyIndex (0: the first body) / .similarity / .doubtful / .geometry (the
-    camera, JSON) / .registration (the file); node references to ``ct_node`` and ``radiograph_node``,
-    the inputs it was run on), a table of the bodies and, when ``radiograph_node`` is given, the
-    registered bone mass channels summed into one volume on the radiograph's pixel grid (the camera's
-    detector) for visual QA."""
+    camera, JSON) / .registration (the file) / .registeredOn (the inputs' names); node references to
+    ``ct_node`` and ``radiograph_node``, the inputs it was run on), a table of the bodies and, when
+    ``radiograph_node`` is given, the registered bone mass channels summed into one volume on the
+    radiograph's pixel grid (the camera's detector) for visual QA."""
     p = Path(path)
     if p.is_dir():
         p = p / "registration.json"
@@ -71,6 +74,9 @@ def registration_to_nodes(path, scene, radiograph_node=None, prefix: str = "MSKd
         node.SetAttribute(ATTR + "registration", str(p))
         for role, made_on in ((CT_ROLE, ct_node), (RADIOGRAPH_ROLE, radiograph_node)):
             node.SetNodeReferenceID(role, made_on.GetID() if made_on is not None else None)
+        node.SetAttribute(MADE_ON, json.dumps({what: made_on.GetName() for what, made_on in
+                                               (("CT", ct_node), ("radiograph", radiograph_node))
+                                               if made_on is not None}))
         res.transforms[b["name"]] = node
         row = {"name": b["name"], "final_similarity": float(b["final_similarity"]),
                "initial_similarity": float(b.get("initial_similarity", float("nan"))),
@@ -114,11 +120,18 @@ def registration_for(scene, ct_node, radiograph_node):
 
 def registration_mismatch(transform_node, ct_node, radiograph_node) -> str | None:
     """Why ``transform_node`` cannot place ``ct_node`` on ``radiograph_node``: one line when it is a
-    registration made on another CT or radiograph; None when it matches, or when it records no
-    inputs (a pose made by hand: the user vouches for it)."""
+    registration made on another CT or radiograph, or on one since deleted from the scene; None when
+    it matches, or when it records no inputs (a pose made by hand: the user vouches for it)."""
+    try:
+        names = json.loads(transform_node.GetAttribute(MADE_ON) or "{}")
+    except ValueError:
+        names = {}
     for role, node, what in ((CT_ROLE, ct_node, "CT"), (RADIOGRAPH_ROLE, radiograph_node, "radiograph")):
         made_on = transform_node.GetNodeReference(role)
         made_on_id = transform_node.GetNodeReferenceID(role)
+        if not made_on_id and names.get(what):
+            return (f"'{transform_node.GetName()}' was registered on the {what} '{names[what]}', which is no "
+                    f"longer in the scene: register this {what} again (or choose none: it is registered first)")
         if made_on_id and (node is None or made_on_id != node.GetID()):
             other = made_on.GetName() if made_on is not None else "a node no longer in the scene"
             mine = node.GetName() if node is not None else "none"

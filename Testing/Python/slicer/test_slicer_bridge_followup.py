@@ -198,6 +198,12 @@ def test_registration_nodes_remember_their_inputs_and_the_followup_finds_them(fo
     assert again.transforms["pelvis"] is pelvis_node
     assert sb.registration_for(scene, ct_node, rg_node) is None
     assert sb.registration_for(scene, ct_node, other_rg).GetID() == pelvis_node.GetID()
+    # its CT deleted from the scene: MRML drops the reference, the registration is refused, not taken as by hand
+    scene.RemoveNode(ct_node)
+    assert not pelvis_node.GetNodeReferenceID("MSKdeXRegisteredCT")
+    msg = sb.registration_mismatch(pelvis_node, other_ct, other_rg)
+    assert msg is not None and "CT 'baseline CT'" in msg and "no longer in the scene" in msg and "\n" not in msg
+    assert sb.registration_mismatch(by_hand, other_ct, other_rg) is None
 
 
 def test_followup_cli_refuses_a_registration_of_another_camera(followup_registration, pelvis_case, tmp_path, capsys):
