@@ -61,12 +61,13 @@ def lean_masses(ct, labels, names, density) -> np.ndarray:
 
 def followup_case(subject: co.RealisedSubject, names: list[str], ranges: co.CohortRanges, density, centre,
                   rotation: float, translation: float, rng: np.random.Generator, elastic_mm: float = 0.0,
-                  fat_mm: float = 0.0):
+                  fat_mm: float = 0.0, spec_out: dict | None = None):
     """(changed CT, labels, pose, radiograph codes) of one follow-up: muscles changed in the CT, a new
     acquisition (SID kept), a new pose about the bones' centre; with ``elastic_mm`` the whole anatomy
     also deformed smoothly and with ``fat_mm`` the subcutaneous fat changed by U(-fat_mm, fat_mm), by
     the draws the reader's own soft-tissue spread uses (``fu.deform_soft_tissue``,
-    ``fu.change_subcutaneous_fat``)."""
+    ``fu.change_subcutaneous_fat``). ``spec_out`` (a dict), when given, receives the follow-up's
+    acquisition as ``spec_out["spec"]`` (a :class:`~MSKdeXLib.learning.cohort.SubjectSpec`)."""
     fresh = co.sample_subject(int(rng.integers(0, 2**31 - 1)), int(rng.integers(0, 2**31 - 1)), names, ranges)
     hu = subject.ct.array.astype(np.float32, copy=True)
     lab = subject.labels.label_array().astype(np.int32)
@@ -81,6 +82,8 @@ def followup_case(subject: co.RealisedSubject, names: list[str], ranges: co.Coho
                           processing=dict(fresh.processing))
     pose = perturbed_pose(subject.pose, tuple(rng.uniform(-rotation, rotation, 3)),
                           tuple(rng.uniform(-translation, translation, 3)), centre)
+    if spec_out is not None:
+        spec_out["spec"] = spec
     moved = co.RealisedSubject(spec, ct, labels, subject.structures, subject.camera, pose, {})
     rad, _, _ = co.subject_radiograph(moved, int(rng.integers(0, 2**31 - 1)))
     return ct, labels, pose, rad.pixels

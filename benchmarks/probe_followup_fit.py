@@ -1,0 +1,236 @@
+"""Probe: a follow-up radiograph *fitted* with the baseline CT's physics (analysis by synthesis,
+:mod:`MSKdeXLib.learning.followup_fit`) against the ridge reader, on the follow-up benchmark's
+validation subjects (issue 14, session 11).
+
+The follow-ups are exactly ``bench_followup.py --soft-tissue 0,0 0.5,0 1,0 --rotation 0 --translation 0
+--followups 8`` 's (same draws: muscles changed in the CT, a fresh acquisition from the specificity
+preset, the whole anatomy deformed smoothly with SD 0 / 0.5 / 1 mm, true pose); the ridge reader's
+estimates of the same follow-ups are read from that run's stored JSON (``--ridge-json``; each
+follow-up's truth is checked against it). The fit knows the acquisition (oracle: the follow-up's own
+kVp, scatter, gamma, blur, collimation, vendor processing); it fits the 10 muscles' relative lean-mass
+changes and, with ``elastic`` > 0, deformation modes of the baseline's paths (first-order response to
+each control point of the cohort's elastic field, reduced by an SVD; cached under ``--cache``).
+Variants: assumed deformation SD (0 = no modes), residual pooling, model-error floor, number of modes;
+``--acquisition fitted`` estimates the acquisition too
+(:func:`~MSKdeXLib.learning.followup_fit.fit_unknown_acquisition`).
+The fit's intervals are its linearised posterior's (pixel noise only: not calibrated).
+
+    export OMP_NUM_THREADS=1; for s in 30040 30041 30042; do   # session 11 (RESULTS_network.md)
+      (nice -n 10 python benchmarks/probe_followup_fit.py --subjects $s --json fit_$s.json    # known acquisition
+       nice -n 10 python benchmarks/probe_followup_fit.py --subjects $s --acquisition fitted --elastic 0 1 \\
+           --pool 2 --json acq_$s.json) &
+    done; wait
+    python benchmarks/probe_followup_fit.py --from-json fit_300*.json acq_300*.json --markdown   # the table
+
+Known acquisition: ~20 s per follow-up (150 modes), fitted: ~35 s, on a shared 2-core machine; the
+deformation Jacobian ~2.5 min per subject once (cached under ``--cache``, 283 MB), the follow-ups too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_followup as bf  # noqa: E402
+from MSKdeXLib.io import sample_data  # noqa: E402
+from MSKdeXLib.learning import cohort as co  # noqa: E402
+from MSKdeXLib.learning import followup as fu  # noqa: E402
+from MSKdeXLib.learning import followup_fit as ff  # noqa: E402
+
+CONDITIONS = (0.0, 0.5, 1.0)   # the follow-ups' elastic SD (mm), as the ridge run's (the cache holds all)
+RIDGE_JSON = Path(__file__).resolve().parent / "data" / "followup_warp_validation_noreaderspread.json"
+
+
+def setup(detector: int = 256, voxel_mm: float = 4.0) -> co.CohortConfig:
+    case = sample_data.pelvis_ct() or sample_data.default_case()
+    return co.prepare(co.CohortConfig(ct=str(case.ct), labels=str(case.labels), table=case.table, seed=bf.SEED,
+                                      rows=detector, cols=detector, voxel_mm=voxel_mm,
+                                      ranges=co.preset_ranges("specificity").to_dict()))
+
+
+def spec_from(d: dict) -> co.SubjectSpec:
+    d = dict(d)
+    for k in ("rotation_deg", "translation_mm", "scale"):
+        d[k] = tuple(d[k])
+    return co.SubjectSpec(**d)
+
+
+def followups(subject, index: int, names, config, conditions, n: int, cache: Path) -> list[dict]:
+    """The benchmark's follow-ups of one subject (cached): codes, truth, acquisition spec."""
+    path = cache / f"followups_{index}.npz"
+    meta = cache / f"followups_{index}.json"
+    if path.exists() and meta.exists():
+        rows = json.loads(meta.read_text())
+        codes = np.load(path)["codes"]
+        for r, c in zip(rows, codes):
+            r["codes"] = c
+        return rows
+    density, ranges = config.density_model(), config.cohort_ranges()
+    centre = co.bone_centre(*co.load_source(config))
+    rows = []
+    for f in range(n):
+        for elastic in conditions:
+            rng = np.random.default_rng([bf.SEED, index, 77, f])
+            out: dict = {}
+            ct, labels, _, codes = bf.followup_case(subject, names, ranges, density, centre, 0.0, 0.0, rng,
+                                                    elastic, 0.0, out)
+            rows.append({"subject": index, "followup": f, "elastic_mm": elastic, "fat_mm": 0.0, "muscles": names,
+                         "truth_g": bf.lean_masses(ct, labels, names, density).tolist(),
+                         "spec": out["spec"].to_dict(), "codes": np.asarray(codes, np.float32)})
+            print(f"follow-up {index}/{f} elastic {elastic}", flush=True)
+    np.savez(path, codes=np.stack([r["codes"] for r in rows]))
+    meta.write_text(json.dumps([{k: v for k, v in r.items() if k != "codes"} for r in rows]))
+    return rows
+
+
+def modes_of(subject, physics, index: int, cache: Path, keep: float, max_modes: int) -> np.ndarray:
+    path = cache / f"jacobian_{index}.npy"
+    if not path.exists():
+        t0 = time.time()
+        jac = ff.deformation_jacobian(subject.ct, subject.camera, subject.pose, physics.spec,
+                                      fu.ELASTIC_CONTROL_MM)
+        np.save(path, jac)
+        print(f"deformation Jacobian {index}: {jac.shape} in {time.time() - t0:.0f} s", flush=True)
+    jac = np.load(path)
+    return ff.deformation_modes(jac, keep, max_modes)
+
+
+def noise_sd(model: ff.FitModel, spec: co.SubjectSpec, seed: int) -> float:
+    """SD (codes) of the acquisition's pixel noise: a noisy baseline render minus the noise-free one."""
+    from MSKdeXLib.learning.resimulation import resimulate
+
+    noisy = resimulate(model.physics, None, spec, seed).astype(np.float64)
+    clean = model.codes(model.prior_mean * 0, np.zeros(0), spec)
+    inside = noisy > 0
+    return float(np.std((noisy - clean)[inside]))
+
+
+def table(rows: list[dict], markdown: bool) -> dict:
+    """Each reader's agreement with the truth per follow-up condition (``bench_followup.summarise``), for the
+    readers every row has; printed as JSON, and as a markdown table with ``markdown``."""
+    kinds = [k for k in rows[0] if k == "ridge" or k.startswith(("fit ", "acq-fit "))]
+    kinds = [k for k in kinds if all(k in r for r in rows)]
+    summary = {}
+    for cond in sorted({r["elastic_mm"] for r in rows}):
+        group = [r for r in rows if r["elastic_mm"] == cond]
+        for k in kinds:
+            summary[f"elastic {cond:g} mm: {k}"] = bf.summarise(group, k)
+    print(json.dumps({k: {m: v for m, v in s.items() if m != "pair_asym_pcc"} for k, s in summary.items()}, indent=1))
+    if markdown:
+        print("| follow-up elastic: reader | mass PCC | asymmetry PCC | share PCC | pooled change PCC | "
+              "change MAE % (true SD %) | 90 % coverage (n) |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for k, s in summary.items():
+            print(f"| {k} | {s['mass_pcc']:.2f} | {s['asym_pcc']:.2f} | {s['share_pcc']:.2f} | "
+                  f"{s['pooled_change_pcc']:.2f} | {s['change_mae_percent']:.1f} ({s['true_change_sd_percent']:.1f}) | "
+                  f"{100 * s['coverage']:.0f} % ({s['coverage_n']}) |")
+    return summary
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--subjects", type=int, nargs="+", default=[30040, 30041, 30042])
+    p.add_argument("--followups", type=int, default=8)
+    p.add_argument("--conditions", type=float, nargs="+", default=list(CONDITIONS), choices=CONDITIONS,
+                   help="follow-up elastic SD, mm (a subset of the benchmark's)")
+    p.add_argument("--elastic", type=float, nargs="+", default=[0.0, 1.0], help="the fit's assumed SD, mm")
+    p.add_argument("--pool", type=int, nargs="+", default=[2, 4, 8], help="residual pooling, px")
+    p.add_argument("--floor", type=float, nargs="+", default=[0.0], help="model-error SD per pooled px, codes")
+    p.add_argument("--keep", type=float, default=0.995, help="share of the deformation variance the modes keep")
+    p.add_argument("--max-modes", type=int, default=150)
+    p.add_argument("--iterations", type=int, default=15)
+    p.add_argument("--acquisition", nargs="+", default=["known"], choices=["known", "fitted"],
+                   help="known: the follow-up's own acquisition (oracle); fitted: estimated from the preset's prior")
+    p.add_argument("--cache", default="/tmp/fit11")
+    p.add_argument("--ridge-json", default=str(RIDGE_JSON))
+    p.add_argument("--json", default=None)
+    p.add_argument("--from-json", nargs="+", default=None, help="only re-make the table from --json files (rows of "
+                   "the same follow-ups merged: e.g. one file per subject and per run)")
+    p.add_argument("--markdown", action="store_true")
+    args = p.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)
+    if args.from_json:
+        merged: dict = {}
+        for f in args.from_json:
+            for r in json.loads(Path(f).read_text())["rows"]:
+                merged.setdefault((r["subject"], r["followup"], r["elastic_mm"]), {}).update(r)
+        table(list(merged.values()), args.markdown)
+        return 0
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    ridge = {(r["subject"], r["followup"], r["elastic_mm"]): r
+             for r in json.loads(Path(args.ridge_json).read_text())["rows"]}
+    config = setup()
+    rows = []
+    for index in args.subjects:
+        spec = co.sample_subject(bf.SEED, index, co.cohort_muscles(config), config.cohort_ranges())
+        subject = co.realise_subject(config, spec)
+        physics, base = fu.baseline_physics(subject.ct, subject.labels, subject.camera, subject.pose,
+                                            config.cohort_ranges(), config.density_model())
+        names = physics.muscles
+        modes = modes_of(subject, physics, index, cache, args.keep, args.max_modes)
+        model = ff.FitModel.build(physics, base, modes)
+        print(f"subject {index}: {len(modes)} modes", flush=True)
+        for row in followups(subject, index, names, config, CONDITIONS, args.followups, cache):
+            if row["elastic_mm"] not in args.conditions:
+                continue
+            t0 = time.time()
+            key = (index, row["followup"], row["elastic_mm"])
+            rr = ridge.get(key)
+            if rr is not None:
+                assert np.allclose(rr["truth_g"], row["truth_g"], rtol=1e-6), f"follow-up {key} is not the ridge run's"
+                row["ridge"] = rr["true"]
+            fspec = spec_from(row["spec"])
+            sigma = noise_sd(model, fspec, 1000 + row["followup"])
+            t_lin = 0.0
+            if "known" in args.acquisition:
+                lin = ff.linearise(model, fspec, len(modes) if max(args.elastic) > 0 else 0)
+                t_lin = time.time() - t0
+                for elastic, pool, floor in itertools.product(args.elastic, args.pool, args.floor):
+                    noise = float(np.hypot(sigma / pool, floor))
+                    res = ff.fit_followup(model, row["codes"], fspec, lin, elastic, pool, noise, args.iterations)
+                    row[f"fit e{elastic:g} p{pool} f{floor:g}"] = {
+                        "estimate_g": res.estimate_g.tolist(), "half_width_g": (1.645 * res.sd_change * base).tolist(),
+                        "baseline_g": base.tolist(), "fit_seconds": t_lin, "cost": res.cost,
+                        "iterations": res.iterations}
+            if "fitted" in args.acquisition:
+                blind = co.SubjectSpec(index=0, seed=0, acquisition={"sid_mm": fspec.acquisition["sid_mm"]})
+                for pool, elastic in itertools.product(args.pool, sorted(args.elastic)):
+                    t1 = time.time()
+                    first = row.get(f"_acq-fit e0 p{pool}") if elastic > 0 else None   # its first stage is shared
+                    res, found = ff.fit_unknown_acquisition(model, row["codes"], blind, config.cohort_ranges(), elastic,
+                                                            pool, iterations=args.iterations, start=first)
+                    if elastic == 0:
+                        row[f"_acq-fit e0 p{pool}"] = res
+                    row[f"acq-fit e{elastic:g} p{pool}"] = {
+                        "estimate_g": res.estimate_g.tolist(), "half_width_g": (1.645 * res.sd_change * base).tolist(),
+                        "baseline_g": base.tolist(), "fit_seconds": time.time() - t1, "cost": res.cost,
+                        "iterations": res.iterations, "acquisition": {**found.acquisition, **found.processing}}
+                for k in [k for k in row if k.startswith("_")]:
+                    del row[k]
+            row["noise_sd_codes"] = sigma
+            del row["codes"]
+            rows.append(row)
+            print(f"{key}: linearised in {t_lin:.1f} s, fits {time.time() - t0 - t_lin:.1f} s", flush=True)
+            if args.json:
+                Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}))
+    summary = table(rows, args.markdown)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows, "summary": summary}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
