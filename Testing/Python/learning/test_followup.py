@@ -22,13 +22,9 @@ CHANGE = {"gluteus_medius_left": -0.35}
 
 
 @pytest.fixture(scope="module")
-def case(pelvis_case, one_torch_thread):
+def case(small_baseline):
     """The real pelvis CT at 6 mm, a 64 x 64 px AP view, its physics and a reader of 200 re-simulations."""
-    config = co.CohortConfig(ct=str(pelvis_case.ct), labels=str(pelvis_case.labels), voxel_mm=6.0)
-    ct, labels = co.load_source(config)
-    camera = co.fit_camera(ct, labels, 64, 64)
-    pose = co.base_view(ct, labels, camera)
-    physics, base = fu.baseline_physics(ct, labels, camera, pose, co.preset_ranges("specificity"))
+    ct, labels, camera, pose, physics, base = small_baseline
     reader = fu.fit_reader(physics, base, fu.ReaderSettings(samples=200, grid=16, seed=3))
     return ct, labels, camera, pose, physics, base, reader
 

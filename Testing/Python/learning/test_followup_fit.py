@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from MSKdeXLib.learning import cohort as co
-from MSKdeXLib.learning import followup as fu
 from MSKdeXLib.learning import followup_fit as ff
 from MSKdeXLib.learning.resimulation import resimulate
 from MSKdeXLib.projection.simulate import material_paths
@@ -30,13 +29,9 @@ class _Given:
 
 
 @pytest.fixture(scope="module")
-def case(pelvis_case, one_torch_thread):
+def case(small_baseline):
     """The real pelvis CT at 6 mm, a 64 x 64 px AP view, its physics, the deformation Jacobian and a fit model."""
-    config = co.CohortConfig(ct=str(pelvis_case.ct), labels=str(pelvis_case.labels), voxel_mm=6.0)
-    ct, labels = co.load_source(config)
-    camera = co.fit_camera(ct, labels, 64, 64)
-    pose = co.base_view(ct, labels, camera)
-    physics, base = fu.baseline_physics(ct, labels, camera, pose, co.preset_ranges("specificity"))
+    ct, labels, camera, pose, physics, base = small_baseline
     jac = ff.deformation_jacobian(ct, camera, pose, physics.spec, CONTROL_MM)
     model = ff.FitModel.build(physics, base, ff.deformation_modes(jac, keep=0.999), draws=1000)
     return ct, labels, camera, pose, physics, jac, model
