@@ -49,10 +49,11 @@ class Search:
 
     def __init__(self, sigma_deg, sigma_mm, bounds_deg, bounds_mm, restarts: int,
                  box: tuple[np.ndarray, np.ndarray] | None = None, penalty: Penalty | None = None,
-                 note: dict | None = None):
+                 note: dict | None = None, max_evals: int = 0):
         self.sigma_deg, self.sigma_mm, self.bounds_deg, self.bounds_mm = sigma_deg, sigma_mm, bounds_deg, bounds_mm
         self.restarts, self.box, self.penalty = max(1, int(restarts)), box, penalty
         self.note = note  # a history entry describing the bounds (a part's size rule), or None
+        self.max_evals = int(max_evals)  # evaluations per CMA-ES run (0: the settings' cma_max_evals)
 
 
 class BodyKind:
@@ -196,7 +197,8 @@ class BoundedBody(BodyKind):
         penalty = prior_penalty(self.s.prior_weight, prior_sd, self.motion.prior_mm) if self.s.prior_weight > 0 else None
         note = None if radius is None else {"stage": "part-bounds", "inplane_radius_mm": round(float(radius), 1),
                                             "pixel_mm": round(float(px), 3), "depth_mm": round(float(b_mm[2]), 3)}
-        return Search(sig_deg, sig_mm, b_deg, b_mm, self.s.roi_cma_restarts, (-half, half), penalty, note)
+        return Search(sig_deg, sig_mm, b_deg, b_mm, self.s.roi_cma_restarts, (-half, half), penalty, note,
+                      self.motion.cma_max_evals)
 
     def refine_divisor(self, level: int) -> float:
         return 2

@@ -155,7 +155,7 @@ class BodyRun:
         for r in range(search.restarts):
             res = cma_search(self.objective(0, self.search_tissue), self.space, self.x, search.sigma_deg,
                              search.sigma_mm, search.bounds_deg, search.bounds_mm, self.s.cma_popsize,
-                             self.s.cma_max_evals, self.s.seed + 1000 * r, self.ctx.dtype, self.ctx.device,
+                             search.max_evals or self.s.cma_max_evals, self.s.seed + 1000 * r, self.ctx.dtype, self.ctx.device,
                              callback=lambda n, f: self.ctx.notify("cma", body=name, step=n, similarity=f),
                              penalty=search.penalty)
             self.history.append({"stage": "cma-es", "level_px": list(self.views[0].shape),

@@ -63,6 +63,7 @@ class BoundedMotion:
     bounds_depth_mm: float = 0.25   # depth (barely observable)
     prior_deg: float = 10.0         # prior SD of the rotation
     prior_mm: float = 0.0           # prior SD of the in-plane translation (0: none)
+    cma_max_evals: int = 0          # evaluations per CMA-ES run of this kind (0: ``cma_max_evals``)
     # doubtful below these final similarities (in the body's window): bone-only DRRs / with the soft tissue
     doubtful_below: float = 0.53
     doubtful_below_tissue: float = 0.25   # 0.62 before round 6 (own renderer, unmoved tissue); set on the
