@@ -208,8 +208,13 @@ def test_femur_registration_follows_a_hip_rotation(pelvis):
     xray = simulate_articulated(big, CAM, truth, [(pad(bodies[1].mask(labels)), truth @ hip)], seed=1)
     start = PoseSpace(truth, pipeline.body_centre(labels, bodies[0])).matrix([1.0, -1.0, 1.5, 4.0, -3.0, 5.0])
     settings = RegistrationSettings(first=SearchSettings(inplane_search=False), cma_max_evals=64, refine_steps=15)
+    settings.set("joint.cma_max_evals", "48")   # the femur's own budget per CMA-ES run
     res = pipeline.register(ct, labels, xray, CAM, bodies, start, settings,
                             true_poses={"pelvis": truth, "femur_left": truth @ hip})
+    evals = {r.name: [h["evaluations"] for h in r.history if h["stage"] == "cma-es"] for r in res}
+    # whole generations of cma_popsize: at most one past the budget
+    assert evals["pelvis"] and all(64 <= n <= 64 + settings.cma_popsize for n in evals["pelvis"]), evals
+    assert evals["femur_left"] and all(48 <= n <= 48 + settings.cma_popsize for n in evals["femur_left"]), evals
     pts = labels.grid.voxel_centres_lps(bodies[1].mask(labels))
     before = pipeline.mtre_mm(pts, truth @ hip, res[1].initial_pose)
     assert res[0].mtre_mm < 2.0
