@@ -58,13 +58,6 @@ def setup(detector: int = 256, voxel_mm: float = 4.0) -> co.CohortConfig:
                                       ranges=co.preset_ranges("specificity").to_dict()))
 
 
-def spec_from(d: dict) -> co.SubjectSpec:
-    d = dict(d)
-    for k in ("rotation_deg", "translation_mm", "scale"):
-        d[k] = tuple(d[k])
-    return co.SubjectSpec(**d)
-
-
 def followups(subject, index: int, names, config, conditions, n: int, cache: Path) -> list[dict]:
     """The benchmark's follow-ups of one subject (cached): codes, truth, acquisition spec."""
     path = cache / f"followups_{index}.npz"
@@ -192,7 +185,7 @@ def main(argv=None) -> int:
             if rr is not None:
                 assert np.allclose(rr["truth_g"], row["truth_g"], rtol=1e-6), f"follow-up {key} is not the ridge run's"
                 row["ridge"] = rr["true"]
-            fspec = spec_from(row["spec"])
+            fspec = co.SubjectSpec.from_dict(row["spec"])
             sigma = noise_sd(model, fspec, 1000 + row["followup"])
             t_lin = 0.0
             if "known" in args.acquisition:

@@ -193,6 +193,14 @@ class SubjectSpec:
         d["scale"] = list(self.scale)
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "SubjectSpec":
+        """From :meth:`to_dict`'s JSON (its lists back to tuples); unknown keys raise TypeError."""
+        d = dict(d)
+        for k in ("rotation_deg", "translation_mm", "scale"):
+            d[k] = tuple(d[k])
+        return cls(**d)
+
 
 def subject_rng(seed: int, index: int, stream: int = 0) -> np.random.Generator:
     """The random generator of subject ``index``: depends only on (seed, index, stream)."""

@@ -81,16 +81,13 @@ def load_physics(folder: str | Path) -> SubjectPhysics:
         raise UserError(f"cannot read the subject's physics ({str(exc).splitlines()[0][:120]})", folder) from None
     names = json.loads(tmeta["structures"])
     atrophy = json.loads(meta["lean_to_water_atrophy"])
-    spec_d = dict(doc["spec"])
-    for k in ("rotation_deg", "translation_mm", "scale"):
-        spec_d[k] = tuple(spec_d[k])
     return SubjectPhysics(
         water=torch.from_numpy(water), bone=torch.from_numpy(bone),
         muscle_mass={n: mass[names.index(n)] for n in atrophy if n in names},
         atrophy_coefficient=atrophy,
         infiltration_coefficient=json.loads(meta["lean_to_water_infiltration"]),
         camera=Camera.from_dict(json.loads(tmeta["camera"])), magnification=float(json.loads(meta["magnification"])),
-        spec=SubjectSpec(**spec_d), noise_seed=int(side["seed"]),
+        spec=SubjectSpec.from_dict(doc["spec"]), noise_seed=int(side["seed"]),
         ranges=CohortRanges.from_dict(cohort["config"]["ranges"]), muscles=[n for n in atrophy if n in names])
 
 

@@ -238,6 +238,8 @@ def test_specificity_preset_draws_each_muscle_and_side_on_its_own():
     sc = np.array([s.scale for s in specs])
     assert np.all(np.abs(sc - 1) <= 0.1 + 1e-12) and abs(np.corrcoef(sc[:, 0], sc[:, 1])[0, 1]) < 0.15
     assert abs(np.corrcoef(sc.prod(axis=1), body)[0, 1]) < 0.15  # habitus independent of the muscles
+    # a draw survives its JSON form (as physics.json and the benchmarks store it)
+    assert all(co.SubjectSpec.from_dict(json.loads(json.dumps(s.to_dict()))) == s for s in specs[:20])
     acq = specs[0].acquisition
     assert {"sid_mm", "focal_spot_mm", "detector_blur_mm", "collimation_fraction"} <= set(acq)
     assert 0.5 < np.mean([bool(s.processing.get("unsharp_amount")) for s in specs]) < 0.9
