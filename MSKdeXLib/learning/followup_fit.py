@@ -138,12 +138,11 @@ def chain(water: torch.Tensor, bone: torch.Tensor, physics: SubjectPhysics, spec
 
 
 def pool(image: np.ndarray, f: int) -> np.ndarray:
-    """Mean over ``f`` x ``f`` blocks (edges cropped)."""
-    if f <= 1:
-        return image
-    h, w = image.shape[-2] // f * f, image.shape[-1] // f * f
-    a = image[..., :h, :w]
-    return a.reshape(a.shape[:-2] + (h // f, f, w // f, f)).mean(axis=(-3, -1))
+    """Mean over ``f`` x ``f`` blocks (edges cropped) of a (..., rows, cols) array: the registration's
+    :func:`~MSKdeXLib.registration.similarity.downsample` on numpy arrays."""
+    from ..registration.similarity import downsample
+
+    return image if f <= 1 else downsample(torch.from_numpy(np.asarray(image)), int(f)).numpy()
 
 
 @dataclass
