@@ -72,4 +72,3 @@ def check_geometry(known: KnownPose, camera: Camera) -> None:
         if not np.isclose(theirs, float(mine[k]), rtol=0.0, atol=1e-3):
             raise UserError(f"made for another camera ({k} {theirs:g}, the radiograph's {float(mine[k]):g}): "
                             "register on this radiograph with these settings", known.path)
-
