@@ -108,6 +108,21 @@ def noise_sd(model: ff.FitModel, spec: co.SubjectSpec, seed: int) -> float:
     return float(np.std((noisy - clean)[inside]))
 
 
+def ridge_rows(paths: list[str]) -> dict:
+    """The ridge reader's rows (``bench_followup.py --json``; its ``true`` reader) by (subject, follow-up, SD)."""
+    return {(r["subject"], r["followup"], r["elastic_mm"]): r
+            for path in paths for r in json.loads(Path(path).read_text())["rows"]}
+
+
+def attach_ridge(merged: dict, paths: list[str]) -> None:
+    """Give every merged fit row without one the ridge's estimate of the same follow-up (truth checked)."""
+    for key, rr in ridge_rows(paths).items():
+        row = merged.get(key)
+        if row is not None and "ridge" not in row:
+            assert np.allclose(rr["truth_g"], row["truth_g"], rtol=1e-6), f"follow-up {key} is not the ridge run's"
+            row["ridge"] = rr["true"]
+
+
 def table(rows: list[dict], markdown: bool) -> dict:
     """Each reader's agreement with the truth per follow-up condition (``bench_followup.summarise``), for the
     readers every row has; printed as JSON, and as a markdown table with ``markdown``."""
@@ -145,7 +160,10 @@ def main(argv=None) -> int:
     p.add_argument("--acquisition", nargs="+", default=["known"], choices=["known", "fitted"],
                    help="known: the follow-up's own acquisition (oracle); fitted: estimated from the preset's prior")
     p.add_argument("--cache", default="/tmp/fit11")
-    p.add_argument("--ridge-json", default=str(RIDGE_JSON))
+    p.add_argument("--ridge-json", nargs="+", default=[str(RIDGE_JSON)],
+                   help="bench_followup.py --json runs of the same follow-ups (the ridge reader, pose 'true')")
+    p.add_argument("--interval-scale", type=float, default=ff.INTERVAL_SCALE,
+                   help="90 %% half-width = this x the posterior SD (session 11's rows: 1.645, uncalibrated)")
     p.add_argument("--json", default=None)
     p.add_argument("--from-json", nargs="+", default=None, help="only re-make the table from --json files (rows of "
                    "the same follow-ups merged: e.g. one file per subject and per run)")
@@ -159,12 +177,12 @@ def main(argv=None) -> int:
         for f in args.from_json:
             for r in json.loads(Path(f).read_text())["rows"]:
                 merged.setdefault((r["subject"], r["followup"], r["elastic_mm"]), {}).update(r)
+        attach_ridge(merged, args.ridge_json)
         table(list(merged.values()), args.markdown)
         return 0
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
-    ridge = {(r["subject"], r["followup"], r["elastic_mm"]): r
-             for r in json.loads(Path(args.ridge_json).read_text())["rows"]}
+    ridge = ridge_rows(args.ridge_json)
     config = setup()
     rows = []
     for index in args.subjects:
@@ -195,7 +213,8 @@ def main(argv=None) -> int:
                     noise = float(np.hypot(sigma / pool, floor))
                     res = ff.fit_followup(model, row["codes"], fspec, lin, elastic, pool, noise, args.iterations)
                     row[f"fit e{elastic:g} p{pool} f{floor:g}"] = {
-                        "estimate_g": res.estimate_g.tolist(), "half_width_g": (1.645 * res.sd_change * base).tolist(),
+                        "estimate_g": res.estimate_g.tolist(), "half_width_g": ff.half_width_g(res, base, args.interval_scale).tolist(),
+                        "sd_g": (res.sd_change * base).tolist(),
                         "baseline_g": base.tolist(), "fit_seconds": t_lin, "cost": res.cost,
                         "iterations": res.iterations}
             if "fitted" in args.acquisition:
@@ -208,7 +227,8 @@ def main(argv=None) -> int:
                     if elastic == 0:
                         row[f"_acq-fit e0 p{pool}"] = res
                     row[f"acq-fit e{elastic:g} p{pool}"] = {
-                        "estimate_g": res.estimate_g.tolist(), "half_width_g": (1.645 * res.sd_change * base).tolist(),
+                        "estimate_g": res.estimate_g.tolist(), "half_width_g": ff.half_width_g(res, base, args.interval_scale).tolist(),
+                        "sd_g": (res.sd_change * base).tolist(),
                         "baseline_g": base.tolist(), "fit_seconds": time.time() - t1, "cost": res.cost,
                         "iterations": res.iterations, "acquisition": {**found.acquisition, **found.processing}}
                 for k in [k for k in row if k.startswith("_")]:

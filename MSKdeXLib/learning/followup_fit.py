@@ -38,6 +38,17 @@ from .resimulation import SubjectPhysics
 #: internal bit depth of the model's codes (the chain rounds; 16 bits keeps finite differences clean)
 MODEL_BITS = 16
 
+#: The fit's 90 % interval rule: half-width = ``INTERVAL_SCALE`` x the linearised posterior SD of each
+#: muscle's relative change (:attr:`FitResult.sd_change`; pixel noise only, so far too narrow alone).
+#: Provenance (session 12, validation only): the split-conformal 90 % quantile (rank ceil(0.9 (n + 1)) of n)
+#: of |estimate - truth| / posterior SD over the stored validation rows of
+#: ``benchmarks/data/followup_fit_validation_acquisition_3004{0,1,2}.json`` (reader: acquisition fitted,
+#: 150 modes, SD 1 mm, pool 2 px): 3 subjects x 8 follow-ups x 3 deformation conditions (0 / 0.5 / 1 mm)
+#: x 10 muscles = 720 values, 24 independent follow-ups (the conditions share each follow-up's muscle
+#: change and acquisition). It covers 95 / 92 / 83 % at 0 / 0.5 / 1 mm (in sample); leaving one subject out,
+#: 92-98 / 89-96 / 79-86 %.
+INTERVAL_SCALE = 7.94
+
 
 def control_grid(shape: tuple[int, int, int], spacing_ijk, control_mm: float) -> list[int]:
     """Control points per array axis of :func:`~MSKdeXLib.learning.cohort.elastic_deform`'s field."""
@@ -312,6 +323,12 @@ def fit_followup(model: FitModel, codes: np.ndarray, spec: SubjectSpec, lin: Lin
     r = p[:nk]
     return FitResult(model.baseline_g * (1.0 + r), r, np.sqrt(np.diag(cov)[:nk]), p[nk:nk + nj], done, cost,
                      p[nk + nj:])
+
+
+def half_width_g(result: FitResult, baseline_g: np.ndarray, scale: float = INTERVAL_SCALE) -> np.ndarray:
+    """The calibrated 90 % interval half-width (g) per muscle: ``scale`` x the posterior SD of the relative
+    change x the baseline lean mass (:data:`INTERVAL_SCALE`)."""
+    return float(scale) * np.asarray(result.sd_change) * np.asarray(baseline_g, np.float64)
 
 
 def collimation_of(codes: np.ndarray) -> list[float]:
