@@ -38,6 +38,13 @@ class Progress:
         elif self.mode == "json":
             self.event("progress", step=self.n, total=self.total, **info)
 
+    def set_total(self, total: int | None) -> None:
+        """The number of steps, when it is known only once the work has begun."""
+        self.total = total
+        if self._bar is not None:
+            self._bar.total = total
+            self._bar.refresh()
+
     def event(self, kind: str, **info) -> None:
         if self.mode == "json":
             rec = {"event": kind, "stage": self.desc, "elapsed_s": round(time.time() - self.t0, 3), **info}

@@ -21,6 +21,8 @@ The fit's intervals are its linearised posterior's (pixel noise only: not calibr
            --pool 2 --json acq_$s.json) &
     done; wait
     python benchmarks/probe_followup_fit.py --from-json fit_300*.json acq_300*.json --markdown   # the table
+    python benchmarks/probe_followup_fit.py --from-json benchmarks/data/followup_fit_validation_acquisition_300*.json \
+        --calibrate 'acq-fit e1 p2'                          # session 12: INTERVAL_SCALE from validation rows
 
 Known acquisition: ~20 s per follow-up (150 modes), fitted: ~35 s, on a shared 2-core machine; the
 deformation Jacobian ~2.5 min per subject once (cached under ``--cache``, 283 MB), the follow-ups too.
@@ -123,6 +125,30 @@ def attach_ridge(merged: dict, paths: list[str]) -> None:
             row["ridge"] = rr["true"]
 
 
+def conformal_scale(ratio: np.ndarray, coverage: float = 0.9) -> float:
+    """Split-conformal quantile of ``|error| / SD`` values: the ceil(coverage (n + 1))-th smallest."""
+    v = np.sort(np.asarray(ratio, np.float64).ravel())
+    return float(v[min(len(v), int(np.ceil(coverage * (len(v) + 1)))) - 1])
+
+
+def calibrate(rows: list[dict], kind: str) -> dict:
+    """The interval scale of reader ``kind`` (|estimate - truth| / posterior SD, every row and muscle pooled;
+    :data:`~MSKdeXLib.learning.followup_fit.INTERVAL_SCALE`), its coverage per condition, and leaving
+    one subject out (the scale from the others)."""
+    sd = np.array([r[kind]["sd_g"] if "sd_g" in r[kind] else np.array(r[kind]["half_width_g"]) / 1.645 for r in rows])
+    ratio = np.abs(np.array([r[kind]["estimate_g"] for r in rows]) - np.array([r["truth_g"] for r in rows])) / sd
+    cond, subj = np.array([r["elastic_mm"] for r in rows]), np.array([r["subject"] for r in rows])
+    q = conformal_scale(ratio)
+    out = {"kind": kind, "scale": q, "values": int(ratio.size),
+           "followups": len({(r["subject"], r["followup"]) for r in rows}),
+           "coverage": {f"{c:g}": float((ratio[cond == c] <= q).mean()) for c in sorted(set(cond))}, "leave_one_out": {}}
+    for s in sorted(set(subj)):
+        qs = conformal_scale(ratio[subj != s])
+        out["leave_one_out"][str(s)] = {"scale": qs, **{f"{c:g}": float((ratio[(subj == s) & (cond == c)] <= qs).mean())
+                                                          for c in sorted(set(cond))}}
+    return out
+
+
 def table(rows: list[dict], markdown: bool) -> dict:
     """Each reader's agreement with the truth per follow-up condition (``bench_followup.summarise``), for the
     readers every row has; printed as JSON, and as a markdown table with ``markdown``."""
@@ -168,6 +194,9 @@ def main(argv=None) -> int:
     p.add_argument("--from-json", nargs="+", default=None, help="only re-make the table from --json files (rows of "
                    "the same follow-ups merged: e.g. one file per subject and per run)")
     p.add_argument("--markdown", action="store_true")
+    p.add_argument("--calibrate", default=None, metavar="READER", help="with --from-json: the interval scale of "
+                   "READER (e.g. 'acq-fit e1 p2') on those rows (session 12: INTERVAL_SCALE), its coverage per condition "
+                   "and leaving one subject out")
     args = p.parse_args(argv)
     import torch
 
@@ -178,6 +207,9 @@ def main(argv=None) -> int:
             for r in json.loads(Path(f).read_text())["rows"]:
                 merged.setdefault((r["subject"], r["followup"], r["elastic_mm"]), {}).update(r)
         attach_ridge(merged, args.ridge_json)
+        if args.calibrate:
+            print(json.dumps(calibrate(list(merged.values()), args.calibrate), indent=1))
+            return 0
         table(list(merged.values()), args.markdown)
         return 0
     cache = Path(args.cache)

@@ -12,6 +12,9 @@ from .common import (LazyChoices, Progress, add_ct_args, add_density_args, add_f
 READER_FIELDS = {"samples": "samples", "grid": "grid", "margin": "margin", "preset": "preset", "coverage": "coverage",
                  "poses": "poses", "calibration_samples": "calibration_samples", "fat_mm": "fat_mm",
                  "elastic_mm": "elastic_mm", "warp_mm": "warp_mm"}
+#: fit-reader options -> fields of MSKdeXLib.learning.followup_fit_reader.FitSettings
+FIT_FIELDS = {"fit_modes": "modes", "fit_elastic_mm": "elastic_mm", "fit_voxel_mm": "modes_voxel_mm",
+              "fit_pool": "pool_px", "preset": "preset"}
 
 
 def add_parser(sub, name: str):
@@ -37,6 +40,11 @@ def add_parser(sub, name: str):
     p.add_argument("--out", required=True, help="output folder")
     add_sid(p, "source-to-image distance, mm, when the radiograph has no sidecar")
     add_pixel_spacing(p, None, "detector pixel spacing (mm), overrides the file's")
+    p.add_argument("--reader", default="ridge", choices=LazyChoices("MSKdeXLib.learning.followup_run:READERS"),
+                   metavar="KIND", help="ridge: a ridge reader fitted on re-simulations of the CT (default); fit: the "
+                   "radiograph fitted with the CT's own physics (muscle changes, smooth-deformation modes and the "
+                   "acquisition; better under a deformation on simulated follow-ups; intervals calibrated on 3 "
+                   "validation subjects): %(choices)s")
     g = p.add_argument_group("reader")
     g.add_argument("--samples", type=int, help="re-simulations the reader is fitted on; a quarter of them picks "
                    "its ridge penalty and calibrates the intervals")
@@ -59,6 +67,14 @@ def add_parser(sub, name: str):
                    "the patient, mm; 0: none)")
     g.add_argument("--seed", type=int, default=0, help="seed of the re-simulations")
     settings_options(p, "MSKdeXLib.learning.followup:ReaderSettings", READER_FIELDS)
+    f = p.add_argument_group("fit reader (--reader fit)")
+    f.add_argument("--fit-modes", type=int, help="deformation modes fitted at most (0: none)")
+    f.add_argument("--fit-elastic-mm", type=float, help="deformation SD (mm) the modes' prior assumes")
+    f.add_argument("--fit-voxel-mm", type=float, help="the CT's voxel (mm) for the deformation modes (their cost "
+                   "grows with the volume)")
+    f.add_argument("--fit-pool", type=int, help="residuals averaged over POOL x POOL working pixels")
+    settings_options(p, "MSKdeXLib.learning.followup_fit_reader:FitSettings",
+                     {k: v for k, v in FIT_FIELDS.items() if k != "preset"})
     add_density_args(p)
     add_progress(p)
     add_force(p)
@@ -74,29 +90,43 @@ def run(args) -> int:
 
     from ..learning.followup import ReaderSettings
 
+    from ..errors import UserError
+    from ..learning.followup_fit_reader import FitSettings
+
     reader = ReaderSettings(**settings_values(args, READER_FIELDS), seed=args.seed)
     reader.ranges()  # an unknown preset fails before any work
+    fit = FitSettings(**settings_values(args, FIT_FIELDS))
+    stray = [k for k in (FIT_FIELDS if args.reader == "ridge" else READER_FIELDS)
+             if k != "preset" and getattr(args, k, None) is not None]
+    if stray:
+        raise UserError(f"--{stray[0].replace('_', '-')} does not apply to --reader {args.reader}")
     with output_folder(args.out, args.force, OUTPUTS, last=("followup.json",)) as stage:
-        return _run(args, stage, reader)
+        return _run(args, stage, reader, fit)
 
 
-def _run(args, stage: Path, reader) -> int:
+def _run(args, stage: Path, reader, fit) -> int:
     from ..errors import EXIT_DOUBTFUL
     from ..learning.followup_run import FollowupRequest, run_followup
 
     req = FollowupRequest(args.xray, args.ct, args.labels, stage, args.registration, sid_mm=args.sid,
                           spacing_mm=spacing_rc(args.pixel_spacing), table=args.table,
                           resample_labels=args.resample_labels, nonfinite=args.nonfinite, reader=reader,
-                          density=density_from_args(args), force=args.force,
+                          density=density_from_args(args), force=args.force, method=args.reader, fit=fit,
                           **settings_values(args, {"bones": "bones"}))
-    prog = Progress(args.progress, max(0, reader.poses - 1) + reader.calibration_samples + reader.samples, "followup")
+    total = None if args.reader == "fit" else max(0, reader.poses - 1) + reader.calibration_samples + reader.samples
+    prog = Progress(args.progress, total, "followup")
+
+    def step(i: int, n: int) -> None:   # the fit reader's total is known once its control grid is
+        if args.reader == "fit" and prog.total != n:
+            prog.set_total(n)
+        prog.update(1)
 
     def notify(event, **info):
         if event == "body-done":
             prog.event("log", message="registered", **info)
 
     try:
-        report = run_followup(req, notify, lambda i, n: prog.update(1))
+        report = run_followup(req, notify, step)
     finally:
         prog.close()
     prog.event("done", output=str(args.out))

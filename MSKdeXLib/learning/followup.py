@@ -256,11 +256,16 @@ class FollowupReader:
 
     def estimate(self, codes: np.ndarray, camera: Camera) -> dict:
         """Per muscle: baseline and estimated lean mass (g), their change (%), with intervals."""
-        est = self.predict(codes, camera)
-        return {n: {"baseline_g": float(b), "estimate_g": float(e), "interval_g": [float(e - h), float(e + h)],
-                    "change_percent": float(100.0 * (e / b - 1.0)),
-                    "change_interval_percent": [float(100.0 * ((e - h) / b - 1.0)), float(100.0 * ((e + h) / b - 1.0))]}
-                for n, b, e, h in zip(self.muscles, self.baseline_g, est, self.half_width_g)}
+        return muscle_estimates(self.muscles, self.baseline_g, self.predict(codes, camera), self.half_width_g)
+
+
+def muscle_estimates(names: list[str], baseline_g, estimate_g, half_width_g) -> dict:
+    """``followup.json``'s per-muscle entries: baseline and estimated lean mass (g), the interval
+    estimate +- half-width (g), and the change (% of the baseline) with its interval."""
+    return {n: {"baseline_g": float(b), "estimate_g": float(e), "interval_g": [float(e - h), float(e + h)],
+                "change_percent": float(100.0 * (e / b - 1.0)),
+                "change_interval_percent": [float(100.0 * ((e - h) / b - 1.0)), float(100.0 * ((e + h) / b - 1.0))]}
+            for n, b, e, h in zip(names, baseline_g, estimate_g, half_width_g)}
 
 
 @dataclass

@@ -18,15 +18,19 @@ from typing import Callable
 import numpy as np
 
 from ..anatomy.density import DensityModel
+from ..errors import UserError
 from ..io.outputs import atomic_path, write_json
 from ..io.radiographs import UncalibratedWarning, load_radiograph
 from ..io.volumes import load_ct, load_labels
 from ..registration.documents import KnownPose, check_geometry, read_known_pose
 from ..settings import SID_MM
 from .followup import (FOLLOWUP_FORMAT, ReaderSettings, asymmetry, ct_change_samples, fit_reader, implausible,
-                       jittered_physics)
+                       jittered_physics, muscle_estimates)
+from .followup_fit_reader import FitSettings, fit_assumptions, fit_followup_reading
 
 OUTPUTS = ("followup.json", "followup.csv", "followup.png", "registration")
+#: the readers ``mskdex followup --reader`` offers: a ridge fitted on re-simulations (default), or the physics fitted
+READERS = ("ridge", "fit")
 #: the long side (px) of the detector grid the reader's re-simulations are made on
 WORKING_PX = 256
 ASSUMPTIONS = ("the patient's shape other than the muscles is the baseline CT's (no weight change; soft tissue "
@@ -68,6 +72,12 @@ class FollowupRequest:
     reader: ReaderSettings = field(default_factory=ReaderSettings)
     density: DensityModel = field(default_factory=DensityModel)
     force: bool = False
+    method: str = "ridge"             # READERS: the ridge reader, or the baseline's physics fitted
+    fit: FitSettings = field(default_factory=FitSettings)
+
+    def __post_init__(self) -> None:
+        if self.method not in READERS:
+            raise UserError(f"--reader must be one of {', '.join(READERS)}, got {self.method!r}")
 
 
 def registered_pose(req: FollowupRequest, known: KnownPose | None,
@@ -97,7 +107,8 @@ def run_followup(req: FollowupRequest, notify: Callable[..., None] | None = None
     ``req.out`` (a staging folder: the caller moves it into place) and returns the report.
     ``progress(i, n)`` is called after each jittered view (:func:`jittered_physics`), each calibration
     follow-up, then each re-simulation: ``reader.poses - 1 + reader.calibration_samples + reader.samples``
-    calls in all."""
+    calls in all; with ``req.method`` "fit", after each control point of the deformation modes and each of
+    the two fits (``n`` says how many)."""
     from ..registration.run import load_geometry
     from ..registration.views import working_grid
 
@@ -115,29 +126,42 @@ def run_followup(req: FollowupRequest, notify: Callable[..., None] | None = None
     pose, reg = registered_pose(req, known, notify)
     # the reader's re-simulations on a detector grid of at most WORKING_PX px (same rays, coarser pixels)
     step = max(camera.spacing_row_mm, camera.spacing_col_mm) * max(1.0, max(camera.rows, camera.cols) / WORKING_PX)
-    work_camera, _ = working_grid(camera, xray.pixels, step)
-    views, baseline = jittered_physics(ct, labels, work_camera, pose, req.reader, req.density, progress)
-    calibration = ct_change_samples(ct, labels, work_camera, pose, views[0].muscles, req.reader, req.density,
-                                    progress) if req.reader.calibration_samples else None
-    reader = fit_reader(views, baseline, req.reader, progress, calibration)
-    muscles = reader.estimate(np.asarray(xray.pixels, np.float64), camera)
-    est = np.array([muscles[n]["estimate_g"] for n in reader.muscles])
-    odd = implausible(reader.muscles, est, baseline)
+    work_camera, work_pixels = working_grid(camera, xray.pixels, step)
+    if req.method == "fit":
+        fitted = fit_followup_reading(ct, labels, work_camera, pose, work_pixels.numpy(), req.fit, req.density, progress)
+        names, baseline, est = fitted.muscles, fitted.baseline_g, fitted.estimate_g
+        muscles = muscle_estimates(names, baseline, est, fitted.half_width_g)
+        reader_doc = {"kind": "fit", "settings": vars(req.fit), "interval_coverage": 0.9,
+                      "working_grid": work_camera.to_dict(), "acquisition": fitted.acquisition, **fitted.info,
+                      "interval_note": f"90 % half-width = {float(req.fit.interval_scale):g} x the fit's posterior SD "
+                                       "(calibrated on validation follow-ups, benchmarks/RESULTS_network.md session 12)"}
+        stated = fit_assumptions(req.fit)
+    else:
+        views, baseline = jittered_physics(ct, labels, work_camera, pose, req.reader, req.density, progress)
+        calibration = ct_change_samples(ct, labels, work_camera, pose, views[0].muscles, req.reader, req.density,
+                                        progress) if req.reader.calibration_samples else None
+        reader = fit_reader(views, baseline, req.reader, progress, calibration)
+        muscles = reader.estimate(np.asarray(xray.pixels, np.float64), camera)
+        names = reader.muscles
+        est = np.array([muscles[n]["estimate_g"] for n in names])
+        reader_doc = {"kind": "ridge", "settings": vars(req.reader), "ridge_penalty": reader.alpha,
+                      "interval_coverage": req.reader.coverage,
+                      "held_out": {n: {"pcc": float(p), "mae_g": float(m)} for n, p, m in
+                                   zip(names, reader.holdout_pcc, reader.holdout_mae_g)},
+                      "working_grid": work_camera.to_dict(),
+                      "calibration": reader.info["calibration"], "calibration_samples": reader.info["calibration_samples"],
+                      "interval_note": "split-conformal intervals: they hold the reader's error under the preset's "
+                                       "ranges and the calibration's pose jitter, not a violated assumption"}
+        stated = assumptions(req.reader)
+    odd = implausible(names, est, baseline)
     report = {
         "format": FOLLOWUP_FORMAT, "xray": str(req.xray), "ct": str(req.ct_path), "labels": str(req.labels_path),
         "pose": {"ct_to_camera": pose.tolist(), **reg},
         "units": {"mass": "g (lean mass)", "change": "% of the baseline CT's lean mass"},
         "muscles": muscles,
         "implausible_muscles": odd, "doubtful": bool(reg["doubtful"] or odd),
-        "asymmetry": {"estimate": asymmetry(reader.muscles, est), "baseline": asymmetry(reader.muscles, baseline)},
-        "reader": {"settings": vars(req.reader), "ridge_penalty": reader.alpha, "interval_coverage": req.reader.coverage,
-                   "held_out": {n: {"pcc": float(p), "mae_g": float(m)} for n, p, m in
-                                zip(reader.muscles, reader.holdout_pcc, reader.holdout_mae_g)},
-                   "working_grid": work_camera.to_dict(),
-                   "calibration": reader.info["calibration"], "calibration_samples": reader.info["calibration_samples"],
-                   "interval_note": "split-conformal intervals: they hold the reader's error under the preset's "
-                                    "ranges and the calibration's pose jitter, not a violated assumption"},
-        "assumptions": assumptions(req.reader), "runtime_s": round(time.time() - t0, 2),
+        "asymmetry": {"estimate": asymmetry(names, est), "baseline": asymmetry(names, baseline)},
+        "reader": reader_doc, "assumptions": stated, "runtime_s": round(time.time() - t0, 2),
     }
     write_json(req.out / "followup.json", report, req.force)
     write_table(req.out / "followup.csv", muscles, req.force)

@@ -1,0 +1,164 @@
+"""``mskdex followup --reader fit``: the follow-up radiograph read by fitting the baseline CT's physics
+(:mod:`MSKdeXLib.learning.followup_fit`) instead of a learned ridge reader, at the registered pose.
+
+On the working grid (the radiograph area-averaged to about 256 px): the baseline's physics
+(:func:`~MSKdeXLib.learning.followup.baseline_physics`), deformation modes of the cohort's smooth field
+from the CT resampled to ``modes_voxel_mm`` (:func:`~MSKdeXLib.learning.followup_fit.deformation_jacobian`,
+one render per control point and axis), then the acquisition and the muscles fitted without modes, and
+again with the modes started from there (:func:`~MSKdeXLib.learning.followup_fit.fit_unknown_acquisition`;
+the sequence validated in benchmarks/RESULTS_network.md, sessions 11-12). Intervals:
+:data:`~MSKdeXLib.learning.followup_fit.INTERVAL_SCALE` x the posterior SD. Units: lean mass g; paths
+g/cm^2; codes the radiograph's 12-bit detector codes; poses CT LPS mm -> camera.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from ..anatomy.density import DensityModel
+from ..errors import UserError
+from ..io.images import LabelMap, Volume
+from ..projection.geometry import Camera
+from . import followup_fit as ff
+from .cohort import SubjectSpec, preset_ranges, resample_case
+from .followup import ELASTIC_CONTROL_MM, baseline_physics
+
+#: the largest detector code the fit's chain produces (12-bit output)
+MAX_CODE = 4095.0
+
+
+@dataclass
+class FitSettings:
+    """How the fit reader works. ``modes``: deformation modes kept (at most); ``elastic_mm``: the
+    deformation SD the modes' prior assumes (mm; 0: no modes); ``pool_px``: residuals area-averaged over
+    ``pool_px`` x ``pool_px`` working pixels; ``iterations``: Gauss-Newton steps at most;
+    ``modes_voxel_mm``: the CT is resampled to this voxel for the modes (cost ~ volume);
+    ``control_mm``: control-point spacing of the deformation field; ``preset``: the cohort preset whose
+    muscle-change and acquisition priors are used; ``interval_scale``: 90 % half-width / posterior SD."""
+
+    modes: int = 150
+    elastic_mm: float = 1.0
+    pool_px: int = 2
+    iterations: int = 15
+    modes_voxel_mm: float = 4.0
+    control_mm: float = ELASTIC_CONTROL_MM
+    keep: float = 0.995
+    preset: str = "specificity"
+    interval_scale: float = ff.INTERVAL_SCALE
+
+    def __post_init__(self) -> None:
+        if not 0 <= int(self.modes) <= 1000:
+            raise UserError(f"--fit-modes must be 0-1000, got {self.modes}")
+        if not 0.0 <= float(self.elastic_mm) <= 10.0:
+            raise UserError(f"the fit's deformation SD must be 0-10 mm, got {self.elastic_mm}")
+        if not 1 <= int(self.pool_px) <= 16 or not 1 <= int(self.iterations) <= 100:
+            raise UserError(f"the fit's pooling must be 1-16 px and its iterations 1-100, got {self.pool_px} and "
+                            f"{self.iterations}")
+        if not 1.0 <= float(self.modes_voxel_mm) <= 20.0 or not 20.0 <= float(self.control_mm) <= 400.0:
+            raise UserError(f"--fit-voxel-mm must be 1-20 mm and the control spacing 20-400 mm, got "
+                            f"{self.modes_voxel_mm} and {self.control_mm}")
+
+    def ranges(self):
+        return preset_ranges(self.preset)
+
+
+@dataclass
+class FittedFollowup:
+    """A fitted follow-up: per muscle (``muscles`` order) the baseline and estimated lean mass (g) and the
+    calibrated 90 % half-width (g); the fit itself and what it found."""
+
+    muscles: list[str]
+    baseline_g: np.ndarray
+    estimate_g: np.ndarray
+    half_width_g: np.ndarray
+    result: ff.FitResult
+    acquisition: dict
+    info: dict = field(default_factory=dict)
+
+
+def check_codes(codes: np.ndarray, camera: Camera) -> np.ndarray:
+    """The follow-up's working-grid codes as float64, refused (one line) when they cannot be the chain's:
+    another shape than ``camera``'s, codes outside 0-4095, or no signal."""
+    x = np.asarray(codes, np.float64)
+    if x.shape != (camera.rows, camera.cols):
+        raise UserError(f"radiograph is {x.shape[0]}x{x.shape[1]} px on the working grid but the camera is "
+                        f"{camera.rows}x{camera.cols}")
+    if x.min() < 0 or x.max() > MAX_CODE or not (x > 0).any():
+        raise UserError(f"the fit reader models 12-bit detector codes (0-4095, 0 outside the collimation); this "
+                        f"radiograph holds {x.min():.0f}-{x.max():.0f}: use --reader ridge")
+    return x
+
+
+def deformation_modes_of(ct: Volume, labels: LabelMap, camera: Camera, pose: np.ndarray, spec: SubjectSpec,
+                         settings: FitSettings, progress: Callable[[int, int], None] | None = None,
+                         extra_steps: int = 0) -> tuple[np.ndarray, dict]:
+    """Deformation modes (J, 2, rows, cols; g/cm^2 per mm) of ``ct`` (resampled to
+    ``settings.modes_voxel_mm`` when finer) on ``camera`` at ``pose``, and what they cost (seconds,
+    control points, variance share kept). ``progress(i, n + extra_steps)`` after each control point."""
+    t0 = time.time()
+    if int(settings.modes) == 0 or float(settings.elastic_mm) <= 0:
+        return np.zeros((0, 2, camera.rows, camera.cols)), {"modes": 0}
+    coarse = ct
+    if min(ct.spacing) < float(settings.modes_voxel_mm):
+        coarse, _ = resample_case(ct, labels, float(settings.modes_voxel_mm))
+    report = None if progress is None else (lambda i, n: progress(i, n + int(extra_steps)))
+    jac = ff.deformation_jacobian(coarse, camera, pose, spec, float(settings.control_mm), report)
+    t_jac = time.time() - t0
+    modes = ff.deformation_modes(jac, float(settings.keep), int(settings.modes))
+    info = {"modes": len(modes), "control_points": len(jac) // 3, "ct_voxel_mm": list(map(float, coarse.spacing)),
+            "jacobian_s": round(t_jac, 2), "modes_s": round(time.time() - t0 - t_jac, 2)}
+    return modes, info
+
+
+def fit_followup_reading(ct: Volume, labels: LabelMap, camera: Camera, pose: np.ndarray, codes: np.ndarray,
+                         settings: FitSettings = FitSettings(), density: DensityModel = DensityModel(),
+                         progress: Callable[[int, int], None] | None = None) -> FittedFollowup:
+    """Read the follow-up ``codes`` (on ``camera``, the working grid) by fitting the baseline ``ct``'s
+    physics at ``pose``: acquisition and muscles first without modes, then with the deformation modes
+    started from that fit. ``progress(i, n)`` after each control point of the modes' Jacobian and each
+    of the two fits."""
+    codes = check_codes(codes, camera)
+    ranges = settings.ranges()
+    t0 = time.time()
+    physics, base = baseline_physics(ct, labels, camera, pose, ranges, density)
+    t_physics = time.time() - t0
+    modes, modes_info = deformation_modes_of(ct, labels, camera, pose, physics.spec, settings, progress, 2)
+    total = modes_info.get("control_points", 0) + 2
+    model = ff.FitModel.build(physics, base, modes, ranges)
+    blind = SubjectSpec(index=0, seed=0, acquisition={"sid_mm": float(camera.sid_mm)})
+    t1 = time.time()
+    first, found = ff.fit_unknown_acquisition(model, codes, blind, ranges, 0.0, int(settings.pool_px),
+                                              iterations=int(settings.iterations))
+    if progress is not None:
+        progress(total - 1, total)
+    res = first
+    if len(modes):
+        res, found = ff.fit_unknown_acquisition(model, codes, blind, ranges, float(settings.elastic_mm),
+                                                int(settings.pool_px), iterations=int(settings.iterations), start=first)
+    if progress is not None:
+        progress(total, total)
+    info = {**modes_info, "physics_s": round(t_physics, 2), "fit_s": round(time.time() - t1, 2),
+            "iterations": int(res.iterations), "cost": float(res.cost), "pixels": int(codes.size),
+            "noise_codes": ff.noise_of(codes)}
+    return FittedFollowup(list(physics.muscles), base, res.estimate_g, ff.half_width_g(res, base, settings.interval_scale),
+                          res, {**found.acquisition, **found.processing}, info)
+
+
+def fit_assumptions(settings: FitSettings) -> list[str]:
+    """What the fit reader's estimate assumes (stated in ``followup.json``)."""
+    moved = (f"up to a smooth deformation of the family the fit models (the cohort's cubic field, control points "
+             f"{float(settings.control_mm):g} mm apart, prior SD {float(settings.elastic_mm):g} mm, its leading "
+             f"{int(settings.modes)} modes)" if int(settings.modes) and float(settings.elastic_mm) > 0
+             else "with nothing moved")
+    return [f"the patient's shape other than the muscles is the baseline CT's {moved}; no fat or weight change",
+            "the whole CT moves rigidly with the first registered body",
+            "the radiograph is the library's detector chain (12-bit codes, 0 outside the collimation); kVp, scatter, "
+            "gamma, focal spot, detector blur, unsharp masking and LUT are fitted within 3 SDs of the preset's prior",
+            "muscle changes are lean tissue turning to fat (atrophy replaced by fat, fat infiltration)",
+            f"90 % intervals: {float(settings.interval_scale):g} x the fit's linearised posterior SD, calibrated on "
+            "simulated follow-ups of 3 validation subjects (true pose, deformation of the modelled family); they do "
+            "not include a registration error"]
