@@ -73,10 +73,17 @@ def test_cli_fit_reader_reads_an_unchanged_followup(files):
     (("--fit-modes", "10"), "--fit-modes does not apply to --reader ridge"),
     (("--reader", "fit", "--fit-voxel-mm", "0.1"), "--fit-voxel-mm must be"),
 ])
-def test_cli_bad_reader_options_are_one_line(files, extra, message):
-    r = _cli(*_args(files, "never", *extra, "--progress", "none"))
-    assert r.returncode == 2, r.stderr
-    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+def test_cli_bad_reader_options_are_one_line(files, extra, message, capsys):
+    """Refused before any work, in one line, exit code 2 (in-process: ``mskdex``'s own ``main``)."""
+    from MSKdeXLib.cli import main
+
+    try:
+        code = main(["followup", *_args(files, "never", *extra, "--progress", "none")])
+    except SystemExit as exc:   # argparse's own refusal
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (files / "never").exists()
 
 
