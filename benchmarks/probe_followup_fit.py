@@ -54,7 +54,9 @@ RIDGE_JSON = Path(__file__).resolve().parent / "data" / "followup_warp_validatio
 
 
 def setup(detector: int = 256, voxel_mm: float = 4.0) -> co.CohortConfig:
-    case = sample_data.pelvis_ct() or sample_data.default_case()
+    case = sample_data.pelvis_ct()
+    if case is None:   # no silent fallback: the benchmark's subjects are derived from the real pelvis CT
+        raise SystemExit("the real pelvis CT is missing (../shared/data/pelvis_ct beside the checkout, or $MSKDEX_DATA)")
     return co.prepare(co.CohortConfig(ct=str(case.ct), labels=str(case.labels), table=case.table, seed=bf.SEED,
                                       rows=detector, cols=detector, voxel_mm=voxel_mm,
                                       ranges=co.preset_ranges("specificity").to_dict()))
