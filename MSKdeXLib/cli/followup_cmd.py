@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .common import (LazyChoices, Progress, add_ct_args, add_density_args, add_force, add_pixel_spacing, add_progress,
-                     add_sid, density_from_args, settings_options, settings_values, spacing_rc)
+                     add_sid, density_from_args, field_default, settings_options, settings_values, spacing_rc)
 
 #: reader options -> fields of MSKdeXLib.learning.followup.ReaderSettings (their defaults live there)
 READER_FIELDS = {"samples": "samples", "grid": "grid", "margin": "margin", "preset": "preset", "coverage": "coverage",
@@ -40,11 +40,12 @@ def add_parser(sub, name: str):
     p.add_argument("--out", required=True, help="output folder")
     add_sid(p, "source-to-image distance, mm, when the radiograph has no sidecar")
     add_pixel_spacing(p, None, "detector pixel spacing (mm), overrides the file's")
-    p.add_argument("--reader", default="ridge", choices=LazyChoices("MSKdeXLib.learning.followup_run:READERS"),
+    p.add_argument("--reader", choices=LazyChoices("MSKdeXLib.learning.followup_run:READERS"),
                    metavar="KIND", help="ridge: a ridge reader fitted on re-simulations of the CT (default); fit: the "
                    "radiograph fitted with the CT's own physics (muscle changes, smooth-deformation modes and the "
                    "acquisition; better under a deformation on simulated follow-ups; intervals calibrated on 3 "
                    "validation subjects): %(choices)s")
+    settings_options(p, "MSKdeXLib.learning.followup_run:FollowupRequest", {"reader": "method"})
     g = p.add_argument_group("reader")
     g.add_argument("--samples", type=int, help="re-simulations the reader is fitted on; a quarter of them picks "
                    "its ridge penalty and calibrates the intervals")
@@ -92,10 +93,12 @@ def run(args) -> int:
 
     from ..errors import UserError
     from ..learning.followup_fit_reader import FitSettings
+    from ..learning.followup_run import FollowupRequest
 
     reader = ReaderSettings(**settings_values(args, READER_FIELDS), seed=args.seed)
     reader.ranges()  # an unknown preset fails before any work
     fit = FitSettings(**settings_values(args, FIT_FIELDS))
+    args.reader = args.reader or field_default(FollowupRequest, "method")
     stray = [k for k in (FIT_FIELDS if args.reader == "ridge" else READER_FIELDS)
              if k != "preset" and getattr(args, k, None) is not None]
     if stray:

@@ -16,7 +16,8 @@ from MSKdeXLib.learning.cohort import PRESETS, CohortConfig, CohortRanges
 from MSKdeXLib.learning.dataset.builder import SPLIT_CHOICES, DatasetSettings
 from MSKdeXLib.learning.dataset.format import NORMALISATION_METHODS
 from MSKdeXLib.learning.followup import ReaderSettings
-from MSKdeXLib.learning.followup_run import FollowupRequest
+from MSKdeXLib.learning.followup_fit_reader import FitSettings
+from MSKdeXLib.learning.followup_run import READERS, FollowupRequest
 from MSKdeXLib.progress import MODES
 from MSKdeXLib.projection.simulate import SPECTRA, SimulationSettings
 from MSKdeXLib.registration.settings import RegistrationSettings
@@ -65,11 +66,16 @@ def expected_defaults() -> dict[tuple[str, str], object]:
     exp.update({("followup", k): getattr(reader, k) for k in ("samples", "grid", "margin", "preset", "coverage", "poses",
                                                                   "calibration_samples", "fat_mm", "elastic_mm", "warp_mm")})
     exp[("followup", "bones")] = FollowupRequest.__dataclass_fields__["bones"].default
+    exp[("followup", "reader")] = FollowupRequest.__dataclass_fields__["method"].default
+    fit = FitSettings()
+    exp.update({("followup", k): getattr(fit, f) for k, f in (("fit_modes", "modes"), ("fit_elastic_mm", "elastic_mm"),
+                                                              ("fit_voxel_mm", "modes_voxel_mm"), ("fit_pool", "pool_px"))})
     return exp
 
 
 EXPECTED_CHOICES = {"kind": KINDS, "progress": MODES, "similarity": MEASURES, "normalisation": NORMALISATION_METHODS,
-                    "split": SPLIT_CHOICES, "spectrum": SPECTRA, "preset": tuple(PRESETS)}
+                    "split": SPLIT_CHOICES, "spectrum": SPECTRA, "preset": tuple(PRESETS),
+                    "reader": READERS}
 
 
 def _values(v) -> tuple:
