@@ -160,7 +160,9 @@ def window(level: Level, own: torch.Tensor, margin_mm: float) -> tuple[Camera, t
     level when nothing is left."""
     cam = level.camera
     k = 2 * int(round(margin_mm / cam.spacing_col_mm)) + 1
-    roi = F.max_pool2d(own[None, None].float(), k, stride=1, padding=k // 2)[0, 0] > 0
+    own = own[None, None].float()  # dilated by a k x k square: its rows' maximum, then its columns'
+    roi = F.max_pool2d(F.max_pool2d(own, (k, 1), stride=1, padding=(k // 2, 0)), (1, k), stride=1,
+                       padding=(0, k // 2))[0, 0] > 0
     roi = roi & level.mask
     b = mask_box(roi.cpu().numpy())
     if b is None:
