@@ -183,14 +183,10 @@ def _plane_boxes(planes: torch.Tensor) -> np.ndarray:
     return out
 
 
-def _ray_windows(m: torch.Tensor, camera: Camera, axis: int, pos: torch.Tensor, boxes: np.ndarray,
-                 chunk: int) -> list | None:
-    """Per chunk of ``chunk`` planes, the detector window [r0, r1) x [c0, c1) holding every ray of
-    the (B, 4, 4) poses ``m`` (camera mm -> voxel index) that meets a non-zero sample of the chunk
-    (None: the chunk has none): each chunk's samples lie in the box [first, last plane] x its planes'
-    ``boxes``, and a ray meeting it passes through the projection's bounding rectangle of its 8
-    corners (grown by a pixel). Returns None when any corner is not in front of the source."""
-    h = camera.rows
+def _chunk_corners(axis: int, pos: torch.Tensor, boxes: np.ndarray, chunk: int) -> tuple[int, list[int], torch.Tensor]:
+    """(number of chunks of ``chunk`` planes, the first plane of each chunk with a non-empty
+    plane, (K, 8, 4) homogeneous voxel-index corners of each such chunk's box: [first, last plane]
+    along ``axis`` x the union of its planes' ``boxes``)."""
     x_ax, y_ax = [a for a in (0, 1, 2) if a != axis]
     starts = list(range(0, len(boxes), chunk))
     corners, kept = [], []
@@ -200,20 +196,32 @@ def _ray_windows(m: torch.Tensor, camera: Camera, axis: int, pos: torch.Tensor, 
         if not len(b):
             continue
         x0, x1, y0, y1 = b[:, 0].min(), b[:, 1].max(), b[:, 2].min(), b[:, 3].max()
-        p0, p1 = float(pos[m0]), float(pos[min(m0 + chunk, len(boxes)) - 1])
         c = np.zeros((8, 4))
         c[:, 3] = 1.0
-        c[:, axis] = [p0, p1] * 4
+        c[:, axis] = [float(pos[m0]), float(pos[min(m0 + chunk, len(boxes)) - 1])] * 4
         c[:, x_ax] = [x0, x0, x1, x1] * 2
         c[:, y_ax] = [y0] * 4 + [y1] * 4
         corners.append(c)
         kept.append(m0)
-    out: list = [None] * len(starts)
+    return len(starts), kept, torch.as_tensor(np.stack(corners) if corners else np.zeros((0, 8, 4)))
+
+
+def _ray_windows(m: torch.Tensor, camera: Camera, chunks: tuple[int, list[int], torch.Tensor], chunk: int
+                 ) -> list | None:
+    """Per chunk of ``chunk`` planes, the detector window (r0, r1, c0, c1) holding every ray of the
+    (B, 4, 4) poses ``m`` (camera mm -> voxel index) that meets a non-zero sample of the chunk
+    (None: the chunk has none): the chunk's samples lie in its box (``chunks``,
+    :func:`_chunk_corners`), and a ray meeting it passes through the projection's bounding
+    rectangle of the box's 8 corners (grown by a pixel). None when a corner is not in front of the
+    source."""
+    n, kept, corners = chunks
+    out: list = [None] * n
     if not kept:
         return out
+    h, w = camera.rows, camera.cols
     with torch.no_grad():
         to_cam = torch.linalg.inv(m.detach().to(device="cpu", dtype=torch.float64))  # (B, 4, 4)
-        p = torch.einsum("bij,knj->bkni", to_cam, torch.as_tensor(np.stack(corners)))  # (B, chunks, 8, 4)
+        p = torch.einsum("bij,knj->bkni", to_cam, corners)  # (B, K, 8, 4)
         z = p[..., 2]
         if bool((z <= 1e-6).any()):
             return None
@@ -222,8 +230,8 @@ def _ray_windows(m: torch.Tensor, camera: Camera, axis: int, pos: torch.Tensor, 
         row = p[..., 1] / z * (camera.sid_mm / camera.spacing_row_mm) + cy
         lo_r = torch.floor(row.amin(dim=(0, 2)) - 1.0).clamp(0, h).long().tolist()
         hi_r = torch.ceil(row.amax(dim=(0, 2)) + 1.0).clamp(-1, h - 1).long().tolist()
-        lo_c = torch.floor(col.amin(dim=(0, 2)) - 1.0).clamp(0, camera.cols).long().tolist()
-        hi_c = torch.ceil(col.amax(dim=(0, 2)) + 1.0).clamp(-1, camera.cols - 1).long().tolist()
+        lo_c = torch.floor(col.amin(dim=(0, 2)) - 1.0).clamp(0, w).long().tolist()
+        hi_c = torch.ceil(col.amax(dim=(0, 2)) + 1.0).clamp(-1, w - 1).long().tolist()
     for i, m0 in enumerate(kept):
         if lo_r[i] <= hi_r[i] and lo_c[i] <= hi_c[i]:
             out[m0 // chunk] = (lo_r[i], hi_r[i] + 1, lo_c[i], hi_c[i] + 1)
@@ -296,7 +304,7 @@ class DRRRenderer:
         self._index_to_lps = torch.as_tensor(ct.index_to_lps(), device=self.device)
         # mu is built per plane stack from ct.array (no persistent [k, j, i] copy: bounded memory)
         self._planes: dict = {}
-        self._boxes: dict = {}  # per plane stack: each plane's box of non-zero samples (_plane_boxes)
+        self._chunks: dict = {}  # per plane stack and chunk size: the chunks' boxes (_chunk_corners)
         self._voxels = None
 
     # --- attenuation ---------------------------------------------------------------------
@@ -403,10 +411,10 @@ class DRRRenderer:
         nb = poses.shape[0]
         per_chunk = _PLANE_CHUNK_ELEMENTS if torch.get_num_threads() == 1 else _PLANE_CHUNK_ELEMENTS_MT
         chunk = max(1, per_chunk // (nb * cam.rows * cam.cols))  # the whole detector's (the same sums)
-        key = (tuple(s.label for s in structures), axis, n)
-        if key not in self._boxes:
-            self._boxes[key] = _plane_boxes(planes)
-        wins = _ray_windows(m, cam, axis, pos, self._boxes[key], chunk)
+        key = (tuple(s.label for s in structures), axis, n, chunk)
+        if key not in self._chunks:
+            self._chunks[key] = _chunk_corners(axis, pos, _plane_boxes(planes), chunk)
+        wins = _ray_windows(m, cam, self._chunks[key], chunk)
         r0, r1, c0, c1 = 0, cam.rows, 0, cam.cols
         if wins is not None:
             live = [w for w in wins if w is not None]
