@@ -307,6 +307,13 @@ class DRRRenderer:
         self._chunks: dict = {}  # per plane stack and chunk size: the chunks' boxes (_chunk_corners)
         self._voxels = None
 
+    def share_planes(self, other: "DRRRenderer") -> None:
+        """Use ``other``'s cache of plane stacks (a renderer of the same CT for another camera: the
+        stacks do not depend on the camera)."""
+        if other.ct is not self.ct or other.mu_water_per_mm != self.mu_water_per_mm:
+            raise ValueError("plane stacks are shared only between renderers of the same CT")
+        self._planes, self._chunks = other._planes, other._chunks
+
     # --- attenuation ---------------------------------------------------------------------
     def mu_volume(self, structures=(), order: tuple[int, int, int] = (0, 1, 2)) -> torch.Tensor:
         """mu = mu_water * max(0, 1 + HU/1000) [1/mm] as a new float32 tensor, array axes
@@ -446,7 +453,7 @@ class DRRRenderer:
             p = posf[m0:m0 + chunk]
             if wins is not None and wins[m0 // chunk] is None:
                 continue  # no ray meets a non-zero sample of these planes
-            if wins is None or grad:
+            if wins is None:
                 grid = torch.addcmul(base_n.unsqueeze(0), p[:, None, None, None, None], q_n.unsqueeze(0))
                 vals = torch.nn.functional.grid_sample(planes[m0:m0 + chunk], grid.reshape(len(p), nb * h, w, 2),
                                                        mode="bilinear", padding_mode="zeros", align_corners=True)
@@ -457,7 +464,11 @@ class DRRRenderer:
             grid = torch.addcmul(base_n[sub].unsqueeze(0), p[:, None, None, None, None], q_n[sub].unsqueeze(0))
             vals = torch.nn.functional.grid_sample(planes[m0:m0 + chunk], grid.reshape(len(p), -1, b1 - b0, 2),
                                                    mode="bilinear", padding_mode="zeros", align_corners=True)
-            acc[sub] += vals.sum(dim=(0, 1)).reshape(nb, a1 - a0, b1 - b0)
+            part = vals.sum(dim=(0, 1)).reshape(nb, a1 - a0, b1 - b0)
+            if grad:  # out of place (the gradient's graph), adding the zeros of the rest of the window
+                acc = acc + torch.nn.functional.pad(part, (b0 - c0, c1 - b1, a0 - r0, r1 - a1))
+            else:
+                acc[sub] += part
         acc = acc * step.to(acc.dtype)
         if (h, w) != (cam.rows, cam.cols):
             acc = torch.nn.functional.pad(acc, (c0, cam.cols - c1, r0, cam.rows - r1))
