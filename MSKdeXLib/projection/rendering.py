@@ -422,16 +422,16 @@ class DRRRenderer:
         if key not in self._chunks:
             self._chunks[key] = _chunk_corners(axis, pos, _plane_boxes(planes), chunk)
         wins = _ray_windows(m, cam, self._chunks[key], chunk)
+        grad = torch.is_grad_enabled() and poses.requires_grad
         r0, r1, c0, c1 = 0, cam.rows, 0, cam.cols
-        if wins is not None:
-            live = [w for w in wins if w is not None]
-            if not live:
-                return torch.zeros(nb, cam.rows, cam.cols, dtype=torch.float32, device=self.device)
+        live = [w for w in wins if w is not None] if wins is not None else []
+        if wins is not None and not live and not grad:
+            return torch.zeros(nb, cam.rows, cam.cols, dtype=torch.float32, device=self.device)
+        if live:
             r0, r1 = min(w[0] for w in live), max(w[1] for w in live)
             c0, c1 = min(w[2] for w in live), max(w[3] for w in live)
-            if (r1 - r0) * (c1 - c0) > _LIVE_RAYS_MAX_FRACTION * cam.rows * cam.cols:
-                wins, r0, r1, c0, c1 = None, 0, cam.rows, 0, cam.cols
-        grad = torch.is_grad_enabled() and poses.requires_grad
+        if not live or (r1 - r0) * (c1 - c0) > _LIVE_RAYS_MAX_FRACTION * cam.rows * cam.cols:
+            wins, r0, r1, c0, c1 = None, 0, cam.rows, 0, cam.cols  # every ray (a gradient of zeros still has a graph)
         window = (slice(None), slice(r0, r1), slice(c0, c1))
         if not grad:  # the rays of the window alone (with a gradient: every ray's, then the window's:
             d, norm = d[window], norm[r0:r1, c0:c1]  # the gradient's sums stay the same)

@@ -357,6 +357,10 @@ def test_marching_only_rays_that_meet_the_volume_changes_nothing(pelvis, monkeyp
     d_live, g_live = drrs(1.0, True)
     assert torch.equal(d_all, every) and torch.equal(d_live, every)
     assert torch.equal(g_all, g_live) and g_all.abs().sum() > 0
+    off = torch.as_tensor(perturbed_pose(base, (0, 0, 0), (400, 0, 0), iso))[None].requires_grad_(True)
+    d_off = renderer.attenuation(off, structures=femur)  # no ray meets the femur: zeros, and a gradient
+    d_off.sum().backward()
+    assert (d_off == 0).all() and (off.grad == 0).all()
     n = renderer.ray_samples(1)
     planes, pos = renderer._plane_stack(femur, 1, n)
     chunks = rendering._chunk_corners(1, pos, rendering._plane_boxes(planes), 3)
