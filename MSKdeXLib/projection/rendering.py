@@ -165,6 +165,79 @@ def _rigid_inverse(p: torch.Tensor) -> torch.Tensor:
     return torch.cat([top, bottom], dim=1)
 
 
+#: a batch's rays are marched only in the detector window where they meet the volume when it holds at
+#: most this fraction of the detector
+_LIVE_RAYS_MAX_FRACTION = 0.8
+
+
+def _plane_boxes(planes: torch.Tensor) -> np.ndarray:
+    """(n, 4) [x_lo, x_hi, y_lo, y_hi] of each plane of (n, 1, H, W) ``planes``: the open box (voxel
+    indices) outside which its bilinear samples are zero (its non-zero voxels' box grown by one
+    voxel; ``padding_mode='zeros'``, ``align_corners=True``); NaN for an empty plane."""
+    nz = (planes[:, 0] != 0).cpu().numpy()
+    out = np.full((nz.shape[0], 4), np.nan)
+    for k, plane in enumerate(nz):
+        rows, cols = np.flatnonzero(plane.any(1)), np.flatnonzero(plane.any(0))
+        if rows.size:
+            out[k] = (cols[0] - 1.0, cols[-1] + 1.0, rows[0] - 1.0, rows[-1] + 1.0)
+    return out
+
+
+def _chunk_corners(axis: int, pos: torch.Tensor, boxes: np.ndarray, chunk: int) -> tuple[int, list[int], torch.Tensor]:
+    """(number of chunks of ``chunk`` planes, the first plane of each chunk with a non-empty
+    plane, (K, 8, 4) homogeneous voxel-index corners of each such chunk's box: [first, last plane]
+    along ``axis`` x the union of its planes' ``boxes``)."""
+    x_ax, y_ax = [a for a in (0, 1, 2) if a != axis]
+    starts = list(range(0, len(boxes), chunk))
+    corners, kept = [], []
+    for m0 in starts:
+        b = boxes[m0:m0 + chunk]
+        b = b[~np.isnan(b[:, 0])]
+        if not len(b):
+            continue
+        x0, x1, y0, y1 = b[:, 0].min(), b[:, 1].max(), b[:, 2].min(), b[:, 3].max()
+        c = np.zeros((8, 4))
+        c[:, 3] = 1.0
+        c[:, axis] = [float(pos[m0]), float(pos[min(m0 + chunk, len(boxes)) - 1])] * 4
+        c[:, x_ax] = [x0, x0, x1, x1] * 2
+        c[:, y_ax] = [y0] * 4 + [y1] * 4
+        corners.append(c)
+        kept.append(m0)
+    return len(starts), kept, torch.as_tensor(np.stack(corners) if corners else np.zeros((0, 8, 4)))
+
+
+def _ray_windows(m: torch.Tensor, camera: Camera, chunks: tuple[int, list[int], torch.Tensor], chunk: int
+                 ) -> list | None:
+    """Per chunk of ``chunk`` planes, the detector window (r0, r1, c0, c1) holding every ray of the
+    (B, 4, 4) poses ``m`` (camera mm -> voxel index) that meets a non-zero sample of the chunk
+    (None: the chunk has none): the chunk's samples lie in its box (``chunks``,
+    :func:`_chunk_corners`), and a ray meeting it passes through the projection's bounding
+    rectangle of the box's 8 corners (grown by a pixel). None when a corner is not in front of the
+    source."""
+    n, kept, corners = chunks
+    out: list = [None] * n
+    if not kept:
+        return out
+    h, w = camera.rows, camera.cols
+    with torch.no_grad():
+        to_cam = torch.linalg.inv(m.detach().to(device="cpu", dtype=torch.float64))  # (B, 4, 4)
+        p = torch.einsum("bij,knj->bkni", to_cam, corners)  # (B, K, 8, 4)
+        z = p[..., 2]
+        if bool((z <= 1e-6).any()):
+            return None
+        cx, cy = camera.principal_point
+        col = p[..., 0] / z * (camera.sid_mm / camera.spacing_col_mm) + cx
+        row = p[..., 1] / z * (camera.sid_mm / camera.spacing_row_mm) + cy
+        lo_r = torch.floor(row.amin(dim=(0, 2)) - 1.0).clamp(0, h).long().tolist()
+        hi_r = torch.ceil(row.amax(dim=(0, 2)) + 1.0).clamp(-1, h - 1).long().tolist()
+        lo_c = torch.floor(col.amin(dim=(0, 2)) - 1.0).clamp(0, w).long().tolist()
+        hi_c = torch.ceil(col.amax(dim=(0, 2)) + 1.0).clamp(-1, w - 1).long().tolist()
+    for i, m0 in enumerate(kept):
+        if lo_r[i] <= hi_r[i] and lo_c[i] <= hi_c[i]:
+            out[m0 // chunk] = (lo_r[i], hi_r[i] + 1, lo_c[i], hi_c[i] + 1)
+    return out
+
+
 def _box_overlaps(centre: torch.Tensor, width: torch.Tensor, taps: int
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Overlap of boxes [centre - width/2, centre + width/2] (pixel units; pixel p spans
@@ -231,7 +304,15 @@ class DRRRenderer:
         self._index_to_lps = torch.as_tensor(ct.index_to_lps(), device=self.device)
         # mu is built per plane stack from ct.array (no persistent [k, j, i] copy: bounded memory)
         self._planes: dict = {}
+        self._chunks: dict = {}  # per plane stack and chunk size: the chunks' boxes (_chunk_corners)
         self._voxels = None
+
+    def share_planes(self, other: "DRRRenderer") -> None:
+        """Use ``other``'s cache of plane stacks (a renderer of the same CT for another camera: the
+        stacks do not depend on the camera)."""
+        if other.ct is not self.ct or other.mu_water_per_mm != self.mu_water_per_mm:
+            raise ValueError("plane stacks are shared only between renderers of the same CT")
+        self._planes, self._chunks = other._planes, other._chunks
 
     # --- attenuation ---------------------------------------------------------------------
     def mu_volume(self, structures=(), order: tuple[int, int, int] = (0, 1, 2)) -> torch.Tensor:
@@ -317,7 +398,10 @@ class DRRRenderer:
         return torch.cat([px, torch.full_like(px[..., :1], cam.sid_mm)], dim=-1)
 
     def _attenuation_batch(self, poses: torch.Tensor, structures, axis: int) -> torch.Tensor:
-        """(B, rows, cols) line integrals of (B, 4, 4) ``poses`` whose dominant axis is ``axis``."""
+        """(B, rows, cols) line integrals of (B, 4, 4) ``poses`` whose dominant axis is ``axis``.
+        Only the rays that can meet the volume's non-zero samples are marched (:func:`_ray_windows`;
+        the others integrate exact zeros), and without a gradient each chunk of planes only its own
+        rays: the same sums, in the same order, as marching every ray."""
         cam = self.camera
         n = self.ray_samples(axis)
         planes, pos = self._plane_stack(structures, axis, n)
@@ -329,29 +413,66 @@ class DRRRenderer:
         m = lps_to_index @ _rigid_inverse(poses)  # (B, 4, 4)
         pix = self._pixels_camera(dt)
         d = torch.einsum("rcj,bij->brci", pix, m[:, :3, :3])  # ray directions source -> pixel, index units
-        src = m[:, :3, 3]  # (B, 3)
+        src = m[:, :3, 3][:, None, None]  # (B, 1, 1, 3)
+        norm = pix.norm(dim=-1)  # (R, C) |source -> pixel|
+        nb = poses.shape[0]
+        per_chunk = _PLANE_CHUNK_ELEMENTS if torch.get_num_threads() == 1 else _PLANE_CHUNK_ELEMENTS_MT
+        chunk = max(1, per_chunk // (nb * cam.rows * cam.cols))  # the whole detector's (the same sums)
+        key = (tuple(s.label for s in structures), axis, n, chunk)
+        if key not in self._chunks:
+            self._chunks[key] = _chunk_corners(axis, pos, _plane_boxes(planes), chunk)
+        wins = _ray_windows(m, cam, self._chunks[key], chunk)
+        grad = torch.is_grad_enabled() and poses.requires_grad
+        r0, r1, c0, c1 = 0, cam.rows, 0, cam.cols
+        live = [w for w in wins if w is not None] if wins is not None else []
+        if wins is not None and not live and not grad:
+            return torch.zeros(nb, cam.rows, cam.cols, dtype=torch.float32, device=self.device)
+        if live:
+            r0, r1 = min(w[0] for w in live), max(w[1] for w in live)
+            c0, c1 = min(w[2] for w in live), max(w[3] for w in live)
+        if not live or (r1 - r0) * (c1 - c0) > _LIVE_RAYS_MAX_FRACTION * cam.rows * cam.cols:
+            wins, r0, r1, c0, c1 = None, 0, cam.rows, 0, cam.cols  # every ray (a gradient of zeros still has a graph)
+        window = (slice(None), slice(r0, r1), slice(c0, c1))
+        if not grad:  # the rays of the window alone (with a gradient: every ray's, then the window's:
+            d, norm = d[window], norm[r0:r1, c0:c1]  # the gradient's sums stay the same)
         da = d[..., axis]
         q = torch.stack([d[..., x_ax] / da, d[..., y_ax] / da], dim=-1)  # (B, R, C, 2)
-        base = torch.stack([src[:, x_ax], src[:, y_ax]], -1)[:, None, None] - src[:, axis, None, None, None] * q
+        base = torch.stack([src[..., x_ax], src[..., y_ax]], -1) - src[..., axis, None] * q
         extent = torch.tensor([self.ct.array.shape[2 - x_ax] - 1, self.ct.array.shape[2 - y_ax] - 1],
                               dtype=dt, device=self.device).clamp_min(1)
         scale = 2.0 / extent
-        nb = poses.shape[0]
-        base_n = (base * scale - 1).float().reshape(nb * cam.rows, cam.cols, 2)
-        q_n = (q * scale).float().reshape(nb * cam.rows, cam.cols, 2)
+        base_n, q_n = (base * scale - 1).float(), (q * scale).float()
         # step between planes along the ray, in mm: (plane spacing / |d_axis|) * |source->pixel|
-        step = (size / n) * pix.norm(dim=-1) / da.abs()
-        acc = torch.zeros(nb * cam.rows, cam.cols, dtype=torch.float32, device=self.device)
-        per_chunk = _PLANE_CHUNK_ELEMENTS if torch.get_num_threads() == 1 else _PLANE_CHUNK_ELEMENTS_MT
-        chunk = max(1, per_chunk // (nb * cam.rows * cam.cols))
+        step = (size / n) * norm / da.abs()
+        if grad:
+            base_n, q_n, step = base_n[window], q_n[window], step[window]
+        h, w = r1 - r0, c1 - c0
+        acc = torch.zeros(nb, h, w, dtype=torch.float32, device=self.device)
         posf = pos.float()
         for m0 in range(0, n, chunk):
             p = posf[m0:m0 + chunk]
-            grid = torch.addcmul(base_n.unsqueeze(0), p[:, None, None, None], q_n.unsqueeze(0))
-            vals = torch.nn.functional.grid_sample(planes[m0:m0 + chunk], grid, mode="bilinear",
-                                                   padding_mode="zeros", align_corners=True)
-            acc = acc + vals.sum(dim=(0, 1))
-        return acc.reshape(nb, cam.rows, cam.cols) * step.to(acc.dtype)
+            if wins is not None and wins[m0 // chunk] is None:
+                continue  # no ray meets a non-zero sample of these planes
+            if wins is None:
+                grid = torch.addcmul(base_n.unsqueeze(0), p[:, None, None, None, None], q_n.unsqueeze(0))
+                vals = torch.nn.functional.grid_sample(planes[m0:m0 + chunk], grid.reshape(len(p), nb * h, w, 2),
+                                                       mode="bilinear", padding_mode="zeros", align_corners=True)
+                acc = acc + vals.sum(dim=(0, 1)).reshape(nb, h, w)
+                continue
+            a0, a1, b0, b1 = wins[m0 // chunk]
+            sub = (slice(None), slice(a0 - r0, a1 - r0), slice(b0 - c0, b1 - c0))
+            grid = torch.addcmul(base_n[sub].unsqueeze(0), p[:, None, None, None, None], q_n[sub].unsqueeze(0))
+            vals = torch.nn.functional.grid_sample(planes[m0:m0 + chunk], grid.reshape(len(p), -1, b1 - b0, 2),
+                                                   mode="bilinear", padding_mode="zeros", align_corners=True)
+            part = vals.sum(dim=(0, 1)).reshape(nb, a1 - a0, b1 - b0)
+            if grad:  # out of place (the gradient's graph), adding the zeros of the rest of the window
+                acc = acc + torch.nn.functional.pad(part, (b0 - c0, c1 - b1, a0 - r0, r1 - a1))
+            else:
+                acc[sub] += part
+        acc = acc * step.to(acc.dtype)
+        if (h, w) != (cam.rows, cam.cols):
+            acc = torch.nn.functional.pad(acc, (c0, cam.cols - c1, r0, cam.rows - r1))
+        return acc
 
     # --- channels (voxel splatting) ------------------------------------------------------
     def _voxel_lists(self):

@@ -90,26 +90,54 @@ def gradient_correlation(fixed, moving, mask=None) -> torch.Tensor:
     return 0.5 * (_weighted_ncc(fr, mr, wg) + _weighted_ncc(fc, mc, wg))
 
 
-def _local_ncc(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor, patch: int):
+def _patch_stats(a: torch.Tensor, w: torch.Tensor, patch: int) -> tuple[torch.Tensor, ...]:
+    """The fixed image's side of :func:`_local_ncc`: (weight sums, means, variances, regulariser,
+    patch weights) of ``a`` (1, H, W) with weights ``w`` per patch."""
+    stride = max(1, patch // 2)
+    pool = lambda x: F.avg_pool2d(x[:, None], patch, stride=stride)[:, 0].flatten(1)  # noqa: E731
+    sw = pool(w).clamp_min(_EPS)
+    ma = pool(w * a) / sw
+    va = (pool(w * a * a) / sw - ma * ma).clamp_min(0)
+    # regularise relative to the whole image's variance: invariant to contrast scaling
+    ga = (w * a * a).sum(dim=(-2, -1)) / w.sum(dim=(-2, -1)).clamp_min(_EPS)
+    ea = 1e-6 * ga[:, None] + 1e-30
+    weight = pool(w).clamp(0, 1) * torch.sqrt(va.detach())
+    return sw, ma, va, ea, weight
+
+
+def _local_ncc(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor, patch: int, stats=None):
     """Per-patch NCC of (B,H,W) images in windows of ``patch`` px (stride patch/2).
 
     Returns (ncc (B, P), weight (1 or B, P)): a patch's weight is its valid fraction times the
     standard deviation of ``a`` (the fixed image) in it, so flat patches do not count.
+    ``stats``: :func:`_patch_stats` of ``a`` and ``w`` when already computed.
     """
     stride = max(1, patch // 2)
     pool = lambda x: F.avg_pool2d(x[:, None], patch, stride=stride)[:, 0].flatten(1)  # noqa: E731
-    sw = pool(w).clamp_min(_EPS)
-    ma, mb = pool(w * a) / sw, pool(w * b) / sw
-    va = (pool(w * a * a) / sw - ma * ma).clamp_min(0)
+    sw, ma, va, ea, weight = _patch_stats(a, w, patch) if stats is None else stats
+    mb = pool(w * b) / sw
     vb = (pool(w * b * b) / sw - mb * mb).clamp_min(0)
     cov = pool(w * a * b) / sw - ma * mb
-    # regularise relative to the whole image's variance: invariant to contrast scaling
-    ga = (w * a * a).sum(dim=(-2, -1)) / w.sum(dim=(-2, -1)).clamp_min(_EPS)
     gb = (w * b * b).sum(dim=(-2, -1)) / w.sum(dim=(-2, -1)).clamp_min(_EPS)
-    ea, eb = 1e-6 * ga[:, None] + 1e-30, 1e-6 * gb[:, None] + 1e-30
+    eb = 1e-6 * gb[:, None] + 1e-30
     r = cov / torch.sqrt((va + ea) * (vb + eb))
-    weight = pool(w).clamp(0, 1) * torch.sqrt(va.detach())
     return r, weight
+
+
+def _fixed_side(f: torch.Tensor, w: torch.Tensor, patch: int) -> tuple:
+    """What :func:`patch_gradient_ncc` computes of the fixed image alone: (gradient weights,
+    [(derivative, its :func:`_patch_stats`) per direction])."""
+    wg = _gradient_weights(w)
+    return wg, [(a, _patch_stats(a, wg, patch)) for a in image_gradients(f)]
+
+
+def _pgncc(m: torch.Tensor, patch: int, side: tuple) -> torch.Tensor:
+    wg, fixed = side
+    total = 0.0
+    for (a, stats), b in zip(fixed, image_gradients(m)):
+        r, weight = _local_ncc(a, b, wg, patch, stats)
+        total = total + (r * weight).sum(-1) / weight.sum(-1).clamp_min(1e-30)
+    return 0.5 * total
 
 
 def patch_gradient_ncc(fixed, moving, mask=None, patch: int = 16) -> torch.Tensor:
@@ -117,14 +145,32 @@ def patch_gradient_ncc(fixed, moving, mask=None, patch: int = 16) -> torch.Tenso
     windows, averaged with weights favouring structured patches of the radiograph, (B,)."""
     f, m, w = _prep(fixed, moving, mask)
     patch = int(max(3, min(patch, f.shape[-1], f.shape[-2])))
-    fr, fc = image_gradients(f)
-    mr, mc = image_gradients(m)
-    wg = _gradient_weights(w)
-    total = 0.0
-    for a, b in ((fr, mr), (fc, mc)):
-        r, weight = _local_ncc(a, b, wg, patch)
-        total = total + (r * weight).sum(-1) / weight.sum(-1).clamp_min(1e-30)
-    return 0.5 * total
+    return _pgncc(m, patch, _fixed_side(f, w, patch))
+
+
+class PatchGradientNCC:
+    """:func:`patch_gradient_ncc` that keeps the fixed image's side (derivatives, gradient weights,
+    patch statistics) of the last ``keep`` (fixed, mask) pairs it met: a registration compares each
+    view's radiograph with thousands of DRRs. The moving image's operations are the function's, in
+    the same order: the same values and gradients. A pair is recognised by identity, torch's
+    in-place version counters, dtype, device and size."""
+
+    def __init__(self, patch: int = 16, keep: int = 8):
+        self.patch, self.keep = patch, keep
+        self._sides: list = []
+
+    def __call__(self, fixed, moving, mask=None) -> torch.Tensor:
+        f, m, w = _prep(fixed, moving, mask)
+        patch = int(max(3, min(self.patch, f.shape[-1], f.shape[-2])))
+        if not isinstance(fixed, torch.Tensor) or fixed.requires_grad or not (mask is None or isinstance(mask, torch.Tensor)):
+            return _pgncc(m, patch, _fixed_side(f, w, patch))
+        key = (fixed._version, None if mask is None else mask._version, m.dtype, m.device, tuple(m.shape[-2:]))
+        for (fx, mk, k), side in self._sides:
+            if fx is fixed and mk is mask and k == key:
+                return _pgncc(m, patch, side)
+        side = _fixed_side(f, w, patch)
+        self._sides = [((fixed, mask, key), side)] + self._sides[:max(0, self.keep - 1)]
+        return _pgncc(m, patch, side)
 
 
 def downsample(img: torch.Tensor, factor: int) -> torch.Tensor:
@@ -165,7 +211,7 @@ def get_similarity(name: str, patch: int = 16) -> Similarity:
     if name == "gc":
         return gradient_correlation
     if name == "pgncc":
-        return lambda f, m, w=None: patch_gradient_ncc(f, m, w, patch)
+        return PatchGradientNCC(patch)
     if name == "ms-pgncc":
         return multiscale(lambda f, m, w=None: patch_gradient_ncc(f, m, w, patch))
     if name == "ms-gc":

@@ -93,13 +93,15 @@ def level_at(levels: list[Level], camera: Camera, factor: float, settings: Regis
 
 class BodyVolumes:
     """Bone-only volumes (:func:`~.bodyvolume.body_volume`) per set of structures, and their
-    renderers per camera; built on first use, kept for the whole registration."""
+    renderers per camera (sharing the volume's plane stacks); built on first use, kept for the whole
+    registration."""
 
     def __init__(self, ct: Volume, labels: LabelMap, settings: RegistrationSettings, device, dtype,
                  bodies: list[Body] = ()):
         self.ct, self.labels, self.s, self.device, self.dtype = ct, labels, settings, device, dtype
         self._vols: dict = {}
         self._renderers: dict = {}
+        self._first: dict = {}  # per volume: its first renderer (whose plane stacks the others share)
         #: the structures of every body: not part of the tissue volume
         self.body_structures = list({st.label: st for b in bodies for st in b.structures}.values())
 
@@ -118,7 +120,12 @@ class BodyVolumes:
         if rkey not in self._renderers:
             if len(self._renderers) > 24:  # bounded: drop the oldest
                 self._renderers.pop(next(iter(self._renderers)))
-            self._renderers[rkey] = DRRRenderer(self._vols[key], camera, device=self.device)
+            r = DRRRenderer(self._vols[key], camera, device=self.device)
+            if key in self._first:  # the volume's plane stacks, built for its first camera
+                r.share_planes(self._first[key])
+            else:
+                self._first[key] = r
+            self._renderers[rkey] = r
         return self._renderers[rkey]
 
     def tissue_drr(self, camera: Camera, poses) -> torch.Tensor:
@@ -160,7 +167,9 @@ def window(level: Level, own: torch.Tensor, margin_mm: float) -> tuple[Camera, t
     level when nothing is left."""
     cam = level.camera
     k = 2 * int(round(margin_mm / cam.spacing_col_mm)) + 1
-    roi = F.max_pool2d(own[None, None].float(), k, stride=1, padding=k // 2)[0, 0] > 0
+    own = own[None, None].float()  # dilated by a k x k square: its rows' maximum, then its columns'
+    roi = F.max_pool2d(F.max_pool2d(own, (k, 1), stride=1, padding=(k // 2, 0)), (1, k), stride=1,
+                       padding=(0, k // 2))[0, 0] > 0
     roi = roi & level.mask
     b = mask_box(roi.cpu().numpy())
     if b is None:

@@ -318,3 +318,54 @@ def test_rotation_about_isocentre_keeps_it_fixed(pelvis):
     moved = perturbed_pose(base, (10, 20, 30), (0, 0, 0), iso)
     assert np.allclose(project(SMALL, base, iso[None]), project(SMALL, moved, iso[None]))
     assert np.allclose(moved[:3, :3], base[:3, :3] @ rotation_xyz(10, 20, 30))
+
+
+@pytest.mark.parametrize("per_chunk", [None, 1 << 22])
+def test_marching_only_rays_that_meet_the_volume_changes_nothing(pelvis, monkeypatch, per_chunk):
+    """A femur's DRR marched only where its rays can meet each chunk of planes' non-zero samples
+    (the default) equals, bit for bit, the DRR of every ray marched (what the renderer did
+    before), with and without a gradient, one plane or many per chunk, also with the femur partly
+    off the detector; and the windows are really smaller than the detector."""
+    from MSKdeXLib.projection import rendering
+
+    if per_chunk:
+        monkeypatch.setattr(rendering, "_PLANE_CHUNK_ELEMENTS", per_chunk)
+    ct, labels = pelvis
+    cam = Camera(160, 160, 3.0, 3.0, 1000.0)
+    femur = [labels.resolve("femur_left")]
+    renderer = DRRRenderer(ct, cam, labels, femur)
+    base = default_view(ct, labels, cam)
+    iso = isocentre_of(ct, labels)
+    poses = torch.as_tensor(np.stack([perturbed_pose(base, r, t, iso) for r, t in
+                                      [((0, 0, 0), (0, 0, 0)), ((10, -15, 20), (5, 10, -8)),
+                                       ((0, 0, 0), (115, 0, 0)), ((25, 5, 0), (0, -20, 30))]]))
+
+    def drrs(frac: float, grad: bool):
+        monkeypatch.setattr(rendering, "_LIVE_RAYS_MAX_FRACTION", frac)
+        p = poses.clone().requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            d = renderer.attenuation(p, structures=femur)
+        if not grad:
+            return d, None
+        (d * torch.linspace(0, 1, d.numel(), dtype=d.dtype).reshape(d.shape)).sum().backward()
+        return d.detach(), p.grad
+
+    every, _ = drrs(0.0, False)
+    assert 100 < (every[2] != 0).sum() < 0.6 * (every[0] != 0).sum()  # the third pose: the femur partly off the detector
+    assert torch.equal(drrs(1.0, False)[0], every)
+    d_all, g_all = drrs(0.0, True)
+    d_live, g_live = drrs(1.0, True)
+    assert torch.equal(d_all, every) and torch.equal(d_live, every)
+    assert torch.equal(g_all, g_live) and g_all.abs().sum() > 0
+    off = torch.as_tensor(perturbed_pose(base, (0, 0, 0), (400, 0, 0), iso))[None].requires_grad_(True)
+    d_off = renderer.attenuation(off, structures=femur)  # no ray meets the femur: zeros, and a gradient
+    d_off.sum().backward()
+    assert (d_off == 0).all() and (off.grad == 0).all()
+    n = renderer.ray_samples(1)
+    planes, pos = renderer._plane_stack(femur, 1, n)
+    chunks = rendering._chunk_corners(1, pos, rendering._plane_boxes(planes), 3)
+    m = torch.linalg.inv(renderer._index_to_lps) @ rendering._rigid_inverse(poses[:1])
+    wins = rendering._ray_windows(m, cam, chunks, 3)
+    live = [w for w in wins if w is not None]
+    assert live and None in wins  # planes of the femur's box (the volume is the CT's) without any femur voxel
+    assert max((w[1] - w[0]) * (w[3] - w[2]) for w in live) < 0.5 * cam.rows * cam.cols

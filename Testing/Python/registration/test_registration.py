@@ -400,3 +400,50 @@ def test_part_prior_and_tight_window(chest):
     assert d.max() * 4.0 <= 10.0 + 2 * 4.0 * np.sqrt(2)
     # the background (ribs, neighbours) is rendered in the window
     assert float(tight.background.max()) > 0
+
+
+def test_window_dilates_by_a_square(pelvis):
+    """A later body's detector window: the pixels within the margin (a square of 2 round(margin /
+    pixel) + 1 px, dilated as two 1-D max pools) of its projection, the same mask as one square
+    max pool, cut to its box."""
+    import torch.nn.functional as F
+
+    from MSKdeXLib.registration import views
+
+    ct, labels = pelvis
+    s = RegistrationSettings()
+    cam = Camera(160, 160, 3.0, 3.0, 1000.0)
+    pixels = np.random.default_rng(0).normal(size=(cam.rows, cam.cols)).astype(np.float32)
+    level = views.Level(cam, torch.as_tensor(pixels), s, "cpu", torch.float32)
+    vols = views.BodyVolumes(ct, labels, s, "cpu", torch.float32)
+    femur = pipeline.parse_bodies("femur_left", labels)[0]
+    own = vols.drr(femur.structures, cam, torch.as_tensor(pipeline.default_view(ct, labels, cam)))[0] > 0
+    for margin in (40.0, 9.0):
+        k = 2 * int(round(margin / cam.spacing_col_mm)) + 1
+        square = (F.max_pool2d(own[None, None].float(), k, stride=1, padding=k // 2)[0, 0] > 0) & level.mask
+        win_cam, fixed, mask = views.window(level, own, margin)
+        rows, cols = np.flatnonzero(square.numpy().any(1)), np.flatnonzero(square.numpy().any(0))
+        assert (win_cam.rows, win_cam.cols) == (rows[-1] + 1 - rows[0], cols[-1] + 1 - cols[0]) < (cam.rows, cam.cols)
+        assert torch.equal(mask, square[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1])
+
+
+def test_renderers_of_one_volume_share_its_planes(pelvis):
+    """The renderers of one body volume for several cameras (pyramid levels, windows) build its
+    plane stacks once, and render what a renderer of their own renders, bit for bit."""
+    from MSKdeXLib.projection.rendering import DRRRenderer
+    from MSKdeXLib.registration import views
+    from MSKdeXLib.registration.bodyvolume import crop_camera
+
+    ct, labels = pelvis
+    s = RegistrationSettings()
+    vols = views.BodyVolumes(ct, labels, s, "cpu", torch.float32)
+    femur = pipeline.parse_bodies("femur_left", labels)[0]
+    big = Camera(160, 160, 3.0, 3.0, 1000.0)
+    small = crop_camera(big, 110, 160, 90, 150)  # a window holding the femur
+    pose = torch.as_tensor(pipeline.default_view(ct, labels, big))
+    first, second = vols.renderer(femur.structures, big), vols.renderer(femur.structures, small)
+    assert first is not second and second._planes is first._planes
+    d_small = vols.drr(femur.structures, small, pose)
+    own = DRRRenderer(vols._vols[tuple(sorted(st.label for st in femur.structures))], small)
+    assert torch.equal(d_small, own.attenuation(pose.float())) and d_small.abs().sum() > 0
+    assert len(first._planes) == 1

@@ -130,3 +130,35 @@ def test_inplane_search_finds_rotation_and_shift():
     ang, dr, dc, s = initialise.inplane_search(moved, img, None, sim, centre, max_angle_deg=15, angle_step_deg=2.5)
     assert (ang, dr, dc) == (-7.5, 5.0, -8.0)
     assert s > 0.9
+
+
+def test_pgncc_keeping_the_fixed_side_changes_nothing(pelvis):
+    """The registration's similarity (``get_similarity('pgncc')``) keeps each radiograph's own side
+    (derivatives, patch statistics): on DRRs of the real pelvis CT its values and gradients equal
+    :func:`patch_gradient_ncc`'s bit for bit, on the first and on later calls, with and without
+    a mask, and a radiograph changed in place is recomputed."""
+    from MSKdeXLib.projection.rendering import DRRRenderer, default_view, isocentre_of
+
+    ct, labels = pelvis
+    cam = Camera(72, 64, 5.0, 5.0, 1000.0)
+    renderer = DRRRenderer(ct, cam)
+    base, iso = default_view(ct, labels, cam), isocentre_of(ct, labels)
+    fixed = renderer.attenuation(perturbed_pose(base, (2, -3, 4), (3, -2, 5), iso))[0]
+    moving = renderer.attenuation(np.stack([perturbed_pose(base, r, t, iso) for r, t in
+                                            [((0, 0, 0), (0, 0, 0)), ((5, 0, -4), (6, 3, 0)), ((-3, 6, 2), (0, -8, 10))]]))
+    mask = torch.from_numpy(similarity.valid_mask(fixed.numpy(), border_px=3))
+    fn = similarity.get_similarity("pgncc", patch=8)
+    assert isinstance(fn, similarity.PatchGradientNCC)
+    for m in (mask, None):
+        ref = similarity.patch_gradient_ncc(fixed, moving, m, 8)
+        assert ref.std() > 0.01
+        for _ in range(2):
+            assert torch.equal(fn(fixed, moving, m), ref)
+        x = moving.clone().requires_grad_(True)
+        (g_ref,) = torch.autograd.grad(similarity.patch_gradient_ncc(fixed, x * 2.0, m, 8).sum(), x)
+        (g_kept,) = torch.autograd.grad(fn(fixed, x * 2.0, m).sum(), x)
+        assert torch.equal(g_ref, g_kept) and g_ref.abs().sum() > 0
+    before = fn(fixed, moving, mask)
+    fixed.mul_(-1.0)  # the same tensor, changed in place
+    after = fn(fixed, moving, mask)
+    assert torch.equal(after, similarity.patch_gradient_ncc(fixed, moving, mask, 8)) and not torch.equal(after, before)
