@@ -197,6 +197,8 @@ class MSKdeXParameterNode:
     # Follow-up (the baseline CT and segmentation are ctVolume / segmentation)
     followupRadiograph: Optional[vtkMRMLScalarVolumeNode]
     followupRegistration: Optional[vtkMRMLLinearTransformNode]
+    #: ``mskdex followup --reader`` (MSKdeXLib.learning.followup_run.READERS; the first is the default)
+    followupReader: Annotated[str, Choice(["ridge", "fit"])] = "ridge"
     followupTable: Optional[vtkMRMLTableNode]
 
 
@@ -471,7 +473,8 @@ class MSKdeXWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("Failed to start the follow-up reading."), waitCursor=True):
             self.ui.followupStatusLabel.text = ""
             self._startJob("followup", self.logic.startFollowup(
-                p.ctVolume, p.segmentation, p.followupRadiograph, p.followupRegistration, float(p.sidMm)))
+                p.ctVolume, p.segmentation, p.followupRadiograph, p.followupRegistration, float(p.sidMm),
+                reader=p.followupReader))
 
     def _offerFollowupRegistration(self, force: bool = False) -> None:
         """When the baseline CT or the follow-up radiograph changed (or a registration finished),
@@ -985,12 +988,13 @@ class MSKdeXLogic(ScriptedLoadableModuleLogic):
         return self.followupRegistrationFor(ctNode, radiographNode) or currentNode
 
     def startFollowup(self, ctNode, segmentationNode, radiographNode, registrationNode=None,
-                      sidMm: float = _CAMERA.sid_mm):
+                      sidMm: float = _CAMERA.sid_mm, reader: Optional[str] = None):
         """``mskdex followup``: the baseline CT + segmentation, the follow-up radiograph (its spacing,
         ``sidMm``) and, when ``registrationNode`` (a pose transform node, CT RAS -> camera mm, e.g. the
         one :meth:`followupRegistrationFor` finds) is given, its pose written as registration.json (with
         the camera it was registered with, which ``mskdex followup`` checks); else the CT's pelvis is
-        registered first. A registration made on another CT or radiograph is refused (ValueError)."""
+        registered first. A registration made on another CT or radiograph is refused (ValueError).
+        ``reader``: ``--reader`` (ridge or fit; None: the command's default)."""
         from MSKdeXLib import jobs
         from MSKdeXLib import slicer_bridge as sb
 
@@ -1008,7 +1012,7 @@ class MSKdeXLogic(ScriptedLoadableModuleLogic):
         argv = jobs.followup_args(self._save(ctNode, "ct.nii.gz"), self._labelsFile(segmentationNode), xray,
                                   self._newOutput("followup"), registration=registration, sid_mm=sidMm,
                                   spacing_mm=spacing, table=self._builtinTable(ctNode, segmentationNode),
-                                  extra=self.followupExtraArgs)
+                                  reader=reader, extra=self.followupExtraArgs)
         return self._start(argv)
 
     def _builtinTable(self, ctNode, segmentationNode) -> Optional[str]:

@@ -402,11 +402,14 @@ def predict_args(model: str, xray: str, out: str, device: str = "auto", pixel_sp
 
 def followup_args(ct: str, labels: str, xray: str, out: str, registration: str | None = None,
                   sid_mm: float | None = None, spacing_mm=None, table: str | None = None, force: bool = False,
-                  extra: Sequence[str] = ()) -> list[str]:
+                  reader: str | None = None, extra: Sequence[str] = ()) -> list[str]:
     """Arguments of ``mskdex followup`` (with ``--progress json``): the baseline CT + labels, the
     follow-up radiograph ``xray`` with its (row, col) ``spacing_mm`` and ``sid_mm``, and optionally a
-    ``registration`` (a registration.json whose first body's pose places the CT; else it registers)."""
+    ``registration`` (a registration.json whose first body's pose places the CT; else it registers)
+    and the ``reader`` (``--reader``: ridge or fit; None: the command's default)."""
     args = ["--ct", ct, "--labels", labels, "--xray", xray, "--out", out]
+    if reader:
+        args += ["--reader", reader]
     if table:
         args += ["--table", table]
     if registration:

@@ -171,6 +171,27 @@ def test_slicer_module_reads_its_defaults_from_the_core():
             assert set(tup) >= tables, f"MSKdeX.py lists built-in tables {tup}; BUILTIN_TABLES has {sorted(tables)}"
 
 
+def test_slicer_followup_reader_choices_are_the_commands():
+    """The Slicer panel's follow-up reader (parameter node choice and the .ui combo box) offers exactly
+    ``mskdex followup --reader``'s readers, the command's default first."""
+    import re
+    import xml.etree.ElementTree as ET
+    from pathlib import Path
+
+    from MSKdeXLib.learning.followup_run import READERS, FollowupRequest
+
+    root = Path(__file__).resolve().parents[2] / "MSKdeX"
+    m = re.search(r'followupReader: Annotated\[str, Choice\(\[([^\]]*)\]\)\] = "(\w+)"', (root / "MSKdeX.py").read_text())
+    assert m, "MSKdeX.py declares no followupReader choice"
+    choices = [c.strip().strip('"') for c in m.group(1).split(",")]
+    assert tuple(choices) == READERS and m.group(2) == FollowupRequest.__dataclass_fields__["method"].default
+    combo = next(w for w in ET.parse(root / "Resources" / "UI" / "MSKdeX.ui").iter("widget")
+                 if w.get("name") == "followupReaderComboBox")
+    items = [i.find("property/string").text for i in combo.findall("item")]
+    param = [p.find("string").text for p in combo.findall("property") if p.get("name") == "SlicerParameterName"]
+    assert tuple(items) == READERS and param == ["followupReader"]
+
+
 def test_command_modules_spell_no_default_number():
     """Static check: no ``add_argument(..., default=<number literal>)`` in MSKdeXLib/cli except for options
     that are not settings (seeds, identities, run control): the numbers are read from settings objects."""

@@ -124,7 +124,9 @@ def test_module_command_lines_parse_with_the_real_subcommands():
         "followup", "ct.nii.gz", "labels.nii.gz", "fu.tif", "fu", "reg.json", "totalseg_v1")
     assert f.sid == 1050.0 and f.pixel_spacing == [0.2, 0.25] and f.samples == 40 and f.progress == "json"
     f2 = parser.parse_args(jobs.followup_args("c", "l", "x", "o"))
-    assert f2.registration is None and f2.pixel_spacing is None and not f2.force
+    assert f2.registration is None and f2.pixel_spacing is None and not f2.force and f2.reader is None
+    f3 = parser.parse_args(jobs.followup_args("c", "l", "x", "o", reader="fit"))
+    assert f3.reader == "fit"
 
 
 def test_losses_of_training_events():

@@ -457,10 +457,10 @@ def test_doubtful_registration_is_shown_not_failed(box, panel, sample_cache, pel
 # ---------------------------------------------------------------------------------------------
 # Follow-up (issue 14's command in the panel)
 # ---------------------------------------------------------------------------------------------
-def test_followup_button_needs_the_case_and_a_follow_up_radiograph(box, panel, followup_view, tmp_path):
+def test_followup_button_needs_the_case_and_a_follow_up_radiograph(box, panel, followup_view, tmp_path, monkeypatch):
     """The Follow-up section's parameters are bound under Slicer's parameterNodeWrapper; *Read
     follow-up* is enabled only with a CT, a segmentation and a follow-up radiograph, Cancel only while
-    a job runs."""
+    a job runs; the reader chosen in the panel is the one the logic is asked to run."""
     import SimpleITK as sitk
 
     ui, p = panel.ui, panel._parameterNode
@@ -480,6 +480,18 @@ def test_followup_button_needs_the_case_and_a_follow_up_radiograph(box, panel, f
     assert p.followupRegistration is t
     p.followupRegistration = None
     assert ui.followupRegistrationSelector.currentNode() is None
+    # the reader: the command's default, bound both ways, and what *Read follow-up* asks the logic for
+    assert p.followupReader == "ridge" and ui.followupReaderComboBox.currentText == "ridge"
+    ui.followupReaderComboBox.currentText = "fit"
+    assert p.followupReader == "fit"
+    calls = []
+    monkeypatch.setattr(panel.logic, "ensureDependencies", lambda *a, **k: True)
+    monkeypatch.setattr(panel.logic, "startFollowup", lambda *a, **k: calls.append(k) or "job")
+    monkeypatch.setattr(panel, "_startJob", lambda kind, job: calls.append((kind, job)))
+    assert ui.readFollowupButton.click()
+    assert calls == [{"reader": "fit"}, ("followup", "job")]
+    p.followupReader = "ridge"
+    assert ui.followupReaderComboBox.currentText == "ridge"
     p.followupRadiograph = None
     assert not ui.readFollowupButton.enabled
     assert not box.errors
