@@ -37,6 +37,8 @@ from .resimulation import SubjectPhysics
 
 #: internal bit depth of the model's codes (the chain rounds; 16 bits keeps finite differences clean)
 MODEL_BITS = 16
+#: the largest code of the radiograph the chain models (12 bit); the model's codes are put on this scale
+MAX_CODE = 4095.0
 
 #: The fit's 90 % interval rule: half-width = ``INTERVAL_SCALE`` x the linearised posterior SD of each
 #: muscle's relative change (:attr:`FitResult.sd_change`; pixel noise only, so far too narrow alone).
@@ -145,7 +147,7 @@ def chain(water: torch.Tensor, bone: torch.Tensor, physics: SubjectPhysics, spec
                                   physics.magnification)[0].cpu().numpy().astype(np.float64)
     if spec.processing:
         codes = vendor_processing(codes, settings.bits, physics.camera.spacing_col_mm, spec.processing)
-    return codes * (4095.0 / (2 ** MODEL_BITS - 1))
+    return codes * (MAX_CODE / (2 ** MODEL_BITS - 1))
 
 
 def pool(image: np.ndarray, f: int) -> np.ndarray:

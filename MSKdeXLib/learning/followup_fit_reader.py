@@ -27,9 +27,6 @@ from . import followup_fit as ff
 from .cohort import SubjectSpec, preset_ranges, resample_case
 from .followup import ELASTIC_CONTROL_MM, baseline_physics
 
-#: the largest detector code the fit's chain produces (12-bit output)
-MAX_CODE = 4095.0
-
 
 @dataclass
 class FitSettings:
@@ -87,7 +84,7 @@ def check_codes(codes: np.ndarray, camera: Camera) -> np.ndarray:
     if x.shape != (camera.rows, camera.cols):
         raise UserError(f"radiograph is {x.shape[0]}x{x.shape[1]} px on the working grid but the camera is "
                         f"{camera.rows}x{camera.cols}")
-    if x.min() < 0 or x.max() > MAX_CODE or not (x > 0).any():
+    if x.min() < 0 or x.max() > ff.MAX_CODE or not (x > 0).any():
         raise UserError(f"the fit reader models 12-bit detector codes (0-4095, 0 outside the collimation); this "
                         f"radiograph holds {x.min():.0f}-{x.max():.0f}: use --reader ridge")
     return x
