@@ -253,14 +253,27 @@ def run_trial(case: Case, trial: int, rng_mm: float, rng_deg: float, args) -> li
                      "similarity": r.final_similarity, "doubtful": r.doubtful, "seconds": r.runtime_s,
                      "motion": next((h for h in r.history if h["stage"] in ("joint-rotation", "part-motion")), None),
                      "parent": next((h["of"] for h in r.history if h["stage"] in ("joint", "part")), None),
+                     "evidence": first_body_evidence(r.history) if r.kind == "first" else None,
                      "simulated": info if body is first else None})
     if args.old_code:
         for o in run_old(case, pixels, start, truth, trial, args.old_code, args.threads):
             rows.append({**common, "code": "old", **{k: v for k, v in o.items() if k != "ct_to_camera"}})
     for row in rows:
         print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
-                          if k not in ("simulated", "motion")}), flush=True)
+                          if k not in ("simulated", "motion", "evidence")}), flush=True)
     return rows
+
+
+#: the first body's truth-free history entries kept in the benchmark's rows (what a flag may use)
+EVIDENCE_STAGES = ("inplane", "cma-es", "candidate", "candidate-kept", "neighbourhood")
+
+
+def first_body_evidence(history: list[dict]) -> list[dict]:
+    """The first body's search as it went (in-plane search, each CMA-ES run with how far it moved
+    relative to its bounds, each refined candidate's similarity, the one kept, and with the
+    ``neighbourhood`` option its neighbourhood): every value is one a registration without the
+    truth has, so a doubtful rule may be calibrated on them."""
+    return [{k: v for k, v in h.items() if k != "x"} for h in history if h.get("stage") in EVIDENCE_STAGES]
 
 
 def flagged(row: dict, settings: pipeline.RegistrationSettings, rows: list[dict]) -> bool:

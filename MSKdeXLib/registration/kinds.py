@@ -55,6 +55,13 @@ class Search:
         self.note = note  # a history entry describing the bounds (a part's size rule), or None
         self.max_evals = int(max_evals)  # evaluations per CMA-ES run (0: the settings' cma_max_evals)
 
+    def bound_fraction(self, dx: np.ndarray) -> float:
+        """How far a CMA-ES result moved from the search's start (``dx``: 6 parameters, deg and mm)
+        as a fraction of its bounds, the largest over the parameters (1: at the box's edge)."""
+        bounds = np.r_[np.broadcast_to(np.asarray(self.bounds_deg, dtype=np.float64), 3),
+                       np.broadcast_to(np.asarray(self.bounds_mm, dtype=np.float64), 3)]
+        return round(float(np.max(np.abs(np.asarray(dx, dtype=np.float64)) / bounds)), 4)
+
 
 class BodyKind:
     """One body's role in the registration (subclasses: first, free, joint, part)."""

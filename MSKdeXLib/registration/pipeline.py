@@ -161,7 +161,8 @@ class BodyRun:
             self.history.append({"stage": "cma-es", "level_px": list(self.views[0].shape),
                                  "similarity": res.similarity, "evaluations": res.evaluations,
                                  "seconds": round(res.seconds, 3), "restart": r,
-                                 "x": [round(float(v), 4) for v in res.x]})
+                                 "x": [round(float(v), 4) for v in res.x],
+                                 "bound_fraction": search.bound_fraction(res.x - self.x)})
             if best is None or res.similarity > best.similarity:
                 best = res
         pen0 = float(search.penalty(torch.as_tensor(self.x, dtype=torch.float64)[None])[0]) if search.penalty else 0.0
@@ -202,7 +203,8 @@ class BodyRun:
                              self.s.seed + 7919, self.ctx.dtype, self.ctx.device, penalty=search.penalty)
             self.history.append({"stage": "cma-es", "level_px": list(self.views[0].shape), "tissue": True,
                                  "similarity": res.similarity, "evaluations": res.evaluations,
-                                 "seconds": round(res.seconds, 3), "x": [round(float(v), 4) for v in res.x]})
+                                 "seconds": round(res.seconds, 3), "x": [round(float(v), 4) for v in res.x],
+                                 "bound_fraction": search.bound_fraction(res.x)})
             yield "tissue-search", res.x
 
     def refine_candidates(self, search: Search) -> None:
