@@ -265,7 +265,7 @@ def run_trial(case: Case, trial: int, rng_mm: float, rng_deg: float, args) -> li
 
 
 #: the first body's truth-free history entries kept in the benchmark's rows (what a flag may use)
-EVIDENCE_STAGES = ("inplane", "cma-es", "candidate", "candidate-kept", "neighbourhood")
+EVIDENCE_STAGES = ("inplane", "cma-es", "candidate", "candidate-kept", "neighbourhood", "own-gain")
 
 
 def first_body_evidence(history: list[dict]) -> list[dict]:
@@ -276,16 +276,31 @@ def first_body_evidence(history: list[dict]) -> list[dict]:
     return [{k: v for k, v in h.items() if k != "x"} for h in history if h.get("stage") in EVIDENCE_STAGES]
 
 
+def own_gain(row: dict) -> float | None:
+    """What a first body's own DRR added to the similarity (its ``own-gain`` entry, or from a
+    ``neighbourhood`` entry: ``at - without_body``); None when the row does not record it."""
+    ev = row.get("evidence") or []
+    g = next((h["gain"] for h in ev if h["stage"] == "own-gain"), None)
+    if g is None:
+        nb = next((h for h in ev if h["stage"] == "neighbourhood"), None)
+        g = None if nb is None else nb["at"] - nb["without_body"]
+    return g
+
+
 def flagged(row: dict, settings: pipeline.RegistrationSettings, rows: list[dict]) -> bool:
     """The pipeline's doubtful rule applied to a recorded trial with ``settings``' thresholds
     (re-made after calibrating them): similarity below the kind's threshold; for a joint /
     part, its motion at a bound or its parent doubtful; for a joint, its centre shifted beyond
-    ``joint.doubtful_shift_mm``. Old-code rows keep their own flag."""
+    ``joint.doubtful_shift_mm``; for a first body with the soft tissue, its own DRR's gain below
+    ``first.doubtful_gain`` when the row records it. Old-code rows keep their own flag."""
     if row.get("code") == "old":
         return bool(row["doubtful"])
     kind = row.get("kind", "first")
     settings = replace(settings, soft_tissue=bool(row.get("soft_tissue", False)))
     flag = row["similarity"] < settings.doubtful_threshold(kind)
+    gain = own_gain(row)
+    if kind == "first" and settings.soft_tissue and gain is not None:
+        flag = flag or gain < settings.first.doubtful_gain
     if row.get("motion"):
         g = settings.kind_settings(kind)
         flag = flag or any(abs(v) >= g.bounds_deg - 1.0 for v in row["motion"]["deg"]) \

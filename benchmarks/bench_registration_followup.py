@@ -109,8 +109,9 @@ def register_row(subject, codes: np.ndarray, pose: np.ndarray, options: list[str
     secs = time.time() - t0
     pts = subject.labels.grid.voxel_centres_lps(bodies[0].mask(subject.labels))
     stages = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in h.items()
-               if k in ("stage", "similarity", "restart", "level_px", "angle_deg", "shift_px", "x", "from", "tissue", "seconds", "same_as_earlier")}
-              for h in r.history if h.get("stage") in ("initial", "inplane", "cma-es", "refine", "candidate", "candidate-kept")]
+               if k in ("stage", "similarity", "restart", "level_px", "angle_deg", "shift_px", "x", "from", "tissue", "seconds",
+                        "same_as_earlier", "bound_fraction", "gain")}
+              for h in r.history if h.get("stage") in ("initial", "inplane", "cma-es", "refine", "candidate", "candidate-kept", "own-gain")]
     return {"mtre_mm": float(r.mtre_mm), "mpd_px": float(r.mpd_px), "doubtful": bool(r.doubtful),
             "final_similarity": float(r.final_similarity), "initial_similarity": float(r.initial_similarity),
             "doubtful_below": r.doubtful_below,

@@ -128,7 +128,10 @@ class BodyKind:
     _full_res = False
 
     # -- how it is judged ----------------------------------------------------------------------
-    def doubtful(self, final: float, x: np.ndarray, search: Search, parent_doubtful: bool) -> bool:
+    def doubtful(self, final: float, x: np.ndarray, search: Search, parent_doubtful: bool,
+                 own_gain: float | None = None) -> bool:
+        """Below the kind's similarity threshold; ``own_gain``: what the body's own DRR adds to the
+        similarity (:meth:`.pipeline.BodyRun.own_gain`; None when not measured)."""
         return final < self.s.doubtful_threshold(self.name)
 
     def parent_name(self) -> str | None:
@@ -155,6 +158,13 @@ class FirstBody(BodyKind):
     def search(self, views: list[View], start: np.ndarray) -> Search:
         g = self.s.first
         return Search(g.sigma_deg, g.sigma_mm, g.bounds_deg, g.bounds_mm, g.cma_restarts)
+
+    def doubtful(self, final: float, x: np.ndarray, search: Search, parent_doubtful: bool,
+                 own_gain: float | None = None) -> bool:
+        """Also doubtful when its own bones add less than ``first.doubtful_gain`` to the similarity
+        of the soft tissue moving with it: a pose where the tissue lines up and the bones do not."""
+        return super().doubtful(final, x, search, parent_doubtful) or (
+            own_gain is not None and self.s.first.doubtful_gain > 0 and own_gain < self.s.first.doubtful_gain)
 
 
 class FreeBody(BodyKind):
@@ -216,7 +226,8 @@ class BoundedBody(BodyKind):
         return bool(np.any(np.abs(x[:3]) >= search.bounds_deg - 1.0)
                     or np.any(np.abs(x[3:5]) >= np.asarray(search.bounds_mm)[:2] - 0.05))
 
-    def doubtful(self, final: float, x: np.ndarray, search: Search, parent_doubtful: bool) -> bool:
+    def doubtful(self, final: float, x: np.ndarray, search: Search, parent_doubtful: bool,
+                 own_gain: float | None = None) -> bool:
         return super().doubtful(final, x, search, parent_doubtful) or self.at_bound(x, search) or parent_doubtful
 
     def motion_note(self, x: np.ndarray) -> dict | None:
@@ -243,7 +254,8 @@ class JointBody(BoundedBody):
         limit = self.motion.doubtful_shift_mm
         return bool(limit > 0 and np.hypot(x[3], x[4]) > limit)
 
-    def doubtful(self, final: float, x: np.ndarray, search: Search, parent_doubtful: bool) -> bool:
+    def doubtful(self, final: float, x: np.ndarray, search: Search, parent_doubtful: bool,
+                 own_gain: float | None = None) -> bool:
         return super().doubtful(final, x, search, parent_doubtful) or self.dislocated(x)
 
 

@@ -272,15 +272,33 @@ class BodyRun:
                 v = xs[0].copy()
                 v[axis] += sign * d
                 xs.append(v)
-        v = self.views[self.last]
         with torch.no_grad():
             f = self.objective(self.last)(self.space.matrices(torch.as_tensor(np.stack(xs))).to(self.ctx.dtype))
-            rest = v.background + (self.ctx.vols.drr(None, v.camera, self.space.matrices(torch.as_tensor(xs[0][None])))
-                                   if self.refine_tissue else 0.0)
-            without = float(self.ctx.sim(v.fixed, rest.expand(1, *v.shape), v.mask)[0]) if torch.as_tensor(rest).abs().sum() > 0 else 0.0
         f = [round(float(a), 5) for a in f]
         return {"stage": "neighbourhood", "steps": list(NEIGHBOUR_STEPS), "at": f[0], "minus": f[1::2][:6],
-                "plus": f[2::2][:6], "without_body": round(without, 5)}
+                "plus": f[2::2][:6], "without_body": round(self.similarity_without_body(x), 5)}
+
+    def similarity_without_body(self, x: np.ndarray) -> float:
+        """Similarity on the scoring view of the DRR without the body's own bones: the registered
+        bodies' and, when the body carries it, the soft tissue at pose ``x`` (0 when nothing is left)."""
+        v = self.views[self.last]
+        with torch.no_grad():
+            rest = v.background + (self.ctx.vols.drr(None, v.camera, self.space.matrices(torch.as_tensor(
+                np.asarray(x, dtype=np.float64)[None]))) if self.refine_tissue else 0.0)
+            if torch.as_tensor(rest).abs().sum() == 0:
+                return 0.0
+            return float(self.ctx.sim(v.fixed, rest.expand(1, *v.shape), v.mask)[0])
+
+    def own_gain(self, final: float, x: np.ndarray) -> float | None:
+        """What the body's own DRR adds to the similarity of the rest of its DRR (``final`` minus
+        :meth:`similarity_without_body`), for a first body whose DRR holds something else (the
+        soft tissue moving with it); None otherwise. Near 0: the tissue lines up, the bones do not."""
+        if self.kind.name != "first" or not self.refine_tissue:
+            return None
+        gain = final - self.similarity_without_body(x)
+        self.history.append({"stage": "own-gain", "similarity": round(final, 5), "gain": round(gain, 5),
+                             "doubtful_below": self.s.first.doubtful_gain})
+        return gain
 
     def finish(self, search: Search, init_sim: float, t0: float) -> BodyResult:
         kind, x = self.kind, self.x
@@ -290,7 +308,7 @@ class BodyRun:
             self.history.append(self.neighbourhood(x))
         parent = kind.parent_name()
         parent_doubtful = parent is not None and any(r.doubtful for r in self.ctx.results if r.name == parent)
-        doubtful = kind.doubtful(final, x, search, parent_doubtful)
+        doubtful = kind.doubtful(final, x, search, parent_doubtful, self.own_gain(final, x))
         if kind.motion_note(x):
             self.history.append(kind.motion_note(x))
         return BodyResult(kind.body.name, [st.name for st in kind.body.structures], self.space.matrix(x), self.start,

@@ -48,6 +48,11 @@ class SearchSettings:
     doubtful_below: float = 0.2
     doubtful_below_tissue: float = 0.4   # 0.3 before round 10: a pelvis lost 78 mm away on a processed
                                          # follow-up ended at 0.33 (calibration: lost <= 0.33, successes >= 0.50)
+    # doubtful when the body's own DRR adds less than this to the similarity of the soft tissue moving
+    # with it (first body, soft tissue on; 0: off): the tissue lines up and the bones do not. Round 14
+    # (benchmarks/RESULTS_registration.md): chest calibration at 90 mm / 60 deg, gross failures
+    # -0.009..0.007 (one at similarity 0.49), first bodies within 5 mm 0.023-0.041
+    doubtful_gain: float = 0.016
 
 
 @dataclass

@@ -297,6 +297,43 @@ def test_soft_tissue_first_body_registers_and_carries_the_tissue(pelvis):
     res = pipeline.register(ct, labels, xray, CAM, bodies, start, s, true_poses={b.name: truth for b in bodies})
     assert res[0].mtre_mm < 1.0 and res[1].mtre_mm < 2.0, [r.mtre_mm for r in res]
     assert not res[0].doubtful
+    gain = next(h for h in res[0].history if h["stage"] == "own-gain")
+    assert gain["gain"] > s.first.doubtful_gain and gain["similarity"] == pytest.approx(res[0].final_similarity, abs=1e-4)
+
+
+def test_first_body_whose_bones_do_not_match_is_doubtful(pelvis):
+    """A radiograph whose pelvis bone is replaced by muscle-like tissue: at the true pose the soft
+    tissue lines up and the similarity stays high, but the pelvis's own DRR adds nothing, so the
+    first body is doubtful (``first.doubtful_gain``); with the rule off (0) it is not."""
+    import dataclasses
+
+    from MSKdeXLib.projection.rendering import default_view
+    from MSKdeXLib.projection.simulate import simulate_radiograph
+
+    ct, labels = pelvis
+    bodies = pipeline.parse_bodies("pelvis", labels)
+    boneless = dataclasses.replace(ct, array=np.where(bodies[0].mask(labels), np.float32(40.0), ct.array).astype(ct.array.dtype))
+    truth = default_view(ct, labels, CAM)
+    xray = simulate_radiograph(boneless, CAM, truth, seed=4, labels=labels).pixels
+    results = {}
+    for gain in (0.016, 0.0):
+        s = pipeline.RegistrationSettings(soft_tissue=True, seed=0, cma=False)
+        s.first.inplane_search, s.first.doubtful_gain = False, gain
+        results[gain] = pipeline.register(ct, labels, xray, CAM, bodies, truth, s)[0]
+    lost = results[0.016]
+    entry = next(h for h in lost.history if h["stage"] == "own-gain")
+    assert lost.final_similarity > s.doubtful_threshold("first"), lost.final_similarity   # the similarity alone passes it
+    assert entry["gain"] < 0.016 and lost.doubtful
+    assert not results[0.0].doubtful
+
+
+def test_search_bound_fraction():
+    """How far a CMA-ES result moved, as the largest fraction of the search box over the 6 parameters."""
+    search = kinds.Search(6.0, 12.0, 25.0, np.array([45.0, 45.0, 20.0]), 1)
+    assert search.bound_fraction(np.zeros(6)) == 0.0
+    assert search.bound_fraction(np.r_[12.5, 0, 0, 0, 0, 0]) == pytest.approx(0.5)
+    assert search.bound_fraction(np.r_[0, 0, -5.0, 0, 9.0, -20.0]) == pytest.approx(1.0)
+    assert search.bound_fraction(np.r_[0, 0, 0, 40.5, 0, 0]) == pytest.approx(0.9)
 
 
 def test_body_ranges_all_bones_and_parts(chest):
