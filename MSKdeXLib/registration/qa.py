@@ -25,7 +25,8 @@ CAPTION = ("Coloured lines: the bone edges of each body's DRR at its registered 
            "femoral head and neck). Misaligned: lines parallel to an edge but offset, or crossing the bone. The "
            "zoomed panels show where two bodies meet (a hip joint: femoral head in the acetabulum) or a body "
            "closer. sim = the registration's similarity (patch-wise gradient correlation, higher is better); "
-           "DOUBTFUL = below the threshold calibrated for that kind of body, or at its motion bound: check by eye "
+           "DOUBTFUL = below the threshold calibrated for that kind of body, at its motion bound, or (first body) "
+           "its own bones add too little to the similarity of the soft tissue moving with them: check by eye "
            "before using it.")
 
 
@@ -89,6 +90,9 @@ def _score_text(result: Any) -> tuple[str, str]:
     below = getattr(result, "doubtful_below", None)
     thr = f" (doubtful below {below:.2f})" if below is not None else ""
     if getattr(result, "doubtful", False):
+        gain = next((h for h in getattr(result, "history", None) or [] if h.get("stage") == "own-gain"), None)
+        if gain is not None and gain["gain"] < gain["doubtful_below"]:
+            thr += f", own bones add {gain['gain']:.3f} < {gain['doubtful_below']:.3f}"
         return f"sim {sim:.3f}{thr}: DOUBTFUL", "#ff5050"
     return f"sim {sim:.3f}{thr}: ok", "#60ff60"
 

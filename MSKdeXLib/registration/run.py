@@ -180,8 +180,12 @@ def similarity_report(settings: RegistrationSettings) -> dict:
             "doubtful_below": settings.doubtful_threshold("first"),
             "doubtful_below_joint": settings.doubtful_threshold("joint"),
             "doubtful_below_part": settings.doubtful_threshold("part"),
+            "doubtful_gain_below": settings.first.doubtful_gain if settings.soft_tissue else None,
             "doubtful_threshold_note": "the thresholds of this run's DRRs (soft_tissue on or off); "
                                        "doubtful_below: first / free bodies (whole detector); "
+                                       "doubtful_gain_below: a first body whose own DRR adds less "
+                                       "than this to the similarity of the soft tissue moving with "
+                                       "it (history stage own-gain); "
                                        "doubtful_below_joint / _part: joint / part bodies "
                                        "(their window); also doubtful: a joint / part at its "
                                        "motion bound or with a doubtful parent; "

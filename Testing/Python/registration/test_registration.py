@@ -325,6 +325,8 @@ def test_first_body_whose_bones_do_not_match_is_doubtful(pelvis):
     assert lost.final_similarity > s.doubtful_threshold("first"), lost.final_similarity   # the similarity alone passes it
     assert entry["gain"] < 0.016 and lost.doubtful
     assert not results[0.0].doubtful
+    from MSKdeXLib.registration.qa import _score_text
+    assert "own bones add" in _score_text(lost)[0] and "own bones add" not in _score_text(results[0.0])[0]
 
 
 def test_search_bound_fraction():
