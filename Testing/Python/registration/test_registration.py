@@ -316,14 +316,14 @@ def test_first_body_whose_bones_do_not_match_is_doubtful(pelvis):
     truth = default_view(ct, labels, CAM)
     xray = simulate_radiograph(boneless, CAM, truth, seed=4, labels=labels).pixels
     results = {}
-    for gain in (0.016, 0.0):
+    for gain in (RegistrationSettings().first.doubtful_gain, 0.0):
         s = pipeline.RegistrationSettings(soft_tissue=True, seed=0, cma=False)
         s.first.inplane_search, s.first.doubtful_gain = False, gain
         results[gain] = pipeline.register(ct, labels, xray, CAM, bodies, truth, s)[0]
-    lost = results[0.016]
+    lost = results[RegistrationSettings().first.doubtful_gain]
     entry = next(h for h in lost.history if h["stage"] == "own-gain")
     assert lost.final_similarity > s.doubtful_threshold("first"), lost.final_similarity   # the similarity alone passes it
-    assert entry["gain"] < 0.016 and lost.doubtful
+    assert entry["gain"] < RegistrationSettings().first.doubtful_gain and lost.doubtful
     assert not results[0.0].doubtful
     from MSKdeXLib.registration.qa import _score_text
     assert "own bones add" in _score_text(lost)[0] and "own bones add" not in _score_text(results[0.0])[0]
