@@ -118,13 +118,19 @@ def ridge_rows(paths: list[str]) -> dict:
             for path in paths for r in json.loads(Path(path).read_text())["rows"]}
 
 
+def with_ridge(row: dict | None, rr: dict | None, key) -> None:
+    """Give ``row`` (a fit row, if any and without one) the ridge's estimate ``rr`` of the same follow-up
+    ``key``, after checking that both are the same follow-up (equal truth)."""
+    if row is None or rr is None or "ridge" in row:
+        return
+    assert np.allclose(rr["truth_g"], row["truth_g"], rtol=1e-6), f"follow-up {key} is not the ridge run's"
+    row["ridge"] = rr["true"]
+
+
 def attach_ridge(merged: dict, paths: list[str]) -> None:
     """Give every merged fit row without one the ridge's estimate of the same follow-up (truth checked)."""
     for key, rr in ridge_rows(paths).items():
-        row = merged.get(key)
-        if row is not None and "ridge" not in row:
-            assert np.allclose(rr["truth_g"], row["truth_g"], rtol=1e-6), f"follow-up {key} is not the ridge run's"
-            row["ridge"] = rr["true"]
+        with_ridge(merged.get(key), rr, key)
 
 
 def conformal_scale(ratio: np.ndarray, coverage: float = 0.9) -> float:
@@ -233,10 +239,7 @@ def main(argv=None) -> int:
                 continue
             t0 = time.time()
             key = (index, row["followup"], row["elastic_mm"])
-            rr = ridge.get(key)
-            if rr is not None:
-                assert np.allclose(rr["truth_g"], row["truth_g"], rtol=1e-6), f"follow-up {key} is not the ridge run's"
-                row["ridge"] = rr["true"]
+            with_ridge(row, ridge.get(key), key)
             fspec = co.SubjectSpec.from_dict(row["spec"])
             sigma = noise_sd(model, fspec, 1000 + row["followup"])
             t_lin = 0.0
