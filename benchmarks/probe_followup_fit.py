@@ -243,14 +243,14 @@ def exit_code_0(rows: list[dict], kind: str) -> list[dict]:
 
 def table(rows: list[dict], markdown: bool) -> dict:
     """Each reader's agreement with the truth per follow-up condition (``bench_followup.summarise``), for the
-    readers every row has, over the rows every one of them read (a failed fit's row is left out for all and
+    readers every row of the condition has, over the rows every one of them read (a failed fit's row is left out for all and
     counted), and also over the rows each reader's exit code 0 keeps; printed as JSON, and as a markdown
     table with ``markdown``."""
-    kinds = [k for k in rows[0] if k == "ridge" or k.startswith(("fit ", "acq-fit ", "reader-fit"))]
-    kinds = [k for k in kinds if all(k in r for r in rows)]
     summary = {}
     for cond in sorted({condition_key(r) for r in rows}):
         every = [r for r in rows if condition_key(r) == cond]
+        kinds = [k for k in every[0] if k == "ridge" or k.startswith(("fit ", "acq-fit ", "reader-fit"))]
+        kinds = [k for k in kinds if all(k in r for r in every)]
         group = [r for r in every if not any("failed" in r[k] for k in kinds)]   # every reader read it
         label = condition_label(cond)
         if len(group) < len(every):
