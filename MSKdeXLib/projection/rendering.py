@@ -305,6 +305,7 @@ class DRRRenderer:
         # mu is built per plane stack from ct.array (no persistent [k, j, i] copy: bounded memory)
         self._planes: dict = {}
         self._chunks: dict = {}  # per plane stack and chunk size: the chunks' boxes (_chunk_corners)
+        self._rays: dict = {}  # per dtype: what every attenuation call of this camera shares (_ray_constants)
         self._voxels = None
 
     def share_planes(self, other: "DRRRenderer") -> None:
@@ -373,6 +374,8 @@ class DRRRenderer:
         chosen = [self.labels.resolve(s) for s in structures] if structures else []
         poses = _as_pose_batch(pose, self.device)
         axes = self._dominant_axes(poses)
+        if len(set(axes)) == 1:  # one march of the whole batch, no copies (the same values and gradients)
+            return self._attenuation_batch(poses, chosen, axes[0])
         out: list = [None] * poses.shape[0]
         for axis in sorted(set(axes)):
             idx = [b for b, a in enumerate(axes) if a == axis]
@@ -397,6 +400,15 @@ class DRRRenderer:
         px = torch.stack(torch.meshgrid(rows, cols, indexing="ij")[::-1], dim=-1)  # (R, C, 2) x, y
         return torch.cat([px, torch.full_like(px[..., :1], cam.sid_mm)], dim=-1)
 
+    def _ray_constants(self, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(LPS mm -> voxel index 4x4, detector pixel centres (rows, cols, 3) in camera mm, their
+        distances from the source (rows, cols) in mm) in ``dtype``: the same for every pose, so
+        computed once per renderer and dtype (the values each call computed before)."""
+        if dtype not in self._rays:
+            pix = self._pixels_camera(dtype)
+            self._rays[dtype] = (torch.linalg.inv(self._index_to_lps).to(dtype), pix, pix.norm(dim=-1))
+        return self._rays[dtype]
+
     def _attenuation_batch(self, poses: torch.Tensor, structures, axis: int) -> torch.Tensor:
         """(B, rows, cols) line integrals of (B, 4, 4) ``poses`` whose dominant axis is ``axis``.
         Only the rays that can meet the volume's non-zero samples are marched (:func:`_ray_windows`;
@@ -409,12 +421,10 @@ class DRRRenderer:
         size = self.ct.array.shape[2 - axis]
         dt = poses.dtype
         # camera -> voxel index (i, j, k)
-        lps_to_index = torch.linalg.inv(self._index_to_lps).to(dt)
+        lps_to_index, pix, norm = self._ray_constants(dt)  # norm: (R, C) |source -> pixel|
         m = lps_to_index @ _rigid_inverse(poses)  # (B, 4, 4)
-        pix = self._pixels_camera(dt)
         d = torch.einsum("rcj,bij->brci", pix, m[:, :3, :3])  # ray directions source -> pixel, index units
         src = m[:, :3, 3][:, None, None]  # (B, 1, 1, 3)
-        norm = pix.norm(dim=-1)  # (R, C) |source -> pixel|
         nb = poses.shape[0]
         per_chunk = _PLANE_CHUNK_ELEMENTS if torch.get_num_threads() == 1 else _PLANE_CHUNK_ELEMENTS_MT
         chunk = max(1, per_chunk // (nb * cam.rows * cam.cols))  # the whole detector's (the same sums)

@@ -202,7 +202,7 @@ def gradient_refine(objective: Objective, space: PoseSpace, x0, steps: int = 60,
         hist.append(fv)
         if callback:
             callback(1, best_f)
-        if since >= patience:
+        if since >= patience or step == steps - 1:  # (after the last step's evaluation nothing is stepped)
             break
         (-f).backward()
         opt.step()

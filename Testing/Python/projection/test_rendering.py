@@ -369,3 +369,54 @@ def test_marching_only_rays_that_meet_the_volume_changes_nothing(pelvis, monkeyp
     live = [w for w in wins if w is not None]
     assert live and None in wins  # planes of the femur's box (the volume is the CT's) without any femur voxel
     assert max((w[1] - w[0]) * (w[3] - w[2]) for w in live) < 0.5 * cam.rows * cam.cols
+
+
+def test_one_march_per_batch_and_kept_ray_constants_change_nothing(pelvis):
+    """On the pelvis CT: a batch whose poses share a dominant axis, marched as it is (no copy per
+    axis), equals bit for bit what the renderer did before (the poses indexed per axis, the DRRs
+    stacked back), values and pose gradients; the rays' constants a renderer keeps per dtype are
+    the values it computed in every call before; and a batch whose poses differ in their dominant
+    axis still gets each pose's DRR, in order."""
+    ct, labels = pelvis
+    cam = Camera(72, 64, 4.0, 4.5, 1000.0)
+    bone = [labels.resolve(n) for n in ("hip_left", "hip_right", "sacrum")]
+    base = default_view(ct, labels, cam)
+    iso = isocentre_of(ct, labels)
+    poses = torch.as_tensor(np.stack([perturbed_pose(base, r, t, iso) for r, t in
+                                      [((0, 0, 0), (0, 0, 0)), ((8, -12, 20), (5, 10, -8)), ((-15, 5, -30), (-20, 0, 25))]]))
+
+    def render(r: DRRRenderer, p: torch.Tensor, before: bool):
+        p = p.clone().requires_grad_(True)
+        if before:  # the per-axis path every batch took before
+            axes = r._dominant_axes(p)
+            out: list = [None] * p.shape[0]
+            for axis in sorted(set(axes)):
+                idx = [b for b, a in enumerate(axes) if a == axis]
+                for j, b in enumerate(idx):
+                    out[b] = r._attenuation_batch(p[idx], bone, axis)[j]
+            d = torch.stack(out)
+        else:
+            d = r.attenuation(p, structures=bone)
+        (d * torch.linspace(0, 1, d.numel(), dtype=d.dtype).reshape(d.shape)).sum().backward()
+        return d.detach(), p.grad
+
+    r = DRRRenderer(ct, cam, labels, bone)
+    assert len(set(r._dominant_axes(poses))) == 1
+    d_new, g_new = render(r, poses, False)
+    d_old, g_old = render(DRRRenderer(ct, cam, labels, bone), poses, True)
+    assert torch.equal(d_new, d_old) and torch.equal(g_new, g_old) and g_new.abs().sum() > 0 and d_new.max() > 1
+    with torch.no_grad():
+        assert torch.equal(r.attenuation(poses.float(), structures=bone), DRRRenderer(ct, cam, labels, bone).attenuation(poses.float(), structures=bone))
+    for dt in (torch.float64, torch.float32):
+        to_index, pix, norm = r._rays[dt]
+        assert torch.equal(to_index, torch.linalg.inv(r._index_to_lps).to(dt))
+        assert torch.equal(pix, r._pixels_camera(dt)) and torch.equal(norm, r._pixels_camera(dt).norm(dim=-1))
+    side = poses.clone()
+    side[2] = torch.as_tensor(perturbed_pose(base, (90, 0, 0), (0, 0, 0), iso))  # seen from above: another axis
+    axes = r._dominant_axes(side)
+    assert len(set(axes)) == 2
+    with torch.no_grad():
+        mixed = r.attenuation(side, structures=bone)
+        for b in range(3):
+            one = r.attenuation(side[b], structures=bone)[0]
+            assert torch.allclose(mixed[b], one, rtol=1e-5, atol=1e-5) and one.max() > 1

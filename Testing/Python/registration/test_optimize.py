@@ -55,3 +55,32 @@ def test_refinement_does_not_import_the_compiler():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert out.stdout.strip().splitlines()[-1] == "clean", out.stdout + out.stderr
+
+
+def test_refinement_does_not_step_after_its_last_evaluation():
+    """Every evaluation but the last is followed by one backward pass (the last one's step would
+    never be evaluated), whether the step budget or the patience ends the refinement; the poses
+    seen and the best kept are those of a loop that stepped after every evaluation."""
+    import numpy as np
+
+    from MSKdeXLib.registration.optimize import PoseSpace, gradient_refine
+
+    space = PoseSpace(np.eye(4), np.zeros(3))
+    target = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0, 2.0], dtype=torch.float64)
+    seen, backward = [], []
+
+    def objective(poses: torch.Tensor) -> torch.Tensor:
+        seen.append(poses.detach().clone())
+        if poses.requires_grad:
+            poses.register_hook(lambda g: backward.append(1))
+        return -((poses[:, :3, 3].double() - target[3:]) ** 2).sum(-1) - 0.01 * (poses[:, :3, :3] ** 2).sum((-2, -1))
+
+    for steps, patience, flat in ((12, 15, False), (30, 4, True)):
+        seen.clear()
+        backward.clear()
+        f = (lambda p: objective(p) * 0.0) if flat else objective  # flat: no improvement, patience ends it
+        r = gradient_refine(f, space, np.zeros(6), steps=steps, lr_deg=0.2, lr_mm=0.5, patience=patience)
+        assert r.evaluations == len(seen) == len(backward) + 1
+        assert r.evaluations == (patience + 1 if flat else steps)
+        if not flat:  # the best pose is one that was evaluated, and the last evaluation is the best one here
+            assert np.allclose(space.matrix(r.x), seen[-1][0].double().numpy(), atol=1e-6)
