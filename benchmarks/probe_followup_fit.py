@@ -1,6 +1,6 @@
 """Probe: a follow-up radiograph *fitted* with the baseline CT's physics (analysis by synthesis,
 :mod:`MSKdeXLib.learning.followup_fit`) against the ridge reader, on the follow-up benchmark's
-validation subjects (issue 14, session 11).
+validation subjects (issue 14, sessions 11-13).
 
 The follow-ups are exactly ``bench_followup.py --soft-tissue 0,0 0.5,0 1,0 --rotation 0 --translation 0
 --followups 8`` 's (same draws: muscles changed in the CT, a fresh acquisition from the specificity
@@ -24,6 +24,23 @@ The fit's intervals are its linearised posterior's (pixel noise only: not calibr
     python benchmarks/probe_followup_fit.py --from-json benchmarks/data/followup_fit_validation_acquisition_300*.json \
         --calibrate 'acq-fit e1 p2'                          # session 12: INTERVAL_SCALE from validation rows
 
+Session 13 (its assumptions broken, validation subjects only): ``--soft-tissue 0,3 0,9`` changes the
+follow-ups' subcutaneous fat (the fit has no term for it); ``--rotation 3 --translation 10`` moves the
+patient, registers the pelvis to each follow-up and reads it at the registered pose with the product's
+reader (``followup_fit_reader.fit_followup_reading``: modes made at that pose), the ridge from a
+``bench_followup.py --readers registered`` run of the same follow-ups:
+
+    nice -n 10 python benchmarks/probe_followup_fit.py --soft-tissue 0,3 0,9 --acquisition fitted --elastic 0 1 \
+        --pool 2 --json fat_fit.json
+    nice -n 10 python benchmarks/bench_followup.py --start 30040 --subjects 3 --followups 8 --readers true \
+        --rotation 0 --translation 0 --soft-tissue 0,3 0,9 --json fat_ridge.json
+    nice -n 10 python benchmarks/bench_followup.py --start 30040 --subjects 1 --followups 6 --readers registered \
+        --rotation 3 --translation 10 --soft-tissue 0,0 --json pose_ridge_30040.json
+    nice -n 10 python benchmarks/probe_followup_fit.py --subjects 30040 --followups 6 --soft-tissue 0,0 \
+        --rotation 3 --translation 10 --ridge-json pose_ridge_30040.json --json pose_fit_30040.json
+    python benchmarks/probe_followup_fit.py --from-json fat_fit.json pose_fit_*.json \
+        --ridge-json fat_ridge.json pose_ridge_*.json --markdown
+
 Known acquisition: ~20 s per follow-up (150 modes), fitted: ~35 s, on a shared 2-core machine; the
 deformation Jacobian ~2.5 min per subject once (cached under ``--cache``, 283 MB), the follow-ups too.
 """
@@ -44,12 +61,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_followup as bf  # noqa: E402
+from MSKdeXLib.errors import UserError  # noqa: E402
 from MSKdeXLib.io import sample_data  # noqa: E402
 from MSKdeXLib.learning import cohort as co  # noqa: E402
 from MSKdeXLib.learning import followup as fu  # noqa: E402
 from MSKdeXLib.learning import followup_fit as ff  # noqa: E402
 
 CONDITIONS = (0.0, 0.5, 1.0)   # the follow-ups' elastic SD (mm), as the ridge run's (the cache holds all)
+#: how a fit can fail on a follow-up it does not model (session 13: a fat change drove one to a non-finite kVp)
+FIT_FAILURES = (UserError, np.linalg.LinAlgError)
 RIDGE_JSON = Path(__file__).resolve().parent / "data" / "followup_warp_validation_noreaderspread.json"
 
 
@@ -62,32 +82,61 @@ def setup(detector: int = 256, voxel_mm: float = 4.0) -> co.CohortConfig:
                                       ranges=co.preset_ranges("specificity").to_dict()))
 
 
-def followups(subject, index: int, names, config, conditions, n: int, cache: Path) -> list[dict]:
-    """The benchmark's follow-ups of one subject (cached): codes, truth, acquisition spec."""
-    path = cache / f"followups_{index}.npz"
-    meta = cache / f"followups_{index}.json"
-    if path.exists() and meta.exists():
-        rows = json.loads(meta.read_text())
-        codes = np.load(path)["codes"]
-        for r, c in zip(rows, codes):
-            r["codes"] = c
-        return rows
+def condition_key(row: dict) -> tuple:
+    """(elastic SD mm, fat bound mm, rotation deg, translation mm) of a follow-up row (absent: 0)."""
+    return tuple(float(row.get(k, 0.0)) for k in ("elastic_mm", "fat_mm", "rotation_deg", "translation_mm"))
+
+
+def row_key(row: dict) -> tuple:
+    return (row["subject"], row["followup"], *condition_key(row))
+
+
+def followups(subject, index: int, names, config, conditions, n: int, cache: Path, rotation: float = 0.0,
+              translation: float = 0.0) -> list[dict]:
+    """The benchmark's follow-ups of one subject (each cached): codes, truth, acquisition spec, true pose, for
+    every (elastic SD, fat bound) of ``conditions`` and the pose change +-``rotation`` deg / +-``translation`` mm,
+    drawn as ``bench_followup.py --soft-tissue`` draws them."""
     density, ranges = config.density_model(), config.cohort_ranges()
-    centre = co.bone_centre(*co.load_source(config))
+    centre = None
     rows = []
     for f in range(n):
-        for elastic in conditions:
+        for elastic, fat in conditions:
+            stem = cache / f"followup_{index}_{f}_e{elastic:g}_f{fat:g}_r{rotation:g}_t{translation:g}"
+            path, meta = stem.with_suffix(".npz"), stem.with_suffix(".json")
+            if path.exists() and meta.exists():
+                row = json.loads(meta.read_text())
+                row["codes"] = np.load(path)["codes"]
+                rows.append(row)
+                continue
+            if centre is None:
+                centre = co.bone_centre(*co.load_source(config))
             rng = np.random.default_rng([bf.SEED, index, 77, f])
             out: dict = {}
-            ct, labels, _, codes = bf.followup_case(subject, names, ranges, density, centre, 0.0, 0.0, rng,
-                                                    elastic, 0.0, out)
-            rows.append({"subject": index, "followup": f, "elastic_mm": elastic, "fat_mm": 0.0, "muscles": names,
-                         "truth_g": bf.lean_masses(ct, labels, names, density).tolist(),
-                         "spec": out["spec"].to_dict(), "codes": np.asarray(codes, np.float32)})
-            print(f"follow-up {index}/{f} elastic {elastic}", flush=True)
-    np.savez(path, codes=np.stack([r["codes"] for r in rows]))
-    meta.write_text(json.dumps([{k: v for k, v in r.items() if k != "codes"} for r in rows]))
+            ct, labels, pose, codes = bf.followup_case(subject, names, ranges, density, centre, rotation, translation,
+                                                       rng, elastic, fat, out)
+            row = {"subject": index, "followup": f, "elastic_mm": elastic, "fat_mm": fat, "rotation_deg": rotation,
+                   "translation_mm": translation, "muscles": names,
+                   "truth_g": bf.lean_masses(ct, labels, names, density).tolist(), "spec": out["spec"].to_dict(),
+                   "pose": np.asarray(pose).tolist()}
+            np.savez(path, codes=np.asarray(codes, np.float32))
+            meta.write_text(json.dumps(row))
+            row["codes"] = np.asarray(codes, np.float32)
+            rows.append(row)
+            print(f"follow-up {index}/{f} elastic {elastic:g} fat {fat:g} pose +-{rotation:g} deg +-{translation:g} mm",
+                  flush=True)
     return rows
+
+
+def registered(subject, row: dict, cache: Path) -> dict:
+    """The pelvis registered to the follow-up (``bench_followup.register_pelvis``, cached beside it)."""
+    path = cache / (f"registration_{row['subject']}_{row['followup']}_e{row['elastic_mm']:g}_f{row['fat_mm']:g}"
+                    f"_r{row['rotation_deg']:g}_t{row['translation_mm']:g}.json")
+    if not path.exists():
+        reg = bf.register_pelvis(subject, row["codes"], np.array(row["pose"]))
+        path.write_text(json.dumps({**reg, "pose": np.asarray(reg["pose"]).tolist()}))
+    reg = json.loads(path.read_text())
+    reg["pose"] = np.array(reg["pose"])
+    return reg
 
 
 def modes_of(subject, physics, index: int, cache: Path, keep: float, max_modes: int) -> np.ndarray:
@@ -113,18 +162,46 @@ def noise_sd(model: ff.FitModel, spec: co.SubjectSpec, seed: int) -> float:
 
 
 def ridge_rows(paths: list[str]) -> dict:
-    """The ridge reader's rows (``bench_followup.py --json``; its ``true`` reader) by (subject, follow-up, SD)."""
-    return {(r["subject"], r["followup"], r["elastic_mm"]): r
-            for path in paths for r in json.loads(Path(path).read_text())["rows"]}
+    """The ridge reader's rows (``bench_followup.py --json``) by :func:`row_key` (its pose change from the
+    run's arguments)."""
+    out = {}
+    for path in paths:
+        doc = json.loads(Path(path).read_text())
+        pose = {"rotation_deg": doc["args"].get("rotation", 0.0), "translation_mm": doc["args"].get("translation", 0.0)}
+        for r in doc["rows"]:
+            out[row_key({**pose, **r})] = r
+    return out
+
+
+def with_ridge(row: dict | None, rr: dict | None, key) -> None:
+    """Give ``row`` (a fit row, if any and without one) the ridge's estimate ``rr`` of the same follow-up
+    ``key``, after checking that both are the same follow-up (equal truth): its reader at the true pose,
+    or at the registered one for a follow-up with a pose change (then the registration checked equal too)."""
+    if row is None or rr is None or "ridge" in row:
+        return
+    assert np.allclose(rr["truth_g"], row["truth_g"], rtol=1e-6), f"follow-up {key} is not the ridge run's"
+    if "registration" in row:
+        assert np.isclose(rr["registration"]["mtre_mm"], row["registration"]["mtre_mm"], rtol=1e-4, atol=1e-3), \
+            f"follow-up {key}: the ridge run's registration differs"
+        row["ridge"] = rr["registered"]
+    else:
+        row["ridge"] = rr["true"]
 
 
 def attach_ridge(merged: dict, paths: list[str]) -> None:
     """Give every merged fit row without one the ridge's estimate of the same follow-up (truth checked)."""
     for key, rr in ridge_rows(paths).items():
-        row = merged.get(key)
-        if row is not None and "ridge" not in row:
-            assert np.allclose(rr["truth_g"], row["truth_g"], rtol=1e-6), f"follow-up {key} is not the ridge run's"
-            row["ridge"] = rr["true"]
+        with_ridge(merged.get(key), rr, key)
+
+
+def rescale(rows: list[dict], scale: float, stored: float) -> None:
+    """The fit rows' 90 % half-widths made ``scale`` x their posterior SD (``sd_g``, or the stored half-width
+    over the run's own scale ``stored``): runs made before :data:`INTERVAL_SCALE` read with it."""
+    for r in rows:
+        for k, v in r.items():
+            if k.startswith(("fit ", "acq-fit ", "reader-fit")) and "failed" not in v:
+                sd = np.array(v["sd_g"]) if "sd_g" in v else np.array(v["half_width_g"]) / stored
+                v["half_width_g"] = (scale * sd).tolist()
 
 
 def conformal_scale(ratio: np.ndarray, coverage: float = 0.9) -> float:
@@ -151,26 +228,78 @@ def calibrate(rows: list[dict], kind: str) -> dict:
     return out
 
 
+def condition_label(cond: tuple) -> str:
+    elastic, fat, rotation, translation = cond
+    posed = f", pose +-{rotation:g} deg +-{translation:g} mm, registered" if rotation or translation else ""
+    return f"elastic {elastic:g} mm" + (f", fat +-{fat:g} mm" if fat else "") + posed
+
+
+def exit_code_0(rows: list[dict], kind: str) -> list[dict]:
+    """The rows ``mskdex followup`` would end with exit code 0 for reader ``kind``: registration not doubtful,
+    no implausible estimate (``followup.implausible``)."""
+    return [r for r in rows if not r.get("registration", {}).get("doubtful", False)
+            and not fu.implausible(r["muscles"], np.array(r[kind]["estimate_g"]), np.array(r[kind]["baseline_g"]))]
+
+
 def table(rows: list[dict], markdown: bool) -> dict:
     """Each reader's agreement with the truth per follow-up condition (``bench_followup.summarise``), for the
-    readers every row has; printed as JSON, and as a markdown table with ``markdown``."""
-    kinds = [k for k in rows[0] if k == "ridge" or k.startswith(("fit ", "acq-fit "))]
-    kinds = [k for k in kinds if all(k in r for r in rows)]
+    readers every row of the condition has, over the rows every one of them read (a failed fit's row is left out for all and
+    counted), and also over the rows each reader's exit code 0 keeps; printed as JSON, and as a markdown
+    table with ``markdown``."""
     summary = {}
-    for cond in sorted({r["elastic_mm"] for r in rows}):
-        group = [r for r in rows if r["elastic_mm"] == cond]
+    for cond in sorted({condition_key(r) for r in rows}):
+        every = [r for r in rows if condition_key(r) == cond]
+        kinds = [k for k in every[0] if k == "ridge" or k.startswith(("fit ", "acq-fit ", "reader-fit"))]
+        kinds = [k for k in kinds if all(k in r for r in every)]
+        group = [r for r in every if not any("failed" in r[k] for k in kinds)]   # every reader read it
+        label = condition_label(cond)
+        if len(group) < len(every):
+            failed = {k: sum("failed" in r[k] for r in every) for k in kinds}
+            label += f" ({len(every) - len(group)} of {len(every)} left out: fit failed " + \
+                ", ".join(f"{k} {n}" for k, n in failed.items() if n) + ")"
         for k in kinds:
-            summary[f"elastic {cond:g} mm: {k}"] = bf.summarise(group, k)
+            summary[f"{label}: {k}"] = bf.summarise(group, k)
+            kept = exit_code_0(group, k)
+            if len(kept) < len(group):
+                summary[f"{label}: {k}, exit code 0 ({len(kept)}/{len(group)})"] = bf.summarise(kept, k)
     print(json.dumps({k: {m: v for m, v in s.items() if m != "pair_asym_pcc"} for k, s in summary.items()}, indent=1))
     if markdown:
-        print("| follow-up elastic: reader | mass PCC | asymmetry PCC | share PCC | pooled change PCC | "
-              "change MAE % (true SD %) | 90 % coverage (n) |")
+        print("| follow-up condition: reader | mass PCC | asymmetry PCC | share PCC | pooled change PCC | "
+              "change MAE % (true SD %) | 90 % coverage (n, n_eff) |")
         print("|---|---:|---:|---:|---:|---:|---:|")
         for k, s in summary.items():
             print(f"| {k} | {s['mass_pcc']:.2f} | {s['asym_pcc']:.2f} | {s['share_pcc']:.2f} | "
                   f"{s['pooled_change_pcc']:.2f} | {s['change_mae_percent']:.1f} ({s['true_change_sd_percent']:.1f}) | "
-                  f"{100 * s['coverage']:.0f} % ({s['coverage_n']}) |")
+                  f"{100 * s['coverage']:.0f} % ({s['coverage_n']}, {s['coverage_n_eff']}) |")
+        regs = [r["registration"] for r in rows if "registration" in r]
+        if regs:
+            print(f"\nregistration (pelvis, {len(regs)}): median mTRE {np.median([g['mtre_mm'] for g in regs]):.2f} mm, "
+                  f"median projection distance {np.median([g['mpd_px'] for g in regs]):.2f} px, doubtful "
+                  f"{sum(g['doubtful'] for g in regs)}, mTRE > 5 mm {sum(g['mtre_mm'] > 5 for g in regs)}")
     return summary
+
+
+def read_registered(subject, row: dict, cache: Path, args) -> None:
+    """The follow-up read as ``mskdex followup --reader fit`` reads it: the pelvis registered
+    (:func:`registered`), then :func:`~MSKdeXLib.learning.followup_fit_reader.fit_followup_reading` at that pose
+    (its defaults: the shipped 'acq-fit e1 p2' with modes made at that pose); stored as ``reader-fit``."""
+    from MSKdeXLib.learning import followup_fit_reader as ffr
+
+    reg = registered(subject, row, cache)
+    row["registration"] = {k: v for k, v in reg.items() if k != "pose"}
+    t0 = time.time()
+    try:
+        out = ffr.fit_followup_reading(subject.ct, subject.labels, subject.camera, reg["pose"], row["codes"],
+                                       ffr.FitSettings(interval_scale=args.interval_scale))
+    except FIT_FAILURES as e:
+        row["reader-fit"] = {"failed": str(e)}
+        print(f"{row_key(row)}: reader-fit failed: {e}", flush=True)
+        return
+    assert out.muscles == row["muscles"]
+    row["reader-fit"] = {"estimate_g": out.estimate_g.tolist(), "half_width_g": out.half_width_g.tolist(),
+                         "sd_g": (out.result.sd_change * out.baseline_g).tolist(), "baseline_g": out.baseline_g.tolist(),
+                         "fit_seconds": time.time() - t0, "cost": out.result.cost, "iterations": out.result.iterations,
+                         "acquisition": out.acquisition, "info": out.info}
 
 
 def main(argv=None) -> int:
@@ -179,6 +308,14 @@ def main(argv=None) -> int:
     p.add_argument("--followups", type=int, default=8)
     p.add_argument("--conditions", type=float, nargs="+", default=list(CONDITIONS), choices=CONDITIONS,
                    help="follow-up elastic SD, mm (a subset of the benchmark's)")
+    p.add_argument("--soft-tissue", nargs="+", default=None, type=bf.soft_tissue_condition, metavar="ELASTIC_MM,FAT_MM",
+                   help="follow-up conditions as bench_followup.py's (e.g. 0,3 0,9: subcutaneous fat changed by "
+                   "U(-3, 3) / U(-9, 9) mm); overrides --conditions")
+    p.add_argument("--rotation", type=float, default=0.0, help="follow-up pose change, deg per axis (uniform +-), as "
+                   "bench_followup.py's; > 0 (or --translation): the pelvis registered to each follow-up and read at "
+                   "the registered pose by the product's fit reader (followup_fit_reader, its defaults) and the "
+                   "ridge run's 'registered' reader")
+    p.add_argument("--translation", type=float, default=0.0, help="follow-up pose change, mm per axis (uniform +-)")
     p.add_argument("--elastic", type=float, nargs="+", default=[0.0, 1.0], help="the fit's assumed SD, mm")
     p.add_argument("--pool", type=int, nargs="+", default=[2, 4, 8], help="residual pooling, px")
     p.add_argument("--floor", type=float, nargs="+", default=[0.0], help="model-error SD per pooled px, codes")
@@ -189,9 +326,11 @@ def main(argv=None) -> int:
                    help="known: the follow-up's own acquisition (oracle); fitted: estimated from the preset's prior")
     p.add_argument("--cache", default="/tmp/fit11")
     p.add_argument("--ridge-json", nargs="+", default=[str(RIDGE_JSON)],
-                   help="bench_followup.py --json runs of the same follow-ups (the ridge reader, pose 'true')")
+                   help="bench_followup.py --json runs of the same follow-ups (the ridge reader, pose 'true', or "
+                   "'registered' with a pose change; its --soft-tissue, --rotation, --translation as here)")
     p.add_argument("--interval-scale", type=float, default=ff.INTERVAL_SCALE,
-                   help="90 %% half-width = this x the posterior SD (session 11's rows: 1.645, uncalibrated)")
+                   help="90 %% half-width = this x the posterior SD (with --from-json: the stored rows' half-widths "
+                   "re-made with it; session 11's rows were stored with 1.645)")
     p.add_argument("--json", default=None)
     p.add_argument("--from-json", nargs="+", default=None, help="only re-make the table from --json files (rows of "
                    "the same follow-ups merged: e.g. one file per subject and per run)")
@@ -206,8 +345,10 @@ def main(argv=None) -> int:
     if args.from_json:
         merged: dict = {}
         for f in args.from_json:
-            for r in json.loads(Path(f).read_text())["rows"]:
-                merged.setdefault((r["subject"], r["followup"], r["elastic_mm"]), {}).update(r)
+            doc = json.loads(Path(f).read_text())
+            rescale(doc["rows"], args.interval_scale, doc["args"].get("interval_scale", 1.645))
+            for r in doc["rows"]:
+                merged.setdefault(row_key(r), {}).update(r)
         attach_ridge(merged, args.ridge_json)
         if args.calibrate:
             print(json.dumps(calibrate(list(merged.values()), args.calibrate), indent=1))
@@ -218,25 +359,37 @@ def main(argv=None) -> int:
     cache.mkdir(parents=True, exist_ok=True)
     ridge = ridge_rows(args.ridge_json)
     config = setup()
+    conditions = args.soft_tissue or [(c, 0.0) for c in CONDITIONS]
+    posed = args.rotation > 0 or args.translation > 0
     rows = []
     for index in args.subjects:
         spec = co.sample_subject(bf.SEED, index, co.cohort_muscles(config), config.cohort_ranges())
         subject = co.realise_subject(config, spec)
-        physics, base = fu.baseline_physics(subject.ct, subject.labels, subject.camera, subject.pose,
-                                            config.cohort_ranges(), config.density_model())
-        names = physics.muscles
-        modes = modes_of(subject, physics, index, cache, args.keep, args.max_modes)
-        model = ff.FitModel.build(physics, base, modes)
-        print(f"subject {index}: {len(modes)} modes", flush=True)
-        for row in followups(subject, index, names, config, CONDITIONS, args.followups, cache):
-            if row["elastic_mm"] not in args.conditions:
+        names = [m.name for m in fu.muscles_of(subject.labels)]
+        if not posed:
+            physics, base = fu.baseline_physics(subject.ct, subject.labels, subject.camera, subject.pose,
+                                                config.cohort_ranges(), config.density_model())
+            assert list(physics.muscles) == names
+            modes = modes_of(subject, physics, index, cache, args.keep, args.max_modes)
+            model = ff.FitModel.build(physics, base, modes)
+            print(f"subject {index}: {len(modes)} modes", flush=True)
+        for row in followups(subject, index, names, config, conditions, args.followups, cache, args.rotation,
+                             args.translation):
+            if not args.soft_tissue and row["elastic_mm"] not in args.conditions:
                 continue
             t0 = time.time()
-            key = (index, row["followup"], row["elastic_mm"])
-            rr = ridge.get(key)
-            if rr is not None:
-                assert np.allclose(rr["truth_g"], row["truth_g"], rtol=1e-6), f"follow-up {key} is not the ridge run's"
-                row["ridge"] = rr["true"]
+            key = row_key(row)
+            if posed:
+                read_registered(subject, row, cache, args)
+                with_ridge(row, ridge.get(key), key)
+                del row["codes"]
+                rows.append(row)
+                print(f"{key}: registration {row['registration']['seconds']:.1f} s (mTRE "
+                      f"{row['registration']['mtre_mm']:.2f} mm), fit reader {time.time() - t0:.1f} s", flush=True)
+                if args.json:
+                    Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}))
+                continue
+            with_ridge(row, ridge.get(key), key)
             fspec = co.SubjectSpec.from_dict(row["spec"])
             sigma = noise_sd(model, fspec, 1000 + row["followup"])
             t_lin = 0.0
@@ -256,8 +409,17 @@ def main(argv=None) -> int:
                 for pool, elastic in itertools.product(args.pool, sorted(args.elastic)):
                     t1 = time.time()
                     first = row.get(f"_acq-fit e0 p{pool}") if elastic > 0 else None   # its first stage is shared
-                    res, found = ff.fit_unknown_acquisition(model, row["codes"], blind, config.cohort_ranges(), elastic,
-                                                            pool, iterations=args.iterations, start=first)
+                    if isinstance(first, str):   # the product's second stage starts from its first: failed too
+                        row[f"acq-fit e{elastic:g} p{pool}"] = {"failed": f"first stage: {first}"}
+                        continue
+                    try:
+                        res, found = ff.fit_unknown_acquisition(model, row["codes"], blind, config.cohort_ranges(),
+                                                                elastic, pool, iterations=args.iterations, start=first)
+                    except FIT_FAILURES as e:
+                        row[f"acq-fit e{elastic:g} p{pool}"] = {"failed": str(e)}
+                        row[f"_acq-fit e0 p{pool}"] = str(e)
+                        print(f"{key}: acq-fit e{elastic:g} p{pool} failed: {e}", flush=True)
+                        continue
                     if elastic == 0:
                         row[f"_acq-fit e0 p{pool}"] = res
                     row[f"acq-fit e{elastic:g} p{pool}"] = {
