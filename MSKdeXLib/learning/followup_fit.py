@@ -314,6 +314,8 @@ def fit_followup(model: FitModel, codes: np.ndarray, spec: SubjectSpec, lin: Lin
         g = jac @ (obs[inside] - f) / noise_codes ** 2 - (p - prior_mean) / prior_sd ** 2
         step = np.linalg.solve(a, g)
         p = np.clip(p + step, low, high)
+        if not np.all(np.isfinite(p)):
+            raise FitDiverged(f"the fit's parameters became non-finite at iteration {done + 1}")
         full[nk:nk + lin.n_modes] = 0.0
         full[use] = p
         f = pool(_codes(model, full, nk, lin.n_modes, lin.spec), pool_px).ravel()[inside]
@@ -325,6 +327,11 @@ def fit_followup(model: FitModel, codes: np.ndarray, spec: SubjectSpec, lin: Lin
     r = p[:nk]
     return FitResult(model.baseline_g * (1.0 + r), r, np.sqrt(np.diag(cov)[:nk]), p[nk:nk + nj], done, cost,
                      p[nk + nj:])
+
+
+class FitDiverged(ArithmeticError):
+    """A Gauss-Newton step of :func:`fit_followup` left finite numbers (the image is far from what the
+    model can make: e.g. a fat change, which it does not model)."""
 
 
 def half_width_g(result: FitResult, baseline_g: np.ndarray, scale: float = INTERVAL_SCALE) -> np.ndarray:

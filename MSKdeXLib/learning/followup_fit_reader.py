@@ -128,14 +128,18 @@ def fit_followup_reading(ct: Volume, labels: LabelMap, camera: Camera, pose: np.
     model = ff.FitModel.build(physics, base, modes, ranges)
     blind = SubjectSpec(index=0, seed=0, acquisition={"sid_mm": float(camera.sid_mm)})
     t1 = time.time()
-    first, found = ff.fit_unknown_acquisition(model, codes, blind, ranges, 0.0, int(settings.pool_px),
-                                              iterations=int(settings.iterations))
-    if progress is not None:
-        progress(total - 1, total)
-    res = first
-    if len(modes):
-        res, found = ff.fit_unknown_acquisition(model, codes, blind, ranges, float(settings.elastic_mm),
-                                                int(settings.pool_px), iterations=int(settings.iterations), start=first)
+    try:
+        first, found = ff.fit_unknown_acquisition(model, codes, blind, ranges, 0.0, int(settings.pool_px),
+                                                  iterations=int(settings.iterations))
+        if progress is not None:
+            progress(total - 1, total)
+        res = first
+        if len(modes):
+            res, found = ff.fit_unknown_acquisition(model, codes, blind, ranges, float(settings.elastic_mm),
+                                                    int(settings.pool_px), iterations=int(settings.iterations), start=first)
+    except ff.FitDiverged as e:
+        raise UserError(f"the fit reader failed on this radiograph ({e}): the image is outside what it models "
+                        "(no fat change, the registered pose exact); read it with --reader ridge") from None
     if progress is not None:
         progress(total, total)
     info = {**modes_info, "physics_s": round(t_physics, 2), "fit_s": round(time.time() - t1, 2),

@@ -105,3 +105,16 @@ def test_fit_with_the_acquisition_unknown(case):
     assert abs(found.acquisition["contrast"] - 0.9) < 0.05
     assert abs(found.processing["lut_strength"] - 5.0) < 0.5
     assert found.acquisition["collimation_fraction"][0] > 0.03 and found.acquisition["collimation_fraction"][1] == 0.0
+
+
+def test_a_fit_that_leaves_finite_numbers_says_so(case):
+    """A Gauss-Newton step that becomes non-finite stops the fit with :class:`FitDiverged` (the reader turns
+    it into a one-line error), not with an error about a simulation setting made from its numbers."""
+    _, _, camera, _, physics, _, model = case
+    spec = co.SubjectSpec(index=0, seed=0, acquisition={"energy_kvp": 78.0, "noise": 0.003, "scatter": 0.25,
+                                                        "contrast": 1.1, "sid_mm": camera.sid_mm})
+    lin = ff.linearise(model, spec, 0)
+    codes = _observed(physics, model, np.zeros(len(physics.muscles)), np.zeros(0), spec)
+    codes[codes.shape[0] // 2, codes.shape[1] // 2] = np.inf
+    with pytest.raises(ff.FitDiverged, match="iteration 1"):
+        ff.fit_followup(model, codes, spec, lin, 0.0, 1, 0.3, 5)
