@@ -330,8 +330,8 @@ def fit_followup(model: FitModel, codes: np.ndarray, spec: SubjectSpec, lin: Lin
 
 
 class FitDiverged(ArithmeticError):
-    """A Gauss-Newton step of :func:`fit_followup` left finite numbers (the image is far from what the
-    model can make: e.g. a fat change, which it does not model)."""
+    """A Gauss-Newton step of :func:`fit_followup` made the parameters non-finite (the image is far from
+    what the model can make: e.g. a fat change, which it does not model)."""
 
 
 def half_width_g(result: FitResult, baseline_g: np.ndarray, scale: float = INTERVAL_SCALE) -> np.ndarray:
