@@ -107,6 +107,7 @@ def test_fit_with_the_acquisition_unknown(case):
     assert found.acquisition["collimation_fraction"][0] > 0.03 and found.acquisition["collimation_fraction"][1] == 0.0
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 def test_a_fit_whose_parameters_turn_non_finite_says_so(case):
     """A Gauss-Newton step that becomes non-finite stops the fit with :class:`FitDiverged` (the reader turns
     it into a one-line error), not with an error about a simulation setting made from its numbers."""
