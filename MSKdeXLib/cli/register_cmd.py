@@ -127,7 +127,7 @@ def _run(args, stage: Path) -> int:
         for r in outcome.results:
             extra = f", mTRE {r.mtre_mm:.2f} mm" if r.mtre_mm is not None else ""
             print(f"{r.name}: similarity {r.initial_similarity:.3f} -> {r.final_similarity:.3f}"
-                  f"{' (DOUBTFUL)' if r.doubtful else ''}{extra}, {r.runtime_s:.1f} s")
+                  f"{' (DOUBTFUL: ' + '; '.join(r.doubtful_reasons) + ')' if r.doubtful else ''}{extra}, {r.runtime_s:.1f} s")
         out = Path(args.out)
         print(f"wrote {out / outcome.path.name}, {out / 'qa.png'} (check the alignment by eye) and "
               f"{len(outcome.report.get('channels', {}))} registered bone channels in {out / 'channels'}/")

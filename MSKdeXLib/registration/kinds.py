@@ -130,9 +130,16 @@ class BodyKind:
     # -- how it is judged ----------------------------------------------------------------------
     def doubtful(self, final: float, x: np.ndarray, search: Search, parent_doubtful: bool,
                  own_gain: float | None = None) -> bool:
-        """Below the kind's similarity threshold; ``own_gain``: what the body's own DRR adds to the
-        similarity (:meth:`.pipeline.BodyRun.own_gain`; None when not measured)."""
-        return final < self.s.doubtful_threshold(self.name)
+        """Whether any of :meth:`doubtful_reasons` holds."""
+        return bool(self.doubtful_reasons(final, x, search, parent_doubtful, own_gain))
+
+    def doubtful_reasons(self, final: float, x: np.ndarray, search: Search, parent_doubtful: bool,
+                         own_gain: float | None = None) -> list[str]:
+        """Why the result is doubtful, one short sentence per rule that fires (empty: not doubtful):
+        here, a final similarity below the kind's threshold; ``own_gain``: what the body's own DRR adds
+        to the similarity (:meth:`.pipeline.BodyRun.own_gain`; None when not measured)."""
+        threshold = self.s.doubtful_threshold(self.name)
+        return [f"similarity {final:.3f} below {threshold:.2f}"] if final < threshold else []
 
     def parent_name(self) -> str | None:
         return None
@@ -159,12 +166,15 @@ class FirstBody(BodyKind):
         g = self.s.first
         return Search(g.sigma_deg, g.sigma_mm, g.bounds_deg, g.bounds_mm, g.cma_restarts)
 
-    def doubtful(self, final: float, x: np.ndarray, search: Search, parent_doubtful: bool,
-                 own_gain: float | None = None) -> bool:
+    def doubtful_reasons(self, final: float, x: np.ndarray, search: Search, parent_doubtful: bool,
+                         own_gain: float | None = None) -> list[str]:
         """Also doubtful when its own bones add less than ``first.doubtful_gain`` to the similarity
         of the soft tissue moving with it: a pose where the tissue lines up and the bones do not."""
-        return super().doubtful(final, x, search, parent_doubtful) or (
-            own_gain is not None and self.s.first.doubtful_gain > 0 and own_gain < self.s.first.doubtful_gain)
+        reasons = super().doubtful_reasons(final, x, search, parent_doubtful, own_gain)
+        limit = self.s.first.doubtful_gain
+        if own_gain is not None and limit > 0 and own_gain < limit:
+            reasons.append(f"its own bones add {own_gain:.3f} < {limit:.4g} to the soft tissue's similarity")
+        return reasons
 
 
 class FreeBody(BodyKind):
@@ -226,9 +236,14 @@ class BoundedBody(BodyKind):
         return bool(np.any(np.abs(x[:3]) >= search.bounds_deg - 1.0)
                     or np.any(np.abs(x[3:5]) >= np.asarray(search.bounds_mm)[:2] - 0.05))
 
-    def doubtful(self, final: float, x: np.ndarray, search: Search, parent_doubtful: bool,
-                 own_gain: float | None = None) -> bool:
-        return super().doubtful(final, x, search, parent_doubtful) or self.at_bound(x, search) or parent_doubtful
+    def doubtful_reasons(self, final: float, x: np.ndarray, search: Search, parent_doubtful: bool,
+                         own_gain: float | None = None) -> list[str]:
+        reasons = super().doubtful_reasons(final, x, search, parent_doubtful, own_gain)
+        if self.at_bound(x, search):
+            reasons.append("its motion ended at its bound")
+        if parent_doubtful:
+            reasons.append(f"its parent {self.parent.name} is doubtful")
+        return reasons
 
     def motion_note(self, x: np.ndarray) -> dict | None:
         return {"stage": "joint-rotation" if self.name == "joint" else "part-motion",
@@ -254,9 +269,13 @@ class JointBody(BoundedBody):
         limit = self.motion.doubtful_shift_mm
         return bool(limit > 0 and np.hypot(x[3], x[4]) > limit)
 
-    def doubtful(self, final: float, x: np.ndarray, search: Search, parent_doubtful: bool,
-                 own_gain: float | None = None) -> bool:
-        return super().doubtful(final, x, search, parent_doubtful) or self.dislocated(x)
+    def doubtful_reasons(self, final: float, x: np.ndarray, search: Search, parent_doubtful: bool,
+                         own_gain: float | None = None) -> list[str]:
+        reasons = super().doubtful_reasons(final, x, search, parent_doubtful, own_gain)
+        if self.dislocated(x):
+            reasons.append(f"its joint centre moved {float(np.hypot(x[3], x[4])):.1f} mm in the image plane "
+                           f"(> {self.motion.doubtful_shift_mm:g})")
+        return reasons
 
 
 class PartBody(BoundedBody):

@@ -67,13 +67,15 @@ class BodyResult:
     doubtful_below: float | None = None
     mtre_mm: float | None = None
     mpd_px: float | None = None
+    doubtful_reasons: list[str] = field(default_factory=list)   # why ``doubtful`` (one sentence per rule)
 
     def to_dict(self) -> dict:
         d = {"name": self.name, "structures": self.structures,
              "ct_to_camera": np.asarray(self.ct_to_camera).tolist(),
              "initial_ct_to_camera": np.asarray(self.initial_pose).tolist(),
              "initial_similarity": self.initial_similarity, "final_similarity": self.final_similarity,
-             "doubtful": self.doubtful, "doubtful_below": self.doubtful_below, "kind": self.kind,
+             "doubtful": self.doubtful, "doubtful_reasons": self.doubtful_reasons,
+             "doubtful_below": self.doubtful_below, "kind": self.kind,
              "runtime_s": round(self.runtime_s, 3), "history": self.history}
         if self.mtre_mm is not None:
             d["mtre_mm"] = self.mtre_mm
@@ -308,12 +310,12 @@ class BodyRun:
             self.history.append(self.neighbourhood(x))
         parent = kind.parent_name()
         parent_doubtful = parent is not None and any(r.doubtful for r in self.ctx.results if r.name == parent)
-        doubtful = kind.doubtful(final, x, search, parent_doubtful, self.own_gain(final, x))
+        reasons = kind.doubtful_reasons(final, x, search, parent_doubtful, self.own_gain(final, x))
         if kind.motion_note(x):
             self.history.append(kind.motion_note(x))
         return BodyResult(kind.body.name, [st.name for st in kind.body.structures], self.space.matrix(x), self.start,
-                          init_sim, final, bool(doubtful), time.time() - t0, self.history, kind=kind.name,
-                          doubtful_below=self.s.doubtful_threshold(kind.name))
+                          init_sim, final, bool(reasons), time.time() - t0, self.history, kind=kind.name,
+                          doubtful_below=self.s.doubtful_threshold(kind.name), doubtful_reasons=reasons)
 
 
 def register(ct: Volume, labels: LabelMap, pixels: np.ndarray, camera: Camera, bodies: list[Body],

@@ -90,10 +90,8 @@ def _score_text(result: Any) -> tuple[str, str]:
     below = getattr(result, "doubtful_below", None)
     thr = f" (doubtful below {below:.2f})" if below is not None else ""
     if getattr(result, "doubtful", False):
-        gain = next((h for h in getattr(result, "history", None) or [] if h.get("stage") == "own-gain"), None)
-        if gain is not None and gain["gain"] < gain["doubtful_below"]:
-            thr += f", own bones add {gain['gain']:.3f} < {gain['doubtful_below']:.3f}"
-        return f"sim {sim:.3f}{thr}: DOUBTFUL", "#ff5050"
+        reasons = getattr(result, "doubtful_reasons", None) or []
+        return f"sim {sim:.3f}{thr}: DOUBTFUL{': ' + '; '.join(reasons) if reasons else ''}", "#ff5050"
     return f"sim {sim:.3f}{thr}: ok", "#60ff60"
 
 

@@ -327,6 +327,8 @@ def test_first_body_whose_bones_do_not_match_is_doubtful(pelvis):
     assert not results[0.0].doubtful
     from MSKdeXLib.registration.qa import _score_text
     assert "own bones add" in _score_text(lost)[0] and "own bones add" not in _score_text(results[0.0])[0]
+    assert any("own bones add" in r for r in lost.doubtful_reasons) and lost.to_dict()["doubtful_reasons"] == lost.doubtful_reasons
+    assert results[0.0].doubtful_reasons == []
 
 
 def test_search_bound_fraction():

@@ -139,6 +139,7 @@ def test_tissue_drr_on_a_coarser_grid_matches_the_full_one(pelvis):
 def test_joint_doubtful_when_its_centre_leaves_the_parent():
     """``joint.doubtful_shift_mm``: a femur whose rotation centre ends farther than that from
     where the pelvis puts it, in the image plane, is doubtful; depth does not count; 0: off."""
+    from MSKdeXLib.registration.bodies import Body
     from MSKdeXLib.registration.kinds import JointBody, Search
 
     s = RegistrationSettings()
@@ -153,5 +154,9 @@ def test_joint_doubtful_when_its_centre_leaves_the_parent():
     search = Search(8.0, 1.0, 30.0, np.array([3.0, 3.0, 0.25]), 1)
     assert j.doubtful(0.9, np.r_[0, 0, 0, 1.3, 0, 0], search, False)
     assert not j.doubtful(0.9, np.r_[0, 0, 0, 1.1, 0, 0], search, False)
+    j.parent = Body("pelvis", [])
+    reasons = j.doubtful_reasons(0.1, np.r_[0, 0, 0, 1.3, 0, 0], search, True)
+    assert reasons[0].startswith("similarity 0.100 below") and "joint centre moved 1.3 mm" in reasons[-1]
+    assert "its parent pelvis is doubtful" in reasons and j.doubtful_reasons(0.9, np.zeros(6), search, False) == []
     s.joint.doubtful_shift_mm = 0.0
     assert not j.dislocated(np.r_[0, 0, 0, 2.5, 0, 0])
