@@ -50,7 +50,8 @@ def registration_to_nodes(path, scene, radiograph_node=None, prefix: str = "MSKd
                           nodes: RegistrationNodes | None = None, ct_node=None) -> RegistrationNodes:
     """Read registration.json (a file or its output folder) into one transform node per body
     (matrix = the body's ``ct_to_camera`` as CT RAS -> camera mm, see :func:`pose_to_transform_node`;
-    attributes MSKdeX.body / .bodyIndex (0: the first body) / .similarity / .doubtful / .geometry (the
+    attributes MSKdeX.body / .bodyIndex (0: the first body) / .similarity / .doubtful / .doubtfulReasons (why,
+    "; "-separated; empty when not doubtful) / .geometry (the
     camera, JSON) / .registration (the file) / .registeredOn (the inputs' names); node references to
     ``ct_node`` and ``radiograph_node``, the inputs it was run on), a table of the bodies and, when
     ``radiograph_node`` is given, the registered bone mass channels summed into one volume on the
@@ -69,6 +70,7 @@ def registration_to_nodes(path, scene, radiograph_node=None, prefix: str = "MSKd
         node.SetAttribute(ATTR + "body", str(b["name"]))
         node.SetAttribute(ATTR + "similarity", repr(float(b["final_similarity"])))
         node.SetAttribute(ATTR + "doubtful", "1" if b.get("doubtful") else "0")
+        node.SetAttribute(ATTR + "doubtfulReasons", "; ".join(b.get("doubtful_reasons") or []))
         node.SetAttribute(ATTR + "bodyIndex", str(len(res.bodies)))
         node.SetAttribute(ATTR + "geometry", json.dumps(res.geometry) if res.geometry else "")
         node.SetAttribute(ATTR + "registration", str(p))
@@ -80,7 +82,8 @@ def registration_to_nodes(path, scene, radiograph_node=None, prefix: str = "MSKd
         res.transforms[b["name"]] = node
         row = {"name": b["name"], "final_similarity": float(b["final_similarity"]),
                "initial_similarity": float(b.get("initial_similarity", float("nan"))),
-               "doubtful": bool(b.get("doubtful", False)), "structures": " ".join(b.get("structures", []))}
+               "doubtful": bool(b.get("doubtful", False)), "why_doubtful": "; ".join(b.get("doubtful_reasons") or []),
+               "structures": " ".join(b.get("structures", []))}
         if b.get("mtre_mm") is not None:
             row["mtre_mm"] = float(b["mtre_mm"])
         res.bodies.append(row)

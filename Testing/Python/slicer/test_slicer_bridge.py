@@ -484,9 +484,12 @@ def test_registration_result_becomes_one_transform_per_body(pelvis, pelvis_case,
         np.testing.assert_allclose(sb.numpy_matrix(m), want @ sb.LPS_RAS, atol=1e-9)
         assert float(node.GetAttribute("MSKdeX.similarity")) == body["final_similarity"]
         assert node.GetAttribute("MSKdeX.doubtful") == ("1" if body["doubtful"] else "0")
+        assert node.GetAttribute("MSKdeX.doubtfulReasons") == "; ".join(body["doubtful_reasons"])
+        assert bool(body["doubtful_reasons"]) == body["doubtful"]
     rows = sb.rows_from_table_node(res.table)
     assert [r["name"] for r in rows] == ["pelvis", "femur_left"]
     assert [r["doubtful"] for r in rows] == ["yes" if b["doubtful"] else "no" for b in doc["bodies"]]
+    assert [r["why_doubtful"] for r in rows] == ["; ".join(b["doubtful_reasons"]) for b in doc["bodies"]]
     assert res.doubtful == doc["doubtful"]
     assert "pelvis" in res.summary() and f"{doc['bodies'][1]['final_similarity']:.3f}" in res.summary()
     # registered bones over the radiograph: its grid, the sum of the written channels
