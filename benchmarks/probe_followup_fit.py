@@ -68,8 +68,9 @@ from MSKdeXLib.learning import followup as fu  # noqa: E402
 from MSKdeXLib.learning import followup_fit as ff  # noqa: E402
 
 CONDITIONS = (0.0, 0.5, 1.0)   # the follow-ups' elastic SD (mm), as the ridge run's (the cache holds all)
-#: how a fit can fail on a follow-up it does not model (session 13: a fat change drove one to a non-finite kVp)
-FIT_FAILURES = (UserError, np.linalg.LinAlgError)
+#: how a fit can fail on a follow-up it does not model (session 13: a fat change drove one to non-finite
+#: parameters, now ``FitDiverged`` from the fit, a one-line ``UserError`` from the product's reader)
+FIT_FAILURES = (UserError, np.linalg.LinAlgError, ff.FitDiverged)
 RIDGE_JSON = Path(__file__).resolve().parent / "data" / "followup_warp_validation_noreaderspread.json"
 
 
