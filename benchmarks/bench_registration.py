@@ -57,6 +57,7 @@ from MSKdeXLib.io.volumes import load_ct, load_labels
 from MSKdeXLib.projection.geometry import Camera, ap_pose, project
 from MSKdeXLib.registration import pipeline
 from MSKdeXLib.registration.articulated import extend_inferior, rotate_about, simulate_articulated
+from MSKdeXLib.registration.kinds import own_gain_too_small
 from MSKdeXLib.registration.optimize import PoseSpace
 from MSKdeXLib.settings import SID_MM
 
@@ -298,9 +299,8 @@ def flagged(row: dict, settings: pipeline.RegistrationSettings, rows: list[dict]
     kind = row.get("kind", "first")
     settings = replace(settings, soft_tissue=bool(row.get("soft_tissue", False)))
     flag = row["similarity"] < settings.doubtful_threshold(kind)
-    gain = own_gain(row)
-    if kind == "first" and settings.soft_tissue and gain is not None:
-        flag = flag or gain < settings.first.doubtful_gain
+    if kind == "first" and settings.soft_tissue:
+        flag = flag or own_gain_too_small(own_gain(row), settings)
     if row.get("motion"):
         g = settings.kind_settings(kind)
         flag = flag or any(abs(v) >= g.bounds_deg - 1.0 for v in row["motion"]["deg"]) \

@@ -25,9 +25,16 @@ import torch
 from ..io.images import LabelMap
 from ..projection.geometry import Camera
 from .bodies import Body, body_centre, inplane_radius_mm, joint_centre, parent_group
-from .optimize import Penalty, PoseSpace
+from .optimize import Penalty, PoseSpace, _six
 from .settings import BoundedMotion, RegistrationSettings
 from .views import BodyVolumes, Level, View, body_views, level_at
+
+
+def own_gain_too_small(own_gain: float | None, settings: RegistrationSettings) -> bool:
+    """The first-body rule ``first.doubtful_gain`` (0: off): its own DRR added less than that to the
+    similarity of the soft tissue moving with it (``own_gain``; None: not measured)."""
+    limit = settings.first.doubtful_gain
+    return own_gain is not None and limit > 0 and own_gain < limit
 
 
 def prior_penalty(weight: float, sd_deg: float, sd_mm: float = 0.0) -> Penalty:
@@ -58,9 +65,7 @@ class Search:
     def bound_fraction(self, dx: np.ndarray) -> float:
         """How far a CMA-ES result moved from the search's start (``dx``: 6 parameters, deg and mm)
         as a fraction of its bounds, the largest over the parameters (1: at the box's edge)."""
-        bounds = np.r_[np.broadcast_to(np.asarray(self.bounds_deg, dtype=np.float64), 3),
-                       np.broadcast_to(np.asarray(self.bounds_mm, dtype=np.float64), 3)]
-        return round(float(np.max(np.abs(np.asarray(dx, dtype=np.float64)) / bounds)), 4)
+        return round(float(np.max(np.abs(np.asarray(dx, dtype=np.float64)) / _six(self.bounds_deg, self.bounds_mm))), 4)
 
 
 class BodyKind:
@@ -171,9 +176,9 @@ class FirstBody(BodyKind):
         """Also doubtful when its own bones add less than ``first.doubtful_gain`` to the similarity
         of the soft tissue moving with it: a pose where the tissue lines up and the bones do not."""
         reasons = super().doubtful_reasons(final, x, search, parent_doubtful, own_gain)
-        limit = self.s.first.doubtful_gain
-        if own_gain is not None and limit > 0 and own_gain < limit:
-            reasons.append(f"its own bones add {own_gain:.3f} < {limit:.4g} to the soft tissue's similarity")
+        if own_gain_too_small(own_gain, self.s):
+            reasons.append(f"its own bones add {own_gain:.3f} < {self.s.first.doubtful_gain:.4g} to the soft "
+                           "tissue's similarity")
         return reasons
 
 

@@ -70,7 +70,8 @@ def registration_to_nodes(path, scene, radiograph_node=None, prefix: str = "MSKd
         node.SetAttribute(ATTR + "body", str(b["name"]))
         node.SetAttribute(ATTR + "similarity", repr(float(b["final_similarity"])))
         node.SetAttribute(ATTR + "doubtful", "1" if b.get("doubtful") else "0")
-        node.SetAttribute(ATTR + "doubtfulReasons", "; ".join(b.get("doubtful_reasons") or []))
+        why = "; ".join(b.get("doubtful_reasons") or [])
+        node.SetAttribute(ATTR + "doubtfulReasons", why)
         node.SetAttribute(ATTR + "bodyIndex", str(len(res.bodies)))
         node.SetAttribute(ATTR + "geometry", json.dumps(res.geometry) if res.geometry else "")
         node.SetAttribute(ATTR + "registration", str(p))
@@ -82,7 +83,7 @@ def registration_to_nodes(path, scene, radiograph_node=None, prefix: str = "MSKd
         res.transforms[b["name"]] = node
         row = {"name": b["name"], "final_similarity": float(b["final_similarity"]),
                "initial_similarity": float(b.get("initial_similarity", float("nan"))),
-               "doubtful": bool(b.get("doubtful", False)), "why_doubtful": "; ".join(b.get("doubtful_reasons") or []),
+               "doubtful": bool(b.get("doubtful", False)), "why_doubtful": why,
                "structures": " ".join(b.get("structures", []))}
         if b.get("mtre_mm") is not None:
             row["mtre_mm"] = float(b["mtre_mm"])
