@@ -170,6 +170,26 @@ class FitModel:
     prior_mean: np.ndarray        # (K,)
     prior_sd: np.ndarray          # (K,)
     modes: np.ndarray             # (J, 2, rows, cols)
+    #: other nuisances fitted in every stage (e.g. a fat-thickness or pose change): their (water, bone) path
+    #: change (g/cm^2) per unit coefficient, each coefficient's prior SD (its own unit) and a name
+    nuisance: np.ndarray = field(default_factory=lambda: np.zeros((0, 2, 0, 0)))   # (E, 2, rows, cols)
+    nuisance_sd: np.ndarray = field(default_factory=lambda: np.zeros(0))           # (E,)
+    nuisance_names: tuple[str, ...] = ()
+
+    def with_nuisance(self, paths: np.ndarray, sd: np.ndarray, names: tuple[str, ...]) -> "FitModel":
+        """This model with the nuisances ``paths`` ((E, 2, rows, cols) g/cm^2 per unit coefficient, prior
+        N(0, ``sd``^2), named ``names``) added to any it has."""
+        paths = np.asarray(paths, np.float64).reshape(-1, 2, *self.patterns.shape[1:])
+        sd = np.asarray(sd, np.float64).reshape(-1)
+        if len(sd) != len(paths) or len(names) != len(paths) or not np.all(sd > 0):
+            raise ValueError(f"{len(paths)} nuisance paths need as many positive prior SDs and names, got {sd} {names}")
+        have = self.nuisance.reshape(-1, *paths.shape[1:]) if len(self.nuisance) else paths[:0]
+        return replace(self, nuisance=np.concatenate([have, paths]), nuisance_sd=np.r_[self.nuisance_sd, sd],
+                       nuisance_names=tuple(self.nuisance_names) + tuple(names))
+
+    @property
+    def n_nuisance(self) -> int:
+        return len(self.nuisance_sd)
 
     @classmethod
     def build(cls, physics: SubjectPhysics, baseline_g: np.ndarray, modes: np.ndarray | None,
@@ -180,18 +200,22 @@ class FitModel:
         empty = np.zeros((0, 2, *pats.shape[1:]))
         return cls(physics, np.asarray(baseline_g, np.float64), pats, mean, sd, empty if modes is None else modes)
 
-    def paths(self, r: np.ndarray, z: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Water and bone paths (g/cm^2) with relative changes ``r`` and mode coefficients ``z`` (mm)."""
+    def paths(self, r: np.ndarray, z: np.ndarray, e: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Water and bone paths (g/cm^2) with relative changes ``r``, mode coefficients ``z`` (mm) and
+        nuisance coefficients ``e`` (default 0)."""
         w = self.physics.water.numpy() + np.tensordot(r, self.patterns, 1)
         b = self.physics.bone.numpy().copy()
         if len(z):
             d = np.tensordot(z, self.modes[:len(z)], 1)
             w, b = w + d[0], b + d[1]
+        if e is not None and len(e):
+            d = np.tensordot(e, self.nuisance[:len(e)], 1)
+            w, b = w + d[0], b + d[1]
         return torch.from_numpy(w), torch.from_numpy(b)
 
-    def codes(self, r: np.ndarray, z: np.ndarray, spec: SubjectSpec) -> np.ndarray:
-        """Noise-free codes (rows, cols) of the model at (``r``, ``z``) under ``spec``."""
-        return chain(*self.paths(r, z), self.physics, spec)
+    def codes(self, r: np.ndarray, z: np.ndarray, spec: SubjectSpec, e: np.ndarray | None = None) -> np.ndarray:
+        """Noise-free codes (rows, cols) of the model at (``r``, ``z``, ``e``) under ``spec``."""
+        return chain(*self.paths(r, z, e), self.physics, spec)
 
 
 @dataclass
@@ -206,6 +230,7 @@ class FitResult:
     iterations: int
     cost: float
     theta: np.ndarray = field(default_factory=lambda: np.zeros(0))   # fitted acquisition (:data:`ACQUISITION`)
+    nuisance: np.ndarray = field(default_factory=lambda: np.zeros(0))  # fitted nuisances (FitModel.nuisance_names)
 
 
 #: the acquisition parameters a fit can estimate: (spec field, key, finite-difference step, lowest valid value)
@@ -243,7 +268,8 @@ def with_acquisition(spec: SubjectSpec, theta: np.ndarray) -> SubjectSpec:
 @dataclass
 class Linearisation:
     """The model's codes ``f0`` (rows, cols) at ``p`` (the muscles' ``r``, the modes' ``z`` in mm, then any
-    acquisition parameters ``theta``) and its forward-difference Jacobian (P, rows, cols)."""
+    acquisition parameters ``theta``, then the model's nuisance coefficients ``e``) and its
+    forward-difference Jacobian (P, rows, cols)."""
 
     p: np.ndarray
     f0: np.ndarray
@@ -251,34 +277,38 @@ class Linearisation:
     n_muscles: int
     n_modes: int
     spec: SubjectSpec            # the acquisition (with ``theta`` applied when fitted)
+    n_nuisance: int = 0
 
     @property
     def n_theta(self) -> int:
-        return len(self.p) - self.n_muscles - self.n_modes
+        return len(self.p) - self.n_muscles - self.n_modes - self.n_nuisance
 
 
 def _codes(model: FitModel, p: np.ndarray, nk: int, nj: int, spec: SubjectSpec) -> np.ndarray:
-    theta = p[nk + nj:]
-    return model.codes(p[:nk], p[nk:nk + nj], with_acquisition(spec, theta) if len(theta) else spec)
+    ne = model.n_nuisance
+    theta, e = p[nk + nj:len(p) - ne], p[len(p) - ne:]
+    return model.codes(p[:nk], p[nk:nk + nj], with_acquisition(spec, theta) if len(theta) else spec, e)
 
 
 def linearise(model: FitModel, spec: SubjectSpec, modes: int = 0, p: np.ndarray | None = None,
               theta: np.ndarray | None = None, step_r: float = 0.05, step_z_mm: float = 1.0) -> Linearisation:
     """The chain linearised under ``spec`` about ``p`` (default: the prior mean of ``r``, no deformation,
-    and ``theta`` when given: then the acquisition parameters are columns of the Jacobian too)."""
-    nk, nj = len(model.prior_mean), min(int(modes), len(model.modes))
+    ``theta`` when given (then the acquisition parameters are columns of the Jacobian too), no nuisance;
+    a given ``p`` ends with the model's nuisance coefficients when it has any)."""
+    nk, nj, ne = len(model.prior_mean), min(int(modes), len(model.modes)), model.n_nuisance
     if p is None:
-        p = np.concatenate([model.prior_mean, np.zeros(nj), [] if theta is None else np.asarray(theta, np.float64)])
+        p = np.concatenate([model.prior_mean, np.zeros(nj), [] if theta is None else np.asarray(theta, np.float64),
+                            np.zeros(ne)])
     p = np.asarray(p, np.float64)
     steps = np.concatenate([np.full(nk, step_r), np.full(nj, step_z_mm),
-                            [a[2] for a in ACQUISITION][:len(p) - nk - nj]])
+                            [a[2] for a in ACQUISITION][:len(p) - nk - nj - ne], model.nuisance_sd])
     f0 = _codes(model, p, nk, nj, spec)
     jac = np.empty((len(p), *f0.shape))
     for i in range(len(p)):
         q = p.copy()
         q[i] += steps[i]
         jac[i] = (_codes(model, q, nk, nj, spec) - f0) / steps[i]
-    return Linearisation(p, f0, jac, nk, nj, spec)
+    return Linearisation(p, f0, jac, nk, nj, spec, ne)
 
 
 def fit_followup(model: FitModel, codes: np.ndarray, spec: SubjectSpec, lin: Linearisation,
@@ -292,20 +322,20 @@ def fit_followup(model: FitModel, codes: np.ndarray, spec: SubjectSpec, lin: Lin
     ``pool_px`` x ``pool_px`` with SD ``noise_codes`` per pooled pixel. Gauss-Newton with ``lin``'s
     Jacobian kept fixed (chord steps, each re-evaluating the chain's residual) until no relative change
     moves by more than ``tolerance`` or after ``iterations`` steps."""
-    nk, nt = lin.n_muscles, lin.n_theta
+    nk, nt, ne = lin.n_muscles, lin.n_theta, lin.n_nuisance
     nj = 0 if float(elastic_mm) <= 0 else min(lin.n_modes, lin.n_modes if modes is None else int(modes))
-    use = np.r_[np.arange(nk), nk + np.arange(nj), nk + lin.n_modes + np.arange(nt)].astype(int)
+    use = np.r_[np.arange(nk), nk + np.arange(nj), nk + lin.n_modes + np.arange(nt + ne)].astype(int)
     obs = pool(np.asarray(codes, np.float64), pool_px).ravel()
     inside = obs > 0
     jac = pool(lin.jacobian[use], pool_px).reshape(len(use), -1)[:, inside]
     t_mean, t_sd = theta_prior if nt else (np.zeros(0), np.ones(0))
-    prior_mean = np.concatenate([model.prior_mean, np.zeros(nj), t_mean])
-    prior_sd = np.concatenate([model.prior_sd, np.full(nj, float(elastic_mm)), t_sd])
+    prior_mean = np.concatenate([model.prior_mean, np.zeros(nj), t_mean, np.zeros(ne)])
+    prior_sd = np.concatenate([model.prior_sd, np.full(nj, float(elastic_mm)), t_sd, model.nuisance_sd[:ne]])
     a = jac @ jac.T / noise_codes ** 2 + np.diag(1.0 / prior_sd ** 2)
     # the acquisition is kept within 3 prior SDs of the prior mean (and valid): a step beyond is cut back
     valid = np.array([v[3] for v in ACQUISITION][:nt])
-    low = np.concatenate([np.full(len(use) - nt, -np.inf), np.maximum(t_mean - 3 * t_sd, valid)])
-    high = np.concatenate([np.full(len(use) - nt, np.inf), t_mean + 3 * t_sd])
+    low = np.concatenate([np.full(nk + nj, -np.inf), np.maximum(t_mean - 3 * t_sd, valid), np.full(ne, -np.inf)])
+    high = np.concatenate([np.full(nk + nj, np.inf), t_mean + 3 * t_sd, np.full(ne, np.inf)])
     p = lin.p[use].copy()
     full = lin.p.copy()
     f = pool(lin.f0, pool_px).ravel()[inside]
@@ -326,7 +356,7 @@ def fit_followup(model: FitModel, codes: np.ndarray, spec: SubjectSpec, lin: Lin
     cov = np.linalg.inv(a)
     r = p[:nk]
     return FitResult(model.baseline_g * (1.0 + r), r, np.sqrt(np.diag(cov)[:nk]), p[nk:nk + nj], done, cost,
-                     p[nk + nj:])
+                     p[nk + nj:nk + nj + nt], p[nk + nj + nt:])
 
 
 class FitDiverged(ArithmeticError):
@@ -377,12 +407,13 @@ def fit_unknown_acquisition(model: FitModel, codes: np.ndarray, spec: SubjectSpe
     template = replace(spec, acquisition=acq, processing={})
     template = with_acquisition(template, t_mean)
     noise = noise_of(codes) / pool_px if noise_codes is None else float(noise_codes)
-    nk = len(model.prior_mean)
-    p = np.concatenate([model.prior_mean, t_mean] if start is None else [start.change, start.theta])
+    nk, ne = len(model.prior_mean), model.n_nuisance
+    p = np.concatenate([model.prior_mean, t_mean, np.zeros(ne)] if start is None else
+                       [start.change, start.theta, start.nuisance if len(start.nuisance) == ne else np.zeros(ne)])
     for _ in range(0 if start is not None else int(rounds)):
         lin = linearise(model, template, 0, p)
         res = fit_followup(model, codes, template, lin, 0.0, pool_px, noise, 1, theta_prior=(t_mean, t_sd))
-        p = np.concatenate([res.change, res.theta])
+        p = np.concatenate([res.change, res.theta, res.nuisance])
     lin = linearise(model, template, len(model.modes) if elastic_mm > 0 else 0,
                     np.concatenate([p[:nk], np.zeros(len(model.modes) if elastic_mm > 0 else 0), p[nk:]]))
     res = fit_followup(model, codes, template, lin, elastic_mm, pool_px, noise, iterations, theta_prior=(t_mean, t_sd))

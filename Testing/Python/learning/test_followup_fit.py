@@ -119,3 +119,34 @@ def test_a_fit_whose_parameters_turn_non_finite_says_so(case):
     codes[codes.shape[0] // 2, codes.shape[1] // 2] = np.inf
     with pytest.raises(ff.FitDiverged, match="iteration 1"):
         ff.fit_followup(model, codes, spec, lin, 0.0, 1, 0.3, 5)
+
+
+def test_a_nuisance_in_the_model_is_fitted_in_every_stage(case):
+    """A nuisance the image holds (here a broad water-path change, like a layer of fat: 0.3 g/cm^2 at its
+    peak per unit) biases a fit that does not model it by more than 2 points somewhere; added to the model
+    (``with_nuisance``, prior SD 1) it is fitted with the muscles and the unknown acquisition, in the first
+    stage and with the modes, and the changes are recovered to < 1.5 points."""
+    _, _, camera, _, physics, _, model = case
+    rows, cols = physics.water.shape
+    y, x = np.mgrid[:rows, :cols]
+    layer = 0.3 * np.exp(-(((y - rows / 2) / (0.4 * rows)) ** 2 + ((x - cols / 2) / (0.5 * cols)) ** 2))
+    nuisance = np.stack([layer, np.zeros_like(layer)])[None]
+    with_layer = model.with_nuisance(nuisance, np.array([1.0]), ("fat layer",))
+    assert with_layer.n_nuisance == 1 and model.n_nuisance == 0
+    rng = np.random.default_rng(13)
+    spec = co.SubjectSpec(index=0, seed=0, acquisition={"energy_kvp": 80.0, "noise": 0.003, "scatter": 0.2,
+                                                        "contrast": 1.0, "sid_mm": camera.sid_mm})
+    r = rng.uniform(-0.25, 0.10, len(physics.muscles))
+    z = rng.normal(0.0, 1.0, len(model.modes))
+    water, bone = with_layer.paths(r, z, np.array([1.5]))
+    quiet = replace(spec, acquisition={**spec.acquisition, "noise": 1e-6})
+    codes = resimulate(replace(physics, water=water, bone=bone), None, quiet, 0).astype(np.float64)
+    blind = co.SubjectSpec(0, 0, acquisition={"sid_mm": camera.sid_mm})
+    ranges = co.preset_ranges("specificity")
+    unmodelled, _ = ff.fit_unknown_acquisition(model, codes, blind, ranges, 1.0, 1, 0.3)
+    assert np.abs(unmodelled.change - r).max() > 0.02, unmodelled.change - r
+    first, _ = ff.fit_unknown_acquisition(with_layer, codes, blind, ranges, 0.0, 1, 0.3)
+    assert len(first.nuisance) == 1 and len(first.theta) == len(ff.ACQUISITION)
+    res, _ = ff.fit_unknown_acquisition(with_layer, codes, blind, ranges, 1.0, 1, 0.3, start=first)
+    assert np.abs(res.change - r).max() < 0.015, res.change - r
+    assert abs(res.nuisance[0] - 1.5) < 0.15, res.nuisance
