@@ -66,6 +66,7 @@ from MSKdeXLib.io import sample_data  # noqa: E402
 from MSKdeXLib.learning import cohort as co  # noqa: E402
 from MSKdeXLib.learning import followup as fu  # noqa: E402
 from MSKdeXLib.learning import followup_fit as ff  # noqa: E402
+from MSKdeXLib.learning import followup_fit_pose as fp  # noqa: E402
 
 CONDITIONS = (0.0, 0.5, 1.0)   # the follow-ups' elastic SD (mm), as the ridge run's (the cache holds all)
 #: how a fit can fail on a follow-up it does not model (session 13: a fat change drove one to non-finite
@@ -280,27 +281,51 @@ def table(rows: list[dict], markdown: bool) -> dict:
     return summary
 
 
+def pose_variants(args) -> list[tuple[str, tuple[float, float, float], int]]:
+    """(reader key suffix, pose SDs (rotation deg, in-plane mm, depth mm), re-linearisations) of ``--pose-sd`` x
+    ``--pose-rounds`` (session 14); (0, 0, 0) is the shipped reader (no pose term; suffix '')."""
+    out = []
+    for text in args.pose_sd:
+        sd = tuple(float(v) for v in text.split(","))
+        for rounds in (args.pose_rounds if any(sd) else [0]):
+            out.append(("" if not any(sd) else f" pose {text}" + (f" r{rounds}" if rounds else ""), sd, int(rounds)))
+    return out
+
+
 def read_registered(subject, row: dict, cache: Path, args) -> None:
     """The follow-up read as ``mskdex followup --reader fit`` reads it: the pelvis registered
     (:func:`registered`), then :func:`~MSKdeXLib.learning.followup_fit_reader.fit_followup_reading` at that pose
-    (its defaults: the shipped 'acq-fit e1 p2' with modes made at that pose); stored as ``reader-fit``."""
+    (its defaults: the shipped 'acq-fit e1 p2' with modes made at that pose), stored as ``reader-fit``, and with
+    each ``--pose-sd`` / ``--pose-rounds`` variant (the pose fitted as a nuisance; the same modes) as
+    ``reader-fit pose ...``."""
     from MSKdeXLib.learning import followup_fit_reader as ffr
 
     reg = registered(subject, row, cache)
     row["registration"] = {k: v for k, v in reg.items() if k != "pose"}
     t0 = time.time()
-    try:
-        out = ffr.fit_followup_reading(subject.ct, subject.labels, subject.camera, reg["pose"], row["codes"],
-                                       ffr.FitSettings(interval_scale=args.interval_scale))
-    except FIT_FAILURES as e:
-        row["reader-fit"] = {"failed": str(e)}
-        print(f"{row_key(row)}: reader-fit failed: {e}", flush=True)
-        return
-    assert out.muscles == row["muscles"]
-    row["reader-fit"] = {"estimate_g": out.estimate_g.tolist(), "half_width_g": out.half_width_g.tolist(),
-                         "sd_g": (out.result.sd_change * out.baseline_g).tolist(), "baseline_g": out.baseline_g.tolist(),
-                         "fit_seconds": time.time() - t0, "cost": out.result.cost, "iterations": out.result.iterations,
-                         "acquisition": out.acquisition, "info": out.info}
+    physics, _ = fu.baseline_physics(subject.ct, subject.labels, subject.camera, reg["pose"],
+                                     ffr.FitSettings().ranges())
+    modes = ffr.deformation_modes_of(subject.ct, subject.labels, subject.camera, reg["pose"], physics.spec,
+                                     ffr.FitSettings())
+    t_modes = time.time() - t0
+    for suffix, sd, rounds in pose_variants(args):
+        t0 = time.time()
+        key = "reader-fit" + suffix
+        try:
+            out = ffr.fit_followup_reading(subject.ct, subject.labels, subject.camera, reg["pose"], row["codes"],
+                                           ffr.FitSettings(interval_scale=args.interval_scale, pose_sd=sd,
+                                                           pose_rounds=rounds), modes=modes)
+        except FIT_FAILURES as e:
+            row[key] = {"failed": str(e)}
+            print(f"{row_key(row)}: {key} failed: {e}", flush=True)
+            continue
+        assert out.muscles == row["muscles"]
+        row[key] = {"estimate_g": out.estimate_g.tolist(), "half_width_g": out.half_width_g.tolist(),
+                    "sd_g": (out.result.sd_change * out.baseline_g).tolist(), "baseline_g": out.baseline_g.tolist(),
+                    "fit_seconds": time.time() - t0 + t_modes, "cost": out.result.cost,
+                    "iterations": out.result.iterations, "acquisition": out.acquisition, "info": out.info}
+        print(f"{row_key(row)}: {key} MAE {100 * np.mean(np.abs(out.estimate_g / np.array(row['truth_g']) - 1)):.1f} % "
+              f"pose change {out.info.get('pose_change')} ({time.time() - t0:.0f} s)", flush=True)
 
 
 def main(argv=None) -> int:
@@ -332,6 +357,12 @@ def main(argv=None) -> int:
     p.add_argument("--interval-scale", type=float, default=ff.INTERVAL_SCALE,
                    help="90 %% half-width = this x the posterior SD (with --from-json: the stored rows' half-widths "
                    "re-made with it; session 11's rows were stored with 1.645)")
+    p.add_argument("--pose-sd", nargs="+", default=["0,0,0"], metavar="ROT_DEG,INPLANE_MM,DEPTH_MM",
+                   help="session 14: the pose's error fitted as a nuisance with these prior SDs (0,0,0: the shipped "
+                   "reader, no pose term); at the registered pose (--rotation/--translation) and, with --acquisition "
+                   "fitted, at the true pose")
+    p.add_argument("--pose-rounds", type=int, nargs="+", default=[0],
+                   help="with a pose term, times the physics is re-made at the fitted pose (registered pose only)")
     p.add_argument("--json", default=None)
     p.add_argument("--from-json", nargs="+", default=None, help="only re-make the table from --json files (rows of "
                    "the same follow-ups merged: e.g. one file per subject and per run)")
@@ -374,6 +405,9 @@ def main(argv=None) -> int:
             modes = modes_of(subject, physics, index, cache, args.keep, args.max_modes)
             model = ff.FitModel.build(physics, base, modes)
             print(f"subject {index}: {len(modes)} modes", flush=True)
+            models = {suffix: model.with_nuisance(*fp.pose_nuisance(subject.ct, subject.labels, subject.camera,
+                                                                    subject.pose, physics.spec, fp.pose_sds(*sd)))
+                      if suffix else model for suffix, sd, rounds in pose_variants(args) if not rounds}
         for row in followups(subject, index, names, config, conditions, args.followups, cache, args.rotation,
                              args.translation):
             if not args.soft_tissue and row["elastic_mm"] not in args.conditions:
@@ -407,23 +441,24 @@ def main(argv=None) -> int:
                         "iterations": res.iterations}
             if "fitted" in args.acquisition:
                 blind = co.SubjectSpec(index=0, seed=0, acquisition={"sid_mm": fspec.acquisition["sid_mm"]})
-                for pool, elastic in itertools.product(args.pool, sorted(args.elastic)):
+                for (suffix, fmodel), pool, elastic in itertools.product(models.items(), args.pool, sorted(args.elastic)):
                     t1 = time.time()
-                    first = row.get(f"_acq-fit e0 p{pool}") if elastic > 0 else None   # its first stage is shared
+                    name = f"acq-fit e{elastic:g} p{pool}{suffix}"
+                    first = row.get(f"_acq-fit e0 p{pool}{suffix}") if elastic > 0 else None   # its first stage is shared
                     if isinstance(first, str):   # the product's second stage starts from its first: failed too
-                        row[f"acq-fit e{elastic:g} p{pool}"] = {"failed": f"first stage: {first}"}
+                        row[name] = {"failed": f"first stage: {first}"}
                         continue
                     try:
-                        res, found = ff.fit_unknown_acquisition(model, row["codes"], blind, config.cohort_ranges(),
+                        res, found = ff.fit_unknown_acquisition(fmodel, row["codes"], blind, config.cohort_ranges(),
                                                                 elastic, pool, iterations=args.iterations, start=first)
                     except FIT_FAILURES as e:
-                        row[f"acq-fit e{elastic:g} p{pool}"] = {"failed": str(e)}
-                        row[f"_acq-fit e0 p{pool}"] = str(e)
-                        print(f"{key}: acq-fit e{elastic:g} p{pool} failed: {e}", flush=True)
+                        row[name] = {"failed": str(e)}
+                        row[f"_acq-fit e0 p{pool}{suffix}"] = str(e)
+                        print(f"{key}: {name} failed: {e}", flush=True)
                         continue
                     if elastic == 0:
-                        row[f"_acq-fit e0 p{pool}"] = res
-                    row[f"acq-fit e{elastic:g} p{pool}"] = {
+                        row[f"_acq-fit e0 p{pool}{suffix}"] = res
+                    row[name] = {"nuisance": dict(zip(fmodel.nuisance_names, map(float, res.nuisance))),
                         "estimate_g": res.estimate_g.tolist(), "half_width_g": ff.half_width_g(res, base, args.interval_scale).tolist(),
                         "sd_g": (res.sd_change * base).tolist(),
                         "baseline_g": base.tolist(), "fit_seconds": time.time() - t1, "cost": res.cost,

@@ -14,7 +14,7 @@ g/cm^2; codes the radiograph's 12-bit detector codes; poses CT LPS mm -> camera.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -24,6 +24,7 @@ from ..errors import UserError
 from ..io.images import LabelMap, Volume
 from ..projection.geometry import Camera
 from . import followup_fit as ff
+from . import followup_fit_pose as fp
 from .cohort import SubjectSpec, preset_ranges, resample_case
 from .followup import ELASTIC_CONTROL_MM, baseline_physics
 
@@ -35,7 +36,10 @@ class FitSettings:
     ``pool_px`` x ``pool_px`` working pixels; ``iterations``: Gauss-Newton steps at most;
     ``modes_voxel_mm``: the CT is resampled to this voxel for the modes (cost ~ volume);
     ``control_mm``: control-point spacing of the deformation field; ``preset``: the cohort preset whose
-    muscle-change and acquisition priors are used; ``interval_scale``: 90 % half-width / posterior SD."""
+    muscle-change and acquisition priors are used; ``interval_scale``: 90 % half-width / posterior SD;
+    ``pose_sd``: prior SDs (rotation deg, in-plane translation mm, depth mm) of the registered pose's error,
+    fitted as a nuisance (:mod:`~MSKdeXLib.learning.followup_fit_pose`; all 0: the pose is taken as exact);
+    ``pose_rounds``: times the physics is re-made at the fitted pose and the fit repeated from there."""
 
     modes: int = 150
     elastic_mm: float = 1.0
@@ -46,8 +50,14 @@ class FitSettings:
     keep: float = 0.995
     preset: str = "specificity"
     interval_scale: float = ff.INTERVAL_SCALE
+    pose_sd: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    pose_rounds: int = 0
 
     def __post_init__(self) -> None:
+        self.pose_sd = tuple(float(v) for v in self.pose_sd)
+        if len(self.pose_sd) != 3 or not all(0.0 <= v <= 50.0 for v in self.pose_sd) or not 0 <= int(self.pose_rounds) <= 3:
+            raise UserError(f"--fit-pose-sd needs 3 values 0-50 (rotation deg, in-plane mm, depth mm) and the pose "
+                            f"rounds 0-3, got {self.pose_sd} and {self.pose_rounds}")
         if not 0 <= int(self.modes) <= 1000:
             raise UserError(f"--fit-modes must be 0-1000, got {self.modes}")
         if not 0.0 <= float(self.elastic_mm) <= 10.0:
@@ -113,30 +123,52 @@ def deformation_modes_of(ct: Volume, labels: LabelMap, camera: Camera, pose: np.
 
 def fit_followup_reading(ct: Volume, labels: LabelMap, camera: Camera, pose: np.ndarray, codes: np.ndarray,
                          settings: FitSettings = FitSettings(), density: DensityModel = DensityModel(),
-                         progress: Callable[[int, int], None] | None = None) -> FittedFollowup:
+                         progress: Callable[[int, int], None] | None = None,
+                         modes: tuple[np.ndarray, dict] | None = None) -> FittedFollowup:
     """Read the follow-up ``codes`` (on ``camera``, the working grid) by fitting the baseline ``ct``'s
     physics at ``pose``: acquisition and muscles first without modes, then with the deformation modes
-    started from that fit. ``progress(i, n)`` after each control point of the modes' Jacobian and each
-    of the two fits."""
+    started from that fit; with ``settings.pose_sd`` the pose's error fitted too (and with
+    ``settings.pose_rounds`` the physics re-made at the fitted pose and the fit with the modes repeated).
+    ``progress(i, n)`` after each control point of the modes' Jacobian and each of the two fits.
+    ``modes``: (modes, info) of :func:`deformation_modes_of` already made at ``pose`` (else made here)."""
     codes = check_codes(codes, camera)
     ranges = settings.ranges()
+    sd = fp.pose_sds(*settings.pose_sd)
     t0 = time.time()
     physics, base = baseline_physics(ct, labels, camera, pose, ranges, density)
     t_physics = time.time() - t0
-    modes, modes_info = deformation_modes_of(ct, labels, camera, pose, physics.spec, settings, progress, 2)
+    if modes is None:
+        modes = deformation_modes_of(ct, labels, camera, pose, physics.spec, settings, progress, 2)
+    modes, modes_info = modes
     total = modes_info.get("control_points", 0) + 2
-    model = ff.FitModel.build(physics, base, modes, ranges)
     blind = SubjectSpec(index=0, seed=0, acquisition={"sid_mm": float(camera.sid_mm)})
     t1 = time.time()
+    here = np.asarray(pose, np.float64)
+    moved = np.zeros(6)
     try:
-        first, found = ff.fit_unknown_acquisition(model, codes, blind, ranges, 0.0, int(settings.pool_px),
-                                                  iterations=int(settings.iterations))
-        if progress is not None:
-            progress(total - 1, total)
-        res = first
-        if len(modes):
-            res, found = ff.fit_unknown_acquisition(model, codes, blind, ranges, float(settings.elastic_mm),
-                                                    int(settings.pool_px), iterations=int(settings.iterations), start=first)
+        for round_ in range(1 + (int(settings.pose_rounds) if sd.any() else 0)):
+            if round_:
+                physics, _ = baseline_physics(ct, labels, camera, here, ranges, density)
+            model = ff.FitModel.build(physics, base, modes, ranges)
+            if sd.any():
+                model = model.with_nuisance(*fp.pose_nuisance(ct, labels, camera, here, physics.spec, sd))
+            if round_ == 0:
+                first, found = ff.fit_unknown_acquisition(model, codes, blind, ranges, 0.0, int(settings.pool_px),
+                                                          iterations=int(settings.iterations))
+                if progress is not None:
+                    progress(total - 1, total)
+                res = first
+            else:   # from the last fit, its pose change now in the physics
+                first = replace(res, nuisance=np.zeros_like(res.nuisance))
+            if len(modes) or round_:
+                res, found = ff.fit_unknown_acquisition(model, codes, blind, ranges,
+                                                        float(settings.elastic_mm) if len(modes) else 0.0,
+                                                        int(settings.pool_px), iterations=int(settings.iterations),
+                                                        start=first)
+            step = fp.pose_change(model.nuisance_names, res.nuisance)
+            moved = fp.pose_space(ct, labels, pose).params_of(fp.pose_space(ct, labels, here).matrix(step))
+            if round_ < int(settings.pose_rounds):
+                here = fp.pose_space(ct, labels, here).matrix(step)
     except ff.FitDiverged as e:
         raise UserError(f"the fit reader failed on this radiograph ({e}): the image is outside what it models "
                         "(no fat change, the registered pose exact); read it with --reader ridge") from None
@@ -145,6 +177,9 @@ def fit_followup_reading(ct: Volume, labels: LabelMap, camera: Camera, pose: np.
     info = {**modes_info, "physics_s": round(t_physics, 2), "fit_s": round(time.time() - t1, 2),
             "iterations": int(res.iterations), "cost": float(res.cost), "pixels": int(codes.size),
             "noise_codes": ff.noise_of(codes)}
+    if sd.any():
+        info["pose_change"] = {n: round(float(v), 3) for n, v in zip(fp.POSE_NAMES, moved)}
+        info["pose_rounds"] = int(settings.pose_rounds)
     return FittedFollowup(list(physics.muscles), base, res.estimate_g, ff.half_width_g(res, base, settings.interval_scale),
                           res, {**found.acquisition, **found.processing}, info)
 
@@ -155,11 +190,18 @@ def fit_assumptions(settings: FitSettings) -> list[str]:
              f"{float(settings.control_mm):g} mm apart, prior SD {float(settings.elastic_mm):g} mm, its leading "
              f"{int(settings.modes)} modes)" if int(settings.modes) and float(settings.elastic_mm) > 0
              else "with nothing moved")
+    posed = ("the whole CT moves rigidly with the first registered body, its registered pose exact" if not any(settings.pose_sd)
+             else "the whole CT moves rigidly with the first registered body, whose registered pose may be off by a "
+             f"rigid error fitted with the muscles (prior SD {settings.pose_sd[0]:g} deg per rotation, "
+             f"{settings.pose_sd[1]:g} mm in-plane, {settings.pose_sd[2]:g} mm in depth; first order about the pose"
+             + (f", the physics re-made {int(settings.pose_rounds)} x at the fitted pose" if int(settings.pose_rounds) else "")
+             + ")")
     return [f"the patient's shape other than the muscles is the baseline CT's {moved}; no fat or weight change",
-            "the whole CT moves rigidly with the first registered body",
+            posed,
             "the radiograph is the library's detector chain (12-bit codes, 0 outside the collimation); kVp, scatter, "
             "gamma, focal spot, detector blur, unsharp masking and LUT are fitted within 3 SDs of the preset's prior",
             "muscle changes are lean tissue turning to fat (atrophy replaced by fat, fat infiltration)",
             f"90 % intervals: {float(settings.interval_scale):g} x the fit's linearised posterior SD, calibrated on "
             "simulated follow-ups of 3 validation subjects (true pose, deformation of the modelled family); they do "
-            "not include a registration error"]
+            + ("not include a registration error" if not any(settings.pose_sd) else
+               "not count the pose term's error beyond its posterior (not re-calibrated with it)")]
