@@ -294,25 +294,30 @@ def pose_variants(args) -> list[tuple[str, tuple[float, float, float], int]]:
 
 def read_registered(subject, row: dict, cache: Path, args) -> None:
     """The follow-up read as ``mskdex followup --reader fit`` reads it: the pelvis registered
-    (:func:`registered`), then :func:`~MSKdeXLib.learning.followup_fit_reader.fit_followup_reading` at that pose
-    (its defaults: the shipped 'acq-fit e1 p2' with modes made at that pose), stored as ``reader-fit``, and with
-    each ``--pose-sd`` / ``--pose-rounds`` variant (the pose fitted as a nuisance; the same modes) as
-    ``reader-fit pose ...``."""
-    from MSKdeXLib.learning import followup_fit_reader as ffr
-
+    (:func:`registered`), then :func:`read_at` that pose."""
     reg = registered(subject, row, cache)
     row["registration"] = {k: v for k, v in reg.items() if k != "pose"}
+    read_at(subject, row, reg["pose"], None, args)
+
+
+def read_at(subject, row: dict, pose: np.ndarray, modes: tuple | None, args) -> None:
+    """The follow-up read by :func:`~MSKdeXLib.learning.followup_fit_reader.fit_followup_reading` at ``pose``
+    (its defaults: the shipped 'acq-fit e1 p2' with modes made at that pose, or ``modes``), stored as
+    ``reader-fit``, and with each ``--pose-sd`` / ``--pose-rounds`` variant (the pose fitted as a nuisance; the same
+    modes) as ``reader-fit pose ...``."""
+    from MSKdeXLib.learning import followup_fit_reader as ffr
+
     t0 = time.time()
-    physics, _ = fu.baseline_physics(subject.ct, subject.labels, subject.camera, reg["pose"],
-                                     ffr.FitSettings().ranges())
-    modes = ffr.deformation_modes_of(subject.ct, subject.labels, subject.camera, reg["pose"], physics.spec,
-                                     ffr.FitSettings())
+    if modes is None:
+        physics, _ = fu.baseline_physics(subject.ct, subject.labels, subject.camera, pose, ffr.FitSettings().ranges())
+        modes = ffr.deformation_modes_of(subject.ct, subject.labels, subject.camera, pose, physics.spec,
+                                         ffr.FitSettings())
     t_modes = time.time() - t0
     for suffix, sd, rounds in pose_variants(args):
         t0 = time.time()
         key = "reader-fit" + suffix
         try:
-            out = ffr.fit_followup_reading(subject.ct, subject.labels, subject.camera, reg["pose"], row["codes"],
+            out = ffr.fit_followup_reading(subject.ct, subject.labels, subject.camera, pose, row["codes"],
                                            ffr.FitSettings(interval_scale=args.interval_scale, pose_sd=sd,
                                                            pose_rounds=rounds), modes=modes)
         except FIT_FAILURES as e:
@@ -363,6 +368,9 @@ def main(argv=None) -> int:
                    "fitted, at the true pose")
     p.add_argument("--pose-rounds", type=int, nargs="+", default=[0],
                    help="with a pose term, times the physics is re-made at the fitted pose (registered pose only)")
+    p.add_argument("--reader-at-true-pose", action="store_true",
+                   help="without a pose change: read each follow-up with the product's reader (and its --pose-sd / "
+                   "--pose-rounds variants) at the true pose, modes from the cached Jacobian, instead of the fits above")
     p.add_argument("--json", default=None)
     p.add_argument("--from-json", nargs="+", default=None, help="only re-make the table from --json files (rows of "
                    "the same follow-ups merged: e.g. one file per subject and per run)")
@@ -425,6 +433,14 @@ def main(argv=None) -> int:
                     Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}))
                 continue
             with_ridge(row, ridge.get(key), key)
+            if args.reader_at_true_pose:
+                read_at(subject, row, subject.pose, (modes, {"modes": len(modes), "control_points": 0}), args)
+                del row["codes"]
+                rows.append(row)
+                print(f"{key}: read at the true pose in {time.time() - t0:.1f} s", flush=True)
+                if args.json:
+                    Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}))
+                continue
             fspec = co.SubjectSpec.from_dict(row["spec"])
             sigma = noise_sd(model, fspec, 1000 + row["followup"])
             t_lin = 0.0
