@@ -72,6 +72,8 @@ CONDITIONS = (0.0, 0.5, 1.0)   # the follow-ups' elastic SD (mm), as the ridge r
 #: parameters, now ``FitDiverged`` from the fit, a one-line ``UserError`` from the product's reader)
 FIT_FAILURES = (UserError, np.linalg.LinAlgError, ff.FitDiverged)
 RIDGE_JSON = Path(__file__).resolve().parent / "data" / "followup_warp_validation_noreaderspread.json"
+#: session 14's variants of the fitted-acquisition reader: (step control, fat term)
+VARIANTS = {"shipped": (False, False), "sc": (True, False), "sc fat": (True, True), "fat": (False, True)}
 
 
 def setup(detector: int = 256, voxel_mm: float = 4.0) -> co.CohortConfig:
@@ -325,6 +327,12 @@ def main(argv=None) -> int:
     p.add_argument("--iterations", type=int, default=15)
     p.add_argument("--acquisition", nargs="+", default=["known"], choices=["known", "fitted"],
                    help="known: the follow-up's own acquisition (oracle); fitted: estimated from the preset's prior")
+    p.add_argument("--variants", nargs="+", default=["shipped"], choices=list(VARIANTS),
+                   help="with --acquisition fitted: the fit as shipped, with step control ('sc': a step kept only if "
+                   "it lowers the MAP cost, changes >= -100 %%), and with step control and the fat-thickness term "
+                   "('sc fat': followup_fit.fat_bands, prior from --fat-mm); each stored as 'acq-fit eE pP' + ' ' + variant (session 14)")
+    p.add_argument("--fat-mm", type=float, default=9.0, help="the fat term's prior: a thickness change U(-x, x) mm "
+                   "(followup_fit.fat_band_sd); default the specificity preset's 9 mm")
     p.add_argument("--cache", default="/tmp/fit11")
     p.add_argument("--ridge-json", nargs="+", default=[str(RIDGE_JSON)],
                    help="bench_followup.py --json runs of the same follow-ups (the ridge reader, pose 'true', or "
@@ -373,6 +381,11 @@ def main(argv=None) -> int:
             assert list(physics.muscles) == names
             modes = modes_of(subject, physics, index, cache, args.keep, args.max_modes)
             model = ff.FitModel.build(physics, base, modes)
+            models = {"shipped": model}
+            if any(VARIANTS[v][1] for v in args.variants):
+                edges = ff.fat_edges(args.fat_mm)
+                fat = ff.fat_bands(subject.ct, subject.labels, subject.camera, subject.pose, physics.spec, edges)
+                models["fat"] = model.with_nuisance(fat, ff.fat_band_sd(edges, args.fat_mm), ff.fat_band_names(edges))
             print(f"subject {index}: {len(modes)} modes", flush=True)
         for row in followups(subject, index, names, config, conditions, args.followups, cache, args.rotation,
                              args.translation):
@@ -407,27 +420,33 @@ def main(argv=None) -> int:
                         "iterations": res.iterations}
             if "fitted" in args.acquisition:
                 blind = co.SubjectSpec(index=0, seed=0, acquisition={"sid_mm": fspec.acquisition["sid_mm"]})
-                for pool, elastic in itertools.product(args.pool, sorted(args.elastic)):
+                for variant, pool, elastic in itertools.product(args.variants, args.pool, sorted(args.elastic)):
+                    control, with_fat = VARIANTS[variant]
+                    tag = "" if variant == "shipped" else f" {variant}"
+                    kind = f"acq-fit e{elastic:g} p{pool}{tag}"
+                    vmodel = models["fat" if with_fat else "shipped"]
                     t1 = time.time()
-                    first = row.get(f"_acq-fit e0 p{pool}") if elastic > 0 else None   # its first stage is shared
+                    first = row.get(f"_acq-fit e0 p{pool}{tag}") if elastic > 0 else None   # its first stage is shared
                     if isinstance(first, str):   # the product's second stage starts from its first: failed too
-                        row[f"acq-fit e{elastic:g} p{pool}"] = {"failed": f"first stage: {first}"}
+                        row[kind] = {"failed": f"first stage: {first}"}
                         continue
                     try:
-                        res, found = ff.fit_unknown_acquisition(model, row["codes"], blind, config.cohort_ranges(),
-                                                                elastic, pool, iterations=args.iterations, start=first)
+                        res, found = ff.fit_unknown_acquisition(vmodel, row["codes"], blind, config.cohort_ranges(),
+                                                                elastic, pool, iterations=args.iterations, start=first,
+                                                                step_control=control)
                     except FIT_FAILURES as e:
-                        row[f"acq-fit e{elastic:g} p{pool}"] = {"failed": str(e)}
-                        row[f"_acq-fit e0 p{pool}"] = str(e)
-                        print(f"{key}: acq-fit e{elastic:g} p{pool} failed: {e}", flush=True)
+                        row[kind] = {"failed": str(e)}
+                        row[f"_acq-fit e0 p{pool}{tag}"] = str(e)
+                        print(f"{key}: {kind} failed: {e}", flush=True)
                         continue
                     if elastic == 0:
-                        row[f"_acq-fit e0 p{pool}"] = res
-                    row[f"acq-fit e{elastic:g} p{pool}"] = {
+                        row[f"_acq-fit e0 p{pool}{tag}"] = res
+                    row[kind] = {
                         "estimate_g": res.estimate_g.tolist(), "half_width_g": ff.half_width_g(res, base, args.interval_scale).tolist(),
                         "sd_g": (res.sd_change * base).tolist(),
                         "baseline_g": base.tolist(), "fit_seconds": time.time() - t1, "cost": res.cost,
-                        "iterations": res.iterations, "acquisition": {**found.acquisition, **found.processing}}
+                        "iterations": res.iterations, "acquisition": {**found.acquisition, **found.processing},
+                        "nuisance": res.nuisance.tolist()}
                 for k in [k for k in row if k.startswith("_")]:
                     del row[k]
             row["noise_sd_codes"] = sigma

@@ -14,7 +14,7 @@ READER_FIELDS = {"samples": "samples", "grid": "grid", "margin": "margin", "pres
                  "elastic_mm": "elastic_mm", "warp_mm": "warp_mm"}
 #: fit-reader options -> fields of MSKdeXLib.learning.followup_fit_reader.FitSettings
 FIT_FIELDS = {"fit_modes": "modes", "fit_elastic_mm": "elastic_mm", "fit_voxel_mm": "modes_voxel_mm",
-              "fit_pool": "pool_px", "preset": "preset"}
+              "fit_pool": "pool_px", "fit_fat_mm": "fat_mm", "preset": "preset"}
 
 
 def add_parser(sub, name: str):
@@ -74,6 +74,8 @@ def add_parser(sub, name: str):
     f.add_argument("--fit-voxel-mm", type=float, help="the CT's voxel (mm) for the deformation modes (their cost "
                    "grows with the volume)")
     f.add_argument("--fit-pool", type=int, help="residuals averaged over POOL x POOL working pixels")
+    f.add_argument("--fit-fat-mm", type=float, help="subcutaneous-fat thickness change the fit allows for, "
+                   "U(-x, x) mm, fitted as bands of the CT's fat made thicker or thinner (0: none)")
     settings_options(p, "MSKdeXLib.learning.followup_fit_reader:FitSettings",
                      {k: v for k, v in FIT_FIELDS.items() if k != "preset"})
     add_density_args(p)

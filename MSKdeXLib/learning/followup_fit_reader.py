@@ -35,7 +35,10 @@ class FitSettings:
     ``pool_px`` x ``pool_px`` working pixels; ``iterations``: Gauss-Newton steps at most;
     ``modes_voxel_mm``: the CT is resampled to this voxel for the modes (cost ~ volume);
     ``control_mm``: control-point spacing of the deformation field; ``preset``: the cohort preset whose
-    muscle-change and acquisition priors are used; ``interval_scale``: 90 % half-width / posterior SD."""
+    muscle-change and acquisition priors are used; ``interval_scale``: 90 % half-width / posterior SD;
+    ``fat_mm``: a subcutaneous-fat thickness change U(-fat_mm, fat_mm) mm fitted too (bands of the CT's fat
+    made thicker / thinner, :func:`~MSKdeXLib.learning.followup_fit.fat_bands`; 0: none); ``step_control``:
+    a Gauss-Newton step is kept only if it lowers the fit's cost, changes kept >= -100 %."""
 
     modes: int = 150
     elastic_mm: float = 1.0
@@ -46,8 +49,12 @@ class FitSettings:
     keep: float = 0.995
     preset: str = "specificity"
     interval_scale: float = ff.INTERVAL_SCALE
+    fat_mm: float = 0.0
+    step_control: bool = False
 
     def __post_init__(self) -> None:
+        if not 0.0 <= float(self.fat_mm) <= 30.0:
+            raise UserError(f"--fit-fat-mm must be 0-30 mm, got {self.fat_mm}")
         if not 0 <= int(self.modes) <= 1000:
             raise UserError(f"--fit-modes must be 0-1000, got {self.modes}")
         if not 0.0 <= float(self.elastic_mm) <= 10.0:
@@ -126,22 +133,33 @@ def fit_followup_reading(ct: Volume, labels: LabelMap, camera: Camera, pose: np.
     modes, modes_info = deformation_modes_of(ct, labels, camera, pose, physics.spec, settings, progress, 2)
     total = modes_info.get("control_points", 0) + 2
     model = ff.FitModel.build(physics, base, modes, ranges)
+    if float(settings.fat_mm) > 0:
+        t_fat = time.time()
+        edges = ff.fat_edges(float(settings.fat_mm))
+        model = model.with_nuisance(ff.fat_bands(ct, labels, camera, pose, physics.spec, edges),
+                                    ff.fat_band_sd(edges, float(settings.fat_mm)), ff.fat_band_names(edges))
+        modes_info["fat_bands_s"] = round(time.time() - t_fat, 2)
     blind = SubjectSpec(index=0, seed=0, acquisition={"sid_mm": float(camera.sid_mm)})
     t1 = time.time()
     try:
         first, found = ff.fit_unknown_acquisition(model, codes, blind, ranges, 0.0, int(settings.pool_px),
-                                                  iterations=int(settings.iterations))
+                                                  iterations=int(settings.iterations),
+                                                  step_control=bool(settings.step_control))
         if progress is not None:
             progress(total - 1, total)
         res = first
         if len(modes):
             res, found = ff.fit_unknown_acquisition(model, codes, blind, ranges, float(settings.elastic_mm),
-                                                    int(settings.pool_px), iterations=int(settings.iterations), start=first)
+                                                    int(settings.pool_px), iterations=int(settings.iterations), start=first,
+                                                    step_control=bool(settings.step_control))
     except ff.FitDiverged as e:
         raise UserError(f"the fit reader failed on this radiograph ({e}): the image is outside what it models "
-                        "(no fat change, the registered pose exact); read it with --reader ridge") from None
+                        f"({'a fat change beyond the fitted one' if float(settings.fat_mm) > 0 else 'no fat change'}, the "
+                        "registered pose exact); read it with --reader ridge") from None
     if progress is not None:
         progress(total, total)
+    if model.n_nuisance:
+        modes_info["nuisance"] = dict(zip(model.nuisance_names, map(float, res.nuisance)))
     info = {**modes_info, "physics_s": round(t_physics, 2), "fit_s": round(time.time() - t1, 2),
             "iterations": int(res.iterations), "cost": float(res.cost), "pixels": int(codes.size),
             "noise_codes": ff.noise_of(codes)}
@@ -155,7 +173,11 @@ def fit_assumptions(settings: FitSettings) -> list[str]:
              f"{float(settings.control_mm):g} mm apart, prior SD {float(settings.elastic_mm):g} mm, its leading "
              f"{int(settings.modes)} modes)" if int(settings.modes) and float(settings.elastic_mm) > 0
              else "with nothing moved")
-    return [f"the patient's shape other than the muscles is the baseline CT's {moved}; no fat or weight change",
+    fat = float(settings.fat_mm)
+    fat_text = (f"the subcutaneous fat thickness may have changed by up to +-{fat:g} mm, uniformly along the body "
+                f"(bands {ff.FAT_BAND_MM:g} mm thick at the CT's skin, thicker or thinner, fitted; a change that "
+                "differs between regions or exceeds it is not modelled)" if fat > 0 else "no fat or weight change")
+    return [f"the patient's shape other than the muscles is the baseline CT's {moved}; {fat_text}",
             "the whole CT moves rigidly with the first registered body",
             "the radiograph is the library's detector chain (12-bit codes, 0 outside the collimation); kVp, scatter, "
             "gamma, focal spot, detector blur, unsharp masking and LUT are fitted within 3 SDs of the preset's prior",

@@ -69,7 +69,8 @@ def expected_defaults() -> dict[tuple[str, str], object]:
     exp[("followup", "reader")] = FollowupRequest.__dataclass_fields__["method"].default
     fit = FitSettings()
     exp.update({("followup", k): getattr(fit, f) for k, f in (("fit_modes", "modes"), ("fit_elastic_mm", "elastic_mm"),
-                                                              ("fit_voxel_mm", "modes_voxel_mm"), ("fit_pool", "pool_px"))})
+                                                              ("fit_voxel_mm", "modes_voxel_mm"), ("fit_pool", "pool_px"),
+                                                              ("fit_fat_mm", "fat_mm"))})
     return exp
 
 
