@@ -95,14 +95,14 @@ def row_key(row: dict) -> tuple:
 
 
 def followups(subject, index: int, names, config, conditions, n: int, cache: Path, rotation: float = 0.0,
-              translation: float = 0.0) -> list[dict]:
+              translation: float = 0.0, first: int = 0) -> list[dict]:
     """The benchmark's follow-ups of one subject (each cached): codes, truth, acquisition spec, true pose, for
     every (elastic SD, fat bound) of ``conditions`` and the pose change +-``rotation`` deg / +-``translation`` mm,
-    drawn as ``bench_followup.py --soft-tissue`` draws them."""
+    drawn as ``bench_followup.py --soft-tissue`` draws them (follow-ups ``first`` .. ``n`` - 1)."""
     density, ranges = config.density_model(), config.cohort_ranges()
     centre = None
     rows = []
-    for f in range(n):
+    for f in range(int(first), n):
         for elastic, fat in conditions:
             stem = cache / f"followup_{index}_{f}_e{elastic:g}_f{fat:g}_r{rotation:g}_t{translation:g}"
             path, meta = stem.with_suffix(".npz"), stem.with_suffix(".json")
@@ -309,6 +309,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--subjects", type=int, nargs="+", default=[30040, 30041, 30042])
     p.add_argument("--followups", type=int, default=8)
+    p.add_argument("--first-followup", type=int, default=0, help="run follow-ups FIRST .. --followups - 1 only "
+                   "(e.g. the rest of a run made with fewer)")
     p.add_argument("--conditions", type=float, nargs="+", default=list(CONDITIONS), choices=CONDITIONS,
                    help="follow-up elastic SD, mm (a subset of the benchmark's)")
     p.add_argument("--soft-tissue", nargs="+", default=None, type=bf.soft_tissue_condition, metavar="ELASTIC_MM,FAT_MM",
@@ -344,6 +346,8 @@ def main(argv=None) -> int:
     p.add_argument("--from-json", nargs="+", default=None, help="only re-make the table from --json files (rows of "
                    "the same follow-ups merged: e.g. one file per subject and per run)")
     p.add_argument("--markdown", action="store_true")
+    p.add_argument("--followups-under", type=int, default=None, metavar="N", help="with --from-json: only each "
+                   "subject's follow-ups 0 .. N-1 (runs of fewer follow-ups beside stored runs of more)")
     p.add_argument("--calibrate", default=None, metavar="READER", help="with --from-json: the interval scale of "
                    "READER (e.g. 'acq-fit e1 p2') on those rows (session 12: INTERVAL_SCALE), its coverage per condition "
                    "and leaving one subject out")
@@ -357,7 +361,12 @@ def main(argv=None) -> int:
             doc = json.loads(Path(f).read_text())
             rescale(doc["rows"], args.interval_scale, doc["args"].get("interval_scale", 1.645))
             for r in doc["rows"]:
-                merged.setdefault(row_key(r), {}).update(r)
+                if args.followups_under is not None and r["followup"] >= args.followups_under:
+                    continue
+                have = merged.setdefault(row_key(r), {})
+                assert "truth_g" not in have or np.allclose(have["truth_g"], r["truth_g"], rtol=1e-6), \
+                    f"{f}: follow-up {row_key(r)} differs from another file's"
+                have.update(r)
         attach_ridge(merged, args.ridge_json)
         if args.calibrate:
             print(json.dumps(calibrate(list(merged.values()), args.calibrate), indent=1))
@@ -388,7 +397,7 @@ def main(argv=None) -> int:
                 models["fat"] = model.with_nuisance(fat, ff.fat_band_sd(edges, args.fat_mm), ff.fat_band_names(edges))
             print(f"subject {index}: {len(modes)} modes", flush=True)
         for row in followups(subject, index, names, config, conditions, args.followups, cache, args.rotation,
-                             args.translation):
+                             args.translation, args.first_followup):
             if not args.soft_tissue and row["elastic_mm"] not in args.conditions:
                 continue
             t0 = time.time()
