@@ -264,10 +264,10 @@ class BodyRun:
         self.refine_candidates(search)
         return self.finish(search, init_sim, t0)
 
-    def neighbourhood(self, x: np.ndarray) -> dict:
+    def neighbourhood(self, x: np.ndarray, without_body: float) -> dict:
         """Truth-free evidence of the final pose, on the scoring view: the similarity at ``x``, at
-        +-``NEIGHBOUR_STEPS`` along each of the 6 parameters, and without the body's own DRR
-        (what the rest of the image explains)."""
+        +-``NEIGHBOUR_STEPS`` along each of the 6 parameters, and ``without_body`` (the similarity
+        without the body's own DRR, :meth:`similarity_without_body`: what the rest of the image explains)."""
         xs = [np.asarray(x, dtype=np.float64)]
         for axis, d in enumerate(NEIGHBOUR_STEPS):
             for sign in (-1.0, 1.0):
@@ -278,7 +278,7 @@ class BodyRun:
             f = self.objective(self.last)(self.space.matrices(torch.as_tensor(np.stack(xs))).to(self.ctx.dtype))
         f = [round(float(a), 5) for a in f]
         return {"stage": "neighbourhood", "steps": list(NEIGHBOUR_STEPS), "at": f[0], "minus": f[1::2][:6],
-                "plus": f[2::2][:6], "without_body": round(self.similarity_without_body(x), 5)}
+                "plus": f[2::2][:6], "without_body": round(without_body, 5)}
 
     def similarity_without_body(self, x: np.ndarray) -> float:
         """Similarity on the scoring view of the DRR without the body's own bones: the registered
@@ -291,13 +291,13 @@ class BodyRun:
                 return 0.0
             return float(self.ctx.sim(v.fixed, rest.expand(1, *v.shape), v.mask)[0])
 
-    def own_gain(self, final: float, x: np.ndarray) -> float | None:
+    def own_gain(self, final: float, without_body: float | None) -> float | None:
         """What the body's own DRR adds to the similarity of the rest of its DRR (``final`` minus
-        :meth:`similarity_without_body`), for a first body whose DRR holds something else (the
-        soft tissue moving with it); None otherwise. Near 0: the tissue lines up, the bones do not."""
-        if self.kind.name != "first" or not self.refine_tissue:
+        ``without_body``, :meth:`similarity_without_body`), for a first body whose DRR holds something
+        else (the soft tissue moving with it); None otherwise. Near 0: the tissue lines up, the bones do not."""
+        if without_body is None:
             return None
-        gain = final - self.similarity_without_body(x)
+        gain = final - without_body
         self.history.append({"stage": "own-gain", "similarity": round(final, 5), "gain": round(gain, 5),
                              "doubtful_below": self.s.first.doubtful_gain})
         return gain
@@ -306,11 +306,15 @@ class BodyRun:
         kind, x = self.kind, self.x
         final = self.score(self.last, x)
         self.history.append(profile(self.objective(self.last), self.space, x, self.ctx.dtype, self.ctx.device))
+        # one DRR and score without the body's bones, shared by the diagnostic and the first body's gain rule
+        gain_rule = kind.name == "first" and self.refine_tissue
+        without = self.similarity_without_body(x) if gain_rule or self.s.neighbourhood else None
         if self.s.neighbourhood:
-            self.history.append(self.neighbourhood(x))
+            self.history.append(self.neighbourhood(x, without))
         parent = kind.parent_name()
         parent_doubtful = parent is not None and any(r.doubtful for r in self.ctx.results if r.name == parent)
-        reasons = kind.doubtful_reasons(final, x, search, parent_doubtful, self.own_gain(final, x))
+        reasons = kind.doubtful_reasons(final, x, search, parent_doubtful,
+                                        self.own_gain(final, without if gain_rule else None))
         if kind.motion_note(x):
             self.history.append(kind.motion_note(x))
         return BodyResult(kind.body.name, [st.name for st in kind.body.structures], self.space.matrix(x), self.start,

@@ -319,9 +319,12 @@ def test_first_body_whose_bones_do_not_match_is_doubtful(pelvis):
     for gain in (RegistrationSettings().first.doubtful_gain, 0.0):
         s = pipeline.RegistrationSettings(soft_tissue=True, seed=0, cma=False)
         s.first.inplane_search, s.first.doubtful_gain = False, gain
+        s.neighbourhood = gain > 0   # the diagnostic and the rule share one similarity without the bones
         results[gain] = pipeline.register(ct, labels, xray, CAM, bodies, truth, s)[0]
     lost = results[RegistrationSettings().first.doubtful_gain]
     entry = next(h for h in lost.history if h["stage"] == "own-gain")
+    around = next(h for h in lost.history if h["stage"] == "neighbourhood")
+    assert around["without_body"] == pytest.approx(entry["similarity"] - entry["gain"], abs=2e-5)
     assert lost.final_similarity > s.doubtful_threshold("first"), lost.final_similarity   # the similarity alone passes it
     assert entry["gain"] < RegistrationSettings().first.doubtful_gain and lost.doubtful
     assert not results[0.0].doubtful
