@@ -4,9 +4,11 @@
 On the working grid (the radiograph area-averaged to about 256 px): the baseline's physics
 (:func:`~MSKdeXLib.learning.followup.baseline_physics`), deformation modes of the cohort's smooth field
 from the CT resampled to ``modes_voxel_mm`` (:func:`~MSKdeXLib.learning.followup_fit.deformation_jacobian`,
-one render per control point and axis), then the acquisition and the muscles fitted without modes, and
-again with the modes started from there (:func:`~MSKdeXLib.learning.followup_fit.fit_unknown_acquisition`;
-the sequence validated in benchmarks/RESULTS_network.md, sessions 11-12). Intervals:
+one render per control point and axis), bands of the subcutaneous fat made thicker / thinner
+(:func:`~MSKdeXLib.learning.followup_fit.fat_bands`, ``fat_mm``), then the acquisition, the muscles and the fat
+fitted without modes, and again with the modes started from there, each Gauss-Newton step kept only if it
+lowers the cost (:func:`~MSKdeXLib.learning.followup_fit.fit_unknown_acquisition`; the sequence validated in
+benchmarks/RESULTS_network.md, sessions 11-12 and 14). Intervals:
 :data:`~MSKdeXLib.learning.followup_fit.INTERVAL_SCALE` x the posterior SD. Units: lean mass g; paths
 g/cm^2; codes the radiograph's 12-bit detector codes; poses CT LPS mm -> camera.
 """
@@ -49,8 +51,8 @@ class FitSettings:
     keep: float = 0.995
     preset: str = "specificity"
     interval_scale: float = ff.INTERVAL_SCALE
-    fat_mm: float = 0.0
-    step_control: bool = False
+    fat_mm: float = 9.0          # session 14 (validation): adopted by the rule fixed before the run
+    step_control: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 <= float(self.fat_mm) <= 30.0:
