@@ -66,13 +66,14 @@ from MSKdeXLib.io import sample_data  # noqa: E402
 from MSKdeXLib.learning import cohort as co  # noqa: E402
 from MSKdeXLib.learning import followup as fu  # noqa: E402
 from MSKdeXLib.learning import followup_fit as ff  # noqa: E402
-from MSKdeXLib.learning import followup_fit_pose as fp  # noqa: E402
 
 CONDITIONS = (0.0, 0.5, 1.0)   # the follow-ups' elastic SD (mm), as the ridge run's (the cache holds all)
 #: how a fit can fail on a follow-up it does not model (session 13: a fat change drove one to non-finite
 #: parameters, now ``FitDiverged`` from the fit, a one-line ``UserError`` from the product's reader)
 FIT_FAILURES = (UserError, np.linalg.LinAlgError, ff.FitDiverged)
 RIDGE_JSON = Path(__file__).resolve().parent / "data" / "followup_warp_validation_noreaderspread.json"
+#: session 14's variants of the fitted-acquisition reader: (step control, fat term)
+VARIANTS = {"shipped": (False, False), "sc": (True, False), "sc fat": (True, True), "fat": (False, True)}
 
 
 def setup(detector: int = 256, voxel_mm: float = 4.0) -> co.CohortConfig:
@@ -94,14 +95,14 @@ def row_key(row: dict) -> tuple:
 
 
 def followups(subject, index: int, names, config, conditions, n: int, cache: Path, rotation: float = 0.0,
-              translation: float = 0.0) -> list[dict]:
+              translation: float = 0.0, first: int = 0) -> list[dict]:
     """The benchmark's follow-ups of one subject (each cached): codes, truth, acquisition spec, true pose, for
     every (elastic SD, fat bound) of ``conditions`` and the pose change +-``rotation`` deg / +-``translation`` mm,
-    drawn as ``bench_followup.py --soft-tissue`` draws them."""
+    drawn as ``bench_followup.py --soft-tissue`` draws them (follow-ups ``first`` .. ``n`` - 1)."""
     density, ranges = config.density_model(), config.cohort_ranges()
     centre = None
     rows = []
-    for f in range(n):
+    for f in range(int(first), n):
         for elastic, fat in conditions:
             stem = cache / f"followup_{index}_{f}_e{elastic:g}_f{fat:g}_r{rotation:g}_t{translation:g}"
             path, meta = stem.with_suffix(".npz"), stem.with_suffix(".json")
@@ -337,6 +338,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--subjects", type=int, nargs="+", default=[30040, 30041, 30042])
     p.add_argument("--followups", type=int, default=8)
+    p.add_argument("--first-followup", type=int, default=0, help="run follow-ups FIRST .. --followups - 1 only "
+                   "(e.g. the rest of a run made with fewer)")
     p.add_argument("--conditions", type=float, nargs="+", default=list(CONDITIONS), choices=CONDITIONS,
                    help="follow-up elastic SD, mm (a subset of the benchmark's)")
     p.add_argument("--soft-tissue", nargs="+", default=None, type=bf.soft_tissue_condition, metavar="ELASTIC_MM,FAT_MM",
@@ -355,6 +358,12 @@ def main(argv=None) -> int:
     p.add_argument("--iterations", type=int, default=15)
     p.add_argument("--acquisition", nargs="+", default=["known"], choices=["known", "fitted"],
                    help="known: the follow-up's own acquisition (oracle); fitted: estimated from the preset's prior")
+    p.add_argument("--variants", nargs="+", default=["shipped"], choices=list(VARIANTS),
+                   help="with --acquisition fitted: the fit as shipped, with step control ('sc': a step kept only if "
+                   "it lowers the MAP cost, changes >= -100 %%), and with step control and the fat-thickness term "
+                   "('sc fat': followup_fit.fat_bands, prior from --fat-mm); each stored as 'acq-fit eE pP' + ' ' + variant (session 14)")
+    p.add_argument("--fat-mm", type=float, default=9.0, help="the fat term's prior: a thickness change U(-x, x) mm "
+                   "(followup_fit.fat_band_sd); default the specificity preset's 9 mm")
     p.add_argument("--cache", default="/tmp/fit11")
     p.add_argument("--ridge-json", nargs="+", default=[str(RIDGE_JSON)],
                    help="bench_followup.py --json runs of the same follow-ups (the ridge reader, pose 'true', or "
@@ -364,8 +373,8 @@ def main(argv=None) -> int:
                    "re-made with it; session 11's rows were stored with 1.645)")
     p.add_argument("--pose-sd", nargs="+", default=["0,0,0"], metavar="ROT_DEG,INPLANE_MM,DEPTH_MM",
                    help="session 14: the pose's error fitted as a nuisance with these prior SDs (0,0,0: the shipped "
-                   "reader, no pose term); at the registered pose (--rotation/--translation) and, with --acquisition "
-                   "fitted, at the true pose")
+                   "reader, no pose term); read by the product's reader (its other defaults) at the registered pose "
+                   "(--rotation/--translation) or, with --reader-at-true-pose, at the true pose")
     p.add_argument("--pose-rounds", type=int, nargs="+", default=[0],
                    help="with a pose term, times the physics is re-made at the fitted pose (registered pose only)")
     p.add_argument("--reader-at-true-pose", action="store_true",
@@ -375,6 +384,8 @@ def main(argv=None) -> int:
     p.add_argument("--from-json", nargs="+", default=None, help="only re-make the table from --json files (rows of "
                    "the same follow-ups merged: e.g. one file per subject and per run)")
     p.add_argument("--markdown", action="store_true")
+    p.add_argument("--followups-under", type=int, default=None, metavar="N", help="with --from-json: only each "
+                   "subject's follow-ups 0 .. N-1 (runs of fewer follow-ups beside stored runs of more)")
     p.add_argument("--calibrate", default=None, metavar="READER", help="with --from-json: the interval scale of "
                    "READER (e.g. 'acq-fit e1 p2') on those rows (session 12: INTERVAL_SCALE), its coverage per condition "
                    "and leaving one subject out")
@@ -388,7 +399,12 @@ def main(argv=None) -> int:
             doc = json.loads(Path(f).read_text())
             rescale(doc["rows"], args.interval_scale, doc["args"].get("interval_scale", 1.645))
             for r in doc["rows"]:
-                merged.setdefault(row_key(r), {}).update(r)
+                if args.followups_under is not None and r["followup"] >= args.followups_under:
+                    continue
+                have = merged.setdefault(row_key(r), {})
+                assert "truth_g" not in have or np.allclose(have["truth_g"], r["truth_g"], rtol=1e-6), \
+                    f"{f}: follow-up {row_key(r)} differs from another file's"
+                have.update(r)
         attach_ridge(merged, args.ridge_json)
         if args.calibrate:
             print(json.dumps(calibrate(list(merged.values()), args.calibrate), indent=1))
@@ -412,12 +428,14 @@ def main(argv=None) -> int:
             assert list(physics.muscles) == names
             modes = modes_of(subject, physics, index, cache, args.keep, args.max_modes)
             model = ff.FitModel.build(physics, base, modes)
+            models = {"shipped": model}
+            if any(VARIANTS[v][1] for v in args.variants):
+                edges = ff.fat_edges(args.fat_mm)
+                fat = ff.fat_bands(subject.ct, subject.labels, subject.camera, subject.pose, physics.spec, edges)
+                models["fat"] = model.with_nuisance(fat, ff.fat_band_sd(edges, args.fat_mm), ff.fat_band_names(edges))
             print(f"subject {index}: {len(modes)} modes", flush=True)
-            models = {suffix: model.with_nuisance(*fp.pose_nuisance(subject.ct, subject.labels, subject.camera,
-                                                                    subject.pose, physics.spec, fp.pose_sds(*sd)))
-                      if suffix else model for suffix, sd, rounds in pose_variants(args) if not rounds}
         for row in followups(subject, index, names, config, conditions, args.followups, cache, args.rotation,
-                             args.translation):
+                             args.translation, args.first_followup):
             if not args.soft_tissue and row["elastic_mm"] not in args.conditions:
                 continue
             t0 = time.time()
@@ -457,28 +475,33 @@ def main(argv=None) -> int:
                         "iterations": res.iterations}
             if "fitted" in args.acquisition:
                 blind = co.SubjectSpec(index=0, seed=0, acquisition={"sid_mm": fspec.acquisition["sid_mm"]})
-                for (suffix, fmodel), pool, elastic in itertools.product(models.items(), args.pool, sorted(args.elastic)):
+                for variant, pool, elastic in itertools.product(args.variants, args.pool, sorted(args.elastic)):
+                    control, with_fat = VARIANTS[variant]
+                    tag = "" if variant == "shipped" else f" {variant}"
+                    kind = f"acq-fit e{elastic:g} p{pool}{tag}"
+                    vmodel = models["fat" if with_fat else "shipped"]
                     t1 = time.time()
-                    name = f"acq-fit e{elastic:g} p{pool}{suffix}"
-                    first = row.get(f"_acq-fit e0 p{pool}{suffix}") if elastic > 0 else None   # its first stage is shared
+                    first = row.get(f"_acq-fit e0 p{pool}{tag}") if elastic > 0 else None   # its first stage is shared
                     if isinstance(first, str):   # the product's second stage starts from its first: failed too
-                        row[name] = {"failed": f"first stage: {first}"}
+                        row[kind] = {"failed": f"first stage: {first}"}
                         continue
                     try:
-                        res, found = ff.fit_unknown_acquisition(fmodel, row["codes"], blind, config.cohort_ranges(),
-                                                                elastic, pool, iterations=args.iterations, start=first)
+                        res, found = ff.fit_unknown_acquisition(vmodel, row["codes"], blind, config.cohort_ranges(),
+                                                                elastic, pool, iterations=args.iterations, start=first,
+                                                                step_control=control)
                     except FIT_FAILURES as e:
-                        row[name] = {"failed": str(e)}
-                        row[f"_acq-fit e0 p{pool}{suffix}"] = str(e)
-                        print(f"{key}: {name} failed: {e}", flush=True)
+                        row[kind] = {"failed": str(e)}
+                        row[f"_acq-fit e0 p{pool}{tag}"] = str(e)
+                        print(f"{key}: {kind} failed: {e}", flush=True)
                         continue
                     if elastic == 0:
-                        row[f"_acq-fit e0 p{pool}{suffix}"] = res
-                    row[name] = {"nuisance": dict(zip(fmodel.nuisance_names, map(float, res.nuisance))),
+                        row[f"_acq-fit e0 p{pool}{tag}"] = res
+                    row[kind] = {
                         "estimate_g": res.estimate_g.tolist(), "half_width_g": ff.half_width_g(res, base, args.interval_scale).tolist(),
                         "sd_g": (res.sd_change * base).tolist(),
                         "baseline_g": base.tolist(), "fit_seconds": time.time() - t1, "cost": res.cost,
-                        "iterations": res.iterations, "acquisition": {**found.acquisition, **found.processing}}
+                        "iterations": res.iterations, "acquisition": {**found.acquisition, **found.processing},
+                        "nuisance": res.nuisance.tolist()}
                 for k in [k for k in row if k.startswith("_")]:
                     del row[k]
             row["noise_sd_codes"] = sigma

@@ -14,7 +14,8 @@ READER_FIELDS = {"samples": "samples", "grid": "grid", "margin": "margin", "pres
                  "elastic_mm": "elastic_mm", "warp_mm": "warp_mm"}
 #: fit-reader options -> fields of MSKdeXLib.learning.followup_fit_reader.FitSettings
 FIT_FIELDS = {"fit_modes": "modes", "fit_elastic_mm": "elastic_mm", "fit_voxel_mm": "modes_voxel_mm",
-              "fit_pool": "pool_px", "fit_pose_sd": "pose_sd", "fit_pose_rounds": "pose_rounds", "preset": "preset"}
+              "fit_pool": "pool_px", "fit_fat_mm": "fat_mm", "fit_pose_sd": "pose_sd", "fit_pose_rounds": "pose_rounds",
+              "preset": "preset"}
 
 
 def add_parser(sub, name: str):
@@ -74,6 +75,8 @@ def add_parser(sub, name: str):
     f.add_argument("--fit-voxel-mm", type=float, help="the CT's voxel (mm) for the deformation modes (their cost "
                    "grows with the volume)")
     f.add_argument("--fit-pool", type=int, help="residuals averaged over POOL x POOL working pixels")
+    f.add_argument("--fit-fat-mm", type=float, help="subcutaneous-fat thickness change the fit allows for, "
+                   "U(-x, x) mm, fitted as bands of the CT's fat made thicker or thinner (0: none)")
     f.add_argument("--fit-pose-sd", type=float, nargs=3, metavar=("ROT_DEG", "INPLANE_MM", "DEPTH_MM"),
                    help="prior SDs of the registered pose's error (rotation deg, in-plane translation mm, depth mm), "
                    "fitted with the muscles as a nuisance; 0 0 0: the registered pose taken as exact")

@@ -95,6 +95,78 @@ def deformation_jacobian(ct: Volume, camera: Camera, pose: np.ndarray, spec: Sub
     return out
 
 
+#: width (mm) of :func:`fat_bands`' bands
+FAT_BAND_MM = 1.5
+
+
+def fat_edges(fat_mm: float, band_mm: float = FAT_BAND_MM) -> tuple[float, ...]:
+    """Outer edges (mm from the skin) of the bands that cover a thickness change up to ``fat_mm``."""
+    return tuple(band_mm * k for k in range(1, int(np.ceil(float(fat_mm) / band_mm - 1e-9)) + 1))
+
+
+#: the bands of the specificity preset's fat change, U(-9, 9) mm
+FAT_EDGES_MM = fat_edges(9.0)
+
+
+class _Exact:
+    """A stand-in generator whose ``normal`` draws its mean: the cohort's fat change without its HU noise."""
+
+    def normal(self, loc, scale, size):
+        return np.full(size, loc, np.float64)
+
+
+def fat_bands(ct: Volume, labels, camera: Camera, pose: np.ndarray, spec: SubjectSpec,
+              edges_mm: tuple[float, ...] = FAT_EDGES_MM) -> np.ndarray:
+    """The (water, bone) paths' change (g/cm^2; (2 B, 2, rows, cols) float64, B = ``len(edges_mm)``) of the
+    subcutaneous fat made thicker (first B: air at the skin becomes fat) or thinner (last B: fat at the skin
+    becomes air) within each band between consecutive ``edges_mm`` (0 first) from the skin, as the cohort
+    changes it (:func:`~MSKdeXLib.learning.cohort.subcutaneous_fat`: in-plane, voxel-discrete, labelled
+    voxels untouched): band k is the change by ``edges_mm[k]`` less that by ``edges_mm[k - 1]``, each
+    rendered by :func:`~MSKdeXLib.projection.simulate.material_paths` (``spec``'s acquisition, ``pose``).
+    A thickness change of x mm is the sum of the bands below x (the last one partly filled); a thinning's
+    bands enter with a negative coefficient (-1: the band emptied)."""
+    from ..projection.simulate import material_paths
+    from .cohort import subcutaneous_fat
+
+    settings = acquisition_settings(spec, camera)
+    hu0 = np.asarray(ct.array, np.float32)
+    lab = labels.label_array().astype(np.int32) if hasattr(labels, "label_array") else np.asarray(labels, np.int32)
+
+    def paths(change_mm: float) -> np.ndarray:
+        hu = hu0.copy()
+        subcutaneous_fat(hu, lab, change_mm, ct.spacing, _Exact())   # new fat at its HU, no noise
+        p = material_paths(ct.with_array(hu), camera, pose, settings)
+        return np.stack([p["water"].numpy(), p["bone"].numpy()]).astype(np.float64)
+
+    out = []
+    for sign in (1.0, -1.0):
+        previous = paths(0.0)
+        for mm in edges_mm:
+            now = paths(sign * float(mm))
+            out.append(sign * (now - previous))   # thinning: the paths lost per unit of (negative) coefficient
+            previous = now
+    return np.stack(out)
+
+
+def fat_band_sd(edges_mm: tuple[float, ...], fat_mm: float) -> np.ndarray:
+    """Prior SD of :func:`fat_bands`' coefficients (thicker bands, then thinner) for a thickness change
+    U(-``fat_mm``, ``fat_mm``): the RMS of a band's filled fraction, sqrt(((b - a) / 3 + max(F - b, 0)) / 2F)
+    for a band (a, b] below F (a floor of 0.05 above)."""
+    f = float(fat_mm)
+    lo = np.r_[0.0, np.asarray(edges_mm, np.float64)[:-1]]
+    hi = np.asarray(edges_mm, np.float64)
+    top = np.minimum(hi, f)
+    width = np.maximum(top - lo, 0.0)
+    ms = (width ** 3 / np.maximum(hi - lo, 1e-9) ** 2 / 3.0 + np.maximum(f - hi, 0.0)) / (2.0 * f)
+    sd = np.maximum(np.sqrt(ms), 0.05)
+    return np.r_[sd, sd]
+
+
+def fat_band_names(edges_mm: tuple[float, ...] = FAT_EDGES_MM) -> tuple[str, ...]:
+    lo = (0.0, *edges_mm[:-1])
+    return tuple(f"fat {kind} {a:g}-{b:g} mm" for kind in ("thicker", "thinner") for a, b in zip(lo, edges_mm))
+
+
 def deformation_modes(jacobian: np.ndarray, keep: float = 0.995, max_modes: int = 200,
                       bone_weight: float = 2.0) -> np.ndarray:
     """Modes (J, 2, rows, cols; g/cm^2 per unit z) of a field with iid N(0, 1 mm) control displacements:
@@ -314,14 +386,17 @@ def linearise(model: FitModel, spec: SubjectSpec, modes: int = 0, p: np.ndarray 
 def fit_followup(model: FitModel, codes: np.ndarray, spec: SubjectSpec, lin: Linearisation,
                  elastic_mm: float = 1.0, pool_px: int = 4, noise_codes: float = 4.0, iterations: int = 20,
                  modes: int | None = None, tolerance: float = 1e-4,
-                 theta_prior: tuple[np.ndarray, np.ndarray] | None = None) -> FitResult:
+                 theta_prior: tuple[np.ndarray, np.ndarray] | None = None, step_control: bool = False,
+                 halvings: int = 4) -> FitResult:
     """MAP fit of the follow-up's ``codes`` (rows, cols, detector codes): the muscles' relative changes
     (prior of the preset), the first ``modes`` deformation coefficients (prior N(0, ``elastic_mm``^2) mm;
     none at 0 mm) and, when ``lin`` has them, the acquisition parameters (prior ``theta_prior``: mean, SD;
     kept within 3 SDs of the mean; else ``spec``'s acquisition is taken as known); residuals pooled
     ``pool_px`` x ``pool_px`` with SD ``noise_codes`` per pooled pixel. Gauss-Newton with ``lin``'s
     Jacobian kept fixed (chord steps, each re-evaluating the chain's residual) until no relative change
-    moves by more than ``tolerance`` or after ``iterations`` steps."""
+    moves by more than ``tolerance`` or after ``iterations`` steps. With ``step_control`` a step is kept only
+    if it lowers the MAP cost (else halved, up to ``halvings`` times; the fit stops where none does) and each
+    relative change is kept >= -1 (no negative lean mass)."""
     nk, nt, ne = lin.n_muscles, lin.n_theta, lin.n_nuisance
     nj = 0 if float(elastic_mm) <= 0 else min(lin.n_modes, lin.n_modes if modes is None else int(modes))
     use = np.r_[np.arange(nk), nk + np.arange(nj), nk + lin.n_modes + np.arange(nt + ne)].astype(int)
@@ -334,25 +409,54 @@ def fit_followup(model: FitModel, codes: np.ndarray, spec: SubjectSpec, lin: Lin
     a = jac @ jac.T / noise_codes ** 2 + np.diag(1.0 / prior_sd ** 2)
     # the acquisition is kept within 3 prior SDs of the prior mean (and valid): a step beyond is cut back
     valid = np.array([v[3] for v in ACQUISITION][:nt])
-    low = np.concatenate([np.full(nk + nj, -np.inf), np.maximum(t_mean - 3 * t_sd, valid), np.full(ne, -np.inf)])
+    low = np.concatenate([np.full(nk, -1.0 if step_control else -np.inf), np.full(nj, -np.inf),
+                          np.maximum(t_mean - 3 * t_sd, valid), np.full(ne, -np.inf)])
     high = np.concatenate([np.full(nk + nj, np.inf), t_mean + 3 * t_sd, np.full(ne, np.inf)])
     p = lin.p[use].copy()
     full = lin.p.copy()
-    f = pool(lin.f0, pool_px).ravel()[inside]
+    y = obs[inside]
+
+    def model_codes(q: np.ndarray) -> np.ndarray:
+        full[nk:nk + lin.n_modes] = 0.0
+        full[use] = q
+        return pool(_codes(model, full, nk, lin.n_modes, lin.spec), pool_px).ravel()[inside]
+
+    def map_cost(q: np.ndarray, fq: np.ndarray) -> float:
+        return float(((y - fq) ** 2).sum() / noise_codes ** 2 + (((q - prior_mean) / prior_sd) ** 2).sum())
+
+    if step_control:
+        p = np.clip(p, low, high)
+    f = model_codes(p) if step_control else pool(lin.f0, pool_px).ravel()[inside]
+    cost = map_cost(p, f)
     done = 0
     while done < int(iterations):
-        g = jac @ (obs[inside] - f) / noise_codes ** 2 - (p - prior_mean) / prior_sd ** 2
+        g = jac @ (y - f) / noise_codes ** 2 - (p - prior_mean) / prior_sd ** 2
         step = np.linalg.solve(a, g)
-        p = np.clip(p + step, low, high)
-        if not np.all(np.isfinite(p)):
-            raise FitDiverged(f"the fit's parameters became non-finite at iteration {done + 1}")
-        full[nk:nk + lin.n_modes] = 0.0
-        full[use] = p
-        f = pool(_codes(model, full, nk, lin.n_modes, lin.spec), pool_px).ravel()[inside]
+        if not step_control:
+            p = np.clip(p + step, low, high)
+            if not np.all(np.isfinite(p)):
+                raise FitDiverged(f"the fit's parameters became non-finite at iteration {done + 1}")
+            f = model_codes(p)
+            done += 1
+            if np.abs(step[:nk]).max() < tolerance:
+                break
+            continue
+        if not np.all(np.isfinite(step)):
+            raise FitDiverged(f"the fit's step became non-finite at iteration {done + 1}")
         done += 1
-        if np.abs(step[:nk]).max() < tolerance:
+        for h in range(int(halvings) + 1):   # the step, else halved, kept only if it lowers the MAP cost
+            trial = np.clip(p + step * 0.5 ** h, low, high)
+            f_trial = model_codes(trial)
+            c_trial = map_cost(trial, f_trial)
+            if np.isfinite(c_trial) and c_trial < cost:
+                break
+        else:
+            break                            # no step along this direction lowers the cost: stop here
+        taken = trial - p
+        p, f, cost = trial, f_trial, c_trial
+        if np.abs(taken[:nk]).max() < tolerance:
             break
-    cost = float(((obs[inside] - f) ** 2).sum() / noise_codes ** 2 + (((p - prior_mean) / prior_sd) ** 2).sum())
+    cost = map_cost(p, f)
     cov = np.linalg.inv(a)
     r = p[:nk]
     return FitResult(model.baseline_g * (1.0 + r), r, np.sqrt(np.diag(cov)[:nk]), p[nk:nk + nj], done, cost,
@@ -392,14 +496,15 @@ def noise_of(codes: np.ndarray) -> float:
 
 def fit_unknown_acquisition(model: FitModel, codes: np.ndarray, spec: SubjectSpec, ranges: CohortRanges,
                             elastic_mm: float = 1.0, pool_px: int = 2, noise_codes: float | None = None,
-                            rounds: int = 4, iterations: int = 20, start: FitResult | None = None
-                            ) -> tuple[FitResult, SubjectSpec]:
+                            rounds: int = 4, iterations: int = 20, start: FitResult | None = None,
+                            step_control: bool = False) -> tuple[FitResult, SubjectSpec]:
     """The follow-up fitted with its acquisition unknown: ``spec`` gives the camera's SID (and anything not
     in :data:`ACQUISITION`); the collimation is read off the image; the acquisition parameters start at
     the preset's prior mean (:func:`acquisition_prior`). First ``rounds`` Gauss-Newton steps on the muscles
     and the acquisition (Jacobian re-made each step), then the muscles, the deformation modes and the
     acquisition together about that (:func:`fit_followup`); ``start`` (an earlier such fit of the same
-    image) skips the first stage. Returns the fit and the fitted acquisition."""
+    image) skips the first stage; ``step_control`` as :func:`fit_followup`'s, in both stages. Returns the fit
+    and the fitted acquisition."""
     t_mean, t_sd = acquisition_prior(ranges)
     acq = {k: v for k, v in spec.acquisition.items() if k in ("sid_mm", "noise")}
     acq.setdefault("noise", float(np.mean(ranges.noise)))
@@ -412,9 +517,11 @@ def fit_unknown_acquisition(model: FitModel, codes: np.ndarray, spec: SubjectSpe
                        [start.change, start.theta, start.nuisance if len(start.nuisance) == ne else np.zeros(ne)])
     for _ in range(0 if start is not None else int(rounds)):
         lin = linearise(model, template, 0, p)
-        res = fit_followup(model, codes, template, lin, 0.0, pool_px, noise, 1, theta_prior=(t_mean, t_sd))
+        res = fit_followup(model, codes, template, lin, 0.0, pool_px, noise, 1, theta_prior=(t_mean, t_sd),
+                           step_control=step_control)
         p = np.concatenate([res.change, res.theta, res.nuisance])
     lin = linearise(model, template, len(model.modes) if elastic_mm > 0 else 0,
                     np.concatenate([p[:nk], np.zeros(len(model.modes) if elastic_mm > 0 else 0), p[nk:]]))
-    res = fit_followup(model, codes, template, lin, elastic_mm, pool_px, noise, iterations, theta_prior=(t_mean, t_sd))
+    res = fit_followup(model, codes, template, lin, elastic_mm, pool_px, noise, iterations, theta_prior=(t_mean, t_sd),
+                       step_control=step_control)
     return res, with_acquisition(template, res.theta)

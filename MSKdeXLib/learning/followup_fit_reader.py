@@ -4,9 +4,11 @@
 On the working grid (the radiograph area-averaged to about 256 px): the baseline's physics
 (:func:`~MSKdeXLib.learning.followup.baseline_physics`), deformation modes of the cohort's smooth field
 from the CT resampled to ``modes_voxel_mm`` (:func:`~MSKdeXLib.learning.followup_fit.deformation_jacobian`,
-one render per control point and axis), then the acquisition and the muscles fitted without modes, and
-again with the modes started from there (:func:`~MSKdeXLib.learning.followup_fit.fit_unknown_acquisition`;
-the sequence validated in benchmarks/RESULTS_network.md, sessions 11-12). Intervals:
+one render per control point and axis), bands of the subcutaneous fat made thicker / thinner
+(:func:`~MSKdeXLib.learning.followup_fit.fat_bands`, ``fat_mm``), then the acquisition, the muscles and the fat
+fitted without modes, and again with the modes started from there, each Gauss-Newton step kept only if it
+lowers the cost (:func:`~MSKdeXLib.learning.followup_fit.fit_unknown_acquisition`; the sequence validated in
+benchmarks/RESULTS_network.md, sessions 11-12 and 14). Intervals:
 :data:`~MSKdeXLib.learning.followup_fit.INTERVAL_SCALE` x the posterior SD. Units: lean mass g; paths
 g/cm^2; codes the radiograph's 12-bit detector codes; poses CT LPS mm -> camera.
 """
@@ -37,6 +39,9 @@ class FitSettings:
     ``modes_voxel_mm``: the CT is resampled to this voxel for the modes (cost ~ volume);
     ``control_mm``: control-point spacing of the deformation field; ``preset``: the cohort preset whose
     muscle-change and acquisition priors are used; ``interval_scale``: 90 % half-width / posterior SD;
+    ``fat_mm``: a subcutaneous-fat thickness change U(-fat_mm, fat_mm) mm fitted too (bands of the CT's fat
+    made thicker / thinner, :func:`~MSKdeXLib.learning.followup_fit.fat_bands`; 0: none); ``step_control``:
+    a Gauss-Newton step is kept only if it lowers the fit's cost, changes kept >= -100 %;
     ``pose_sd``: prior SDs (rotation deg, in-plane translation mm, depth mm) of the registered pose's error,
     fitted as a nuisance (:mod:`~MSKdeXLib.learning.followup_fit_pose`; all 0: the pose is taken as exact);
     ``pose_rounds``: times the physics is re-made at the fitted pose and the fit repeated from there."""
@@ -50,10 +55,14 @@ class FitSettings:
     keep: float = 0.995
     preset: str = "specificity"
     interval_scale: float = ff.INTERVAL_SCALE
+    fat_mm: float = 9.0          # session 14 (validation): adopted by the rule fixed before the run
+    step_control: bool = True
     pose_sd: tuple[float, float, float] = (0.0, 0.0, 0.0)
     pose_rounds: int = 0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= float(self.fat_mm) <= 30.0:
+            raise UserError(f"--fit-fat-mm must be 0-30 mm, got {self.fat_mm}")
         self.pose_sd = tuple(float(v) for v in self.pose_sd)
         if len(self.pose_sd) != 3 or not all(0.0 <= v <= 50.0 for v in self.pose_sd) or not 0 <= int(self.pose_rounds) <= 3:
             raise UserError(f"--fit-pose-sd needs 3 values 0-50 (rotation deg, in-plane mm, depth mm) and the pose "
@@ -150,30 +159,40 @@ def fit_followup_reading(ct: Volume, labels: LabelMap, camera: Camera, pose: np.
             if round_:
                 physics, _ = baseline_physics(ct, labels, camera, here, ranges, density)
             model = ff.FitModel.build(physics, base, modes, ranges)
+            if float(settings.fat_mm) > 0:
+                t_fat = time.time()
+                edges = ff.fat_edges(float(settings.fat_mm))
+                model = model.with_nuisance(ff.fat_bands(ct, labels, camera, here, physics.spec, edges),
+                                            ff.fat_band_sd(edges, float(settings.fat_mm)), ff.fat_band_names(edges))
+                modes_info.setdefault("fat_bands_s", round(time.time() - t_fat, 2))
             if sd.any():
                 model = model.with_nuisance(*fp.pose_nuisance(ct, labels, camera, here, physics.spec, sd))
             if round_ == 0:
                 first, found = ff.fit_unknown_acquisition(model, codes, blind, ranges, 0.0, int(settings.pool_px),
-                                                          iterations=int(settings.iterations))
+                                                          iterations=int(settings.iterations),
+                                                          step_control=bool(settings.step_control))
                 if progress is not None:
                     progress(total - 1, total)
                 res = first
             else:   # from the last fit, its pose change now in the physics
-                first = replace(res, nuisance=np.zeros_like(res.nuisance))
+                first = replace(res, nuisance=np.where(np.isin(model.nuisance_names, fp.POSE_NAMES), 0.0, res.nuisance))
             if len(modes) or round_:
                 res, found = ff.fit_unknown_acquisition(model, codes, blind, ranges,
                                                         float(settings.elastic_mm) if len(modes) else 0.0,
                                                         int(settings.pool_px), iterations=int(settings.iterations),
-                                                        start=first)
+                                                        start=first, step_control=bool(settings.step_control))
             step = fp.pose_change(model.nuisance_names, res.nuisance)
             moved = fp.pose_space(ct, labels, pose).params_of(fp.pose_space(ct, labels, here).matrix(step))
             if round_ < int(settings.pose_rounds):
                 here = fp.pose_space(ct, labels, here).matrix(step)
     except ff.FitDiverged as e:
         raise UserError(f"the fit reader failed on this radiograph ({e}): the image is outside what it models "
-                        "(no fat change, the registered pose exact); read it with --reader ridge") from None
+                        f"({'a fat change beyond the fitted one' if float(settings.fat_mm) > 0 else 'no fat change'}, the "
+                        "registered pose exact); read it with --reader ridge") from None
     if progress is not None:
         progress(total, total)
+    if model.n_nuisance:
+        modes_info["nuisance"] = dict(zip(model.nuisance_names, map(float, res.nuisance)))
     info = {**modes_info, "physics_s": round(t_physics, 2), "fit_s": round(time.time() - t1, 2),
             "iterations": int(res.iterations), "cost": float(res.cost), "pixels": int(codes.size),
             "noise_codes": ff.noise_of(codes)}
@@ -190,13 +209,17 @@ def fit_assumptions(settings: FitSettings) -> list[str]:
              f"{float(settings.control_mm):g} mm apart, prior SD {float(settings.elastic_mm):g} mm, its leading "
              f"{int(settings.modes)} modes)" if int(settings.modes) and float(settings.elastic_mm) > 0
              else "with nothing moved")
+    fat = float(settings.fat_mm)
+    fat_text = (f"the subcutaneous fat thickness may have changed by up to +-{fat:g} mm, uniformly along the body "
+                f"(bands {ff.FAT_BAND_MM:g} mm thick at the CT's skin, thicker or thinner, fitted; a change that "
+                "differs between regions or exceeds it is not modelled)" if fat > 0 else "no fat or weight change")
     posed = ("the whole CT moves rigidly with the first registered body, its registered pose exact" if not any(settings.pose_sd)
              else "the whole CT moves rigidly with the first registered body, whose registered pose may be off by a "
              f"rigid error fitted with the muscles (prior SD {settings.pose_sd[0]:g} deg per rotation, "
              f"{settings.pose_sd[1]:g} mm in-plane, {settings.pose_sd[2]:g} mm in depth; first order about the pose"
              + (f", the physics re-made {int(settings.pose_rounds)} x at the fitted pose" if int(settings.pose_rounds) else "")
              + ")")
-    return [f"the patient's shape other than the muscles is the baseline CT's {moved}; no fat or weight change",
+    return [f"the patient's shape other than the muscles is the baseline CT's {moved}; {fat_text}",
             posed,
             "the radiograph is the library's detector chain (12-bit codes, 0 outside the collimation); kVp, scatter, "
             "gamma, focal spot, detector blur, unsharp masking and LUT are fitted within 3 SDs of the preset's prior",

@@ -70,7 +70,8 @@ def expected_defaults() -> dict[tuple[str, str], object]:
     fit = FitSettings()
     exp.update({("followup", k): getattr(fit, f) for k, f in (("fit_modes", "modes"), ("fit_elastic_mm", "elastic_mm"),
                                                               ("fit_voxel_mm", "modes_voxel_mm"), ("fit_pool", "pool_px"),
-                                                              ("fit_pose_sd", "pose_sd"), ("fit_pose_rounds", "pose_rounds"))})
+                                                              ("fit_fat_mm", "fat_mm"), ("fit_pose_sd", "pose_sd"),
+                                                              ("fit_pose_rounds", "pose_rounds"))})
     return exp
 
 

@@ -72,6 +72,8 @@ def test_cli_fit_reader_reads_an_unchanged_followup(files):
     (("--reader", "fit", "--samples", "300"), "--samples does not apply to --reader fit"),
     (("--fit-modes", "10"), "--fit-modes does not apply to --reader ridge"),
     (("--reader", "fit", "--fit-voxel-mm", "0.1"), "--fit-voxel-mm must be"),
+    (("--reader", "fit", "--fit-fat-mm", "-3"), "--fit-fat-mm must be"),
+    (("--fit-fat-mm", "9"), "--fit-fat-mm does not apply to --reader ridge"),
     (("--reader", "fit", "--fit-pose-sd", "0.5", "-1", "8"), "--fit-pose-sd needs 3 values"),
 ])
 def test_cli_bad_reader_options_are_one_line(files, extra, message, capsys):
