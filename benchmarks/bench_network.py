@@ -555,6 +555,8 @@ def main() -> None:
     args = p.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
+    from MSKdeXLib.io.outputs import write_json
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {}
@@ -565,7 +567,7 @@ def main() -> None:
                          **{"inference": bench_inference, "throughput": bench_throughput,
                             "ablation": bench_ablation, "specificity": bench_specificity}[part](args)}
         results[part]["seconds"] = round(time.time() - t0, 1)
-        (out / f"{part}.json").write_text(json.dumps(results[part], indent=1, default=float))
+        write_json(out / f"{part}.json", results[part], force=True)   # strict JSON: an undefined PCC is null
     if args.markdown:
         print(markdown(results))
 

@@ -163,6 +163,7 @@ def fat_band_sd(edges_mm: tuple[float, ...], fat_mm: float) -> np.ndarray:
 
 
 def fat_band_names(edges_mm: tuple[float, ...] = FAT_EDGES_MM) -> tuple[str, ...]:
+    """Names of :func:`fat_bands`' coefficients, in its order (thicker bands, then thinner; mm from the skin)."""
     lo = (0.0, *edges_mm[:-1])
     return tuple(f"fat {kind} {a:g}-{b:g} mm" for kind in ("thicker", "thinner") for a, b in zip(lo, edges_mm))
 
