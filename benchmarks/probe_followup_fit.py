@@ -430,9 +430,8 @@ def main(argv=None) -> int:
             model = ff.FitModel.build(physics, base, modes)
             models = {"shipped": model}
             if any(VARIANTS[v][1] for v in args.variants):
-                edges = ff.fat_edges(args.fat_mm)
-                fat = ff.fat_bands(subject.ct, subject.labels, subject.camera, subject.pose, physics.spec, edges)
-                models["fat"] = model.with_nuisance(fat, ff.fat_band_sd(edges, args.fat_mm), ff.fat_band_names(edges))
+                models["fat"] = ff.with_fat_bands(model, subject.ct, subject.labels, subject.camera, subject.pose,
+                                                  physics.spec, args.fat_mm)
             print(f"subject {index}: {len(modes)} modes", flush=True)
         for row in followups(subject, index, names, config, conditions, args.followups, cache, args.rotation,
                              args.translation, args.first_followup):

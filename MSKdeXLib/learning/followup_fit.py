@@ -168,6 +168,15 @@ def fat_band_names(edges_mm: tuple[float, ...] = FAT_EDGES_MM) -> tuple[str, ...
     return tuple(f"fat {kind} {a:g}-{b:g} mm" for kind in ("thicker", "thinner") for a, b in zip(lo, edges_mm))
 
 
+def with_fat_bands(model: "FitModel", ct: Volume, labels, camera: Camera, pose: np.ndarray, spec: SubjectSpec,
+                   fat_mm: float) -> "FitModel":
+    """``model`` with :func:`fat_bands` at ``pose`` as nuisances, for a thickness change U(-``fat_mm``,
+    ``fat_mm``) mm (bands of :func:`fat_edges`, prior :func:`fat_band_sd`, names :func:`fat_band_names`)."""
+    edges = fat_edges(float(fat_mm))
+    return model.with_nuisance(fat_bands(ct, labels, camera, pose, spec, edges), fat_band_sd(edges, float(fat_mm)),
+                               fat_band_names(edges))
+
+
 def deformation_modes(jacobian: np.ndarray, keep: float = 0.995, max_modes: int = 200,
                       bone_weight: float = 2.0) -> np.ndarray:
     """Modes (J, 2, rows, cols; g/cm^2 per unit z) of a field with iid N(0, 1 mm) control displacements:
@@ -466,7 +475,7 @@ def fit_followup(model: FitModel, codes: np.ndarray, spec: SubjectSpec, lin: Lin
 
 class FitDiverged(ArithmeticError):
     """A Gauss-Newton step of :func:`fit_followup` made the parameters non-finite (the image is far from
-    what the model can make: e.g. a fat change, which it does not model)."""
+    what the model can make: e.g. a fat change the model has no term for)."""
 
 
 def half_width_g(result: FitResult, baseline_g: np.ndarray, scale: float = INTERVAL_SCALE) -> np.ndarray:

@@ -161,9 +161,7 @@ def fit_followup_reading(ct: Volume, labels: LabelMap, camera: Camera, pose: np.
             model = ff.FitModel.build(physics, base, modes, ranges)
             if float(settings.fat_mm) > 0:
                 t_fat = time.time()
-                edges = ff.fat_edges(float(settings.fat_mm))
-                model = model.with_nuisance(ff.fat_bands(ct, labels, camera, here, physics.spec, edges),
-                                            ff.fat_band_sd(edges, float(settings.fat_mm)), ff.fat_band_names(edges))
+                model = ff.with_fat_bands(model, ct, labels, camera, here, physics.spec, float(settings.fat_mm))
                 modes_info.setdefault("fat_bands_s", round(time.time() - t_fat, 2))
             if sd.any():
                 model = model.with_nuisance(*fp.pose_nuisance(ct, labels, camera, here, physics.spec, sd))
@@ -181,10 +179,11 @@ def fit_followup_reading(ct: Volume, labels: LabelMap, camera: Camera, pose: np.
                                                         float(settings.elastic_mm) if len(modes) else 0.0,
                                                         int(settings.pool_px), iterations=int(settings.iterations),
                                                         start=first, step_control=bool(settings.step_control))
-            step = fp.pose_change(model.nuisance_names, res.nuisance)
-            moved = fp.pose_space(ct, labels, pose).params_of(fp.pose_space(ct, labels, here).matrix(step))
-            if round_ < int(settings.pose_rounds):
-                here = fp.pose_space(ct, labels, here).matrix(step)
+            if sd.any():   # the fitted pose, and what it moved from the registered one
+                fitted = fp.pose_space(ct, labels, here).matrix(fp.pose_change(model.nuisance_names, res.nuisance))
+                moved = fp.pose_space(ct, labels, pose).params_of(fitted)
+                if round_ < int(settings.pose_rounds):
+                    here = fitted
     except ff.FitDiverged as e:
         raise UserError(f"the fit reader failed on this radiograph ({e}): the image is outside what it models "
                         f"({'a fat change beyond the fitted one' if float(settings.fat_mm) > 0 else 'no fat change'}, the "
